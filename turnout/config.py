@@ -1,0 +1,122 @@
+"""Settings: the guide's `ModelSwitchingConfig`, read from `VLLM_MODEL_SWITCHING_*` variables.
+
+Every process (API, gateway, workers, SDK, CLI) reads the same settings so that a single
+environment describes a deployment. Constructing the class never reads the environment;
+`from_env()` does, so that the guide's explicit `ModelSwitchingConfig(...)` means exactly
+what it says.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "VLLM_MODEL_SWITCHING_"
+
+# Fields whose environment name is not simply the upper-cased field name (the guide's names).
+_ENV_NAMES: dict[str, str] = {
+    "enable_dynamic_registry": "ENABLE_REGISTRY",
+    "enable_management_api": "ENABLE_API",
+    "enable_health_monitoring": "ENABLE_MONITORING",
+    "latency_warning_ms": "LATENCY_WARNING",
+}
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value its setting cannot take."""
+
+
+class ModelSwitchingConfig(BaseModel):
+    """Settings of a turnout deployment; field names follow the user guide."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # The guide's fields.
+    enable_dynamic_registry: bool = True
+    max_cached_models: int = Field(5, ge=1, le=1000)
+    enable_health_monitoring: bool = True
+    enable_management_api: bool = True
+    api_port: int = Field(8001, ge=1, le=65535)
+    error_rate_warning: float = Field(0.05, ge=0, le=1)
+    latency_warning_ms: float = Field(5000, gt=0)
+    enable_authentication: bool = False
+    api_key: str | None = Field(None, repr=False)
+
+    # Where the parts of the stack listen and find each other.
+    api_host: str = "127.0.0.1"
+    api_url: str | None = None
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8000, ge=1, le=65535)
+    gateway_admin_token: str | None = Field(None, repr=False)
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    control_task_queue: str = "turnout-control"
+    database_url: str = "sqlite+aiosqlite:///.turnout/turnout.db"
+    state_dir: str = ".turnout"
+
+    # Engines on this host.
+    engine_host: str = Field(default_factory=socket.gethostname)
+    engine_bind_host: str = "127.0.0.1"
+    engine_port_start: int = Field(8100, ge=1024, le=65000)
+    engine_port_end: int = Field(8199, ge=1024, le=65535)
+    engine_startup_timeout_s: float = Field(900, gt=0)
+    engine_python: str | None = None
+    engine_kv_cache_gib: float = Field(1, gt=0)
+
+    # How switches behave.
+    gateway_live_after_s: float = Field(15, gt=0)
+    route_sync_timeout_s: float = Field(60, gt=0)
+    drain_timeout_s: float = Field(120, gt=0)
+
+    @property
+    def max_cache_size(self) -> int:
+        """The guide's Quick Start reads `config.max_cache_size`."""
+        return self.max_cached_models
+
+    @property
+    def engine_task_queue(self) -> str:
+        return engine_task_queue(self.engine_host)
+
+    @property
+    def resolved_api_url(self) -> str:
+        return self.api_url or f"http://{_client_host(self.api_host)}:{self.api_port}"
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return ENV_PREFIX + _ENV_NAMES.get(field, field.upper())
+
+    @classmethod
+    def from_env(
+        cls, environ: dict[str, str] | None = None, **overrides: Any
+    ) -> ModelSwitchingConfig:
+        """Build settings from `VLLM_MODEL_SWITCHING_*` variables; explicit overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in cls.model_fields:
+            name = cls.env_name(field)
+            if name in env:
+                values[field] = env[name]
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{cls.env_name(str(err['loc'][0]))}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"invalid turnout settings: {problems}") from None
+
+
+def engine_task_queue(host: str) -> str:
+    return f"turnout-engines-{host}"
+
+
+def _client_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
+
+
+def get_model_switching_config() -> ModelSwitchingConfig:
+    """The guide's accessor: settings from the environment."""
+    return ModelSwitchingConfig.from_env()

@@ -1,0 +1,126 @@
+"""Inputs and results of activities, and the names under which they are registered.
+
+Workflows import these to call activities by name; workers register implementations under
+the same names. Every model has defaults so fields can be added without breaking replay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from turnout.domain import EngineInfo, OperationStatus, Outcome
+
+# Activity names: the contract between workflows and workers.
+LOAD_VERSION = "load_version"
+UNLOAD_VERSION = "unload_version"
+SET_TRAFFIC = "set_traffic"
+DRAIN_VERSION = "drain_version"
+CHECK_HEALTH = "check_health"
+DESCRIBE_MODEL = "describe_model"
+MARK_LIVE = "mark_live"
+RECORD_OPERATION = "record_operation"
+
+SWITCH_WORKFLOW = "SwitchWorkflow"
+
+
+class LoadVersionInput(BaseModel):
+    """Start (or find already running) the engine that serves one version on this host."""
+
+    model_id: str = ""
+    version: str = ""
+
+
+class LoadVersionResult(BaseModel):
+    engine: EngineInfo
+    already_running: bool = False
+
+
+class UnloadVersionInput(BaseModel):
+    """Stop the engine of one version on this host; stopping a stopped engine is a no-op."""
+
+    model_id: str = ""
+    version: str = ""
+
+
+class SetTrafficInput(BaseModel):
+    """Desired split of a model's traffic, in percent per version.
+
+    `change_key` makes the write idempotent: a retry with the same key does not create a
+    second generation. The workflow derives it from its id and step.
+    """
+
+    model_id: str = ""
+    weights: dict[str, float] = Field(default_factory=dict)
+    change_key: str = ""
+
+
+class SetTrafficResult(BaseModel):
+    generation: int = 0
+    gateways: list[str] = Field(default_factory=list)
+
+
+class DrainVersionInput(BaseModel):
+    """Wait until no live gateway has a request in flight to a version."""
+
+    model_id: str = ""
+    version: str = ""
+    timeout_s: float = 120
+
+
+class DrainVersionResult(BaseModel):
+    drained: bool = True
+    inflight_left: int = 0
+    waited_s: float = 0
+
+
+class CheckHealthInput(BaseModel):
+    """Ask a version's engine for a short completion: does it answer at all?"""
+
+    model_id: str = ""
+    version: str = ""
+
+
+class HealthVerdict(BaseModel):
+    healthy: bool = False
+    reason: str = ""
+    latency_ms: float | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class DescribeModelInput(BaseModel):
+    model_id: str = ""
+    target_version: str = ""
+
+
+class ModelSnapshot(BaseModel):
+    """What a switch needs to know about a model when it starts."""
+
+    model_id: str = ""
+    live_version: str | None = None
+    target_exists: bool = False
+    target_external: bool = False
+
+
+class MarkLiveInput(BaseModel):
+    model_id: str = ""
+    version: str = ""
+    operation_id: str = ""
+
+
+class RecordOperationInput(BaseModel):
+    """Write a switch's state and an audit entry; keyed by (operation, event): retries are safe."""
+
+    operation_id: str = ""
+    workflow_id: str = ""
+    model_id: str = ""
+    target_version: str = ""
+    strategy: str = "immediate"
+    strategy_config: dict[str, Any] = Field(default_factory=dict)
+    event: str = ""
+    status: OperationStatus = OperationStatus.RUNNING
+    outcome: Outcome | None = None
+    reason: str | None = None
+    actor: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,244 @@
+"""Domain models shared by the API, SDK, workflows, activities and gateway.
+
+These pydantic models are the contract between processes: the REST API validates them,
+Temporal carries them (pydantic data converter), the store persists them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
+# Aliases may look like hub ids ("org/name") since clients often send those as `model`.
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,255}$"
+
+
+class OmniModelConfig(BaseModel):
+    """What to serve for one version: the guide's `OmniModelConfig`.
+
+    `model` is a local model directory (or a hub id already in the local cache).
+    `endpoint` instead points at an OpenAI-compatible server someone else runs:
+    then turnout only routes to it and never starts an engine.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=1024)
+    model_arch: str = Field(pattern=NAME_PATTERN)
+    model_stage: str = Field("default", pattern=NAME_PATTERN)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    endpoint: str | None = Field(None, pattern=r"^https?://")
+    served_model_name: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        return model_id_for(self.model_arch, self.model_stage)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args_are_flags(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not key.replace("-", "_").replace("_", "").isalnum():
+                raise ValueError(f"engine argument {key!r} is not a vLLM option name")
+        return value
+
+
+def model_id_for(model_arch: str, model_stage: str) -> str:
+    """The guide's model id: `{model_arch}_{model_stage}`."""
+    return f"{model_arch}_{model_stage}"
+
+
+class RegisterModelRequest(OmniModelConfig):
+    """Body of `POST /models`: a model config plus the version it becomes."""
+
+    version: str = Field(pattern=NAME_PATTERN)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    aliases: list[Annotated[str, Field(pattern=ALIAS_PATTERN)]] = Field(default_factory=list)
+
+
+class VersionInfo(BaseModel):
+    model_id: str
+    version: str
+    config: OmniModelConfig
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+class ModelInfo(BaseModel):
+    model_id: str
+    model_arch: str
+    model_stage: str
+    live_version: str | None = None
+    previous_version: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    versions: list[VersionInfo] = Field(default_factory=list)
+    created_at: datetime | None = None
+
+    def version(self, version: str) -> VersionInfo | None:
+        return next((v for v in self.versions if v.version == version), None)
+
+
+class Backend(BaseModel):
+    """One version's share of a model's traffic and where to send it."""
+
+    version: str
+    weight: float = Field(ge=0, le=100)
+    url: str
+    served_model_name: str
+
+
+class Route(BaseModel):
+    """Desired traffic split of a model; `generation` only ever rises."""
+
+    model_id: str
+    generation: int = 0
+    backends: list[Backend] = Field(default_factory=list)
+    change_key: str | None = None
+    updated_at: datetime | None = None
+
+    def weights(self) -> dict[str, float]:
+        return {b.version: b.weight for b in self.backends}
+
+
+class EngineState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class EngineInfo(BaseModel):
+    """A loaded engine: a vLLM server (or an external endpoint) serving one version."""
+
+    model_id: str
+    version: str
+    host: str
+    url: str
+    served_model_name: str
+    port: int | None = None
+    pid: int | None = None
+    state: EngineState = EngineState.STARTING
+    external: bool = False
+    started_at: datetime | None = None
+    log_path: str | None = None
+
+
+class SwitchingStrategyType(StrEnum):
+    IMMEDIATE = "immediate"
+    GRADUAL = "gradual"
+    AB_TEST = "ab_test"
+    CANARY = "canary"
+
+
+class OperationStatus(StrEnum):
+    """The guide's loop ends on `completed` or `failed`; nothing else is terminal."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (OperationStatus.COMPLETED, OperationStatus.FAILED)
+
+
+class Outcome(StrEnum):
+    """How a finished switch ended."""
+
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+    LOAD_FAILED = "load_failed"
+    ERROR = "error"
+
+
+class SwitchRequest(BaseModel):
+    """Body of `POST /switch`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(min_length=1)
+    target_version: str = Field(min_length=1)
+    strategy: SwitchingStrategyType = SwitchingStrategyType.IMMEDIATE
+    strategy_config: dict[str, Any] = Field(default_factory=dict)
+    requested_by: str | None = None
+    reason: str | None = None
+
+
+class SwitchInput(BaseModel):
+    """Input of `SwitchWorkflow`; every field has a default so fields can be added later."""
+
+    operation_id: str = ""
+    model_id: str = ""
+    target_version: str = ""
+    strategy: SwitchingStrategyType = SwitchingStrategyType.IMMEDIATE
+    strategy_config: dict[str, Any] = Field(default_factory=dict)
+    engine_task_queue: str = ""
+    requested_by: str | None = None
+    reason: str | None = None
+
+
+class SwitchStatus(BaseModel):
+    """What `GET /switch/operations/{id}` and `get_switch_status` return."""
+
+    operation_id: str
+    model_id: str
+    target_version: str
+    from_version: str | None = None
+    strategy: SwitchingStrategyType
+    status: OperationStatus = OperationStatus.PENDING
+    phase: str = "pending"
+    progress: float = Field(0.0, ge=0, le=1)
+    weights: dict[str, float] = Field(default_factory=dict)
+    step: int = 0
+    total_steps: int = 0
+    outcome: Outcome | None = None
+    reason: str | None = None
+    message: str | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.status is OperationStatus.COMPLETED
+
+
+class OperationRecord(BaseModel):
+    """A switching operation as the store knows it (the workflow holds the live progress)."""
+
+    operation_id: str
+    workflow_id: str
+    model_id: str
+    target_version: str
+    strategy: SwitchingStrategyType
+    strategy_config: dict[str, Any] = Field(default_factory=dict)
+    status: OperationStatus = OperationStatus.PENDING
+    outcome: Outcome | None = None
+    reason: str | None = None
+    requested_by: str | None = None
+    created_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class AuditEntry(BaseModel):
+    id: int | None = None
+    at: datetime | None = None
+    actor: str | None = None
+    action: str
+    model_id: str | None = None
+    operation_id: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class GatewayInfo(BaseModel):
+    gateway_id: str
+    admin_url: str
+    last_seen: datetime | None = None

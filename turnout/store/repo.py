@@ -1,0 +1,358 @@
+"""The store: models and versions, routes with generations, engines, operations, audit log.
+
+One `Store` per process. Methods are small transactions; callers never see SQLAlchemy
+rows, only the domain models of `turnout.domain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from turnout.domain import (
+    AuditEntry,
+    Backend,
+    EngineInfo,
+    EngineState,
+    GatewayInfo,
+    ModelInfo,
+    OmniModelConfig,
+    OperationRecord,
+    OperationStatus,
+    Outcome,
+    RegisterModelRequest,
+    Route,
+    SwitchingStrategyType,
+    VersionInfo,
+)
+from turnout.store.db import create_engine
+from turnout.store.schema import (
+    AliasRow,
+    AuditRow,
+    EngineRow,
+    GatewayRow,
+    ModelRow,
+    OperationRow,
+    RouteRow,
+    VersionRow,
+    utcnow,
+)
+
+
+class StoreError(Exception):
+    """Base of the store's own errors."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._session = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def from_url(cls, database_url: str) -> Store:
+        return cls(create_engine(database_url))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # ---------------------------------------------------------------- models and versions
+
+    async def register_version(self, request: RegisterModelRequest) -> VersionInfo:
+        """Create the model if new and add a version to it; a version is immutable once made."""
+        config = OmniModelConfig.model_validate(
+            request.model_dump(include=set(OmniModelConfig.model_fields))
+        )
+        model_id = config.model_id
+        async with self._session.begin() as session:
+            if await session.get(ModelRow, model_id) is None:
+                session.add(ModelRow(model_id=model_id, model_arch=config.model_arch,
+                                     model_stage=config.model_stage))
+                await session.flush()
+            if await session.get(VersionRow, (model_id, request.version)) is not None:
+                raise Conflict(f"version {request.version!r} of model {model_id!r} already exists")
+            for alias in request.aliases:
+                owner = await session.get(AliasRow, alias)
+                if owner is not None and owner.model_id != model_id:
+                    raise Conflict(f"alias {alias!r} already names model {owner.model_id!r}")
+                if owner is None:
+                    session.add(AliasRow(alias=alias, model_id=model_id))
+            row = VersionRow(model_id=model_id, version=request.version,
+                             config=config.model_dump(mode="json"),
+                             metadata_=request.metadata, created_at=utcnow())
+            session.add(row)
+        return _version(row)
+
+    async def get_model(self, model_id: str) -> ModelInfo:
+        async with self._session() as session:
+            row = await session.get(ModelRow, model_id)
+            if row is None:
+                raise NotFound(f"model {model_id!r} is not registered")
+            return await self._model_info(session, row)
+
+    async def list_models(self) -> list[ModelInfo]:
+        async with self._session() as session:
+            rows = (await session.scalars(select(ModelRow).order_by(ModelRow.model_id))).all()
+            return [await self._model_info(session, row) for row in rows]
+
+    async def get_version(self, model_id: str, version: str) -> VersionInfo:
+        async with self._session() as session:
+            row = await session.get(VersionRow, (model_id, version))
+            if row is None:
+                if await session.get(ModelRow, model_id) is None:
+                    raise NotFound(f"model {model_id!r} is not registered")
+                raise NotFound(f"version {version!r} of model {model_id!r} is not registered")
+            return _version(row)
+
+    async def resolve_model_name(self, name: str) -> str | None:
+        """A model id for what a client sent as `model`: the id itself or an alias."""
+        async with self._session() as session:
+            if await session.get(ModelRow, name) is not None:
+                return name
+            alias = await session.get(AliasRow, name)
+            return alias.model_id if alias else None
+
+    async def aliases(self) -> dict[str, str]:
+        async with self._session() as session:
+            return {a.alias: a.model_id for a in (await session.scalars(select(AliasRow))).all()}
+
+    async def set_live_version(self, model_id: str, version: str) -> None:
+        """Mark `version` live; the one it replaces becomes the rollback target."""
+        async with self._session.begin() as session:
+            row = await session.get(ModelRow, model_id)
+            if row is None:
+                raise NotFound(f"model {model_id!r} is not registered")
+            if row.live_version != version:
+                row.previous_version = row.live_version
+                row.live_version = version
+
+    async def _model_info(self, session: Any, row: ModelRow) -> ModelInfo:
+        versions = (await session.scalars(
+            select(VersionRow).where(VersionRow.model_id == row.model_id)
+            .order_by(VersionRow.created_at))).all()
+        aliases = (await session.scalars(
+            select(AliasRow.alias).where(AliasRow.model_id == row.model_id))).all()
+        return ModelInfo(model_id=row.model_id, model_arch=row.model_arch,
+                         model_stage=row.model_stage, live_version=row.live_version,
+                         previous_version=row.previous_version, aliases=sorted(aliases),
+                         versions=[_version(v) for v in versions],
+                         created_at=_aware(row.created_at))
+
+    # ---------------------------------------------------------------- routes
+
+    async def get_route(self, model_id: str) -> Route | None:
+        async with self._session() as session:
+            row = await session.get(RouteRow, model_id)
+            return _route(row) if row else None
+
+    async def list_routes(self) -> list[Route]:
+        async with self._session() as session:
+            return [_route(r) for r in (await session.scalars(select(RouteRow))).all()]
+
+    async def write_route(self, model_id: str, backends: Iterable[Backend],
+                          change_key: str) -> Route:
+        """Store a new desired route with the next generation.
+
+        Idempotent by `change_key`: writing again with the key of the current route returns
+        it unchanged, so a retried traffic activity never bumps the generation twice.
+        """
+        backends = list(backends)
+        async with self._session.begin() as session:
+            row = await session.get(RouteRow, model_id, with_for_update=True)
+            if row is not None and row.change_key == change_key:
+                return _route(row)
+            payload = [b.model_dump(mode="json") for b in backends]
+            if row is None:
+                row = RouteRow(model_id=model_id, generation=1, backends=payload,
+                               change_key=change_key, updated_at=utcnow())
+                session.add(row)
+            else:
+                row.generation += 1
+                row.backends = payload
+                row.change_key = change_key
+                row.updated_at = utcnow()
+        return _route(row)
+
+    # ---------------------------------------------------------------- engines
+
+    async def save_engine(self, engine: EngineInfo) -> None:
+        async with self._session.begin() as session:
+            row = await session.get(EngineRow, (engine.model_id, engine.version, engine.host))
+            values = engine.model_dump(exclude={"started_at"})
+            values["state"] = engine.state.value
+            if row is None:
+                session.add(EngineRow(**values, started_at=engine.started_at or utcnow()))
+            else:
+                for key, value in values.items():
+                    setattr(row, key, value)
+
+    async def get_engine(self, model_id: str, version: str, host: str | None = None
+                         ) -> EngineInfo | None:
+        engines = await self.list_engines(model_id=model_id, version=version, host=host)
+        return engines[0] if engines else None
+
+    async def list_engines(self, *, model_id: str | None = None, version: str | None = None,
+                           host: str | None = None) -> list[EngineInfo]:
+        query = select(EngineRow)
+        if model_id is not None:
+            query = query.where(EngineRow.model_id == model_id)
+        if version is not None:
+            query = query.where(EngineRow.version == version)
+        if host is not None:
+            query = query.where(EngineRow.host == host)
+        async with self._session() as session:
+            return [_engine(r) for r in (await session.scalars(query)).all()]
+
+    async def delete_engine(self, model_id: str, version: str, host: str) -> None:
+        async with self._session.begin() as session:
+            await session.execute(delete(EngineRow).where(
+                EngineRow.model_id == model_id, EngineRow.version == version,
+                EngineRow.host == host))
+
+    # ---------------------------------------------------------------- gateways
+
+    async def heartbeat_gateway(self, gateway_id: str, admin_url: str) -> None:
+        async with self._session.begin() as session:
+            row = await session.get(GatewayRow, gateway_id)
+            if row is None:
+                session.add(GatewayRow(gateway_id=gateway_id, admin_url=admin_url,
+                                       last_seen=utcnow()))
+            else:
+                row.admin_url = admin_url
+                row.last_seen = utcnow()
+
+    async def remove_gateway(self, gateway_id: str) -> None:
+        async with self._session.begin() as session:
+            await session.execute(delete(GatewayRow).where(GatewayRow.gateway_id == gateway_id))
+
+    async def live_gateways(self, max_age_s: float) -> list[GatewayInfo]:
+        since = utcnow() - timedelta(seconds=max_age_s)
+        async with self._session() as session:
+            rows = (await session.scalars(select(GatewayRow))).all()
+            return [GatewayInfo(gateway_id=r.gateway_id, admin_url=r.admin_url,
+                                last_seen=_aware(r.last_seen))
+                    for r in rows if (_aware(r.last_seen) or since) >= since]
+
+    # ---------------------------------------------------------------- operations
+
+    async def create_operation(self, record: OperationRecord) -> None:
+        async with self._session.begin() as session:
+            if await session.get(OperationRow, record.operation_id) is not None:
+                return
+            values = record.model_dump(mode="json", exclude={"created_at", "finished_at"})
+            session.add(OperationRow(**values, created_at=record.created_at or utcnow()))
+
+    async def finish_operation(self, operation_id: str, status: OperationStatus,
+                               outcome: Outcome | None, reason: str | None) -> None:
+        async with self._session.begin() as session:
+            await session.execute(
+                update(OperationRow).where(OperationRow.operation_id == operation_id)
+                .values(status=status.value, outcome=outcome.value if outcome else None,
+                        reason=reason, finished_at=utcnow()))
+
+    async def set_operation_status(self, operation_id: str, status: OperationStatus) -> None:
+        async with self._session.begin() as session:
+            await session.execute(
+                update(OperationRow).where(OperationRow.operation_id == operation_id,
+                                           OperationRow.finished_at.is_(None))
+                .values(status=status.value))
+
+    async def get_operation(self, operation_id: str) -> OperationRecord:
+        async with self._session() as session:
+            row = await session.get(OperationRow, operation_id)
+            if row is None:
+                raise NotFound(f"operation {operation_id!r} does not exist")
+            return _operation(row)
+
+    async def list_operations(self, *, model_id: str | None = None,
+                              status: OperationStatus | None = None,
+                              limit: int = 100) -> list[OperationRecord]:
+        query = select(OperationRow).order_by(OperationRow.created_at.desc()).limit(limit)
+        if model_id is not None:
+            query = query.where(OperationRow.model_id == model_id)
+        if status is not None:
+            query = query.where(OperationRow.status == status.value)
+        async with self._session() as session:
+            return [_operation(r) for r in (await session.scalars(query)).all()]
+
+    # ---------------------------------------------------------------- audit
+
+    async def audit(self, entry: AuditEntry) -> AuditEntry:
+        async with self._session.begin() as session:
+            row = AuditRow(actor=entry.actor, action=entry.action, model_id=entry.model_id,
+                           operation_id=entry.operation_id, details=entry.details,
+                           at=entry.at or utcnow())
+            session.add(row)
+            await session.flush()
+            return _audit(row)
+
+    async def has_audit(self, action: str, operation_id: str) -> bool:
+        async with self._session() as session:
+            found = await session.scalar(select(AuditRow.id).where(
+                AuditRow.action == action, AuditRow.operation_id == operation_id).limit(1))
+            return found is not None
+
+    async def list_audit(self, *, model_id: str | None = None, operation_id: str | None = None,
+                         limit: int = 500) -> list[AuditEntry]:
+        query = select(AuditRow).order_by(AuditRow.id).limit(limit)
+        if model_id is not None:
+            query = query.where(AuditRow.model_id == model_id)
+        if operation_id is not None:
+            query = query.where(AuditRow.operation_id == operation_id)
+        async with self._session() as session:
+            return [_audit(r) for r in (await session.scalars(query)).all()]
+
+
+def _version(row: VersionRow) -> VersionInfo:
+    return VersionInfo(model_id=row.model_id, version=row.version,
+                       config=OmniModelConfig.model_validate(row.config),
+                       metadata=row.metadata_ or {}, created_at=_aware(row.created_at))
+
+
+def _route(row: RouteRow) -> Route:
+    return Route(model_id=row.model_id, generation=row.generation,
+                 backends=[Backend.model_validate(b) for b in row.backends],
+                 change_key=row.change_key, updated_at=_aware(row.updated_at))
+
+
+def _engine(row: EngineRow) -> EngineInfo:
+    return EngineInfo(model_id=row.model_id, version=row.version, host=row.host, url=row.url,
+                      served_model_name=row.served_model_name, port=row.port, pid=row.pid,
+                      state=EngineState(row.state), external=row.external,
+                      log_path=row.log_path, started_at=_aware(row.started_at))
+
+
+def _operation(row: OperationRow) -> OperationRecord:
+    return OperationRecord(
+        operation_id=row.operation_id, workflow_id=row.workflow_id, model_id=row.model_id,
+        target_version=row.target_version, strategy=SwitchingStrategyType(row.strategy),
+        strategy_config=row.strategy_config or {}, status=OperationStatus(row.status),
+        outcome=Outcome(row.outcome) if row.outcome else None, reason=row.reason,
+        requested_by=row.requested_by, created_at=_aware(row.created_at),
+        finished_at=_aware(row.finished_at))
+
+
+def _audit(row: AuditRow) -> AuditEntry:
+    return AuditEntry(id=row.id, at=_aware(row.at), actor=row.actor, action=row.action,
+                      model_id=row.model_id, operation_id=row.operation_id,
+                      details=row.details or {})
+
+

@@ -1,0 +1,110 @@
+"""Tables of the store. The schema itself is created by the Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKeyConstraint, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    model_arch: Mapped[str] = mapped_column(String(128))
+    model_stage: Mapped[str] = mapped_column(String(128))
+    live_version: Mapped[str | None] = mapped_column(String(128))
+    previous_version: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    __table_args__ = (ForeignKeyConstraint(["model_id"], ["models.model_id"], ondelete="CASCADE"),)
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    config: Mapped[dict[str, Any]]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AliasRow(Base):
+    __tablename__ = "aliases"
+    __table_args__ = (ForeignKeyConstraint(["model_id"], ["models.model_id"], ondelete="CASCADE"),)
+
+    alias: Mapped[str] = mapped_column(String(256), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(300), index=True)
+
+
+class RouteRow(Base):
+    __tablename__ = "routes"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    backends: Mapped[list[Any]]
+    change_key: Mapped[str | None] = mapped_column(String(300))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EngineRow(Base):
+    __tablename__ = "engines"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(256), primary_key=True)
+    url: Mapped[str] = mapped_column(String(512))
+    served_model_name: Mapped[str] = mapped_column(String(512))
+    port: Mapped[int | None]
+    pid: Mapped[int | None]
+    state: Mapped[str] = mapped_column(String(32))
+    external: Mapped[bool] = mapped_column(default=False)
+    log_path: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class OperationRow(Base):
+    __tablename__ = "operations"
+
+    operation_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workflow_id: Mapped[str] = mapped_column(String(400))
+    model_id: Mapped[str] = mapped_column(String(300), index=True)
+    target_version: Mapped[str] = mapped_column(String(128))
+    strategy: Mapped[str] = mapped_column(String(32))
+    strategy_config: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    outcome: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str | None] = mapped_column(String(300), index=True)
+    operation_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    details: Mapped[dict[str, Any]]
+
+
+class GatewayRow(Base):
+    __tablename__ = "gateways"
+
+    gateway_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    admin_url: Mapped[str] = mapped_column(String(512))
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)

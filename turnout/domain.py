@@ -216,6 +216,7 @@ class OperationRecord(BaseModel):
 
     operation_id: str
     workflow_id: str
+    run_id: str | None = None
     model_id: str
     target_version: str
     strategy: SwitchingStrategyType

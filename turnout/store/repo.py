@@ -260,6 +260,11 @@ class Store:
             values = record.model_dump(mode="json", exclude={"created_at", "finished_at"})
             session.add(OperationRow(**values, created_at=record.created_at or utcnow()))
 
+    async def set_operation_run(self, operation_id: str, run_id: str) -> None:
+        async with self._session.begin() as session:
+            await session.execute(update(OperationRow).where(
+                OperationRow.operation_id == operation_id).values(run_id=run_id))
+
     async def finish_operation(self, operation_id: str, status: OperationStatus,
                                outcome: Outcome | None, reason: str | None) -> None:
         async with self._session.begin() as session:
@@ -342,7 +347,8 @@ def _engine(row: EngineRow) -> EngineInfo:
 
 def _operation(row: OperationRow) -> OperationRecord:
     return OperationRecord(
-        operation_id=row.operation_id, workflow_id=row.workflow_id, model_id=row.model_id,
+        operation_id=row.operation_id, workflow_id=row.workflow_id, run_id=row.run_id,
+        model_id=row.model_id,
         target_version=row.target_version, strategy=SwitchingStrategyType(row.strategy),
         strategy_config=row.strategy_config or {}, status=OperationStatus(row.status),
         outcome=Outcome(row.outcome) if row.outcome else None, reason=row.reason,

@@ -78,6 +78,7 @@ class OperationRow(Base):
 
     operation_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     workflow_id: Mapped[str] = mapped_column(String(400))
+    run_id: Mapped[str | None] = mapped_column(String(64))
     model_id: Mapped[str] = mapped_column(String(300), index=True)
     target_version: Mapped[str] = mapped_column(String(128))
     strategy: Mapped[str] = mapped_column(String(32))

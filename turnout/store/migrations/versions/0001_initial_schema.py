@@ -2,11 +2,12 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-27 03:23:19.430249
+Create Date: 2026-11-27 03:27:14.106937
 """
 
-import sqlalchemy as sa
 from alembic import op
+import sqlalchemy as sa
+
 
 revision = '0001'
 down_revision = None
@@ -63,6 +64,7 @@ def upgrade() -> None:
     op.create_table('operations',
     sa.Column('operation_id', sa.String(length=64), nullable=False),
     sa.Column('workflow_id', sa.String(length=400), nullable=False),
+    sa.Column('run_id', sa.String(length=64), nullable=True),
     sa.Column('model_id', sa.String(length=300), nullable=False),
     sa.Column('target_version', sa.String(length=128), nullable=False),
     sa.Column('strategy', sa.String(length=32), nullable=False),

@@ -1,0 +1,29 @@
+"""Client of the gateways' admin endpoints, shared by the traffic activities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from turnout.domain import GatewayInfo
+
+
+class GatewayAdmin:
+    def __init__(self, token: str | None, timeout_s: float = 5.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout_s)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def refresh(self, gateway: GatewayInfo) -> dict[str, Any]:
+        """Push: ask a gateway to reload its routes from the store now."""
+        response = await self._client.post(f"{gateway.admin_url}/admin/routes/refresh")
+        response.raise_for_status()
+        return response.json()
+
+    async def state(self, gateway: GatewayInfo) -> dict[str, Any]:
+        response = await self._client.get(f"{gateway.admin_url}/admin/state")
+        response.raise_for_status()
+        return response.json()

@@ -1,0 +1,63 @@
+"""Registry activities: what a switch reads from and writes to the store."""
+
+from __future__ import annotations
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from turnout import contracts as c
+from turnout.domain import AuditEntry, OperationRecord, SwitchingStrategyType
+from turnout.store import NotFound, Store
+
+
+class RegistryActivities:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    @activity.defn(name=c.DESCRIBE_MODEL)
+    async def describe_model(self, input: c.DescribeModelInput) -> c.ModelSnapshot:
+        try:
+            model = await self.store.get_model(input.model_id)
+        except NotFound as exc:
+            raise ApplicationError(str(exc), type="NotFound", non_retryable=True) from None
+        target = model.version(input.target_version)
+        return c.ModelSnapshot(model_id=model.model_id, live_version=model.live_version,
+                               target_exists=target is not None,
+                               target_external=bool(target and target.config.endpoint))
+
+    @activity.defn(name=c.MARK_LIVE)
+    async def mark_live(self, input: c.MarkLiveInput) -> None:
+        await self.store.set_live_version(input.model_id, input.version)
+
+    @activity.defn(name=c.RECORD_OPERATION)
+    async def record_operation(self, input: c.RecordOperationInput) -> None:
+        """Keep the operations table and the audit log in step with the workflow.
+
+        Keyed by (operation, event): a retried call writes nothing twice.
+        """
+        await self.store.create_operation(OperationRecord(
+            operation_id=input.operation_id, workflow_id=input.workflow_id,
+            model_id=input.model_id, target_version=input.target_version,
+            strategy=SwitchingStrategyType(input.strategy), strategy_config=input.strategy_config,
+            status=input.status, requested_by=input.actor))
+        if input.status.terminal:
+            await self.store.finish_operation(input.operation_id, input.status, input.outcome,
+                                              input.reason)
+        else:
+            await self.store.set_operation_status(input.operation_id, input.status)
+        if await self.store.has_audit(input.event, input.operation_id):
+            return
+        details = dict(input.details, target_version=input.target_version,
+                       strategy=input.strategy, status=input.status.value)
+        if input.outcome:
+            details["outcome"] = input.outcome.value
+        if input.reason:
+            details["reason"] = input.reason
+        await self.store.audit(AuditEntry(actor=input.actor, action=input.event,
+                                          model_id=input.model_id,
+                                          operation_id=input.operation_id, details=details))
+        activity.logger.info("operation %s: %s (%s)", input.operation_id, input.event,
+                             input.status.value)
+
+
+

@@ -1,0 +1,72 @@
+"""Error mapping: every failure is a JSON body with a 4xx/5xx status, never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from temporalio.service import RPCError
+
+from turnout.store import Conflict, NotFound
+from turnout.strategies import StrategyConfigError
+
+log = logging.getLogger("turnout.api")
+
+
+class ErrorBody(BaseModel):
+    """The shape of every error: a message, plus fields at fault or the active operation."""
+
+    detail: Any
+    active_operation_id: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong API key"},
+    404: {"model": ErrorBody, "description": "Unknown model, version or operation"},
+    409: {"model": ErrorBody, "description": "Conflicts with the current state"},
+    422: {"model": ErrorBody, "description": "Invalid body or strategy options; `detail` "
+                                             "lists each field at fault with its `loc`"},
+    503: {"model": ErrorBody, "description": "Temporal is not reachable"},
+}
+
+
+class ActiveSwitchConflict(Exception):
+    def __init__(self, model_id: str, operation_id: str | None) -> None:
+        self.model_id = model_id
+        self.operation_id = operation_id
+        super().__init__(f"a switch of {model_id} is already active"
+                         + (f": operation {operation_id}" if operation_id else ""))
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status.HTTP_404_NOT_FOUND)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(ActiveSwitchConflict)
+    async def _active(_: Request, exc: ActiveSwitchConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc), "active_operation_id": exc.operation_id},
+                            status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(StrategyConfigError)
+    async def _strategy(_: Request, exc: StrategyConfigError) -> JSONResponse:
+        return JSONResponse({"detail": exc.errors}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(RPCError)
+    async def _temporal(request: Request, exc: RPCError) -> JSONResponse:
+        log.error("Temporal call failed on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": f"Temporal is not available: {exc.message}"},
+                            status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; see the API server's log"},
+                            status.HTTP_500_INTERNAL_SERVER_ERROR)

@@ -1,0 +1,46 @@
+"""Switching operations: the guide's `POST /switch` and `GET /switch/operations/{id}`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, status
+
+from api.deps import SettingsDep, StoreDep, TemporalDep
+from api.errors import ERROR_RESPONSES
+from api.switching import (
+    OperationView,
+    SwitchAccepted,
+    Validation,
+    operation_view,
+    start_switch,
+    validate,
+)
+from turnout.domain import OperationRecord, OperationStatus, SwitchRequest
+
+router = APIRouter(prefix="/switch", tags=["switch"], responses=ERROR_RESPONSES)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=SwitchAccepted)
+async def switch(body: SwitchRequest, client: TemporalDep, store: StoreDep,
+                 settings: SettingsDep) -> SwitchAccepted:
+    """Start a switch; poll `GET /switch/operations/{operation_id}` for its progress."""
+    return await start_switch(client, store, settings, body)
+
+
+@router.post("/validate", response_model=Validation)
+async def validate_switch(body: SwitchRequest, store: StoreDep) -> Validation:
+    """What `POST /switch` would refuse, without starting anything."""
+    return await validate(store, body)
+
+
+@router.get("/operations", response_model=list[OperationRecord])
+async def list_operations(store: StoreDep, model_id: str | None = None,
+                          status: OperationStatus | None = None,
+                          limit: int = Query(100, ge=1, le=1000)) -> list[OperationRecord]:
+    return await store.list_operations(model_id=model_id, status=status, limit=limit)
+
+
+@router.get("/operations/{operation_id}", response_model=OperationView)
+async def get_operation(operation_id: str, client: TemporalDep,
+                        store: StoreDep) -> OperationView:
+    """Status (`pending`, `running`, `paused`, `completed`, `failed`), progress 0..1, outcome."""
+    return await operation_view(client, store, operation_id)

@@ -1,0 +1,177 @@
+"""Starting switches and reading their state: shared by the switch router's endpoints."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+
+from pydantic import BaseModel, Field
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from api.errors import ActiveSwitchConflict
+from turnout.config import ModelSwitchingConfig
+from turnout.contracts import SWITCH_WORKFLOW
+from turnout.domain import (
+    AuditEntry,
+    OperationRecord,
+    OperationStatus,
+    SwitchInput,
+    SwitchRequest,
+    SwitchStatus,
+)
+from turnout.store import NotFound, Store
+from turnout.strategies import StrategyConfigError, validate_strategy_config
+
+log = logging.getLogger("turnout.api.switch")
+_QUERY_TIMEOUT = timedelta(seconds=5)
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+    status_code: int = 422
+
+
+class Validation(BaseModel):
+    """The guide's `validate_switch_request` result."""
+
+    valid: bool
+    errors: list[str] = Field(default_factory=list)
+    fields: list[FieldError] = Field(default_factory=list)
+
+
+class SwitchAccepted(BaseModel):
+    operation_id: str
+    workflow_id: str
+    status: OperationStatus = OperationStatus.PENDING
+    success: bool = True
+    message: str
+
+
+class OperationView(SwitchStatus):
+    """`GET /switch/operations/{id}`: the workflow's status plus where to find it."""
+
+    workflow_id: str | None = None
+    success: bool = False
+
+
+def workflow_id_for(model_id: str) -> str:
+    """One active switch per model: the workflow id is derived from the model."""
+    return f"switch-{model_id}"
+
+
+async def check_switch(store: Store, request: SwitchRequest) -> list[FieldError]:
+    """Everything wrong with a switch request that can be known before starting it."""
+    try:
+        model = await store.get_model(request.model_id)
+    except NotFound as exc:
+        return [FieldError(field="model_id", message=str(exc), status_code=404)]
+    errors: list[FieldError] = []
+    if model.version(request.target_version) is None:
+        errors.append(FieldError(
+            field="target_version", status_code=404,
+            message=f"version {request.target_version!r} of {model.model_id!r} is not registered"))
+    try:
+        validate_strategy_config(request.strategy, request.strategy_config)
+    except StrategyConfigError as exc:
+        errors += [FieldError(field=".".join(map(str, e["loc"])), message=e["msg"])
+                   for e in exc.errors]
+    if model.live_version is not None and model.live_version == request.target_version:
+        errors.append(FieldError(field="target_version", status_code=409,
+                                 message=f"{request.target_version!r} is already live"))
+    return errors
+
+
+async def validate(store: Store, request: SwitchRequest) -> Validation:
+    errors = await check_switch(store, request)
+    active = await store.list_operations(model_id=request.model_id, limit=20)
+    running = next((op for op in active if not op.status.terminal), None)
+    if running is not None:
+        errors.append(FieldError(field="model_id", status_code=409,
+                                 message=f"a switch of {request.model_id} is already active: "
+                                         f"operation {running.operation_id}"))
+    return Validation(valid=not errors, errors=[f"{e.field}: {e.message}" for e in errors],
+                      fields=errors)
+
+
+async def start_switch(client: Client, store: Store, settings: ModelSwitchingConfig,
+                       request: SwitchRequest) -> SwitchAccepted:
+    """Validate, start `SwitchWorkflow`, and record the operation."""
+    from fastapi import HTTPException
+
+    errors = await check_switch(store, request)
+    if errors:
+        worst = min(errors, key=lambda e: {404: 0, 422: 1, 409: 2}.get(e.status_code, 3))
+        if worst.status_code == 422:
+            raise StrategyConfigError([{"loc": tuple(e.field.split(".")), "msg": e.message,
+                                        "type": "value_error"}
+                                       for e in errors if e.status_code == 422])
+        raise HTTPException(worst.status_code, f"{worst.field}: {worst.message}")
+
+    operation_id = uuid.uuid4().hex
+    workflow_id = workflow_id_for(request.model_id)
+    switch_input = SwitchInput(
+        operation_id=operation_id, model_id=request.model_id,
+        target_version=request.target_version, strategy=request.strategy,
+        strategy_config=request.strategy_config, engine_task_queue=settings.engine_task_queue,
+        requested_by=request.requested_by, reason=request.reason)
+    try:
+        handle = await client.start_workflow(
+            SWITCH_WORKFLOW, switch_input, id=workflow_id, task_queue=settings.control_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            memo={"requested_by": request.requested_by, "reason": request.reason},
+            static_summary=f"{request.strategy.value} switch of {request.model_id} "
+                           f"to {request.target_version}")
+    except WorkflowAlreadyStartedError:
+        raise ActiveSwitchConflict(request.model_id,
+                                   await active_operation_id(client, workflow_id)) from None
+    await store.create_operation(OperationRecord(
+        operation_id=operation_id, workflow_id=workflow_id, run_id=handle.first_execution_run_id,
+        model_id=request.model_id, target_version=request.target_version,
+        strategy=request.strategy, strategy_config=request.strategy_config,
+        requested_by=request.requested_by))
+    await store.set_operation_run(operation_id, handle.first_execution_run_id or "")
+    await store.audit(AuditEntry(actor=request.requested_by, action="switch_requested",
+                                 model_id=request.model_id, operation_id=operation_id,
+                                 details=request.model_dump(mode="json")))
+    log.info("started %s switch of %s to %s: operation %s", request.strategy.value,
+             request.model_id, request.target_version, operation_id)
+    return SwitchAccepted(operation_id=operation_id, workflow_id=workflow_id,
+                          message=f"{request.strategy.value} switch of {request.model_id} to "
+                                  f"{request.target_version} started")
+
+
+async def active_operation_id(client: Client, workflow_id: str) -> str | None:
+    status = await _query(client.get_workflow_handle(workflow_id))
+    return status.operation_id if status else None
+
+
+async def operation_view(client: Client, store: Store, operation_id: str) -> OperationView:
+    record = await store.get_operation(operation_id)
+    status = await _query(client.get_workflow_handle(record.workflow_id, run_id=record.run_id))
+    if status is None or status.operation_id != operation_id:
+        status = _from_record(record)
+    return OperationView(**status.model_dump(), workflow_id=record.workflow_id,
+                         success=status.status is OperationStatus.COMPLETED)
+
+
+async def _query(handle: WorkflowHandle) -> SwitchStatus | None:
+    try:
+        return await handle.query("status", result_type=SwitchStatus, rpc_timeout=_QUERY_TIMEOUT)
+    except (RPCError, Exception) as exc:  # the store answers when the workflow cannot
+        log.debug("status query of %s failed: %s", handle.id, exc)
+        return None
+
+
+def _from_record(record: OperationRecord) -> SwitchStatus:
+    done = record.status is OperationStatus.COMPLETED
+    return SwitchStatus(
+        operation_id=record.operation_id, model_id=record.model_id,
+        target_version=record.target_version, strategy=record.strategy, status=record.status,
+        phase=record.status.value, progress=1.0 if done else 0.0, outcome=record.outcome,
+        reason=record.reason, started_at=record.created_at, finished_at=record.finished_at)

@@ -1,0 +1,49 @@
+"""Settings: the guide's fields and `VLLM_MODEL_SWITCHING_*` variables."""
+
+from __future__ import annotations
+
+import pytest
+
+from turnout import ModelSwitchingConfig, get_model_switching_config
+from turnout.config import ConfigError
+
+
+def test_guide_constructor_fields() -> None:
+    config = ModelSwitchingConfig(enable_dynamic_registry=True, max_cached_models=5,
+                                  enable_health_monitoring=True, enable_management_api=True,
+                                  api_port=8001)
+    assert config.max_cache_size == 5
+    assert config.__dict__["api_port"] == 8001
+
+
+def test_guide_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "ENABLE_REGISTRY": "true", "MAX_CACHED_MODELS": "7", "ENABLE_API": "false",
+        "API_PORT": "9001", "ENABLE_MONITORING": "false", "ERROR_RATE_WARNING": "0.03",
+        "LATENCY_WARNING": "3000",
+    }.items():
+        monkeypatch.setenv(f"VLLM_MODEL_SWITCHING_{name}", value)
+    config = get_model_switching_config()
+    assert config.enable_dynamic_registry is True
+    assert config.max_cached_models == 7
+    assert config.enable_management_api is False
+    assert config.api_port == 9001
+    assert config.enable_health_monitoring is False
+    assert config.error_rate_warning == 0.03
+    assert config.latency_warning_ms == 3000
+
+
+def test_bad_variable_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="VLLM_MODEL_SWITCHING_MAX_CACHED_MODELS"):
+        ModelSwitchingConfig.from_env({"VLLM_MODEL_SWITCHING_MAX_CACHED_MODELS": "many"})
+
+
+def test_servers_bind_to_localhost_by_default() -> None:
+    config = ModelSwitchingConfig.from_env({})
+    assert config.api_host == "127.0.0.1"
+    assert config.gateway_host == "127.0.0.1"
+    assert config.engine_bind_host == "127.0.0.1"
+
+
+def test_api_key_is_not_in_repr() -> None:
+    assert "s3cret" not in repr(ModelSwitchingConfig(api_key="s3cret"))

@@ -1,0 +1,123 @@
+"""Time-skipping Temporal test server and activity doubles: the one place doubles belong."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest_asyncio
+from temporalio import activity
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from turnout import contracts as c
+from turnout.domain import EngineInfo, EngineState
+from turnout.runtime import installed_binary
+from workflows import WORKFLOWS
+
+ENGINE_QUEUE = "turnout-engines-test"
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def time_env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=installed_binary("temporal-test-server"),
+        data_converter=pydantic_data_converter)
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@dataclass
+class FakeCluster:
+    """Records what the workflow asked for; `fail_load` / `unhealthy` inject failures."""
+
+    live_version: str | None = None
+    fail_load: str | None = None
+    unhealthy: bool = False
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    routes: list[dict[str, float]] = field(default_factory=list)
+    loaded: set[str] = field(default_factory=set)
+    change_keys: set[str] = field(default_factory=set)
+
+    def activities(self) -> list[Callable[..., Any]]:
+        @activity.defn(name=c.DESCRIBE_MODEL)
+        async def describe_model(input: c.DescribeModelInput) -> c.ModelSnapshot:
+            self.calls.append((c.DESCRIBE_MODEL, input))
+            return c.ModelSnapshot(model_id=input.model_id, live_version=self.live_version,
+                                   target_exists=True)
+
+        @activity.defn(name=c.LOAD_VERSION)
+        async def load_version(input: c.LoadVersionInput) -> c.LoadVersionResult:
+            self.calls.append((c.LOAD_VERSION, input))
+            if input.version == self.fail_load:
+                raise ApplicationError("config.json is not valid JSON", type="ModelLoadError",
+                                       non_retryable=True)
+            self.loaded.add(input.version)
+            return c.LoadVersionResult(engine=EngineInfo(
+                model_id=input.model_id, version=input.version, host="test",
+                url="http://127.0.0.1:1", served_model_name="x", state=EngineState.READY))
+
+        @activity.defn(name=c.UNLOAD_VERSION)
+        async def unload_version(input: c.UnloadVersionInput) -> None:
+            self.calls.append((c.UNLOAD_VERSION, input))
+            self.loaded.discard(input.version)
+
+        @activity.defn(name=c.SET_TRAFFIC)
+        async def set_traffic(input: c.SetTrafficInput) -> c.SetTrafficResult:
+            self.calls.append((c.SET_TRAFFIC, input))
+            if input.change_key not in self.change_keys:
+                self.change_keys.add(input.change_key)
+                self.routes.append(dict(input.weights))
+            return c.SetTrafficResult(generation=len(self.routes))
+
+        @activity.defn(name=c.DRAIN_VERSION)
+        async def drain_version(input: c.DrainVersionInput) -> c.DrainVersionResult:
+            self.calls.append((c.DRAIN_VERSION, input))
+            return c.DrainVersionResult()
+
+        @activity.defn(name=c.CHECK_HEALTH)
+        async def check_health(input: c.CheckHealthInput) -> c.HealthVerdict:
+            self.calls.append((c.CHECK_HEALTH, input))
+            return c.HealthVerdict(healthy=not self.unhealthy,
+                                   reason="HTTP 500" if self.unhealthy else "answered")
+
+        @activity.defn(name=c.MARK_LIVE)
+        async def mark_live(input: c.MarkLiveInput) -> None:
+            self.calls.append((c.MARK_LIVE, input))
+            self.live_version = input.version
+
+        @activity.defn(name=c.RECORD_OPERATION)
+        async def record_operation(input: c.RecordOperationInput) -> None:
+            self.calls.append((c.RECORD_OPERATION, input))
+
+        return [describe_model, load_version, unload_version, set_traffic, drain_version,
+                check_health, mark_live, record_operation]
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+@dataclass
+class Harness:
+    env: WorkflowEnvironment
+    cluster: FakeCluster
+    task_queue: str
+
+    def workers(self) -> tuple[Worker, Worker]:
+        acts = self.cluster.activities()
+        engine = [a for a in acts if a.__name__ in (c.LOAD_VERSION, c.UNLOAD_VERSION)]
+        control = Worker(self.env.client, task_queue=self.task_queue, workflows=WORKFLOWS,
+                         activities=[a for a in acts if a not in engine])
+        engines = Worker(self.env.client, task_queue=ENGINE_QUEUE, activities=engine)
+        return control, engines
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def harness(time_env: WorkflowEnvironment) -> Harness:
+    return Harness(time_env, FakeCluster(), f"control-{uuid.uuid4()}")

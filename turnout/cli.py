@@ -1,0 +1,131 @@
+"""The `turnout` command: run the stack, make tiny models, register, switch, watch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from turnout.domain import OmniModelConfig, SwitchingStrategyType
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _up(args: argparse.Namespace) -> int:
+    argv = [sys.executable, "-m", "workers.stack", "--state-dir", args.state_dir]
+    os.execv(sys.executable, argv)  # replaces this process: Ctrl-C reaches the stack directly
+
+
+def _make_models(args: argparse.Namespace) -> int:
+    from turnout.tinymodels import ensure_tiny_models
+
+    _print({name: str(path) for name, path in ensure_tiny_models(Path(args.dir)).items()})
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from turnout.config import ModelSwitchingConfig
+    from turnout.store import upgrade
+
+    upgrade(ModelSwitchingConfig.from_env().database_url)
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    from turnout.sdk import DynamicModelRegistry
+
+    config = OmniModelConfig(model=args.model, model_arch=args.arch, model_stage=args.stage,
+                             engine_args=json.loads(args.engine_args))
+    model_id = DynamicModelRegistry().register_model(config, args.version,
+                                                     json.loads(args.metadata),
+                                                     aliases=args.alias)
+    _print({"model_id": model_id, "version": args.version})
+    return 0
+
+
+def _switch(args: argparse.Namespace) -> int:
+    from turnout.sdk import ModelSwitcher
+
+    result = asyncio.run(ModelSwitcher().switch_model(
+        args.model_id, args.version, SwitchingStrategyType(args.strategy),
+        json.loads(args.config), wait=args.wait or None, requested_by=os.environ.get("USER")))
+    _print(result.model_dump(mode="json"))
+    return 0 if result.success else 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from turnout.sdk import ModelSwitcher
+
+    _print(ModelSwitcher().get_switch_status(args.operation_id))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from turnout.sdk import DynamicModelRegistry
+
+    _print([m.model_dump(mode="json") for m in DynamicModelRegistry().list_models()])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turnout", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole stack locally (what `make run` does)")
+    up.add_argument("--state-dir", default=".turnout")
+    up.set_defaults(func=_up)
+
+    make = sub.add_parser("make-models", help="make two tiny model versions (v1, v2) in DIR")
+    make.add_argument("dir")
+    make.set_defaults(func=_make_models)
+
+    db = sub.add_parser("db-upgrade", help="apply the store's migrations")
+    db.set_defaults(func=_db_upgrade)
+
+    reg = sub.add_parser("register", help="register a model version (POST /models)")
+    reg.add_argument("--model", required=True, help="local model directory")
+    reg.add_argument("--arch", required=True, help="model_arch")
+    reg.add_argument("--stage", default="default", help="model_stage")
+    reg.add_argument("--version", required=True)
+    reg.add_argument("--metadata", default="{}", help="JSON object")
+    reg.add_argument("--engine-args", default="{}", help="JSON object of vLLM options")
+    reg.add_argument("--alias", action="append", default=[])
+    reg.set_defaults(func=_register)
+
+    sw = sub.add_parser("switch", help="switch a model to a version (POST /switch)")
+    sw.add_argument("model_id")
+    sw.add_argument("version")
+    sw.add_argument("--strategy", default="immediate",
+                    choices=[s.value for s in SwitchingStrategyType])
+    sw.add_argument("--config", default="{}", help="strategy_config as a JSON object")
+    sw.add_argument("--wait", action="store_true", help="wait until it ends")
+    sw.set_defaults(func=_switch)
+
+    st = sub.add_parser("status", help="status of a switching operation")
+    st.add_argument("operation_id")
+    st.set_defaults(func=_status)
+
+    models = sub.add_parser("models", help="list models and versions")
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except Exception as exc:  # one clear line for the operator, not a traceback
+        print(f"turnout: {exc}", file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)  # sdk-python #300: end deliberately rather than at interpreter teardown
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Process plumbing every turnout process shares: logging and the Temporal client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from turnout.config import ModelSwitchingConfig
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60) -> Client:
+    """Connect with the pydantic converter, retrying while the Temporal server starts."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await Client.connect(settings.temporal_address,
+                                        namespace=settings.temporal_namespace,
+                                        data_converter=pydantic_data_converter)
+        except RuntimeError as exc:
+            if attempt == attempts:
+                raise
+            logging.getLogger(__name__).info("Temporal at %s not reachable yet (%s); retrying",
+                                             settings.temporal_address, exc)
+            await asyncio.sleep(1)
+    raise AssertionError("unreachable")
+
+
+def installed_binary(name: str) -> str:
+    """A console binary of an installed package (`temporal`, `temporal-test-server`).
+
+    Looked up beside the running interpreter first: a venv's bin/ is not always on PATH.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed (pip install the package that has it)")
+    return found

@@ -1,0 +1,192 @@
+"""The guide's Python API (`DynamicModelRegistry`, `ModelSwitcher`) as a client of the REST API.
+
+The guide calls `register_model`, `get_switch_status` and `validate_switch_request`
+synchronously, even from inside coroutines, and awaits `switch_model`. Going through the
+REST API keeps those call shapes possible without a second event loop, and keeps one
+place (the API) where input is validated and switches are started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field
+
+from turnout.config import ModelSwitchingConfig
+from turnout.domain import (
+    ModelInfo,
+    OmniModelConfig,
+    OperationStatus,
+    SwitchingStrategyType,
+    model_id_for,
+)
+
+
+class TurnoutAPIError(RuntimeError):
+    """The API refused a call; `detail` is its JSON error body's detail."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"HTTP {status_code}: {detail}")
+
+
+class SwitchResult(BaseModel):
+    """What `switch_model` returns: `success` and `operation_id` as in the guide."""
+
+    success: bool
+    operation_id: str | None = None
+    status: OperationStatus | None = None
+    message: str = ""
+    errors: list[str] = Field(default_factory=list)
+
+
+class _Client:
+    """Shared HTTP plumbing: base URL and API key from the settings."""
+
+    def __init__(self, api_url: str | None, api_key: str | None,
+                 settings: dict[str, Any]) -> None:
+        known = {k: v for k, v in settings.items() if k in ModelSwitchingConfig.model_fields}
+        self.settings = ModelSwitchingConfig.from_env(**known)
+        self.api_url = (api_url or self.settings.resolved_api_url).rstrip("/")
+        key = api_key or self.settings.api_key
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        with httpx.Client(base_url=self.api_url, headers=self.headers, timeout=30) as client:
+            return _json(client.request(method, path, **kwargs))
+
+    async def arequest(self, method: str, path: str, **kwargs: Any) -> Any:
+        async with httpx.AsyncClient(base_url=self.api_url, headers=self.headers,
+                                     timeout=30) as client:
+            return _json(await client.request(method, path, **kwargs))
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text}
+    if response.status_code >= 400:
+        raise TurnoutAPIError(response.status_code, body.get("detail", body))
+    return body
+
+
+class DynamicModelRegistry:
+    """Registers model versions; the guide's registry.
+
+    `base_registry` and the guide's other keyword settings are accepted so that
+    `DynamicModelRegistry(base_registry, **config.__dict__)` works as written.
+    """
+
+    def __init__(self, base_registry: Any = None, *, api_url: str | None = None,
+                 api_key: str | None = None, **settings: Any) -> None:
+        self.base_registry = base_registry
+        self._client = _Client(api_url, api_key, settings)
+
+    def register_model(self, config: OmniModelConfig, version: str,
+                       metadata: dict[str, Any] | None = None, *,
+                       aliases: list[str] | None = None) -> str:
+        """Register `version` of the model `config` describes; returns the model id."""
+        body = {**config.model_dump(exclude_none=True), "version": version,
+                "metadata": metadata or {}, "aliases": aliases or []}
+        created = self._client.request("POST", "/models", json=body)
+        return created["model_id"]
+
+    def get_model(self, model_id: str) -> ModelInfo:
+        return ModelInfo.model_validate(self._client.request("GET", f"/models/{model_id}"))
+
+    def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo.model_validate(m) for m in self._client.request("GET", "/models")]
+
+    @staticmethod
+    def model_id(model_arch: str, model_stage: str) -> str:
+        return model_id_for(model_arch, model_stage)
+
+
+class ModelSwitcher:
+    """Starts and watches switches; the guide's switcher."""
+
+    def __init__(self, registry: DynamicModelRegistry | None = None, cache: Any = None,
+                 transition_manager: Any = None, *, api_url: str | None = None,
+                 api_key: str | None = None, **settings: Any) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.transition_manager = transition_manager
+        if registry is not None and api_url is None and api_key is None and not settings:
+            self._client = registry._client
+        else:
+            self._client = _Client(api_url, api_key, settings)
+
+    async def switch_model(
+        self, model_id: str, target_version: str,
+        strategy_type: SwitchingStrategyType | str = SwitchingStrategyType.IMMEDIATE,
+        strategy_config: dict[str, Any] | None = None, *, wait: bool | None = None,
+        timeout: float = 1800, requested_by: str | None = None,
+    ) -> SwitchResult:
+        """Start a switch. An immediate switch is awaited to its end (it takes seconds once
+        the target is loaded), so `result.success` says whether it happened; other
+        strategies return once accepted: poll `get_switch_status(result.operation_id)`."""
+        strategy = SwitchingStrategyType(strategy_type)
+        body = {"model_id": model_id, "target_version": target_version,
+                "strategy": strategy.value, "strategy_config": strategy_config or {},
+                "requested_by": requested_by}
+        try:
+            accepted = await self._client.arequest("POST", "/switch", json=body)
+        except TurnoutAPIError as exc:
+            return SwitchResult(success=False, message=str(exc), errors=_messages(exc.detail))
+        operation_id = accepted["operation_id"]
+        if wait is None:
+            wait = strategy is SwitchingStrategyType.IMMEDIATE
+        if not wait:
+            return SwitchResult(success=True, operation_id=operation_id,
+                                status=OperationStatus(accepted["status"]),
+                                message=accepted["message"])
+        status = await self.wait_for(operation_id, timeout=timeout)
+        return SwitchResult(success=status["status"] == OperationStatus.COMPLETED,
+                            operation_id=operation_id, status=OperationStatus(status["status"]),
+                            message=status.get("reason") or status.get("phase") or "")
+
+    def get_switch_status(self, operation_id: str) -> dict[str, Any]:
+        """`status` (pending/running/paused/completed/failed), `progress` 0..1, and more."""
+        return self._client.request("GET", f"/switch/operations/{operation_id}")
+
+    async def aget_switch_status(self, operation_id: str) -> dict[str, Any]:
+        return await self._client.arequest("GET", f"/switch/operations/{operation_id}")
+
+    async def wait_for(self, operation_id: str, *, timeout: float = 1800,
+                       interval: float = 0.5) -> dict[str, Any]:
+        """Poll until the operation is `completed` or `failed`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = await self.aget_switch_status(operation_id)
+            if OperationStatus(status["status"]).terminal:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"operation {operation_id} still {status['status']} "
+                                   f"after {timeout:g}s")
+            await asyncio.sleep(interval)
+
+    def validate_switch_request(
+        self, model_id: str, target_version: str,
+        strategy_type: SwitchingStrategyType | str = SwitchingStrategyType.IMMEDIATE,
+        strategy_config: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """`{"valid": bool, "errors": [...]}`: what a switch would be refused for."""
+        body = {"model_id": model_id, "target_version": target_version,
+                "strategy": SwitchingStrategyType(strategy_type).value,
+                "strategy_config": strategy_config or {}}
+        try:
+            return self._client.request("POST", "/switch/validate", json=body)
+        except TurnoutAPIError as exc:
+            return {"valid": False, "errors": _messages(exc.detail)}
+
+
+def _messages(detail: Any) -> list[str]:
+    if isinstance(detail, list):
+        return [f"{'.'.join(str(p) for p in d.get('loc', ()) if p != 'body')}: {d.get('msg')}"
+                if isinstance(d, dict) else str(d) for d in detail]
+    return [str(detail)]

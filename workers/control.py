@@ -1,0 +1,56 @@
+"""Control worker: runs the switch workflows and the activities that talk to store and gateways.
+
+Run with `python -m workers.control`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.gateway_admin import GatewayAdmin
+from activities.health import HealthActivities
+from activities.registry import RegistryActivities
+from activities.traffic import TrafficActivities
+from turnout.config import ModelSwitchingConfig
+from turnout.runtime import connect_temporal, setup_logging
+from turnout.store import Store
+from workers.common import stop_event
+from workflows import WORKFLOWS
+
+log = logging.getLogger("turnout.worker.control")
+
+
+def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
+                 admin: GatewayAdmin, *, task_queue: str | None = None) -> Worker:
+    registry = RegistryActivities(store)
+    traffic = TrafficActivities(settings, store, admin)
+    health = HealthActivities(store)
+    return Worker(
+        client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
+        activities=[registry.describe_model, registry.mark_live, registry.record_operation,
+                    traffic.set_traffic, traffic.drain_version, health.check_health])
+
+
+async def main() -> None:
+    setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "INFO"))
+    settings = ModelSwitchingConfig.from_env()
+    store = Store.from_url(settings.database_url)
+    admin = GatewayAdmin(settings.gateway_admin_token)
+    client = await connect_temporal(settings)
+    worker = build_worker(client, settings, store, admin)
+    stop = stop_event()
+    log.info("control worker on task queue %s", settings.control_task_queue)
+    async with worker:
+        await stop.wait()
+        log.info("control worker stopping")
+    await admin.close()
+    await store.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

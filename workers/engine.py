@@ -1,0 +1,48 @@
+"""Engine worker: one per serving host; starts and stops the vLLM servers of that host.
+
+Run with `python -m workers.engine`. On start it re-adopts the engines it left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.engines import EngineActivities
+from turnout.config import ModelSwitchingConfig
+from turnout.runtime import connect_temporal, setup_logging
+from turnout.store import Store
+from workers.common import stop_event
+
+log = logging.getLogger("turnout.worker.engine")
+
+
+def build_worker(client: Client, settings: ModelSwitchingConfig, engines: EngineActivities,
+                 *, task_queue: str | None = None) -> Worker:
+    return Worker(client, task_queue=task_queue or settings.engine_task_queue,
+                  activities=[engines.load_version, engines.unload_version],
+                  max_concurrent_activities=4)
+
+
+async def main() -> None:
+    setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "INFO"))
+    settings = ModelSwitchingConfig.from_env()
+    store = Store.from_url(settings.database_url)
+    engines = EngineActivities(settings, store)
+    adopted = await engines.readopt()
+    log.info("re-adopted %d engine(s) on %s", len(adopted), settings.engine_host)
+    client = await connect_temporal(settings)
+    stop = stop_event()
+    log.info("engine worker on task queue %s", settings.engine_task_queue)
+    async with build_worker(client, settings, engines):
+        await stop.wait()
+        log.info("engine worker stopping; engines keep running for re-adoption")
+    await store.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,278 @@
+"""The whole stack on one machine: Temporal dev server, workers, gateway and API.
+
+`make run` (or `turnout up`) runs `python -m workers.stack`; the end-to-end tests use the
+same `Stack` class so that what is tested is what users run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from turnout.config import ModelSwitchingConfig
+from turnout.runtime import installed_binary, setup_logging
+from turnout.store import Store, upgrade
+
+log = logging.getLogger("turnout.stack")
+
+SEARCH_ATTRIBUTES = {
+    "TurnoutModelId": "Keyword",
+    "TurnoutTargetVersion": "Keyword",
+    "TurnoutStrategy": "Keyword",
+    "TurnoutPhase": "Keyword",
+    "TurnoutTrafficPercent": "Int",
+}
+
+
+def settings_env(settings: ModelSwitchingConfig) -> dict[str, str]:
+    """The environment that gives another process exactly these settings."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[ModelSwitchingConfig.env_name(name)] = str(value).lower() \
+                if isinstance(value, bool) else str(value)
+    return env
+
+
+@dataclass
+class Process:
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+@dataclass
+class Stack:
+    """Starts, watches and stops the processes of a local turnout deployment."""
+
+    settings: ModelSwitchingConfig
+    temporal_db: Path
+    log_dir: Path
+    temporal_ui_port: int = 8233
+    headless: bool = False
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    processes: dict[str, Process] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        python = sys.executable
+        host, _, port = self.settings.temporal_address.rpartition(":")
+        temporal = [installed_binary("temporal"),
+                    "server", "start-dev", "--db-filename", str(self.temporal_db),
+                    "--ip", host or "127.0.0.1", "--port", port, "--log-level", "warn",
+                    "--ui-port", str(self.temporal_ui_port)]
+        if self.headless:
+            temporal.append("--headless")
+        for name, kind in SEARCH_ATTRIBUTES.items():
+            temporal += ["--search-attribute", f"{name}={kind}"]
+        commands = {
+            "temporal": temporal,
+            "control-worker": [python, "-m", "workers.control"],
+            "engine-worker": [python, "-m", "workers.engine"],
+            "gateway": [python, "-m", "gateway"],
+            "api": [python, "-m", "api"],
+        }
+        self.processes = {name: Process(name, argv, self.log_dir / f"{name}.log")
+                          for name, argv in commands.items()}
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **settings_env(self.settings), **self.extra_env}
+
+    @property
+    def api_url(self) -> str:
+        return self.settings.resolved_api_url
+
+    @property
+    def gateway_url(self) -> str:
+        host = "127.0.0.1" if self.settings.gateway_host in ("0.0.0.0", "") \
+            else self.settings.gateway_host
+        return f"http://{host}:{self.settings.gateway_port}"
+
+    async def start(self) -> None:
+        self.temporal_db.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(upgrade, self.settings.database_url)
+        self.start_process("temporal")
+        await self.wait_for_port(self.settings.temporal_address, "temporal")
+        for name in ("control-worker", "engine-worker", "gateway", "api"):
+            self.start_process(name)
+        await self.wait_for_http(f"{self.gateway_url}/health", "gateway")
+        await self.wait_for_http(f"{self.api_url}/healthz", "api")
+
+    def start_process(self, name: str) -> None:
+        process = self.processes[name]
+        if process.running:
+            return
+        logfile = process.log_path.open("ab")
+        process.popen = subprocess.Popen(process.argv, env=self.env, stdout=logfile,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        logfile.close()
+        log.info("started %s (pid %d), log %s", name, process.popen.pid, process.log_path)
+
+    def kill_process(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to one process (tests use SIGKILL to simulate a crash)."""
+        process = self.processes[name]
+        if process.running and process.popen:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.popen.pid, sig)
+            process.popen.wait(timeout=30)
+
+    async def stop(self, *, stop_engines: bool = True) -> None:
+        """Stop in reverse order of dependence, then the engines this stack started."""
+        for name in ("api", "gateway", "control-worker", "engine-worker"):
+            await asyncio.to_thread(self._terminate, name)
+        if stop_engines:
+            await self.stop_engines()
+        await asyncio.to_thread(self._terminate, "temporal")
+
+    async def stop_engines(self) -> None:
+        from activities.engines import EngineActivities
+
+        store = Store.from_url(self.settings.database_url)
+        try:
+            stopped = await EngineActivities(self.settings, store).stop_all()
+            if stopped:
+                log.info("stopped %d engine(s)", len(stopped))
+        finally:
+            await store.close()
+
+    def _terminate(self, name: str, grace_s: float = 15) -> None:
+        process = self.processes[name]
+        if not process.running or process.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.popen.pid, signal.SIGTERM)
+        try:
+            process.popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %gs; killing it", name, grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.popen.pid, signal.SIGKILL)
+            process.popen.wait(timeout=10)
+
+    async def wait_for_port(self, address: str, name: str, timeout_s: float = 60) -> None:
+        host, _, port = address.rpartition(":")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._check_alive(name)
+            try:
+                _, writer = await asyncio.open_connection(host or "127.0.0.1", int(port))
+                writer.close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not open {address} in {timeout_s:g}s; "
+                                       f"see {self.processes[name].log_path}") from None
+                await asyncio.sleep(0.2)
+
+    async def wait_for_http(self, url: str, name: str, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:
+                self._check_alive(name)
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(url)).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} not answering at {url} after {timeout_s:g}s; "
+                                       f"see {self.processes[name].log_path}")
+                await asyncio.sleep(0.2)
+
+    def _check_alive(self, name: str) -> None:
+        process = self.processes[name]
+        if process.popen is not None and process.popen.poll() is not None:
+            tail = process.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited with code {process.popen.returncode}:\n{tail}")
+
+
+def default_stack(root: Path, **overrides: Any) -> Stack:
+    defaults: dict[str, Any] = {"state_dir": str(root)}
+    if ModelSwitchingConfig.env_name("database_url") not in os.environ:
+        defaults["database_url"] = f"sqlite+aiosqlite:///{root}/turnout.db"
+    settings = ModelSwitchingConfig.from_env(**{**defaults, **overrides})
+    return Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs")
+
+
+async def _run(args: argparse.Namespace) -> None:
+    from turnout.tinymodels import ensure_tiny_models
+
+    root = args.state_dir
+    models = await asyncio.to_thread(ensure_tiny_models, root / "models")
+    stack = default_stack(root)
+    stack.temporal_ui_port = args.ui_port
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stack.start()
+        _print_banner(stack, models)
+        while not stop.is_set():
+            for process in stack.processes.values():
+                if not process.running:
+                    log.error("%s exited; see %s", process.name, process.log_path)
+                    stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1)
+    finally:
+        print("\nstopping turnout ...", flush=True)
+        await stack.stop()
+        print("stopped.", flush=True)
+
+
+def _print_banner(stack: Stack, models: dict[str, Path]) -> None:
+    api, gw = stack.api_url, stack.gateway_url
+    v1, v2 = models.get("tiny-v1"), models.get("tiny-v2")
+    print(f"""
+turnout is running (Ctrl-C stops everything)
+  REST API         {api}   (OpenAPI docs: {api}/docs)
+  gateway          {gw}   (OpenAI-compatible: {gw}/v1)
+  Temporal Web UI  http://localhost:{stack.temporal_ui_port}
+  logs             {stack.log_dir}
+
+Try it with the two tiny model versions made for you:
+  curl -X POST {api}/models -H 'Content-Type: application/json' \\
+    -d '{{"model": "{v1}", "model_arch": "TinyLlama", "model_stage": "chat", "version": "v1"}}'
+  curl -X POST {api}/models -H 'Content-Type: application/json' \\
+    -d '{{"model": "{v2}", "model_arch": "TinyLlama", "model_stage": "chat", "version": "v2"}}'
+  curl -X POST {api}/switch -H 'Content-Type: application/json' \\
+    -d '{{"model_id": "TinyLlama_chat", "target_version": "v1", "strategy": "immediate"}}'
+  curl {api}/switch/operations/<operation_id>
+  curl {gw}/v1/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "TinyLlama_chat", "prompt": "Hello", "max_tokens": 8}}'
+""", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers.stack",
+                                     description="Run the whole turnout stack locally.")
+    parser.add_argument("--state-dir", default=os.environ.get(
+        "VLLM_MODEL_SWITCHING_STATE_DIR", ".turnout"))
+    parser.add_argument("--ui-port", type=int, default=8233)
+    args = parser.parse_args()
+    args.state_dir = Path(args.state_dir).resolve()
+    setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "INFO"))
+    asyncio.run(_run(args))
+
+
+if __name__ == "__main__":
+    main()

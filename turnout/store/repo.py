@@ -113,6 +113,11 @@ class Store:
             rows = (await session.scalars(select(ModelRow).order_by(ModelRow.model_id))).all()
             return [await self._model_info(session, row) for row in rows]
 
+    async def list_model_ids(self) -> list[str]:
+        """Just the ids: what the gateway needs once a second to tell 404 from 503."""
+        async with self._session() as session:
+            return list((await session.scalars(select(ModelRow.model_id))).all())
+
     async def get_version(self, model_id: str, version: str) -> VersionInfo:
         async with self._session() as session:
             row = await session.get(VersionRow, (model_id, version))

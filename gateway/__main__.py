@@ -1,0 +1,95 @@
+"""`python -m gateway`: run the data plane with settings from `VLLM_MODEL_SWITCHING_*`.
+
+Flags override the settings so several gateways can run on one host. SIGINT/SIGTERM stop
+it cleanly: in-flight requests get a grace period and the gateway leaves the store's
+gateway table, so switches stop waiting for it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+from gateway.app import create_app, serve
+from turnout.config import ConfigError, ModelSwitchingConfig
+from turnout.store import Store
+
+log = logging.getLogger("gateway")
+
+
+class _GatewayIdFilter(logging.Filter):
+    """Stamp every record with the gateway id: several gateways often share one log."""
+
+    def __init__(self, gateway_id: str) -> None:
+        super().__init__()
+        self.gateway_id = gateway_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.gateway_id = self.gateway_id
+        return True
+
+
+def setup_logging(gateway_id: str, level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(_GatewayIdFilter(gateway_id))
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s [gateway %(gateway_id)s] %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gateway",
+                                     description="turnout gateway (OpenAI-compatible proxy)")
+    parser.add_argument("--host", help="bind address (default: gateway_host setting)")
+    parser.add_argument("--port", type=int, help="bind port (default: gateway_port setting)")
+    parser.add_argument("--gateway-id", help="id in the store (default: <hostname>-<port>)")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+async def run(settings: ModelSwitchingConfig, gateway_id: str) -> None:
+    store = Store.from_url(settings.database_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(settings, store, gateway_id)
+    runner = await serve(app, settings.gateway_host, settings.gateway_port)
+    log.info("gateway %s listening on %s:%d", gateway_id, settings.gateway_host,
+             settings.gateway_port)
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides: dict[str, object] = {}
+    if args.host:
+        overrides["gateway_host"] = args.host
+    if args.port:
+        overrides["gateway_port"] = args.port
+    try:
+        settings = ModelSwitchingConfig.from_env(**overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    gateway_id = args.gateway_id or f"{socket.gethostname()}-{settings.gateway_port}"
+    setup_logging(gateway_id, args.log_level.upper())
+    try:
+        asyncio.run(run(settings, gateway_id))
+    except OSError as exc:  # e.g. the port is taken
+        log.error("gateway could not start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

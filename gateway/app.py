@@ -1,0 +1,224 @@
+"""The gateway application: routes synced from the store, admin endpoints, lifecycle.
+
+A gateway holds its routes in memory and reconciles them with the store every second (and
+at once on `POST /admin/routes/refresh`, which the traffic activity calls after writing a
+route). It heartbeats into the store so the traffic activity knows which gateways must
+confirm a new generation. If the store is unreachable it keeps serving the last routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.errors import Handler, error_response, openai_errors
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from turnout.config import ModelSwitchingConfig
+from turnout.routing import RouteTable
+from turnout.store import Store
+
+log = logging.getLogger("gateway")
+
+RECONCILE_INTERVAL_S = 1.0
+HEARTBEAT_INTERVAL_S = 2.0
+# Prompts with long contexts can be large; aiohttp's default limit is 1 MiB.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+def client_host(bind_host: str) -> str:
+    """The address other processes use to reach a server bound to `bind_host`."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
+
+
+class Gateway:
+    """State and background loops of one gateway process."""
+
+    def __init__(self, settings: ModelSwitchingConfig, store: Store, gateway_id: str,
+                 admin_url: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.gateway_id = gateway_id
+        self.admin_url = admin_url or (
+            f"http://{client_host(settings.gateway_host)}:{settings.gateway_port}")
+        self.table = RouteTable()
+        self.metrics = GatewayMetrics()
+        self.proxy = Proxy(self.table, self.metrics)
+        self._reconcile_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._store_ok = True
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.proxy.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=True)
+        try:
+            await self.reconcile()
+        except Exception as exc:
+            log.warning("store unreachable at start, serving no routes until it answers: %r",
+                        exc)
+        self._tasks = [
+            asyncio.create_task(self._every(RECONCILE_INTERVAL_S, self._reconcile_quietly),
+                                name="gateway-reconcile"),
+            asyncio.create_task(self._every(HEARTBEAT_INTERVAL_S, self._heartbeat),
+                                name="gateway-heartbeat"),
+        ]
+        log.info("gateway %s started: %d routes, admin at %s", self.gateway_id,
+                 len(self.table.routes), self.admin_url)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        try:
+            await self.store.remove_gateway(self.gateway_id)
+        except Exception as exc:
+            log.warning("could not remove gateway %s from the store: %r", self.gateway_id, exc)
+        if self.proxy.session is not None:
+            await self.proxy.session.close()
+            self.proxy.session = None
+        log.info("gateway %s stopped", self.gateway_id)
+
+    async def _every(self, interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await step()
+            await asyncio.sleep(interval_s)
+
+    # ------------------------------------------------------------------ store sync
+
+    async def reconcile(self) -> None:
+        """Read routes, aliases and model ids from the store; apply only newer generations."""
+        async with self._reconcile_lock:
+            routes = await self.store.list_routes()
+            aliases = await self.store.aliases()
+            model_ids = await self.store.list_model_ids()
+            for route in self.table.apply_all(routes):
+                self.metrics.generation.labels(route.model_id).set(route.generation)
+                log.info("applied route of %s generation %d: %s", route.model_id,
+                         route.generation, route.weights())
+            self.table.set_aliases(aliases)
+            self.table.set_known_models(model_ids)
+
+    async def _reconcile_quietly(self) -> None:
+        try:
+            await self.reconcile()
+        except Exception as exc:
+            if self._store_ok:  # one warning per outage, not one per second
+                log.warning("store unreachable, serving the last known routes: %r", exc)
+            self._store_ok = False
+        else:
+            if not self._store_ok:
+                log.info("store reachable again")
+            self._store_ok = True
+
+    async def _heartbeat(self) -> None:
+        try:
+            await self.store.heartbeat_gateway(self.gateway_id, self.admin_url)
+        except Exception as exc:
+            log.debug("heartbeat failed: %r", exc)
+
+    # ------------------------------------------------------------------ admin views
+
+    def state(self) -> dict[str, Any]:
+        return {"gateway_id": self.gateway_id, "generations": self.table.generations(),
+                "inflight": self.metrics.inflight_by_model()}
+
+    def stats(self) -> dict[str, Any]:
+        return {"gateway_id": self.gateway_id, "stats": self.metrics.stats_by_model()}
+
+
+GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+
+
+def _admin_auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Require `Authorization: Bearer <token>` on /admin/* when a token is configured."""
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and request.path.startswith("/admin/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error_response(401, "a valid admin bearer token is required",
+                                      type="authentication_error", code="invalid_admin_token")
+        return await handler(request)
+
+    return middleware
+
+
+def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
+               admin_url: str | None = None) -> web.Application:
+    """The gateway as an aiohttp app; the caller owns `store` and closes it after the app.
+
+    Run it with `aiohttp.web.AppRunner(app, handler_cancellation=True)` so that a client
+    disconnect cancels the handler and with it the upstream request (see `serve`).
+    """
+    gateway = Gateway(settings, store, gateway_id, admin_url)
+    app = web.Application(middlewares=[openai_errors, _admin_auth(settings.gateway_admin_token)],
+                          client_max_size=MAX_BODY_BYTES)
+    app[GATEWAY_KEY] = gateway
+
+    async def on_startup(_: web.Application) -> None:
+        await gateway.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await gateway.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(gateway.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def admin_state(_: web.Request) -> web.Response:
+        return web.json_response(gateway.state())
+
+    async def admin_stats(_: web.Request) -> web.Response:
+        return web.json_response(gateway.stats())
+
+    async def admin_refresh(_: web.Request) -> web.Response:
+        try:
+            await gateway.reconcile()
+        except Exception as exc:
+            log.warning("refresh failed, store unreachable: %r", exc)
+            return error_response(503, "the store is unreachable; serving the last routes",
+                                  type="service_unavailable", code="store_unreachable")
+        return web.json_response(gateway.state())
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", gateway.proxy.list_models)
+    app.router.add_post("/v1/completions", gateway.proxy.completions)
+    app.router.add_post("/v1/chat/completions", gateway.proxy.chat_completions)
+    app.router.add_get("/admin/state", admin_state)
+    app.router.add_get("/admin/stats", admin_stats)
+    app.router.add_post("/admin/routes/refresh", admin_refresh)
+    return app
+
+
+def gateway_of(app: web.Application) -> Gateway:
+    return app[GATEWAY_KEY]
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start `app` on host:port with handler cancellation on; stop with `runner.cleanup()`."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner

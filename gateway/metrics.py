@@ -1,0 +1,127 @@
+"""Per-version request metrics of one gateway: Prometheus series and an in-memory window.
+
+Prometheus series (on a per-app registry, so tests can run several gateways in one process)
+are for dashboards; the in-memory window backs `/admin/stats` and `/admin/state`, which the
+traffic and health activities read directly (in-flight counts for draining, latency
+percentiles for health verdicts) without needing a Prometheus server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# LLM requests run from tens of milliseconds (cache hit, tiny model) to minutes (long output).
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+                     120.0, 300.0)
+# Time to first byte of a stream: queueing plus prefill.
+TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# How many recent samples per version the in-memory percentiles are computed from.
+WINDOW = 2048
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None on an empty window (too few samples is not 'fast')."""
+    if not sorted_values:
+        return None
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+def _summary(samples: deque[float]) -> dict[str, Any]:
+    values = sorted(samples)
+    return {"p50": _percentile(values, 50), "p95": _percentile(values, 95),
+            "p99": _percentile(values, 99), "count": len(values)}
+
+
+@dataclass
+class VersionStats:
+    """Counters of one (model id, version) since the gateway started."""
+
+    requests: int = 0
+    errors: int = 0
+    inflight: int = 0
+    latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    ttfb_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors, "inflight": self.inflight,
+                "latency_ms": _summary(self.latency_ms), "ttfb_ms": _summary(self.ttfb_ms)}
+
+
+class GatewayMetrics:
+    """All request metrics of one gateway; cheap enough to update on every request."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("model_id", "version")
+        self.requests = Counter("turnout_gateway_requests", "Requests forwarded to a version",
+                                labels, registry=self.registry)
+        self.errors = Counter("turnout_gateway_errors",
+                              "Requests that failed upstream (5xx or connection failure)",
+                              labels, registry=self.registry)
+        self.inflight = Gauge("turnout_gateway_inflight", "Requests in flight to a version",
+                              labels, registry=self.registry)
+        self.latency = Histogram("turnout_gateway_request_latency_seconds",
+                                 "Time from request to last byte of the answer", labels,
+                                 buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.ttfb = Histogram("turnout_gateway_time_to_first_byte_seconds",
+                              "Time to the first streamed byte of an answer", labels,
+                              buckets=TTFB_BUCKETS_S, registry=self.registry)
+        self.rejected = Counter("turnout_gateway_rejected",
+                                "Requests answered by the gateway itself with an error",
+                                ("reason",), registry=self.registry)
+        self.generation = Gauge("turnout_gateway_route_generation",
+                                "Route generation this gateway serves", ("model_id",),
+                                registry=self.registry)
+        self._stats: dict[tuple[str, str], VersionStats] = {}
+
+    def _get(self, model_id: str, version: str) -> VersionStats:
+        key = (model_id, version)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = VersionStats()
+        return stats
+
+    def started(self, model_id: str, version: str) -> None:
+        stats = self._get(model_id, version)
+        stats.requests += 1
+        stats.inflight += 1
+        self.requests.labels(model_id, version).inc()
+        self.inflight.labels(model_id, version).inc()
+
+    def first_byte(self, model_id: str, version: str, seconds: float) -> None:
+        self._get(model_id, version).ttfb_ms.append(seconds * 1000.0)
+        self.ttfb.labels(model_id, version).observe(seconds)
+
+    def finished(self, model_id: str, version: str, seconds: float, *, error: bool,
+                 completed: bool = True) -> None:
+        """End of a request; latency is recorded only for answers that completed."""
+        stats = self._get(model_id, version)
+        stats.inflight -= 1
+        self.inflight.labels(model_id, version).dec()
+        if error:
+            stats.errors += 1
+            self.errors.labels(model_id, version).inc()
+        if completed:
+            stats.latency_ms.append(seconds * 1000.0)
+            self.latency.labels(model_id, version).observe(seconds)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def inflight_by_model(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for (model_id, version), stats in sorted(self._stats.items()):
+            result.setdefault(model_id, {})[version] = stats.inflight
+        return result
+
+    def stats_by_model(self) -> dict[str, dict[str, dict[str, Any]]]:
+        result: dict[str, dict[str, dict[str, Any]]] = {}
+        for (model_id, version), stats in sorted(self._stats.items()):
+            result.setdefault(model_id, {})[version] = stats.as_json()
+        return result

@@ -1,0 +1,176 @@
+"""The OpenAI-compatible data path: pick a version, forward, stream the answer back.
+
+The request path touches only memory (route table, metrics) and the shared upstream
+session: no store access and no INFO logging per request, so the gateway adds little
+latency and keeps serving when the store is down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gateway.errors import error_response
+from gateway.metrics import GatewayMetrics
+from turnout.domain import Backend
+from turnout.routing import RouteTable, pick_backend
+
+log = logging.getLogger("gateway.proxy")
+
+VERSION_HEADER = "X-Turnout-Version"
+USER_HEADER = "X-Turnout-User"
+# No total timeout: a long generation is legitimate. A stalled engine is cut after this long
+# without a single byte.
+UPSTREAM_CONNECT_TIMEOUT_S = 10.0
+UPSTREAM_READ_TIMEOUT_S = 600.0
+# Request headers worth passing on; the client's Authorization is for the gateway, not engines.
+_FORWARDED_HEADERS = ("Accept", "X-Request-Id", "OpenAI-Organization")
+
+
+def upstream_timeout() -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=UPSTREAM_CONNECT_TIMEOUT_S,
+                                 sock_read=UPSTREAM_READ_TIMEOUT_S)
+
+
+class Proxy:
+    """Handlers of `/v1/models`, `/v1/completions` and `/v1/chat/completions`."""
+
+    def __init__(self, table: RouteTable, metrics: GatewayMetrics) -> None:
+        self.table = table
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None  # set when the app starts
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        now = int(time.time())
+        data = [{"id": name, "object": "model", "created": now, "owned_by": "turnout"}
+                for name in self.table.served_names()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._forward(request, "/v1/completions")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._forward(request, "/v1/chat/completions")
+
+    # ------------------------------------------------------------------ forwarding
+
+    async def _forward(self, request: web.Request, path: str) -> web.StreamResponse:
+        body, problem = await _parse_body(request)
+        if problem is not None:
+            self.metrics.reject("bad_request")
+            return problem
+        assert body is not None
+        name = body.get("model")
+        if not isinstance(name, str) or not name:
+            self.metrics.reject("missing_model")
+            return error_response(400, "you must provide a model parameter",
+                                  type="invalid_request_error", param="model",
+                                  code="missing_model")
+        model_id = self.table.resolve(name)
+        if model_id is None:
+            self.metrics.reject("unknown_model")
+            return error_response(404, f"the model {name!r} does not exist",
+                                  type="invalid_request_error", param="model",
+                                  code="model_not_found")
+        route = self.table.route(model_id)
+        user = body.get("user")
+        user_key = user if isinstance(user, str) and user else request.headers.get(USER_HEADER)
+        backend = pick_backend(route, user_key, random.random()) if route else None
+        if backend is None:
+            self.metrics.reject("no_route")
+            return error_response(503, f"the model {name!r} has no version serving traffic",
+                                  type="service_unavailable", param="model",
+                                  code="model_unavailable")
+        body["model"] = backend.served_model_name
+        return await self._send(request, path, model_id, backend, body)
+
+    async def _send(self, request: web.Request, path: str, model_id: str, backend: Backend,
+                    body: dict[str, Any]) -> web.StreamResponse:
+        assert self.session is not None, "gateway app not started"
+        version = backend.version
+        headers = {"Content-Type": "application/json"}
+        headers.update({h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers})
+        started = time.monotonic()
+        self.metrics.started(model_id, version)
+        error = False
+        completed = False
+        try:
+            async with self.session.post(backend.url.rstrip("/") + path,
+                                         data=json.dumps(body).encode(), headers=headers,
+                                         timeout=upstream_timeout()) as upstream:
+                error = upstream.status >= 500
+                content_type = upstream.headers.get("Content-Type", "application/json")
+                if upstream.status == 200 and content_type.startswith("text/event-stream"):
+                    response, error, completed = await self._stream(
+                        request, upstream, model_id, version, started)
+                    return response
+                payload = await upstream.read()
+                completed = True
+                return web.Response(body=payload, status=upstream.status,
+                                    headers={"Content-Type": content_type,
+                                             VERSION_HEADER: version})
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            error = True
+            log.warning("upstream %s of %s/%s failed: %r", backend.url, model_id, version, exc)
+            return error_response(502, f"upstream of version {version!r} failed: {exc}",
+                                  type="upstream_error", code="bad_gateway",
+                                  headers={VERSION_HEADER: version})
+        except TimeoutError:
+            error = True
+            log.warning("upstream %s of %s/%s timed out", backend.url, model_id, version)
+            return error_response(504, f"upstream of version {version!r} timed out",
+                                  type="upstream_error", code="gateway_timeout",
+                                  headers={VERSION_HEADER: version})
+        finally:
+            self.metrics.finished(model_id, version, time.monotonic() - started, error=error,
+                                  completed=completed)
+
+    async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
+                      model_id: str, version: str,
+                      started: float) -> tuple[web.StreamResponse, bool, bool]:
+        """Copy an SSE answer chunk by chunk; returns (response, upstream error, completed).
+
+        Leaving early (client gone, upstream broken) exits the caller's `async with`, which
+        closes the upstream connection, so the engine stops generating for nobody.
+        """
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            VERSION_HEADER: version,
+        })
+        first = True
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                if first:
+                    self.metrics.first_byte(model_id, version, time.monotonic() - started)
+                    first = False
+                await response.write(chunk)
+            await response.write_eof()
+            return response, False, True
+        except ConnectionResetError:  # the client went away: nothing left to write to
+            log.debug("client left a stream of %s/%s", model_id, version)
+            return response, False, False
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            log.warning("stream from %s/%s broke: %r", model_id, version, exc)
+            return response, True, False
+
+
+async def _parse_body(request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, error_response(400, "the request body is not valid JSON",
+                                    type="invalid_request_error", code="invalid_json")
+    if not isinstance(body, dict):
+        return None, error_response(400, "the request body must be a JSON object",
+                                    type="invalid_request_error", code="invalid_json")
+    return body, None

@@ -1,0 +1,379 @@
+"""The gateway in-process, in front of two fake engines, with a real SQLite store.
+
+Clients are real: the official `openai` AsyncOpenAI client for the OpenAI endpoints and
+aiohttp for admin calls and malformed requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from gateway.app import Gateway, create_app, gateway_of, serve
+from tests.integration.upstream import FakeUpstream
+from turnout.config import ModelSwitchingConfig
+from turnout.domain import Backend, RegisterModelRequest
+from turnout.store import Store, upgrade_async
+
+MODEL = "tiny_default"
+ALIAS = "org/tiny"
+TOKEN = "s3cret-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Env:
+    store: Store
+    v1: FakeUpstream
+    v2: FakeUpstream
+    gateway: Gateway
+    runner: web.AppRunner
+    url: str
+    http: aiohttp.ClientSession
+    client: openai.AsyncOpenAI
+    headers: dict[str, str]
+
+    async def route(self, weights: dict[str, float], key: str) -> int:
+        ups = {"v1": self.v1, "v2": self.v2}
+        backends = [Backend(version=v, weight=w, url=ups[v].url,
+                            served_model_name=ups[v].served_model_name)
+                    for v, w in weights.items()]
+        route = await self.store.write_route(MODEL, backends, key)
+        return route.generation
+
+    async def refresh(self) -> dict[str, Any]:
+        async with self.http.post(f"{self.url}/admin/routes/refresh",
+                                  headers=self.headers) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    async def get(self, path: str, **kwargs: Any) -> tuple[int, Any]:
+        async with self.http.get(f"{self.url}{path}", **kwargs) as resp:
+            if resp.content_type == "application/json":
+                return resp.status, await resp.json()
+            return resp.status, await resp.text()
+
+    async def post(self, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
+        async with self.http.post(f"{self.url}{path}", **kwargs) as resp:
+            return resp.status, await resp.json(), resp.headers
+
+
+async def make_env(tmp_path: Path, *, token: str | None = None, v1_delay: float = 0.0,
+                   v1_chunks: int = 3, v1_chunk_delay: float = 0.01) -> Env:
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
+    await upgrade_async(db_url)
+    store = Store.from_url(db_url)
+    for version in ("v1", "v2"):
+        await store.register_version(RegisterModelRequest(
+            model=f"/models/tiny-{version}", model_arch="tiny", model_stage="default",
+            version=version, aliases=[ALIAS]))
+    await store.register_version(RegisterModelRequest(
+        model="/models/other", model_arch="other", model_stage="default", version="v1"))
+    v1 = await FakeUpstream("v1", "tiny-v1", delay_s=v1_delay, chunks=v1_chunks,
+                            chunk_delay_s=v1_chunk_delay).start()
+    v2 = await FakeUpstream("v2", "tiny-v2", chunk_delay_s=0.01).start()
+    await store.write_route(MODEL, [Backend(version="v1", weight=100, url=v1.url,
+                                            served_model_name="tiny-v1")], "initial")
+    port = free_port()
+    settings = ModelSwitchingConfig(gateway_host="127.0.0.1", gateway_port=port,
+                                    database_url=db_url, gateway_admin_token=token)
+    app = create_app(settings, store, f"test-gw-{port}")
+    runner = await serve(app, "127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return Env(store=store, v1=v1, v2=v2, gateway=gateway_of(app), runner=runner, url=url,
+               http=aiohttp.ClientSession(), headers=headers,
+               client=openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused",
+                                         max_retries=0, timeout=30))
+
+
+async def close_env(env: Env) -> None:
+    await env.client.close()
+    await env.http.close()
+    await env.runner.cleanup()
+    await env.v1.stop()
+    await env.v2.stop()
+    await env.store.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    e = await make_env(tmp_path)
+    yield e
+    await close_env(e)
+
+
+async def test_models_and_health(env: Env) -> None:
+    models = await env.client.models.list()
+    assert [m.id for m in models.data] == [MODEL, ALIAS]
+    assert await env.get("/health") == (200, {"status": "ok"})
+
+
+async def test_completion_names_version_and_rewrites_model(env: Env) -> None:
+    raw = await env.client.completions.with_raw_response.create(model=MODEL, prompt="hi",
+                                                                max_tokens=4)
+    assert raw.headers["x-turnout-version"] == "v1"
+    completion = raw.parse()
+    assert completion.choices[0].text == "hello from v1"
+    assert env.v1.received[-1]["model"] == "tiny-v1"
+    assert env.v1.received[-1]["prompt"] == "hi"
+
+
+async def test_chat_through_alias(env: Env) -> None:
+    raw = await env.client.chat.completions.with_raw_response.create(
+        model=ALIAS, messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-turnout-version"] == "v1"
+    assert raw.parse().choices[0].message.content == "hello from v1"
+
+
+async def test_streaming_completion_and_chat(env: Env) -> None:
+    async with env.client.completions.with_streaming_response.create(
+            model=MODEL, prompt="hi", stream=True) as response:
+        assert response.headers["x-turnout-version"] == "v1"
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line async for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert len(lines) == 4
+
+    stream = await env.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
+    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+    assert text == "hello from v1"
+    stats = env.gateway.stats()["stats"][MODEL]["v1"]
+    assert stats["ttfb_ms"]["count"] == 2
+
+
+async def test_route_change_and_stale_generation(env: Env) -> None:
+    stale = await env.store.list_routes()
+    generation = await env.route({"v1": 0, "v2": 100}, "to-v2")
+    assert generation == 2
+    state = await env.refresh()
+    assert state["generations"] == {MODEL: 2}
+    raw = await env.client.completions.with_raw_response.create(model=MODEL, prompt="x")
+    assert raw.headers["x-turnout-version"] == "v2"
+    assert raw.parse().choices[0].text == "hello from v2"
+    assert env.v2.received[-1]["model"] == "tiny-v2"
+
+    # A store read that lags behind (older generation) must not undo the switch.
+    async def lagging_routes() -> list[Any]:
+        return stale
+
+    env.store.list_routes = lagging_routes  # type: ignore[method-assign]
+    state = await env.refresh()
+    assert state["generations"] == {MODEL: 2}
+    raw = await env.client.completions.with_raw_response.create(model=MODEL, prompt="x")
+    assert raw.headers["x-turnout-version"] == "v2"
+
+
+async def test_reconcile_loop_picks_up_route_without_push(env: Env) -> None:
+    await env.route({"v2": 100}, "loop")
+    for _ in range(40):
+        status, state = await env.get("/admin/state")
+        if state["generations"][MODEL] == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert state["generations"][MODEL] == 2
+
+
+async def test_sticky_user_split(env: Env) -> None:
+    await env.route({"v1": 50, "v2": 50}, "half")
+    await env.refresh()
+    seen: dict[str, set[str]] = {}
+    for user in ("alice", "bob", "carol", "dave", "erin", "frank"):
+        for _ in range(4):
+            raw = await env.client.completions.with_raw_response.create(
+                model=MODEL, prompt="x", user=user)
+            seen.setdefault(user, set()).add(raw.headers["x-turnout-version"])
+        async with env.http.post(f"{env.url}/v1/completions",
+                                 json={"model": MODEL, "prompt": "x"},
+                                 headers={"X-Turnout-User": user}) as resp:
+            seen[user].add(resp.headers["X-Turnout-Version"])
+    assert all(len(versions) == 1 for versions in seen.values())
+    assert set().union(*seen.values()) == {"v1", "v2"}
+
+
+async def test_error_cases(env: Env) -> None:
+    status, body, _ = await env.post("/v1/completions", data=b"{not json",
+                                     headers={"Content-Type": "application/json"})
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+    status, body, _ = await env.post("/v1/completions", json={"prompt": "x"})
+    assert status == 400 and body["error"]["param"] == "model"
+
+    with pytest.raises(openai.NotFoundError) as not_found:
+        await env.client.completions.create(model="nope", prompt="x")
+    assert not_found.value.status_code == 404
+
+    # Registered but never routed: unavailable, not unknown.
+    status, body, _ = await env.post("/v1/chat/completions",
+                                     json={"model": "other_default", "messages": []})
+    assert status == 503 and body["error"]["code"] == "model_unavailable"
+
+    await env.route({"v1": 0, "v2": 0}, "nothing")
+    await env.refresh()
+    status, body, _ = await env.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert status == 503
+
+    status, body = await env.get("/no/such/path")
+    assert status == 404 and "error" in body
+
+
+async def test_upstream_failures(env: Env) -> None:
+    dead = free_port()
+    await env.store.write_route(MODEL, [Backend(version="v1", weight=100,
+                                                url=f"http://127.0.0.1:{dead}",
+                                                served_model_name="tiny-v1")], "dead")
+    await env.refresh()
+    status, body, headers = await env.post("/v1/completions",
+                                           json={"model": MODEL, "prompt": "x"})
+    assert status == 502 and body["error"]["type"] == "upstream_error"
+    assert headers["X-Turnout-Version"] == "v1"
+
+    await env.route({"v2": 100}, "v2-failing")
+    await env.refresh()
+    env.v2.fail_status = 500
+    with pytest.raises(openai.InternalServerError):
+        await env.client.completions.create(model=MODEL, prompt="x")
+    stats = env.gateway.stats()["stats"][MODEL]
+    assert stats["v1"]["errors"] == 1 and stats["v2"]["errors"] == 1
+    assert stats["v1"]["inflight"] == 0 and stats["v2"]["inflight"] == 0
+
+
+async def test_metrics_exposed(env: Env) -> None:
+    await env.client.completions.create(model=MODEL, prompt="x")
+    status, text = await env.get("/metrics")
+    assert status == 200
+    assert f'turnout_gateway_requests_total{{model_id="{MODEL}",version="v1"}} 1.0' in text
+    assert "turnout_gateway_request_latency_seconds_bucket" in text
+    assert f'turnout_gateway_route_generation{{model_id="{MODEL}"}} 1.0' in text
+
+
+async def test_inflight_rises_and_falls(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, v1_delay=0.8)
+    try:
+        task = asyncio.create_task(env.client.completions.create(model=MODEL, prompt="x"))
+        inflight = 0
+        for _ in range(50):
+            _, state = await env.get("/admin/state")
+            inflight = state["inflight"].get(MODEL, {}).get("v1", 0)
+            if inflight:
+                break
+            await asyncio.sleep(0.02)
+        assert inflight == 1
+        await task
+        _, state = await env.get("/admin/state")
+        assert state["inflight"] == {MODEL: {"v1": 0}}
+        _, stats = await env.get("/admin/stats")
+        v1 = stats["stats"][MODEL]["v1"]
+        assert v1["requests"] == 1 and v1["errors"] == 0 and v1["inflight"] == 0
+        assert v1["latency_ms"]["count"] == 1 and v1["latency_ms"]["p50"] >= 800
+        assert set(v1["latency_ms"]) == {"p50", "p95", "p99", "count"}
+    finally:
+        await close_env(env)
+
+
+async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, v1_delay=2.0)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            async with env.http.post(f"{env.url}/v1/completions",
+                                     json={"model": MODEL, "prompt": "x"},
+                                     timeout=aiohttp.ClientTimeout(total=0.3)):
+                pass
+        for _ in range(50):
+            if env.v1.cancelled:
+                break
+            await asyncio.sleep(0.05)
+        assert env.v1.cancelled == 1 and env.v1.completed == 0
+        assert env.gateway.state()["inflight"] == {MODEL: {"v1": 0}}
+    finally:
+        await close_env(env)
+
+
+async def test_client_leaving_a_stream_cancels_upstream(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, v1_chunks=50, v1_chunk_delay=0.1)
+    try:
+        async with env.http.post(f"{env.url}/v1/completions",
+                                 json={"model": MODEL, "prompt": "x", "stream": True}) as resp:
+            assert resp.headers["X-Turnout-Version"] == "v1"
+            first = await resp.content.readany()
+            assert first.startswith(b"data: ")
+            resp.close()  # drop the connection mid-stream
+        for _ in range(50):
+            if env.v1.cancelled:
+                break
+            await asyncio.sleep(0.05)
+        assert env.v1.cancelled == 1 and env.v1.completed == 0
+        for _ in range(50):
+            if env.gateway.state()["inflight"] == {MODEL: {"v1": 0}}:
+                break
+            await asyncio.sleep(0.05)
+        assert env.gateway.state()["inflight"] == {MODEL: {"v1": 0}}
+        assert env.gateway.stats()["stats"][MODEL]["v1"]["errors"] == 0
+    finally:
+        await close_env(env)
+
+
+async def test_admin_token_enforced(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, token=TOKEN)
+    try:
+        status, body = await env.get("/admin/state")
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        status, body = await env.get("/admin/state",
+                                     headers={"Authorization": "Bearer wrong"})
+        assert status == 401
+        status, body, _ = await env.post("/admin/routes/refresh")
+        assert status == 401
+        status, body = await env.get("/admin/state", headers=env.headers)
+        assert status == 200 and body["generations"] == {MODEL: 1}
+        assert (await env.refresh())["gateway_id"] == env.gateway.gateway_id
+        # The OpenAI endpoints stay open.
+        assert (await env.client.completions.create(model=MODEL, prompt="x")).choices
+    finally:
+        await close_env(env)
+
+
+async def test_heartbeat_and_clean_removal(tmp_path: Path) -> None:
+    env = await make_env(tmp_path)
+    try:
+        gateways = []
+        for _ in range(40):
+            gateways = await env.store.live_gateways(30)
+            if gateways:
+                break
+            await asyncio.sleep(0.05)
+        assert [(g.gateway_id, g.admin_url) for g in gateways] == [
+            (env.gateway.gateway_id, env.url)]
+        await env.runner.cleanup()
+        assert await env.store.live_gateways(30) == []
+    finally:
+        await close_env(env)
+
+
+async def test_store_outage_keeps_serving(env: Env) -> None:
+    async def broken() -> list[Any]:
+        raise ConnectionError("database is gone")
+
+    env.store.list_routes = broken  # type: ignore[method-assign]
+    async with env.http.post(f"{env.url}/admin/routes/refresh") as resp:
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "store_unreachable"
+    await asyncio.sleep(1.2)  # at least one failing reconcile tick
+    raw = await env.client.completions.with_raw_response.create(model=MODEL, prompt="x")
+    assert raw.headers["x-turnout-version"] == "v1"

@@ -1,0 +1,132 @@
+"""A fake OpenAI-compatible engine for gateway tests: a real aiohttp server on a free port.
+
+It answers `/v1/completions` and `/v1/chat/completions` (plain JSON or SSE stream) with text
+naming its version, records what it received, can be slowed down or made to fail, and
+counts requests that were cancelled because the caller went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+
+class FakeUpstream:
+    def __init__(self, version: str, served_model_name: str, *, delay_s: float = 0.0,
+                 chunk_delay_s: float = 0.0, chunks: int = 3, fail_status: int | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.version = version
+        self.served_model_name = served_model_name
+        self.delay_s = delay_s
+        self.chunk_delay_s = chunk_delay_s
+        self.chunks = chunks
+        self.fail_status = fail_status
+        self.host = host
+        self.port = 0
+        self.received: list[dict[str, Any]] = []
+        self.cancelled = 0
+        self.completed = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> FakeUpstream:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        # handler_cancellation lets the test see that the gateway dropped the request.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _models(self, _: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "fake"}]})
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=True)
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append(body)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if self.fail_status is not None:
+                return web.json_response({"error": {"message": "fake failure",
+                                                    "type": "server_error", "param": None,
+                                                    "code": None}}, status=self.fail_status)
+            if body.get("model") != self.served_model_name:
+                return web.json_response({"error": {
+                    "message": f"model {body.get('model')!r} not served here",
+                    "type": "invalid_request_error", "param": "model", "code": None}},
+                    status=404)
+            if body.get("stream"):
+                response = await self._stream(request, chat=chat)
+            else:
+                response = web.json_response(self._full(chat=chat))
+            self.completed += 1
+            return response
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    def _text(self) -> str:
+        return f"hello from {self.version}"
+
+    def _full(self, *, chat: bool) -> dict[str, Any]:
+        base = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.served_model_name,
+                "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}
+        if chat:
+            return {**base, "object": "chat.completion", "choices": [
+                {"index": 0, "finish_reason": "stop",
+                 "message": {"role": "assistant", "content": self._text()}}]}
+        return {**base, "object": "text_completion", "choices": [
+            {"index": 0, "text": self._text(), "finish_reason": "stop", "logprobs": None}]}
+
+    async def _stream(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        ident = f"cmpl-{uuid.uuid4().hex}"
+        words = self._text().split(" ")
+        pieces = [" ".join(words[: i + 1]) for i in range(len(words))]
+        deltas = [pieces[0]] + [" " + w for w in words[1:]]
+        deltas = (deltas + [""] * self.chunks)[: max(self.chunks, len(deltas))]
+        for i, delta in enumerate(deltas):
+            last = i == len(deltas) - 1
+            if chat:
+                chunk = {"id": ident, "object": "chat.completion.chunk", "created": 0,
+                         "model": self.served_model_name, "choices": [
+                             {"index": 0, "delta": {"content": delta},
+                              "finish_reason": "stop" if last else None}]}
+            else:
+                chunk = {"id": ident, "object": "text_completion", "created": 0,
+                         "model": self.served_model_name, "choices": [
+                             {"index": 0, "text": delta, "logprobs": None,
+                              "finish_reason": "stop" if last else None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if self.chunk_delay_s:
+                await asyncio.sleep(self.chunk_delay_s)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

@@ -60,6 +60,8 @@ class ModelSwitchingConfig(BaseModel):
     # Engines on this host.
     engine_host: str = Field(default_factory=socket.gethostname)
     engine_bind_host: str = "127.0.0.1"
+    # The address gateways use to reach this host's engines (a DNS name in a cluster).
+    engine_advertise_host: str = "127.0.0.1"
     engine_port_start: int = Field(8100, ge=1024, le=65000)
     engine_port_end: int = Field(8199, ge=1024, le=65535)
     engine_startup_timeout_s: float = Field(900, gt=0)

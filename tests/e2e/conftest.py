@@ -1,0 +1,50 @@
+"""The whole stack on real parts: Temporal dev server, workers, gateway, API, vLLM engines."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from turnout.config import ModelSwitchingConfig
+from workers.stack import Stack
+
+# Ports away from the defaults so the tests can run beside a `make run`.
+E2E_SETTINGS = {
+    "temporal_address": "127.0.0.1:17233",
+    "api_port": 18001,
+    "gateway_port": 18000,
+    "engine_port_start": 18100,
+    "engine_port_end": 18149,
+    "engine_host": "e2e",
+    "gateway_live_after_s": 10,
+}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    root = tmp_path_factory.mktemp("stack")
+    settings = ModelSwitchingConfig.from_env(
+        {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
+        **E2E_SETTINGS)
+    stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
+                  temporal_ui_port=18233, headless=True,
+                  extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
+                      "VLLM_CPU_KVCACHE_SPACE", "1")})
+    try:
+        await stack.start()
+        yield stack
+    finally:
+        await stack.stop()
+        _dump_logs_on_failure(stack.log_dir)
+
+
+def _dump_logs_on_failure(log_dir: Path) -> None:
+    """Keep the tail of each process log in the test output; CI has nothing else."""
+    if os.environ.get("TURNOUT_E2E_LOGS") != "1":
+        return
+    for log in sorted(log_dir.glob("*.log")):
+        print(f"===== {log.name} =====\n{log.read_text(errors='replace')[-4000:]}")

@@ -39,6 +39,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
 async def bare_vllm(model: Path, log: Path) -> float:
     port = free_port()
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -46,9 +52,7 @@ async def bare_vllm(model: Path, log: Path) -> float:
             "--dtype", "float32", "--max-model-len", "256", "--enforce-eager"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     started = time.monotonic()
-    with log.open("ab") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = spawn(argv, env, log)
     try:
         async with httpx.AsyncClient(timeout=30) as client:
             while True:

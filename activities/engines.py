@@ -1,0 +1,588 @@
+"""Engine activities: start, warm up, stop and re-adopt vLLM servers on this host.
+
+One engine worker runs per serving host, on its own task queue, with one
+`EngineActivities` instance. Each loaded version is one `vllm.entrypoints.openai.api_server`
+process in its own session (process group), so that:
+
+- it survives a restart of the worker (the worker re-adopts it from the store: `readopt`),
+- stopping it kills vLLM's children too (`os.killpg`).
+
+The store's engine table is the durable record of what runs where; Temporal heartbeats
+carry the pid/port of a starting engine so a retried attempt adopts the process its
+predecessor started instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from turnout.config import ModelSwitchingConfig
+from turnout.contracts import (
+    LOAD_VERSION,
+    UNLOAD_VERSION,
+    LoadVersionInput,
+    LoadVersionResult,
+    UnloadVersionInput,
+)
+from turnout.domain import EngineInfo, EngineState, VersionInfo
+from turnout.store import NotFound, Store
+
+log = logging.getLogger(__name__)
+
+# ApplicationError types raised by the engine activities (all non-retryable: a retry would
+# fail the same way, and the workflow turns them into a `load_failed` outcome).
+MODEL_LOAD_ERROR = "ModelLoadError"  # model dir missing / no or unreadable config.json
+VERSION_NOT_FOUND = "VersionNotFound"  # version not registered in the store
+ENGINE_EXITED = "EngineExitedError"  # vLLM exited before it became ready
+ENGINE_START_TIMEOUT = "EngineStartTimeout"  # not ready within engine_startup_timeout_s
+ENGINE_WARMUP_FAILED = "EngineWarmupError"  # /health OK but the first completion failed
+NO_FREE_PORT = "NoFreePort"  # every port of [engine_port_start, engine_port_end] is taken
+
+API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+POLL_INTERVAL_S = 0.5
+STOP_GRACE_S = 20.0
+# Flags turnout itself decides; engine_args may not override them.
+_MANAGED_FLAGS = {"model", "served-model-name", "host", "port"}
+_DEFAULT_FLAGS: dict[str, Any] = {"dtype": "float32", "max-model-len": 256,
+                                  "enforce-eager": True}
+_EXC_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception|Exit)\b\s*:")
+
+
+def _logger() -> logging.LoggerAdapter | logging.Logger:
+    """`activity.logger` adds the activity's context; outside an activity use ours."""
+    return activity.logger if activity.in_activity() else log
+
+
+def _heartbeat(details: Mapping[str, Any]) -> None:
+    if activity.in_activity():
+        activity.heartbeat(dict(details))
+
+
+def engine_flags(engine_args: Mapping[str, Any]) -> list[str]:
+    """Turn the defaults plus a version's `engine_args` into vLLM command-line flags.
+
+    `{"max_model_len": 512}` → `--max-model-len 512`; `True` → a bare flag; `False`/`None`
+    drop the flag (also a default one, e.g. `{"enforce_eager": False}`). engine_args win
+    over the defaults and never produce a flag twice.
+    """
+    merged: dict[str, Any] = dict(_DEFAULT_FLAGS)
+    for key, value in engine_args.items():
+        name = key.strip("-").replace("_", "-")
+        if name in _MANAGED_FLAGS:
+            _logger().warning("engine argument %r is managed by turnout; ignored", key)
+            continue
+        merged[name] = value
+    flags: list[str] = []
+    for name, value in merged.items():
+        if value is None or value is False:
+            continue
+        flags.append(f"--{name}")
+        if value is True:
+            continue
+        if isinstance(value, dict):
+            flags.append(json.dumps(value))
+        elif isinstance(value, list | tuple):
+            flags.extend(str(v) for v in value)
+        else:
+            flags.append(str(value))
+    return flags
+
+
+def hub_cache_dir(model: str) -> Path | None:
+    """The local Hugging Face cache entry of a hub id like `org/name`, if it is there.
+
+    A version's `model` may name a hub model already in the local cache (nothing can be
+    downloaded here); vLLM resolves those itself.
+    """
+    if model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        return None
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
+    entry = Path(cache).expanduser() / ("models--" + model.replace("/", "--"))
+    return entry if entry.is_dir() else None
+
+
+def validate_model_dir(model: str) -> str:
+    """Fail fast, before spawning anything, on a model dir vLLM could never load.
+
+    Returns what to pass as `--model`: the resolved directory, or a cached hub id as is.
+    """
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        if hub_cache_dir(model) is not None:
+            return model
+        raise ApplicationError(f"model directory {path} does not exist", non_retryable=True,
+                               type=MODEL_LOAD_ERROR)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ApplicationError(f"model directory {path} has no config.json",
+                               non_retryable=True, type=MODEL_LOAD_ERROR)
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ApplicationError(f"cannot read {config}: {exc}", non_retryable=True,
+                               type=MODEL_LOAD_ERROR) from None
+    if not isinstance(data, dict):
+        raise ApplicationError(f"{config} is not a JSON object", non_retryable=True,
+                               type=MODEL_LOAD_ERROR)
+    return str(path.resolve())
+
+
+def log_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
+    """The most telling line of a failed engine's log: its last exception, else last line."""
+    try:
+        with log_path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - max_bytes))
+            lines = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return "(no engine log)"
+    lines = [line.strip() for line in lines if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if _EXC_LINE.search(lines[i]) and not lines[i].startswith("File "):
+            # The exception line plus its continuation (pydantic puts the reason below it).
+            tail = [ln for ln in lines[i:i + 4] if not ln.startswith("For further information")]
+            return " | ".join(tail)[:800]
+    for line in reversed(lines):
+        if "ERROR" in line:
+            return line[-500:]
+    return lines[-1][-500:] if lines else "(engine log is empty)"
+
+
+def is_engine_process(pid: int | None, port: int | None = None) -> bool:
+    """True if `pid` is alive (not a zombie) and is a vLLM API server (on `port`, if given).
+
+    Checking the command line guards against pid reuse: we never adopt or kill a process
+    that merely got the pid of an engine that died long ago.
+    """
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    if API_SERVER_MODULE not in cmdline:
+        return False
+    if port is not None:
+        return "--port" in cmdline and str(port) in cmdline
+    return True
+
+
+class EngineActivities:
+    """Temporal activities that manage the vLLM servers of one host.
+
+    Register the bound methods `load_version` and `unload_version` on the host's engine task
+    queue; call `readopt()` once when the worker starts.
+    """
+
+    def __init__(self, settings: ModelSwitchingConfig, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.host = settings.engine_host
+        # Children we spawned in this process: lets us reap them and read exit codes.
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Port choice + spawn + first store write happen under this lock so that two loads
+        # in this worker never pick the same port.
+        self._spawn_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ activities
+
+    @activity.defn(name=LOAD_VERSION)
+    async def load_version(self, input: LoadVersionInput) -> LoadVersionResult:
+        """Make sure one version is served on this host; idempotent and retry-safe."""
+        version = await self._get_version(input.model_id, input.version)
+        config = version.config
+        name = config.served_model_name or f"{input.model_id}:{input.version}"
+        if config.endpoint:
+            existing = await self.store.get_engine(input.model_id, input.version, self.host)
+            engine = EngineInfo(model_id=input.model_id, version=input.version, host=self.host,
+                                url=config.endpoint.rstrip("/"),
+                                served_model_name=config.served_model_name or config.model,
+                                state=EngineState.READY, external=True,
+                                started_at=existing.started_at if existing else None)
+            await self.store.save_engine(engine)
+            _logger().info("version %s:%s is external at %s", input.model_id, input.version,
+                           engine.url)
+            return LoadVersionResult(engine=engine, already_running=existing is not None)
+
+        async with self._locked(input.model_id, input.version):
+            return await self._load_local(version, name)
+
+    @activity.defn(name=UNLOAD_VERSION)
+    async def unload_version(self, input: UnloadVersionInput) -> None:
+        """Stop the version's engine on this host (SIGTERM, then SIGKILL) and forget it."""
+        async with self._locked(input.model_id, input.version):
+            engine = await self.store.get_engine(input.model_id, input.version, self.host)
+            if engine is None:
+                _logger().info("unload %s:%s: nothing loaded on %s", input.model_id,
+                               input.version, self.host)
+                return
+            if not engine.external and engine.pid:
+                await self.store.save_engine(engine.model_copy(
+                    update={"state": EngineState.STOPPING}))
+                await self._stop(engine.pid, engine.port, grace_s=STOP_GRACE_S)
+            await self.store.delete_engine(input.model_id, input.version, self.host)
+            _logger().info("unloaded %s:%s (pid %s)", input.model_id, input.version, engine.pid)
+
+    # ------------------------------------------------------------------ worker start
+
+    async def readopt(self) -> list[EngineInfo]:
+        """Keep the engines of this host that still run and answer; forget the others.
+
+        Called once when the engine worker starts: engines run in their own sessions and
+        outlive the worker, so a restarted worker takes them over instead of restarting
+        them. A recorded engine that is alive but not healthy is stopped, so no unknown
+        process is left behind.
+        """
+        kept: list[EngineInfo] = []
+        for engine in await self.store.list_engines(host=self.host):
+            if engine.external:
+                kept.append(engine)
+                continue
+            alive = is_engine_process(engine.pid, engine.port)
+            if alive and await self._healthy(engine.url):
+                if engine.state is not EngineState.READY:
+                    engine = engine.model_copy(update={"state": EngineState.READY})
+                    await self.store.save_engine(engine)
+                kept.append(engine)
+                log.info("re-adopted engine %s:%s pid=%s at %s", engine.model_id,
+                         engine.version, engine.pid, engine.url)
+                continue
+            if alive:
+                log.warning("engine %s:%s pid=%s is alive but not healthy: stopping it",
+                            engine.model_id, engine.version, engine.pid)
+                await self._stop(engine.pid, engine.port, grace_s=5)
+            else:
+                log.info("engine %s:%s pid=%s is gone: forgetting it", engine.model_id,
+                         engine.version, engine.pid)
+            await self.store.delete_engine(engine.model_id, engine.version, self.host)
+        return kept
+
+    async def stop_all(self) -> list[EngineInfo]:
+        """Stop every engine of this host and forget it: the local stack's clean shutdown."""
+        stopped = []
+        for engine in await self.store.list_engines(host=self.host):
+            if not engine.external:
+                await self._stop(engine.pid, engine.port, grace_s=STOP_GRACE_S)
+            await self.store.delete_engine(engine.model_id, engine.version, self.host)
+            stopped.append(engine)
+        return stopped
+
+    # ------------------------------------------------------------------ loading
+
+    def _url(self, port: int) -> str:
+        """Where gateways reach an engine: this host's advertised address."""
+        return f"http://{self.settings.engine_advertise_host}:{port}"
+
+    async def _get_version(self, model_id: str, version: str) -> VersionInfo:
+        try:
+            return await self.store.get_version(model_id, version)
+        except NotFound as exc:
+            raise ApplicationError(str(exc), non_retryable=True,
+                                   type=VERSION_NOT_FOUND) from None
+
+    async def _load_local(self, version: VersionInfo, name: str) -> LoadVersionResult:
+        model_id, ver = version.model_id, version.version
+        existing = await self.store.get_engine(model_id, ver, self.host)
+
+        # 1. A previous attempt of this activity started a process: adopt it.
+        adopt = self._process_from_heartbeat()
+        # 2. The store knows a live engine (a READY one, or one a crashed worker started).
+        if adopt is None and existing and is_engine_process(existing.pid, existing.port):
+            adopt = (existing.pid, existing.port)  # type: ignore[assignment]
+        if adopt is not None:
+            pid, port = adopt
+            url = self._url(port)
+            if (existing and existing.state is EngineState.READY and existing.pid == pid
+                    and await self._healthy(url)):
+                _logger().info("%s:%s already running: pid=%s at %s", model_id, ver, pid, url)
+                return LoadVersionResult(engine=existing, already_running=True)
+            log_path = self._log_path(model_id, ver)
+            engine = EngineInfo(model_id=model_id, version=ver, host=self.host, url=url,
+                                served_model_name=name, port=port, pid=pid,
+                                state=EngineState.STARTING, log_path=str(log_path),
+                                started_at=existing.started_at if existing else None)
+            _logger().info("adopting starting engine %s:%s pid=%s port=%s", model_id, ver,
+                           pid, port)
+            await self.store.save_engine(engine)
+            engine = await self._finish_start(engine, log_path)
+            return LoadVersionResult(engine=engine, already_running=True)
+
+        if existing is not None:
+            _logger().info("forgetting dead engine record %s:%s pid=%s", model_id, ver,
+                           existing.pid)
+            await self.store.delete_engine(model_id, ver, self.host)
+
+        model_dir = validate_model_dir(version.config.model)
+        engine, log_path = await self._spawn(version, model_dir, name)
+        engine = await self._finish_start(engine, log_path)
+        return LoadVersionResult(engine=engine, already_running=False)
+
+    def _process_from_heartbeat(self) -> tuple[int, int] | None:
+        if not activity.in_activity():
+            return None
+        details = activity.info().heartbeat_details
+        if not details or not isinstance(details[0], Mapping):
+            return None
+        pid, port = details[0].get("pid"), details[0].get("port")
+        if isinstance(pid, int) and isinstance(port, int) and is_engine_process(pid, port):
+            return pid, port
+        return None
+
+    def _log_path(self, model_id: str, version: str) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
+        return Path(self.settings.state_dir).expanduser() / "engines" / f"{safe}.log"
+
+    async def _spawn(self, version: VersionInfo, model_dir: str, name: str
+                     ) -> tuple[EngineInfo, Path]:
+        """Start a vLLM server in a new session and record it as STARTING."""
+        s = self.settings
+        log_path = self._log_path(version.model_id, version.version)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", _gib(s.engine_kv_cache_gib))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        async with self._spawn_lock:
+            port = await self._free_port()
+            argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
+                    "--model", model_dir, "--served-model-name", name,
+                    "--host", s.engine_bind_host, "--port", str(port),
+                    *engine_flags(version.config.engine_args)]
+            with log_path.open("ab") as log_file:
+                log_file.write(f"\n=== {datetime.now(UTC).isoformat()} turnout starts: "
+                               f"{' '.join(argv)}\n".encode())
+                log_file.flush()
+                # fork/exec off the event loop; a new session so we can kill the group
+                # and so the engine outlives this worker.
+                proc = await asyncio.to_thread(
+                    subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self._children[proc.pid] = proc
+            engine = EngineInfo(model_id=version.model_id, version=version.version,
+                                host=self.host, url=self._url(port),
+                                served_model_name=name, port=port, pid=proc.pid,
+                                state=EngineState.STARTING, log_path=str(log_path),
+                                started_at=datetime.now(UTC))
+            try:
+                await self.store.save_engine(engine)
+            except BaseException:
+                await self._stop(proc.pid, port, grace_s=0)
+                raise
+        _logger().info("started engine %s:%s pid=%s port=%s log=%s", version.model_id,
+                       version.version, proc.pid, port, log_path)
+        return engine, log_path
+
+    async def _finish_start(self, engine: EngineInfo, log_path: Path) -> EngineInfo:
+        """Wait for /health, warm up, mark READY; on any failure or cancel, kill and forget."""
+        try:
+            await self._wait_ready(engine, log_path)
+            await self._warm_up(engine)
+            engine = engine.model_copy(update={"state": EngineState.READY})
+            await self.store.save_engine(engine)
+        except BaseException as exc:
+            _logger().warning("engine %s:%s pid=%s did not start (%s): stopping it",
+                              engine.model_id, engine.version, engine.pid,
+                              type(exc).__name__)
+            await asyncio.shield(self._discard(engine))
+            raise
+        _logger().info("engine %s:%s ready at %s (pid %s)", engine.model_id, engine.version,
+                       engine.url, engine.pid)
+        return engine
+
+    async def _discard(self, engine: EngineInfo) -> None:
+        await self._stop(engine.pid, engine.port, grace_s=0)
+        await self.store.delete_engine(engine.model_id, engine.version, self.host)
+
+    async def _wait_ready(self, engine: EngineInfo, log_path: Path) -> None:
+        started = time.monotonic()
+        deadline = started + self.settings.engine_startup_timeout_s
+        details = {"pid": engine.pid, "port": engine.port, "phase": "starting"}
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                if not self._alive(engine.pid, engine.port):
+                    code = self._exit_code(engine.pid)
+                    raise ApplicationError(
+                        f"engine for {engine.model_id}:{engine.version} exited before it was "
+                        f"ready (exit code {code}): {log_error_line(log_path)} "
+                        f"[log: {log_path}]",
+                        non_retryable=True, type=ENGINE_EXITED)
+                try:
+                    if (await client.get(f"{engine.url}/health")).status_code == 200:
+                        _logger().info("engine %s:%s healthy after %.1f s", engine.model_id,
+                                       engine.version, time.monotonic() - started)
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ApplicationError(
+                        f"engine for {engine.model_id}:{engine.version} not ready after "
+                        f"{self.settings.engine_startup_timeout_s:.0f} s [log: {log_path}]",
+                        non_retryable=True, type=ENGINE_START_TIMEOUT)
+                _heartbeat(details)
+                await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _warm_up(self, engine: EngineInfo) -> None:
+        """One tiny completion, so the first real request does not pay for lazy setup."""
+        body = {"model": engine.served_model_name, "prompt": "hello", "max_tokens": 4}
+        details = {"pid": engine.pid, "port": engine.port, "phase": "warming_up"}
+        try:
+            async with httpx.AsyncClient(timeout=300.0) as client:
+                request = asyncio.ensure_future(
+                    client.post(f"{engine.url}/v1/completions", json=body))
+                try:
+                    # Keep heartbeating: a big model's first completion may take a while.
+                    while not request.done():
+                        await asyncio.wait([request], timeout=POLL_INTERVAL_S)
+                        _heartbeat(details)
+                finally:
+                    request.cancel()
+                resp = request.result()
+        except httpx.HTTPError as exc:
+            raise ApplicationError(f"warm-up request to {engine.url} failed: {exc!r}",
+                                   non_retryable=True, type=ENGINE_WARMUP_FAILED) from None
+        if resp.status_code != 200:
+            raise ApplicationError(
+                f"warm-up request to {engine.url} answered {resp.status_code}: "
+                f"{resp.text[:300]}", non_retryable=True, type=ENGINE_WARMUP_FAILED)
+
+    async def _free_port(self) -> int:
+        s = self.settings
+        taken = {e.port for e in await self.store.list_engines(host=self.host) if e.port}
+        for port in range(s.engine_port_start, s.engine_port_end + 1):
+            if port not in taken and _port_free(s.engine_bind_host, port):
+                return port
+        raise ApplicationError(
+            f"no free engine port in {s.engine_port_start}-{s.engine_port_end} on {self.host}",
+            non_retryable=False, type=NO_FREE_PORT)
+
+    async def _healthy(self, url: str) -> bool:
+        try:
+            async with httpx.AsyncClient(timeout=3.0) as client:
+                return (await client.get(f"{url}/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # ------------------------------------------------------------------ processes
+
+    def _alive(self, pid: int | None, port: int | None) -> bool:
+        child = self._children.get(pid) if pid else None
+        if child is not None:
+            return child.poll() is None  # also reaps it, so it never lingers as a zombie
+        return is_engine_process(pid, port)
+
+    def _exit_code(self, pid: int | None) -> int | None:
+        child = self._children.get(pid) if pid else None
+        return child.poll() if child is not None else None
+
+    async def _stop(self, pid: int | None, port: int | None, *, grace_s: float) -> None:
+        """SIGTERM the engine's process group, wait up to `grace_s`, then SIGKILL it.
+
+        Returns once the group is empty (or after 10 s more), so callers may assume the
+        port and memory are free again.
+        """
+        if not pid:
+            return
+        if not self._alive(pid, port):
+            self._children.pop(pid, None)
+            return
+        # Ours (start_new_session) lead their own group; anything else only gets kill(pid).
+        group = pid in self._children or _group_leader(pid)
+        details = {"pid": pid, "port": port, "phase": "stopping"}
+        if grace_s > 0:
+            _signal(pid, signal.SIGTERM, group)
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                if not self._alive(pid, port):
+                    break
+                _heartbeat(details)
+                await asyncio.sleep(POLL_INTERVAL_S)
+        # SIGKILL the group even if the leader left: vLLM's children may linger.
+        _signal(pid, signal.SIGKILL, group)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not self._alive(pid, port) and not (group and _group_exists(pid)):
+                break
+            await asyncio.sleep(0.1)
+        self._children.pop(pid, None)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, model_id: str, version: str) -> AsyncIterator[None]:
+        """Serialise loads/unloads of one version in this worker, heartbeating while waiting.
+
+        Two workflows may ask for the same version at once; the second must find the first's
+        engine rather than start another.
+        """
+        lock = self._locks.setdefault((model_id, version), asyncio.Lock())
+        while lock.locked():
+            _heartbeat({"phase": "waiting"})
+            await asyncio.sleep(POLL_INTERVAL_S)
+        await lock.acquire()  # free now: acquired without suspending
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def _gib(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _group_leader(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except OSError:
+        return False
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal(pid: int, sig: signal.Signals, group: bool) -> None:
+    """Signal the whole session vLLM runs in (its pgid is its pid), or just `pid`."""
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

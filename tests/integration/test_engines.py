@@ -1,0 +1,270 @@
+"""Engine activities on real vLLM CPU servers serving the project's tiny models.
+
+Each vLLM start costs 20-100 s on a 2-core box, so this file starts few engines: one real
+engine exercises load / reload / re-adopt / readopt / unload, one start fails with a bogus
+config and one is cancelled while starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.engines import (
+    EngineActivities,
+    engine_flags,
+    is_engine_process,
+    validate_model_dir,
+)
+from turnout.config import ModelSwitchingConfig
+from turnout.contracts import LoadVersionInput, UnloadVersionInput
+from turnout.domain import EngineInfo, EngineState, RegisterModelRequest
+from turnout.store import Store, upgrade
+
+pytest.importorskip("vllm")
+
+MODEL_ID = "TinyLlama_chat"
+HOST = "testhost"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return all(p.status() == psutil.STATUS_ZOMBIE for p in psutil.process_iter()
+               if _pgid(p.pid) == pgid)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
+    await asyncio.to_thread(upgrade, url)
+    store = Store.from_url(url)
+    yield store
+    # Never leave an engine behind, whatever the test did.
+    for engine in await store.list_engines():
+        if engine.pid and is_engine_process(engine.pid, engine.port):
+            os.killpg(engine.pid, signal.SIGKILL)
+    await store.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> ModelSwitchingConfig:
+    return ModelSwitchingConfig(state_dir=str(tmp_path / "state"), engine_host=HOST,
+                                engine_port_start=8150, engine_port_end=8199,
+                                engine_startup_timeout_s=300, engine_kv_cache_gib=1)
+
+
+async def _register(store: Store, model: Path | str, version: str, **extra: Any) -> None:
+    await store.register_version(RegisterModelRequest(
+        model=str(model), model_arch="TinyLlama", model_stage="chat", version=version,
+        **extra))
+
+
+def _env(beats: list[Any] | None = None) -> ActivityEnvironment:
+    env = ActivityEnvironment()
+    if beats is not None:
+        env.on_heartbeat = lambda *details: beats.append(details[0] if details else None)
+    return env
+
+
+async def test_load_serve_reload_readopt_unload(store: Store, settings: ModelSwitchingConfig,
+                                                tiny_models: dict[str, Path]) -> None:
+    await _register(store, tiny_models["tiny-v1"], "v1")
+    acts = EngineActivities(settings, store)
+    beats: list[Any] = []
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = await _env(beats).run(acts.load_version, LoadVersionInput(model_id=MODEL_ID,
+                                                                       version="v1"))
+    print(f"tiny engine ready (incl. warm-up) in {loop.time() - started:.1f} s")
+    engine = result.engine
+    assert not result.already_running
+    assert engine.state is EngineState.READY and engine.host == HOST
+    assert engine.served_model_name == f"{MODEL_ID}:v1"
+    assert 8150 <= (engine.port or 0) <= 8199 and engine.pid
+    assert any(b and b.get("pid") == engine.pid and b.get("port") == engine.port
+               for b in beats)
+    assert await asyncio.to_thread(Path(engine.log_path or "").is_file)
+    assert str(Path(settings.state_dir) / "engines") in (engine.log_path or "")
+    assert (await store.get_engine(MODEL_ID, "v1", HOST)).state is EngineState.READY
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        resp = await client.post(f"{engine.url}/v1/completions", json={
+            "model": engine.served_model_name, "prompt": "hi", "max_tokens": 3})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == f"{MODEL_ID}:v1"
+
+    # Loading again (a retry, or a second workflow) finds the running engine.
+    again = await _env().run(acts.load_version, LoadVersionInput(model_id=MODEL_ID,
+                                                                 version="v1"))
+    assert again.already_running and again.engine.pid == engine.pid
+
+    # A retried attempt whose store write was lost adopts the pid from its heartbeat.
+    await store.delete_engine(MODEL_ID, "v1", HOST)
+    retry = _env()
+    retry.info = dataclasses.replace(retry.info, attempt=2, heartbeat_details=[
+        {"pid": engine.pid, "port": engine.port, "phase": "starting"}])
+    adopted = await retry.run(acts.load_version, LoadVersionInput(model_id=MODEL_ID,
+                                                                  version="v1"))
+    assert adopted.already_running and adopted.engine.pid == engine.pid
+    assert (await store.get_engine(MODEL_ID, "v1", HOST)).state is EngineState.READY
+
+    # A restarted worker keeps the live engine and forgets a dead one.
+    dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await dead.wait()
+    await _register(store, tiny_models["tiny-v2"], "v2")
+    await store.save_engine(EngineInfo(model_id=MODEL_ID, version="v2", host=HOST,
+                                       url="http://127.0.0.1:8199", served_model_name="x",
+                                       port=8199, pid=dead.pid, state=EngineState.READY))
+    restarted = EngineActivities(settings, store)
+    kept = await restarted.readopt()
+    assert [(e.version, e.pid) for e in kept] == [("v1", engine.pid)]
+    assert await store.get_engine(MODEL_ID, "v2", HOST) is None
+
+    # The restarted worker (not the engine's parent) stops it, children included.
+    beats.clear()
+    await _env(beats).run(restarted.unload_version, UnloadVersionInput(model_id=MODEL_ID,
+                                                                       version="v1"))
+    assert _gone(engine.pid) and _group_gone(engine.pid)
+    assert await store.get_engine(MODEL_ID, "v1", HOST) is None
+    # Unloading what is not loaded is a no-op.
+    await _env().run(restarted.unload_version, UnloadVersionInput(model_id=MODEL_ID,
+                                                                  version="v1"))
+
+
+async def test_missing_model_dir_fails_fast(store: Store, settings: ModelSwitchingConfig,
+                                            tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    await _register(store, missing, "v1")
+    acts = EngineActivities(settings, store)
+    with pytest.raises(ApplicationError) as err:
+        await _env().run(acts.load_version, LoadVersionInput(model_id=MODEL_ID, version="v1"))
+    assert err.value.non_retryable and err.value.type == "ModelLoadError"
+    assert str(missing) in err.value.message
+    assert await store.list_engines() == []
+    assert not acts._children
+
+
+async def test_unreadable_config_fails_fast(store: Store, settings: ModelSwitchingConfig,
+                                            tiny_models: dict[str, Path],
+                                            tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_models["tiny-v1"], corrupt)
+    (corrupt / "config.json").write_text("{this is not json")
+    await _register(store, corrupt, "v1")
+    acts = EngineActivities(settings, store)
+    with pytest.raises(ApplicationError) as err:
+        await _env().run(acts.load_version, LoadVersionInput(model_id=MODEL_ID, version="v1"))
+    assert err.value.non_retryable and err.value.type == "ModelLoadError"
+    assert str(corrupt / "config.json") in err.value.message
+    assert await store.list_engines() == []
+    assert not acts._children
+
+
+async def test_engine_that_exits_before_ready(store: Store, settings: ModelSwitchingConfig,
+                                              tiny_models: dict[str, Path],
+                                              tmp_path: Path) -> None:
+    """A config vLLM cannot serve: the process dies; the error quotes its log."""
+    bogus = tmp_path / "bogus"
+    shutil.copytree(tiny_models["tiny-v1"], bogus)
+    (bogus / "config.json").write_text('{"model_type": "no_such_arch", '
+                                       '"architectures": ["NoSuchForCausalLM"]}')
+    await _register(store, bogus, "v1")
+    acts = EngineActivities(settings, store)
+    beats: list[Any] = []
+    with pytest.raises(ApplicationError) as err:
+        await _env(beats).run(acts.load_version, LoadVersionInput(model_id=MODEL_ID,
+                                                                  version="v1"))
+    print("engine exit error:", err.value.message)
+    assert err.value.non_retryable and err.value.type == "EngineExitedError"
+    assert "no_such_arch" in err.value.message or "NoSuch" in err.value.message
+    pids = {b["pid"] for b in beats if b and b.get("pid")}
+    assert pids and all(_gone(pid) and _group_gone(pid) for pid in pids)
+    assert await store.list_engines() == []
+
+
+async def test_cancel_while_starting_kills_the_engine(store: Store,
+                                                      settings: ModelSwitchingConfig,
+                                                      tiny_models: dict[str, Path]) -> None:
+    await _register(store, tiny_models["tiny-v2"], "v2")
+    acts = EngineActivities(settings, store)
+    beats: list[Any] = []
+    env = _env(beats)
+    task = asyncio.ensure_future(env.run(acts.load_version,
+                                         LoadVersionInput(model_id=MODEL_ID, version="v2")))
+    for _ in range(200):
+        if any(b and b.get("pid") for b in beats):
+            break
+        await asyncio.sleep(0.1)
+    pid = next(b["pid"] for b in beats if b and b.get("pid"))
+    record = await store.get_engine(MODEL_ID, "v2", HOST)
+    assert record is not None and record.state is EngineState.STARTING
+    await asyncio.sleep(2)  # let vLLM spawn its children too
+    env.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _gone(pid) and _group_gone(pid)
+    assert await store.get_engine(MODEL_ID, "v2", HOST) is None
+
+
+async def test_external_endpoint_is_only_recorded(store: Store,
+                                                  settings: ModelSwitchingConfig) -> None:
+    await _register(store, "someone/else", "ext", endpoint="http://10.0.0.9:9000/")
+    acts = EngineActivities(settings, store)
+    result = await _env().run(acts.load_version, LoadVersionInput(model_id=MODEL_ID,
+                                                                  version="ext"))
+    assert result.engine.external and result.engine.url == "http://10.0.0.9:9000"
+    assert result.engine.served_model_name == "someone/else" and result.engine.pid is None
+    assert not result.already_running
+    assert (await acts.readopt())[0].external
+    await _env().run(acts.unload_version, UnloadVersionInput(model_id=MODEL_ID, version="ext"))
+    assert await store.list_engines() == []
+
+
+def test_engine_args_become_flags_without_duplicates() -> None:
+    flags = engine_flags({"max_model_len": 512, "enable_prefix_caching": True,
+                          "enforce_eager": False, "port": 1, "override_generation_config":
+                          {"temperature": 0}})
+    assert flags.count("--max-model-len") == 1
+    assert flags[flags.index("--max-model-len") + 1] == "512"
+    assert "--enable-prefix-caching" in flags and "--enforce-eager" not in flags
+    assert "--port" not in flags and flags[flags.index("--dtype") + 1] == "float32"
+    assert flags[flags.index("--override-generation-config") + 1] == '{"temperature": 0}'
+
+
+def test_cached_hub_id_passes_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    (tmp_path / "models--org--tiny").mkdir()
+    assert validate_model_dir("org/tiny") == "org/tiny"
+    with pytest.raises(ApplicationError, match="does not exist"):
+        validate_model_dir("org/absent")

@@ -206,10 +206,6 @@ class SwitchStatus(BaseModel):
     updated_at: datetime | None = None
     finished_at: datetime | None = None
 
-    @property
-    def success(self) -> bool:
-        return self.status is OperationStatus.COMPLETED
-
 
 class OperationRecord(BaseModel):
     """A switching operation as the store knows it (the workflow holds the live progress)."""

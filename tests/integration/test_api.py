@@ -108,7 +108,8 @@ def guide_body(plane: ControlPlane, version: str, **extra: Any) -> dict[str, Any
     """The guide's "Register a Model" body, pointing at a fake engine as external endpoint."""
     return {"model": "Qwen/Qwen2.5-Omni-7B", "model_arch": ARCH, "model_stage": STAGE,
             "version": version, "metadata": {"author": "team"},
-            "endpoint": plane.upstreams[version].url, "served_model_name": f"served-{version}",
+            "endpoint": plane.upstreams.get(version, plane.upstreams["v1"]).url,
+            "served_model_name": f"served-{version}",
             **extra}
 
 

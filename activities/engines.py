@@ -62,8 +62,9 @@ POLL_INTERVAL_S = 0.5
 STOP_GRACE_S = 20.0
 # Flags turnout itself decides; engine_args may not override them.
 _MANAGED_FLAGS = {"model", "served-model-name", "host", "port"}
+# An access-log line per request fills the engine's log for nothing: the gateway counts.
 _DEFAULT_FLAGS: dict[str, Any] = {"dtype": "float32", "max-model-len": 256,
-                                  "enforce-eager": True}
+                                  "enforce-eager": True, "disable-uvicorn-access-log": True}
 _EXC_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception|Exit)\b\s*:")
 
 
@@ -352,6 +353,15 @@ class EngineActivities:
             return pid, port
         return None
 
+    def _cpu_core(self, port: int) -> str:
+        """The CPU core a CPU engine's threads are bound to.
+
+        vLLM's automatic binding puts every engine of a host on the same core, so a new
+        version loading beside a busy live one starves (measured: no ready after 10 min on
+        2 cores). Engines spread over the cores by their port slot instead.
+        """
+        return str((port - self.settings.engine_port_start) % (os.cpu_count() or 1))
+
     def _log_path(self, model_id: str, version: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
         return Path(self.settings.state_dir).expanduser() / "engines" / f"{safe}.log"
@@ -367,6 +377,7 @@ class EngineActivities:
         env.setdefault("PYTHONUNBUFFERED", "1")
         async with self._spawn_lock:
             port = await self._free_port()
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", self._cpu_core(port))
             argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
                     "--model", model_dir, "--served-model-name", name,
                     "--host", s.engine_bind_host, "--port", str(port),

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,17 +25,12 @@ from pathlib import Path
 
 import httpx
 
+from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
 from turnout.tinymodels import ensure_tiny_models
 from workers.stack import Stack
 
 MODEL_ID = "Bench_chat"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

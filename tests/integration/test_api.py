@@ -7,10 +7,11 @@ the engine worker only records them. Real engines are exercised in tests/e2e.
 from __future__ import annotations
 
 import asyncio
-import socket
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from api.app import create_app
 from gateway.app import create_app as create_gateway
 from gateway.app import serve as serve_gateway
 from tests.integration.upstream import FakeUpstream
+from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import installed_binary
 from turnout.store import Store, upgrade
@@ -35,12 +37,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 ARCH, STAGE = "Qwen2_5OmniForConditionalGeneration", "thinker"
 MODEL_ID = f"{ARCH}_{STAGE}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+HISTORIES = Path(__file__).parents[1] / "replay" / "histories"
 
 
 @dataclass
@@ -111,6 +108,17 @@ def guide_body(plane: ControlPlane, version: str, **extra: Any) -> dict[str, Any
             "endpoint": plane.upstreams.get(version, plane.upstreams["v1"]).url,
             "served_model_name": f"served-{version}",
             **extra}
+
+
+async def record_history(plane: ControlPlane, status: dict[str, Any], scenario: str) -> None:
+    """With RECORD_HISTORIES=1, keep this run's history for the replay tests (never overwrite)."""
+    if os.environ.get("RECORD_HISTORIES") != "1":
+        return
+    path = HISTORIES / f"switch-{scenario}-v1.json"
+    if path.exists():
+        return
+    handle = plane.env.client.get_workflow_handle(status["workflow_id"])
+    path.write_text((await handle.fetch_history()).to_json())
 
 
 async def wait_done(client: httpx.AsyncClient, operation_id: str) -> dict[str, Any]:
@@ -192,6 +200,7 @@ async def test_immediate_switch_routes_the_gateway(plane: ControlPlane) -> None:
                                         json={"model": MODEL_ID, "prompt": "hi"})
         assert answer.headers["x-turnout-version"] == "v1"
         assert (await client.get(f"/models/{MODEL_ID}")).json()["live_version"] == "v1"
+        await record_history(plane, status, "immediate-first")
 
 
 async def test_second_switch_while_one_is_active_is_409(plane: ControlPlane) -> None:
@@ -211,6 +220,7 @@ async def test_second_switch_while_one_is_active_is_409(plane: ControlPlane) -> 
         assert validation["valid"] is False and operation_id in " ".join(validation["errors"])
         status = await wait_done(client, operation_id)
         assert status["status"] == "completed", status
+        await record_history(plane, status, "canary-two-steps")
         listed = (await client.get("/switch/operations",
                                    params={"model_id": MODEL_ID, "status": "completed"})).json()
         assert operation_id in [op["operation_id"] for op in listed]

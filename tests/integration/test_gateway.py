@@ -7,7 +7,6 @@ aiohttp for admin calls and malformed requests.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from gateway.app import Gateway, create_app, gateway_of, serve
 from tests.integration.upstream import FakeUpstream
+from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Backend, RegisterModelRequest
 from turnout.store import Store, upgrade_async
@@ -28,12 +28,6 @@ from turnout.store import Store, upgrade_async
 MODEL = "tiny_default"
 ALIAS = "org/tiny"
 TOKEN = "s3cret-admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -10,7 +10,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from turnout.domain import EngineInfo, OperationStatus, Outcome
+from turnout.domain import (  # noqa: F401 - health models are part of this contract
+    EngineInfo,
+    HealthThresholds,
+    OperationStatus,
+    Outcome,
+    Verdict,
+    VersionFigures,
+)
 
 # Activity names: the contract between workflows and workers.
 LOAD_VERSION = "load_version"
@@ -23,6 +30,23 @@ MARK_LIVE = "mark_live"
 RECORD_OPERATION = "record_operation"
 
 SWITCH_WORKFLOW = "SwitchWorkflow"
+
+# Operator controls: workflow updates of SwitchWorkflow (and REST `POST
+# /switch/operations/{id}/<action>`). Each takes a `ControlRequest`, returns the status.
+ROLLBACK = "rollback"
+PAUSE = "pause"
+RESUME = "resume"
+PROMOTE = "promote"
+ABORT = "abort"
+CONTROL_ACTIONS = (ROLLBACK, PAUSE, RESUME, PROMOTE, ABORT)
+STATUS_QUERY = "status"
+
+
+class ControlRequest(BaseModel):
+    """Why and by whom a switch is rolled back, paused, resumed, promoted or aborted."""
+
+    reason: str | None = Field(None, max_length=2000)
+    requested_by: str | None = Field(None, max_length=256)
 
 
 class LoadVersionInput(BaseModel):
@@ -124,3 +148,22 @@ class RecordOperationInput(BaseModel):
     reason: str | None = None
     actor: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- health judgment
+
+JUDGE_HEALTH = "judge_health"
+
+
+class JudgeHealthInput(BaseModel):
+    """Judge the target over [window_start, window_end] (epoch seconds), against thresholds
+    and against the stable version over the same window."""
+
+    model_id: str = ""
+    target_version: str = ""
+    stable_version: str | None = None
+    window_start: float = 0
+    window_end: float = 0
+    thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
+    # A/B tests: publish the full two-sample analysis (error rate and latency tests).
+    compare: bool = False

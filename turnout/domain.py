@@ -172,6 +172,48 @@ class SwitchRequest(BaseModel):
     reason: str | None = None
 
 
+class HealthThresholds(BaseModel):
+    """Limits a target must stay within; defaults come from the settings."""
+
+    error_rate_max: float = Field(0.05, ge=0, le=1)
+    latency_p95_ms_max: float = Field(5000, gt=0)
+    latency_p99_ms_max: float | None = Field(None, gt=0)
+    min_requests: int = Field(20, ge=1)
+    # How much worse than the stable version the target may be before it fails.
+    error_rate_tolerance: float = Field(0.02, ge=0, le=1)
+    latency_tolerance: float = Field(0.2, ge=0)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+
+
+class VersionFigures(BaseModel):
+    """One version's traffic over a window, merged across every gateway."""
+
+    version: str = ""
+    requests: int = 0
+    errors: int = 0
+    error_rate: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+
+
+class Verdict(BaseModel):
+    """`healthy`, `unhealthy` or `inconclusive` (too little data: never counted as healthy)."""
+
+    outcome: str = "inconclusive"
+    reason: str = ""
+    target: VersionFigures = Field(default_factory=VersionFigures)
+    stable: VersionFigures | None = None
+    # Per-metric test results: {"error_rate": {"p_value":..., "worse": bool, ...}, ...}
+    analysis: dict[str, Any] = Field(default_factory=dict)
+    window_start: float = 0
+    window_end: float = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self.outcome == "healthy"
+
+
 class SwitchInput(BaseModel):
     """Input of `SwitchWorkflow`; every field has a default so fields can be added later."""
 
@@ -183,6 +225,7 @@ class SwitchInput(BaseModel):
     engine_task_queue: str = ""
     requested_by: str | None = None
     reason: str | None = None
+    thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
 
 
 class SwitchStatus(BaseModel):
@@ -202,6 +245,9 @@ class SwitchStatus(BaseModel):
     outcome: Outcome | None = None
     reason: str | None = None
     message: str | None = None
+    next_check_at: datetime | None = None
+    last_verdict: Verdict | None = None
+    verdicts: list[Verdict] = Field(default_factory=list)
     started_at: datetime | None = None
     updated_at: datetime | None = None
     finished_at: datetime | None = None

@@ -6,7 +6,7 @@ Pure code: the workflow calls `plan_switch` to know what to do, the API and SDK 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,6 +29,10 @@ class GradualOptions(_Options):
 class ABTestOptions(_Options):
     traffic_percentage: float = Field(20, gt=0, lt=100)
     test_duration_hours: float = Field(24, gt=0, le=30 * 24)
+    # What follows the test: wait for an operator's promote or rollback ("manual"), or
+    # promote when the target is not worse on any guarded metric ("auto").
+    decision: Literal["manual", "auto"] = "manual"
+    confidence: float = Field(0.95, gt=0.5, lt=1)
 
 
 class CanaryOptions(_Options):
@@ -72,10 +76,14 @@ def validate_strategy_config(strategy: SwitchingStrategyType | str,
 
 
 class PlanStep(BaseModel):
-    """Set the target's share to `target_percent`, then wait `hold_seconds` before the next."""
+    """Set the target's share to `target_percent`, hold it `hold_seconds`, then judge the
+    target's health over the hold (when `judge`) before the next step."""
 
     target_percent: float = Field(ge=0, le=100)
     hold_seconds: float = Field(0, ge=0)
+    judge: bool = False
+    # A/B tests end in a two-sample comparison and a decision instead of a plain verdict.
+    decide: bool = False
     summary: str = ""
 
 
@@ -87,7 +95,7 @@ def plan_switch(strategy: SwitchingStrategyType | str,
         case GradualOptions(duration_minutes=minutes, steps=steps):
             hold = minutes * 60 / steps
             return [PlanStep(target_percent=_pct(100 * i / steps),
-                             hold_seconds=hold if i < steps else 0,
+                             hold_seconds=hold if i < steps else 0, judge=i < steps,
                              summary=f"gradual step {i}/{steps}")
                     for i in range(1, steps + 1)]
         case CanaryOptions(initial_percentage=start, step_percentage=step,
@@ -96,11 +104,11 @@ def plan_switch(strategy: SwitchingStrategyType | str,
             while percents[-1] < 100:
                 percents.append(min(100.0, percents[-1] + step))
             return [PlanStep(target_percent=_pct(p),
-                             hold_seconds=minutes * 60 if p < 100 else 0,
+                             hold_seconds=minutes * 60 if p < 100 else 0, judge=p < 100,
                              summary=f"canary at {_pct(p):g}%") for p in percents]
         case ABTestOptions(traffic_percentage=share, test_duration_hours=hours):
             return [PlanStep(target_percent=_pct(share), hold_seconds=hours * 3600,
-                             summary=f"A/B test at {_pct(share):g}%"),
+                             judge=True, decide=True, summary=f"A/B test at {_pct(share):g}%"),
                     PlanStep(target_percent=100, summary="promote A/B winner")]
         case _:
             return [PlanStep(target_percent=100, summary="switch all traffic")]

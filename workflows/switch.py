@@ -1,16 +1,20 @@
 """SwitchWorkflow: one model switch, from loading the target to retiring the old version.
 
-Reads as the business process; every side effect is an activity. The `status` query is
-what the REST API, the SDK and the Web UI show.
+Reads as the business process; every side effect is an activity. Operators steer it with
+updates (rollback, pause, resume, promote, abort) whose handlers only record the request:
+the main loop acts on it. The `status` query is what the REST API, the SDK and the Web UI
+show.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
@@ -19,8 +23,9 @@ with workflow.unsafe.imports_passed_through():
         Outcome,
         SwitchInput,
         SwitchStatus,
+        Verdict,
     )
-    from turnout.strategies import PlanStep, plan_switch
+    from turnout.strategies import ABTestOptions, PlanStep, plan_switch, validate_strategy_config
 
 # Store writes are small and idempotent: retry them patiently.
 _STORE_CALL = {
@@ -40,9 +45,32 @@ _TRAFFIC_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1),
                              non_retryable_error_types=["InvalidRoute"])
 _HEALTH_TIMEOUT = timedelta(seconds=60)
 _HEALTH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=3)
+_JUDGE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=5)
 _DRAIN_TIMEOUT = timedelta(minutes=10)
 _UNLOAD_TIMEOUT = timedelta(minutes=2)
 _HEARTBEAT = timedelta(seconds=30)
+# An evaluation with too few requests is extended this many times, then the rollout waits
+# for an operator: too little traffic is never taken for health.
+_MAX_EXTENSIONS = 3
+
+# The patch that brought health judgment, operator controls and search attributes: runs
+# started before it replay with the first behaviour.
+_PATCH_CONTROLS = "health-judgment-and-controls"
+
+MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
+TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
+STRATEGY = SearchAttributeKey.for_keyword("TurnoutStrategy")
+PHASE = SearchAttributeKey.for_keyword("TurnoutPhase")
+TRAFFIC_PERCENT = SearchAttributeKey.for_int("TurnoutTrafficPercent")
+
+_ENDING = (c.ROLLBACK, c.ABORT, c.PROMOTE)
+
+
+class _Finished(Exception):
+    """Raised inside the main loop once the switch has ended; carries the final status."""
+
+    def __init__(self, status: SwitchStatus) -> None:
+        self.status = status
 
 
 @workflow.defn(name=c.SWITCH_WORKFLOW)
@@ -50,101 +78,347 @@ class SwitchWorkflow:
     def __init__(self) -> None:
         self._status: SwitchStatus | None = None
         self._input = SwitchInput()
+        self._stable: str | None = None
+        self._controls = False
+        self._paused = False
+        self._action: tuple[str, c.ControlRequest] | None = None
+        self._applied: set[str] = set()
+        self._finished = False
+        self._decision_pending = False
+        self._promoted_by: str | None = None
+        self._shown_phase: str | None = None
 
-    @workflow.query(name="status", description="Phase, progress, weights and outcome")
+    # ------------------------------------------------------------------ queries and updates
+
+    @workflow.query(name=c.STATUS_QUERY, description="Phase, progress, weights, verdicts")
     def status(self) -> SwitchStatus | None:
         return self._status
+
+    @workflow.update(name=c.ROLLBACK,
+                     description="Send all traffic back to the stable version, then release "
+                                 "the target. Ends the switch as failed (rolled_back).")
+    async def rollback(self, request: c.ControlRequest) -> SwitchStatus:
+        return await self._request(c.ROLLBACK, request)
+
+    @workflow.update(name=c.ABORT,
+                     description="Stop where it is and return traffic to the stable version. "
+                                 "Ends the switch as failed (aborted).")
+    async def abort(self, request: c.ControlRequest) -> SwitchStatus:
+        return await self._request(c.ABORT, request)
+
+    @workflow.update(name=c.PROMOTE,
+                     description="Jump to 100% on the target now and finish as a success.")
+    async def promote(self, request: c.ControlRequest) -> SwitchStatus:
+        return await self._request(c.PROMOTE, request)
+
+    @workflow.update(name=c.PAUSE, description="Freeze weights and timers.")
+    async def pause(self, request: c.ControlRequest) -> SwitchStatus:
+        self._paused = True
+        self._show(OperationStatus.PAUSED, f"paused by {request.requested_by or 'operator'}"
+                   + (f": {request.reason}" if request.reason else ""))
+        return self._current()
+
+    @workflow.update(name=c.RESUME, description="Continue a paused switch where it stopped.")
+    async def resume(self, request: c.ControlRequest) -> SwitchStatus:
+        self._paused = False
+        self._show(OperationStatus.RUNNING, "resumed")
+        return self._current()
+
+    @rollback.validator
+    def _may_rollback(self, request: c.ControlRequest) -> None:
+        self._require_active(c.ROLLBACK)
+
+    @abort.validator
+    def _may_abort(self, request: c.ControlRequest) -> None:
+        self._require_active(c.ABORT)
+
+    @promote.validator
+    def _may_promote(self, request: c.ControlRequest) -> None:
+        self._require_active(c.PROMOTE)
+
+    @pause.validator
+    def _may_pause(self, request: c.ControlRequest) -> None:
+        self._require_active(c.PAUSE)
+        if self._paused:
+            raise ApplicationError("the switch is already paused")
+
+    @resume.validator
+    def _may_resume(self, request: c.ControlRequest) -> None:
+        self._require_active(c.RESUME)
+        if not self._paused:
+            raise ApplicationError("the switch is not paused")
+        if self._decision_pending:
+            raise ApplicationError("the A/B test has ended: promote or roll back")
+
+    def _require_active(self, action: str) -> None:
+        if not self._controls:
+            raise ApplicationError("this switch predates operator controls")
+        if self._finished or self._status is None:
+            raise ApplicationError(f"cannot {action}: the switch has already ended")
+        if self._action is not None:
+            raise ApplicationError(f"cannot {action}: {self._action[0]} is already under way")
+
+    async def _request(self, action: str, request: c.ControlRequest) -> SwitchStatus:
+        """Record the request for the main loop; return once it has acted on it."""
+        self._action = (action, request)
+        await workflow.wait_condition(lambda: action in self._applied or self._finished)
+        return self._current()
+
+    # ------------------------------------------------------------------ the process
 
     @workflow.run
     async def run(self, input: SwitchInput) -> SwitchStatus:
         self._input = input
+        self._controls = workflow.patched(_PATCH_CONTROLS)
         now = workflow.now()
         self._status = SwitchStatus(
             operation_id=input.operation_id, model_id=input.model_id,
             target_version=input.target_version, strategy=input.strategy,
             status=OperationStatus.RUNNING, phase="starting", started_at=now, updated_at=now)
+        if self._controls:
+            workflow.upsert_search_attributes([
+                MODEL_ID.value_set(input.model_id),
+                TARGET_VERSION.value_set(input.target_version),
+                STRATEGY.value_set(input.strategy.value)])
         await self._record("switch_started")
 
         snapshot: c.ModelSnapshot = await workflow.execute_activity(
             c.DESCRIBE_MODEL,
             c.DescribeModelInput(model_id=input.model_id, target_version=input.target_version),
             result_type=c.ModelSnapshot, summary="read model", **_STORE_CALL)
-        stable = snapshot.live_version if snapshot.live_version != input.target_version else None
-        self._status.from_version = stable
-        if stable:
-            self._status.weights = {stable: 100.0}
+        self._stable = snapshot.live_version \
+            if snapshot.live_version != input.target_version else None
+        self._status.from_version = self._stable
+        if self._stable:
+            self._status.weights = {self._stable: 100.0}
         plan = plan_switch(input.strategy, input.strategy_config)
         self._status.total_steps = len(plan)
+        try:
+            await self._switch(plan)
+        except _Finished as done:
+            return done.status
+        raise AssertionError("a switch always ends in _finish")
 
+    async def _switch(self, plan: list[PlanStep]) -> None:
         try:
             await self._load_target()
         except ActivityError as err:
-            return await self._finish(OperationStatus.FAILED, Outcome.LOAD_FAILED,
-                                      f"loading {input.target_version} failed: {_cause(err)}")
-
+            await self._finish(OperationStatus.FAILED, Outcome.LOAD_FAILED,
+                               f"loading {self._input.target_version} failed: {_cause(err)}")
         try:
             for index, step in enumerate(plan):
-                await self._apply_step(index, step, stable)
+                if await self._run_step(index, step) == c.PROMOTE:
+                    break
             verdict = await self._check_target()
             if not verdict.healthy:
-                await self._restore(stable)
-                await self._release_target()
-                return await self._finish(
-                    OperationStatus.FAILED, Outcome.ROLLED_BACK,
-                    f"{input.target_version} did not answer after the switch: {verdict.reason}")
+                await self._end_on_stable(
+                    Outcome.ROLLED_BACK,
+                    f"{self._input.target_version} did not answer after the switch: "
+                    f"{verdict.reason}")
         except ActivityError as err:
-            reason = f"switch interrupted in phase {self._status.phase}: {_cause(err)}"
+            reason = f"switch interrupted in phase {self._phase()}: {_cause(err)}"
             workflow.logger.error(reason)
-            await self._restore(stable)
-            return await self._finish(OperationStatus.FAILED, Outcome.ERROR, reason)
+            await self._restore()
+            await self._finish(OperationStatus.FAILED, Outcome.ERROR, reason)
 
-        await self._set_phase("marking live", 0.95)
+        self._set_phase("marking_live", f"marking {self._input.target_version} live", 0.95)
         await workflow.execute_activity(
-            c.MARK_LIVE, c.MarkLiveInput(model_id=input.model_id, version=input.target_version,
-                                         operation_id=input.operation_id),
-            summary=f"mark {input.target_version} live", **_STORE_CALL)
-        if stable:
-            await self._retire(stable)
-        return await self._finish(OperationStatus.COMPLETED, Outcome.PROMOTED, None)
-
-    # ------------------------------------------------------------------ steps
+            c.MARK_LIVE, c.MarkLiveInput(model_id=self._input.model_id,
+                                         version=self._input.target_version,
+                                         operation_id=self._input.operation_id),
+            summary=f"mark {self._input.target_version} live", **_STORE_CALL)
+        if self._stable:
+            await self._retire(self._stable)
+        await self._finish(OperationStatus.COMPLETED, Outcome.PROMOTED, self._promoted_by)
 
     async def _load_target(self) -> None:
-        await self._set_phase(f"loading {self._input.target_version}", 0.0)
-        await workflow.execute_activity(
-            c.LOAD_VERSION,
-            c.LoadVersionInput(model_id=self._input.model_id, version=self._input.target_version),
+        target = self._input.target_version
+        self._set_phase("loading", f"loading {target}", 0.0)
+        load = asyncio.ensure_future(workflow.execute_activity(
+            c.LOAD_VERSION, c.LoadVersionInput(model_id=self._input.model_id, version=target),
             result_type=c.LoadVersionResult, task_queue=self._input.engine_task_queue,
             start_to_close_timeout=_LOAD_TIMEOUT, heartbeat_timeout=_LOAD_HEARTBEAT,
-            retry_policy=_LOAD_RETRY, summary=f"load {self._input.target_version}")
+            retry_policy=_LOAD_RETRY, summary=f"load {target}",
+            # On a rollback mid-load, wait until the engine worker has killed the
+            # half-started engine, so the release that follows finds nothing running.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
+        if self._controls:
+            await workflow.wait_condition(lambda: load.done() or self._abandoning())
+            if not load.done():
+                load.cancel()
+                try:
+                    await load
+                except (ActivityError, asyncio.CancelledError):
+                    pass
+                await self._act_on_request()
+        await load
 
-    async def _apply_step(self, index: int, step: PlanStep, stable: str | None) -> None:
-        target = self._input.target_version
-        weights = {target: step.target_percent}
-        if stable and step.target_percent < 100:
-            weights[stable] = round(100 - step.target_percent, 2)
-        await self._set_phase(f"shifting traffic to {step.target_percent:g}%", None)
-        await self._set_traffic(weights, f"step-{index}",
-                                summary=f"shift traffic to {step.target_percent:g}%")
+    async def _run_step(self, index: int, step: PlanStep) -> str | None:
+        """One step: shift traffic, hold (pausable), judge. Returns PROMOTE to skip ahead."""
+        if await self._act_on_request() == c.PROMOTE:
+            return c.PROMOTE
+        await self._shift(step.target_percent, f"step-{index}")
         assert self._status is not None
         self._status.step = index + 1
         self._status.progress = round(0.1 + 0.8 * (index + 1) / self._status.total_steps, 4)
-        if step.hold_seconds > 0:
-            await self._set_phase(f"holding at {step.target_percent:g}%", None)
-            await workflow.sleep(timedelta(seconds=step.hold_seconds),
-                                 summary=f"hold {step.summary} for {step.hold_seconds:g}s")
+        if step.hold_seconds <= 0:
+            return None
+        extensions = 0
+        while True:
+            window_start = workflow.now()
+            await self._hold(step)
+            if await self._act_on_request() == c.PROMOTE:
+                return c.PROMOTE
+            if not (self._controls and step.judge):
+                return None
+            verdict = await self._judge(step, window_start)
+            if verdict.outcome == "unhealthy":
+                await self._end_on_stable(Outcome.ROLLED_BACK,
+                                          f"automatic rollback: {verdict.reason}")
+            if step.decide:
+                return await self._decide(verdict)
+            if verdict.outcome == "healthy":
+                return None
+            extensions += 1
+            if extensions > _MAX_EXTENSIONS:
+                await self._wait_for_operator(
+                    f"still inconclusive after {_MAX_EXTENSIONS} extensions "
+                    f"({verdict.reason}); waiting for an operator to resume, promote or "
+                    f"roll back")
+                if await self._act_on_request() == c.PROMOTE:
+                    return c.PROMOTE
+                extensions = 0
+
+    async def _hold(self, step: PlanStep) -> None:
+        """Hold the current split for the step's period; pausing freezes the clock."""
+        remaining = step.hold_seconds
+        assert self._status is not None
+        while remaining > 0 and not self._stopping():
+            if self._paused:
+                self._status.next_check_at = None
+                await workflow.wait_condition(lambda: not self._paused or self._stopping())
+                continue
+            started = workflow.now()
+            self._status.next_check_at = started + timedelta(seconds=remaining)
+            self._set_phase("evaluating", f"{step.summary}, next check at "
+                            f"{self._status.next_check_at:%H:%M:%S}")
+            summary = f"evaluate {step.summary} for {_duration(remaining)}"
+            if self._controls:
+                try:
+                    await workflow.wait_condition(lambda: self._paused or self._stopping(),
+                                                  timeout=timedelta(seconds=remaining),
+                                                  timeout_summary=summary)
+                except TimeoutError:
+                    break
+                remaining -= (workflow.now() - started).total_seconds()
+            else:
+                await workflow.sleep(timedelta(seconds=remaining), summary=summary)
+                break
+        self._status.next_check_at = None
+
+    async def _judge(self, step: PlanStep, window_start: datetime) -> Verdict:
+        assert self._status is not None
+        target = self._input.target_version
+        self._set_phase("judging", f"judging {target} at {step.target_percent:g}%")
+        options = validate_strategy_config(self._input.strategy, self._input.strategy_config)
+        thresholds = self._input.thresholds
+        if isinstance(options, ABTestOptions):
+            thresholds = thresholds.model_copy(update={"confidence": options.confidence})
+        verdict: Verdict = await workflow.execute_activity(
+            c.JUDGE_HEALTH,
+            c.JudgeHealthInput(model_id=self._input.model_id, target_version=target,
+                               stable_version=self._stable,
+                               window_start=window_start.timestamp(),
+                               window_end=workflow.now().timestamp(),
+                               thresholds=thresholds, compare=step.decide),
+            result_type=Verdict, start_to_close_timeout=_HEALTH_TIMEOUT,
+            retry_policy=_JUDGE_RETRY, summary=f"judge {target} at {step.target_percent:g}%")
+        self._status.last_verdict = verdict
+        self._status.verdicts.append(verdict)
+        return verdict
+
+    async def _decide(self, verdict: Verdict) -> str | None:
+        """The end of an A/B test: promote automatically, or wait for an operator."""
+        options = validate_strategy_config(self._input.strategy, self._input.strategy_config)
+        assert isinstance(options, ABTestOptions)
+        if options.decision == "auto" and verdict.outcome == "healthy":
+            self._action = (c.PROMOTE, c.ControlRequest(
+                reason=f"A/B test: target not worse ({verdict.reason})",
+                requested_by="turnout"))
+            return await self._act_on_request()
+        why = "the A/B test has ended" if options.decision == "manual" \
+            else f"the A/B test was inconclusive ({verdict.reason})"
+        self._decision_pending = True
+        await self._wait_for_operator(f"{why}; waiting for an operator to promote or roll back",
+                                      until_action=True)
+        return await self._act_on_request()
+
+    async def _wait_for_operator(self, why: str, *, until_action: bool = False) -> None:
+        self._paused = True
+        self._show(OperationStatus.PAUSED, why, phase="awaiting_decision")
+        await workflow.wait_condition(
+            lambda: self._stopping() or (not until_action and not self._paused))
+        if not self._stopping():
+            self._show(OperationStatus.RUNNING, "resumed")
+
+    # ------------------------------------------------------------------ operator requests
+
+    def _abandoning(self) -> bool:
+        """A rollback or abort: worth cancelling a load for (a promote waits for it)."""
+        return self._action is not None and self._action[0] in (c.ROLLBACK, c.ABORT)
+
+    def _stopping(self) -> bool:
+        return self._action is not None and self._action[0] in _ENDING
+
+    async def _act_on_request(self) -> str | None:
+        """Carry out a pending rollback, abort or promote. Rollback/abort end the switch."""
+        if not self._stopping():
+            return None
+        assert self._action is not None
+        action, request = self._action
+        who = request.requested_by or "operator"
+        why = f"{action} by {who}" + (f": {request.reason}" if request.reason else "")
+        await self._record(f"operator_{action}", reason=why)
+        if action == c.ROLLBACK:
+            await self._end_on_stable(Outcome.ROLLED_BACK, why)
+        if action == c.ABORT:
+            await self._end_on_stable(Outcome.ABORTED, why)
+        self._paused = False
+        await self._shift(100.0, "promote")
+        self._applied.add(c.PROMOTE)
+        self._promoted_by = why
+        return c.PROMOTE
+
+    # ------------------------------------------------------------------ traffic and engines
+
+    async def _shift(self, percent: float, key: str) -> None:
+        target = self._input.target_version
+        weights = {target: percent}
+        if self._stable and percent < 100:
+            weights[self._stable] = round(100 - percent, 2)
+        self._set_phase("shifting", f"shifting traffic to {percent:g}% on {target}")
+        await self._set_traffic(weights, key, summary=f"shift traffic to {percent:g}%")
+
+    async def _end_on_stable(self, outcome: Outcome, reason: str) -> None:
+        """Route everything back to the stable version first, then release the target."""
+        self._set_phase("rolling_back", reason)
+        await self._restore()
+        assert self._action is None or self._action[0] in _ENDING
+        self._applied.update((c.ROLLBACK, c.ABORT))
+        await self._unload(self._input.target_version)
+        await self._finish(OperationStatus.FAILED, outcome, reason)
 
     async def _check_target(self) -> c.HealthVerdict:
-        await self._set_phase(f"checking {self._input.target_version}", None)
+        target = self._input.target_version
+        self._set_phase("checking", f"checking that {target} answers")
         return await workflow.execute_activity(
-            c.CHECK_HEALTH,
-            c.CheckHealthInput(model_id=self._input.model_id, version=self._input.target_version),
+            c.CHECK_HEALTH, c.CheckHealthInput(model_id=self._input.model_id, version=target),
             result_type=c.HealthVerdict, start_to_close_timeout=_HEALTH_TIMEOUT,
-            retry_policy=_HEALTH_RETRY, summary=f"check {self._input.target_version} answers")
+            retry_policy=_HEALTH_RETRY, summary=f"check {target} answers")
 
     async def _retire(self, version: str) -> None:
         """Drain the old version at every gateway, then stop its engine."""
-        await self._set_phase(f"draining {version}", None)
+        self._set_phase("draining", f"draining {version}")
         drained: c.DrainVersionResult = await workflow.execute_activity(
             c.DRAIN_VERSION, c.DrainVersionInput(model_id=self._input.model_id, version=version),
             result_type=c.DrainVersionResult, start_to_close_timeout=_DRAIN_TIMEOUT,
@@ -153,19 +427,16 @@ class SwitchWorkflow:
         if not drained.drained:
             workflow.logger.warning("drain of %s hit its deadline with %d requests in flight",
                                     version, drained.inflight_left)
-        await self._set_phase(f"unloading {version}", None)
+        self._set_phase("unloading", f"unloading {version}")
         await self._unload(version)
 
-    async def _restore(self, stable: str | None) -> None:
+    async def _restore(self) -> None:
         """Send all traffic back to the stable version (first thing on any failure)."""
-        if not stable:
+        if not self._stable:
             await self._set_traffic({}, "restore", summary="remove traffic from target")
             return
-        await self._set_phase(f"restoring traffic to {stable}", None)
-        await self._set_traffic({stable: 100.0}, "restore", summary=f"restore 100% to {stable}")
-
-    async def _release_target(self) -> None:
-        await self._unload(self._input.target_version)
+        await self._set_traffic({self._stable: 100.0}, "restore",
+                                summary=f"restore 100% to {self._stable}")
 
     async def _unload(self, version: str) -> None:
         await workflow.execute_activity(
@@ -183,45 +454,70 @@ class SwitchWorkflow:
             heartbeat_timeout=_HEARTBEAT, retry_policy=_TRAFFIC_RETRY, summary=summary)
         assert self._status is not None
         self._status.weights = dict(weights)
+        if self._controls:
+            workflow.upsert_search_attributes([TRAFFIC_PERCENT.value_set(
+                int(round(weights.get(self._input.target_version, 0))))])
 
     # ------------------------------------------------------------------ bookkeeping
 
-    async def _set_phase(self, phase: str, progress: float | None) -> None:
+    def _current(self) -> SwitchStatus:
         assert self._status is not None
-        self._status.phase = phase
-        if progress is not None:
-            self._status.progress = progress
-        self._status.updated_at = workflow.now()
-        weights = ", ".join(f"{v} {w:g}%" for v, w in self._status.weights.items()) or "none"
-        workflow.set_current_details(
-            f"**{self._input.strategy.value}** switch of `{self._input.model_id}` to "
-            f"`{self._input.target_version}`: {phase} (traffic: {weights})")
-
-    async def _finish(self, status: OperationStatus, outcome: Outcome,
-                      reason: str | None) -> SwitchStatus:
-        assert self._status is not None
-        self._status.status = status
-        self._status.outcome = outcome
-        self._status.reason = reason
-        if status is OperationStatus.COMPLETED:
-            self._status.progress = 1.0
-        await self._set_phase("completed" if status is OperationStatus.COMPLETED
-                              else f"failed ({outcome.value})", None)
-        self._status.finished_at = workflow.now()
-        await self._record("switch_" + ("completed" if status is OperationStatus.COMPLETED
-                                        else "failed"))
         return self._status
 
-    async def _record(self, event: str) -> None:
-        assert self._status is not None
-        s = self._status
+    def _phase(self) -> str:
+        return self._current().phase
+
+    def _show(self, status: OperationStatus, message: str, *, phase: str | None = None) -> None:
+        self._current().status = status
+        self._set_phase(phase or ("paused" if status is OperationStatus.PAUSED
+                                  else "evaluating"), message)
+
+    def _set_phase(self, phase: str, message: str, progress: float | None = None) -> None:
+        s = self._current()
+        s.phase = phase
+        s.message = message
+        if progress is not None:
+            s.progress = progress
+        s.updated_at = workflow.now()
+        weights = ", ".join(f"{v} {w:g}%" for v, w in s.weights.items()) or "none"
+        details = (f"**{self._input.strategy.value}** switch of `{self._input.model_id}` to "
+                   f"`{self._input.target_version}`: {message} (traffic: {weights})")
+        if s.last_verdict is not None:
+            details += f"; last check {s.last_verdict.outcome}: {s.last_verdict.reason}"
+        workflow.set_current_details(details)
+        if self._controls and phase != self._shown_phase:
+            self._shown_phase = phase
+            workflow.upsert_search_attributes([PHASE.value_set(phase)])
+
+    async def _finish(self, status: OperationStatus, outcome: Outcome,
+                      reason: str | None) -> None:
+        """Record the end, then leave the main loop (raises `_Finished`)."""
+        s = self._current()
+        s.status = status
+        s.outcome = outcome
+        s.reason = reason
+        if status is OperationStatus.COMPLETED:
+            s.progress = 1.0
+        self._set_phase("completed" if status is OperationStatus.COMPLETED else "failed",
+                        "completed" if status is OperationStatus.COMPLETED
+                        else f"failed ({outcome.value})" + (f": {reason}" if reason else ""))
+        s.finished_at = workflow.now()
+        await self._record("switch_" + ("completed" if status is OperationStatus.COMPLETED
+                                        else "failed"))
+        self._finished = True
+        if self._controls:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+        raise _Finished(s)
+
+    async def _record(self, event: str, *, reason: str | None = None) -> None:
+        s = self._current()
         await workflow.execute_activity(
             c.RECORD_OPERATION,
             c.RecordOperationInput(
                 operation_id=s.operation_id, workflow_id=workflow.info().workflow_id,
                 model_id=s.model_id, target_version=s.target_version, strategy=s.strategy.value,
                 strategy_config=self._input.strategy_config, event=event, status=s.status,
-                outcome=s.outcome, reason=s.reason, actor=self._input.requested_by,
+                outcome=s.outcome, reason=reason or s.reason, actor=self._input.requested_by,
                 details={"from_version": s.from_version, "weights": s.weights}),
             summary=event.replace("_", " "), **_STORE_CALL)
 
@@ -233,3 +529,11 @@ def _cause(err: BaseException) -> str:
     if isinstance(err, ApplicationError):
         return err.message
     return str(err)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from typing import Any
 
 import pytest_asyncio
 from temporalio import activity
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -17,6 +20,7 @@ from temporalio.worker import Worker
 from turnout import contracts as c
 from turnout.domain import EngineInfo, EngineState
 from turnout.runtime import installed_binary
+from workers.stack import SEARCH_ATTRIBUTES
 from workflows import WORKFLOWS
 
 ENGINE_QUEUE = "turnout-engines-test"
@@ -27,6 +31,11 @@ async def time_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=installed_binary("temporal-test-server"),
         data_converter=pydantic_data_converter)
+    # The workflow upserts these; without them it would hang on "not defined".
+    await env.client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+        namespace=env.client.namespace,
+        search_attributes={name: getattr(IndexedValueType, f"INDEXED_VALUE_TYPE_{kind.upper()}")
+                           for name, kind in SEARCH_ATTRIBUTES.items()}))
     try:
         yield env
     finally:
@@ -40,6 +49,9 @@ class FakeCluster:
     live_version: str | None = None
     fail_load: str | None = None
     unhealthy: bool = False
+    # Outcomes `judge_health` returns in turn; "healthy" once they run out.
+    verdicts: list[str] = field(default_factory=list)
+    slow_load: bool = False
     calls: list[tuple[str, Any]] = field(default_factory=list)
     routes: list[dict[str, float]] = field(default_factory=list)
     loaded: set[str] = field(default_factory=set)
@@ -55,6 +67,9 @@ class FakeCluster:
         @activity.defn(name=c.LOAD_VERSION)
         async def load_version(input: c.LoadVersionInput) -> c.LoadVersionResult:
             self.calls.append((c.LOAD_VERSION, input))
+            while self.slow_load:  # until cancelled, like a big model loading
+                activity.heartbeat()
+                await asyncio.sleep(0.1)
             if input.version == self.fail_load:
                 raise ApplicationError("config.json is not valid JSON", type="ModelLoadError",
                                        non_retryable=True)
@@ -87,6 +102,17 @@ class FakeCluster:
             return c.HealthVerdict(healthy=not self.unhealthy,
                                    reason="HTTP 500" if self.unhealthy else "answered")
 
+        @activity.defn(name=c.JUDGE_HEALTH)
+        async def judge_health(input: c.JudgeHealthInput) -> c.Verdict:
+            self.calls.append((c.JUDGE_HEALTH, input))
+            outcome = self.verdicts.pop(0) if self.verdicts else "healthy"
+            reason = {"healthy": "p95 800 ms, errors 0.1% over 300 requests",
+                      "unhealthy": "error rate 12.0% > 5.0% limit",
+                      "inconclusive": "only 3 requests, need 20"}[outcome]
+            return c.Verdict(outcome=outcome, reason=reason,
+                             window_start=input.window_start, window_end=input.window_end,
+                             analysis={"compared": input.compare})
+
         @activity.defn(name=c.MARK_LIVE)
         async def mark_live(input: c.MarkLiveInput) -> None:
             self.calls.append((c.MARK_LIVE, input))
@@ -97,7 +123,7 @@ class FakeCluster:
             self.calls.append((c.RECORD_OPERATION, input))
 
         return [describe_model, load_version, unload_version, set_traffic, drain_version,
-                check_health, mark_live, record_operation]
+                check_health, judge_health, mark_live, record_operation]
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]

@@ -1,4 +1,4 @@
-"""Client of the gateways' admin endpoints, shared by the traffic activities."""
+"""Client of the gateways' admin endpoints, shared by the traffic and health activities."""
 
 from __future__ import annotations
 
@@ -25,5 +25,14 @@ class GatewayAdmin:
 
     async def state(self, gateway: GatewayInfo) -> dict[str, Any]:
         response = await self._client.get(f"{gateway.admin_url}/admin/state")
+        response.raise_for_status()
+        return response.json()
+
+    async def stats(self, gateway: GatewayInfo, since: float | None = None,
+                    until: float | None = None) -> dict[str, Any]:
+        """Per-version counters; with `since`/`until` (unix seconds) each version's `window`."""
+        params = {k: repr(float(v)) for k, v in (("since", since), ("until", until))
+                  if v is not None}
+        response = await self._client.get(f"{gateway.admin_url}/admin/stats", params=params)
         response.raise_for_status()
         return response.json()

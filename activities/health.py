@@ -1,4 +1,9 @@
-"""Health activities: judge whether a version answers."""
+"""Health activities: does a version answer at all, and is it healthy under real traffic.
+
+`judge_health` reads the request outcomes every live gateway recorded in the step's
+window, merges them per version (raw samples, so merged percentiles are exact) and applies
+the pure rules of `turnout.analysis`.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,38 @@ import time
 import httpx
 from temporalio import activity
 
+from activities.gateway_admin import GatewayAdmin
+from turnout import analysis
 from turnout import contracts as c
+from turnout.config import ModelSwitchingConfig
 from turnout.domain import EngineState
 from turnout.store import Store
 
 
 class HealthActivities:
-    def __init__(self, store: Store, timeout_s: float = 30.0) -> None:
+    """`HealthActivities(store)` still works: settings default to `ModelSwitchingConfig()`
+    and the gateway admin client is made from them on first use (and closed by `close`)."""
+
+    def __init__(self, store: Store, timeout_s: float = 30.0, *,
+                 settings: ModelSwitchingConfig | None = None,
+                 admin: GatewayAdmin | None = None) -> None:
         self.store = store
         self.timeout_s = timeout_s
+        self.settings = settings or ModelSwitchingConfig()
+        self._admin = admin
+        self._owns_admin = admin is None
+
+    @property
+    def admin(self) -> GatewayAdmin:
+        if self._admin is None:
+            self._admin = GatewayAdmin(self.settings.gateway_admin_token)
+        return self._admin
+
+    async def close(self) -> None:
+        """Close the admin client if this object made it."""
+        if self._owns_admin and self._admin is not None:
+            await self._admin.close()
+            self._admin = None
 
     @activity.defn(name=c.CHECK_HEALTH)
     async def check_health(self, input: c.CheckHealthInput) -> c.HealthVerdict:
@@ -38,3 +66,44 @@ class HealthActivities:
             return c.HealthVerdict(healthy=False, latency_ms=latency_ms,
                                    reason=f"HTTP {response.status_code}: {response.text[:200]}")
         return c.HealthVerdict(healthy=True, reason="answered", latency_ms=latency_ms)
+
+    @activity.defn(name=c.JUDGE_HEALTH)
+    async def judge_health(self, input: c.JudgeHealthInput) -> c.Verdict:
+        """Verdict on the target over [window_start, window_end], merged over all gateways.
+
+        An unreachable gateway is skipped with a warning: its share of the traffic is
+        missing, which can only make the verdict more likely inconclusive, never healthier.
+        """
+        until = input.window_end if input.window_end > 0 else time.time()
+        since = input.window_start
+        target = analysis.Sample(input.target_version)
+        stable = analysis.Sample(input.stable_version) if input.stable_version else None
+        gateways = await self.store.live_gateways(self.settings.gateway_live_after_s)
+        answered: list[str] = []
+        skipped: list[str] = []
+        for gateway in gateways:
+            try:
+                body = await self.admin.stats(gateway, since, until)
+            except Exception as exc:
+                activity.logger.warning("gateway %s unreachable for health stats, skipped: %r",
+                                        gateway.gateway_id, exc)
+                skipped.append(gateway.gateway_id)
+                continue
+            answered.append(gateway.gateway_id)
+            versions = body.get("stats", {}).get(input.model_id, {})
+            for sample in (target, stable):
+                window = versions.get(sample.version, {}).get("window") if sample else None
+                if sample is not None and window:
+                    sample.add(int(window["requests"]), int(window["errors"]),
+                               [float(x) for x in window["latencies_ms"]])
+        verdict = analysis.judge(target, stable, input.thresholds, compare=input.compare)
+        verdict.window_start, verdict.window_end = since, until
+        verdict.analysis["gateways"] = {"answered": answered, "skipped": skipped}
+        if skipped:
+            verdict.reason += f" ({len(skipped)} of {len(gateways)} gateways unreachable)"
+        if not gateways:
+            verdict.reason += " (no live gateway)"
+        activity.logger.info("health of %s %s over %.0fs: %s: %s", input.model_id,
+                             input.target_version, until - since, verdict.outcome,
+                             verdict.reason)
+        return verdict

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -134,8 +135,9 @@ class Gateway:
         return {"gateway_id": self.gateway_id, "generations": self.table.generations(),
                 "inflight": self.metrics.inflight_by_model()}
 
-    def stats(self) -> dict[str, Any]:
-        return {"gateway_id": self.gateway_id, "stats": self.metrics.stats_by_model()}
+    def stats(self, since: float | None = None, until: float | None = None) -> dict[str, Any]:
+        return {"gateway_id": self.gateway_id,
+                "stats": self.metrics.stats_by_model(since, until)}
 
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -188,8 +190,20 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
     async def admin_state(_: web.Request) -> web.Response:
         return web.json_response(gateway.state())
 
-    async def admin_stats(_: web.Request) -> web.Response:
-        return web.json_response(gateway.stats())
+    async def admin_stats(request: web.Request) -> web.Response:
+        bounds: dict[str, float | None] = {}
+        for name in ("since", "until"):
+            raw = request.query.get(name)
+            try:
+                value = None if raw in (None, "") else float(raw)
+            except ValueError:
+                value = math.nan
+            if value is not None and not math.isfinite(value):
+                return error_response(400, f"{name} must be unix seconds, got {raw!r}",
+                                      type="invalid_request_error", param=name,
+                                      code="invalid_window")
+            bounds[name] = value
+        return web.json_response(gateway.stats(bounds["since"], bounds["until"]))
 
     async def admin_refresh(_: web.Request) -> web.Response:
         try:

@@ -4,11 +4,17 @@ Prometheus series (on a per-app registry, so tests can run several gateways in o
 are for dashboards; the in-memory window backs `/admin/stats` and `/admin/state`, which the
 traffic and health activities read directly (in-flight counts for draining, latency
 percentiles for health verdicts) without needing a Prometheus server.
+
+Health verdicts need exact figures over a time window, merged across gateways, so each
+version also keeps a timestamped outcome per finished request (`outcomes`): the health
+activity asks every gateway for `[since, until]` and concatenates the windows. Percentiles
+of concatenated raw samples are exact; averaging per-gateway percentiles would not be.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +28,10 @@ LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.
 TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 # How many recent samples per version the in-memory percentiles are computed from.
 WINDOW = 2048
+# Timestamped outcomes kept per version for windowed health queries. 200k outcomes of
+# (float, float, bool) tuples are ~20 MB at worst; at 100 req/s that is over 30 minutes,
+# longer than any evaluation period a step judges at once.
+OUTCOMES = 200_000
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -47,10 +57,31 @@ class VersionStats:
     inflight: int = 0
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     ttfb_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    # (unix time at completion, latency ms, is error), in completion order.
+    outcomes: deque[tuple[float, float, bool]] = field(
+        default_factory=lambda: deque(maxlen=OUTCOMES))
 
     def as_json(self) -> dict[str, Any]:
         return {"requests": self.requests, "errors": self.errors, "inflight": self.inflight,
                 "latency_ms": _summary(self.latency_ms), "ttfb_ms": _summary(self.ttfb_ms)}
+
+    def window(self, since: float, until: float) -> dict[str, Any]:
+        """Outcomes finished in [since, until]: counts plus the raw latencies of successes.
+
+        Raw latencies (not percentiles) so windows of several gateways merge exactly.
+        A linear scan: this runs on an admin call every evaluation period, not per request,
+        and wall-clock steps make the deque only mostly sorted, so no bisecting.
+        """
+        requests = errors = 0
+        latencies: list[float] = []
+        for at, latency_ms, error in self.outcomes:
+            if since <= at <= until:
+                requests += 1
+                if error:
+                    errors += 1
+                else:
+                    latencies.append(round(latency_ms, 3))
+        return {"requests": requests, "errors": errors, "latencies_ms": latencies}
 
 
 class GatewayMetrics:
@@ -100,7 +131,12 @@ class GatewayMetrics:
 
     def finished(self, model_id: str, version: str, seconds: float, *, error: bool,
                  completed: bool = True) -> None:
-        """End of a request; latency is recorded only for answers that completed."""
+        """End of a request; latency is recorded only for answers that completed.
+
+        The windowed outcome is recorded for answers that completed and for upstream
+        errors; a client that left mid-answer says nothing about the version, so it is not
+        an outcome at all.
+        """
         stats = self._get(model_id, version)
         stats.inflight -= 1
         self.inflight.labels(model_id, version).dec()
@@ -110,6 +146,8 @@ class GatewayMetrics:
         if completed:
             stats.latency_ms.append(seconds * 1000.0)
             self.latency.labels(model_id, version).observe(seconds)
+        if completed or error:
+            stats.outcomes.append((time.time(), seconds * 1000.0, error))
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
@@ -120,8 +158,16 @@ class GatewayMetrics:
             result.setdefault(model_id, {})[version] = stats.inflight
         return result
 
-    def stats_by_model(self) -> dict[str, dict[str, dict[str, Any]]]:
+    def stats_by_model(self, since: float | None = None,
+                       until: float | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """Counters per model and version; with `since` or `until`, also each `window`."""
+        windowed = since is not None or until is not None
+        low = -math.inf if since is None else since
+        high = math.inf if until is None else until
         result: dict[str, dict[str, dict[str, Any]]] = {}
         for (model_id, version), stats in sorted(self._stats.items()):
-            result.setdefault(model_id, {})[version] = stats.as_json()
+            entry = stats.as_json()
+            if windowed:
+                entry["window"] = stats.window(low, high)
+            result.setdefault(model_id, {})[version] = entry
         return result

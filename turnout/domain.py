@@ -181,7 +181,7 @@ class HealthThresholds(BaseModel):
     min_requests: int = Field(20, ge=1)
     # How much worse than the stable version the target may be before it fails.
     error_rate_tolerance: float = Field(0.02, ge=0, le=1)
-    latency_tolerance: float = Field(0.2, ge=0)
+    latency_tolerance: float = Field(0.1, ge=0)
     confidence: float = Field(0.95, gt=0.5, lt=1)
 
 

@@ -29,11 +29,12 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
                  admin: GatewayAdmin, *, task_queue: str | None = None) -> Worker:
     registry = RegistryActivities(store)
     traffic = TrafficActivities(settings, store, admin)
-    health = HealthActivities(store)
+    health = HealthActivities(store, settings=settings, admin=admin)
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
         activities=[registry.describe_model, registry.mark_live, registry.record_operation,
-                    traffic.set_traffic, traffic.drain_version, health.check_health])
+                    traffic.set_traffic, traffic.drain_version, health.check_health,
+                    health.judge_health])
 
 
 async def main() -> None:

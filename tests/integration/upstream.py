@@ -19,13 +19,18 @@ from aiohttp import web
 class FakeUpstream:
     def __init__(self, version: str, served_model_name: str, *, delay_s: float = 0.0,
                  chunk_delay_s: float = 0.0, chunks: int = 3, fail_status: int | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 fail_fraction: float = 0.0, host: str = "127.0.0.1") -> None:
         self.version = version
         self.served_model_name = served_model_name
         self.delay_s = delay_s
         self.chunk_delay_s = chunk_delay_s
         self.chunks = chunks
         self.fail_status = fail_status
+        # Fail this share of requests with a 500, spread evenly (deterministic, no RNG):
+        # request k fails when floor((k + 1) * f) > floor(k * f).
+        self.fail_fraction = fail_fraction
+        self.failed = 0
+        self._answered = 0
         self.host = host
         self.port = 0
         self.received: list[dict[str, Any]] = []
@@ -71,10 +76,15 @@ class FakeUpstream:
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
-            if self.fail_status is not None:
+            k, self._answered = self._answered, self._answered + 1
+            status = self.fail_status
+            if status is None and int((k + 1) * self.fail_fraction) > int(k * self.fail_fraction):
+                status = 500
+            if status is not None:
+                self.failed += 1
                 return web.json_response({"error": {"message": "fake failure",
                                                     "type": "server_error", "param": None,
-                                                    "code": None}}, status=self.fail_status)
+                                                    "code": None}}, status=status)
             if body.get("model") != self.served_model_name:
                 return web.json_response({"error": {
                     "message": f"model {body.get('model')!r} not served here",

@@ -45,7 +45,7 @@ class RegistryActivities:
                                               input.reason)
         else:
             await self.store.set_operation_status(input.operation_id, input.status)
-        if await self.store.has_audit(input.event, input.operation_id):
+        if not input.audit or await self.store.has_audit(input.event, input.operation_id):
             return
         details = dict(input.details, target_version=input.target_version,
                        strategy=input.strategy, status=input.status.value)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import timedelta
 
+from fastapi import HTTPException
 from pydantic import BaseModel, Field
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.errors import ActiveSwitchConflict
 from turnout.config import ModelSwitchingConfig
-from turnout.contracts import SWITCH_WORKFLOW
+from turnout.contracts import STATUS_QUERY, SWITCH_WORKFLOW
 from turnout.domain import (
     AuditEntry,
+    HealthThresholds,
     OperationRecord,
     OperationStatus,
     SwitchInput,
@@ -28,6 +31,8 @@ from turnout.strategies import StrategyConfigError, validate_strategy_config
 
 log = logging.getLogger("turnout.api.switch")
 _QUERY_TIMEOUT = timedelta(seconds=5)
+# How long a switch that has reported its end may take to close its run.
+_CLOSE_WAIT_S = 10.0
 
 
 class FieldError(BaseModel):
@@ -101,8 +106,6 @@ async def validate(store: Store, request: SwitchRequest) -> Validation:
 async def start_switch(client: Client, store: Store, settings: ModelSwitchingConfig,
                        request: SwitchRequest) -> SwitchAccepted:
     """Validate, start `SwitchWorkflow`, and record the operation."""
-    from fastapi import HTTPException
-
     errors = await check_switch(store, request)
     if errors:
         worst = min(errors, key=lambda e: {404: 0, 422: 1, 409: 2}.get(e.status_code, 3))
@@ -118,18 +121,29 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
         operation_id=operation_id, model_id=request.model_id,
         target_version=request.target_version, strategy=request.strategy,
         strategy_config=request.strategy_config, engine_task_queue=settings.engine_task_queue,
-        requested_by=request.requested_by, reason=request.reason)
-    try:
-        handle = await client.start_workflow(
-            SWITCH_WORKFLOW, switch_input, id=workflow_id, task_queue=settings.control_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            memo={"requested_by": request.requested_by, "reason": request.reason},
-            static_summary=f"{request.strategy.value} switch of {request.model_id} "
-                           f"to {request.target_version}")
-    except WorkflowAlreadyStartedError:
-        raise ActiveSwitchConflict(request.model_id,
-                                   await active_operation_id(client, workflow_id)) from None
+        requested_by=request.requested_by, reason=request.reason,
+        thresholds=HealthThresholds(error_rate_max=settings.error_rate_warning,
+                                    latency_p95_ms_max=settings.latency_warning_ms))
+    for attempt in range(2):
+        try:
+            handle = await client.start_workflow(
+                SWITCH_WORKFLOW, switch_input, id=workflow_id,
+                task_queue=settings.control_task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                memo={"requested_by": request.requested_by, "reason": request.reason},
+                static_summary=f"{request.strategy.value} switch of {request.model_id} "
+                               f"to {request.target_version}")
+            break
+        except WorkflowAlreadyStartedError:
+            running = client.get_workflow_handle(workflow_id)
+            status = await query_status(running)
+            # A switch that has reported its end may still be closing its run: wait for it.
+            if attempt == 0 and status is not None and status.status.terminal:
+                await wait_closed(running)
+                continue
+            raise ActiveSwitchConflict(request.model_id,
+                                       status.operation_id if status else None) from None
     await store.create_operation(OperationRecord(
         operation_id=operation_id, workflow_id=workflow_id, run_id=handle.first_execution_run_id,
         model_id=request.model_id, target_version=request.target_version,
@@ -146,23 +160,37 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
                                   f"{request.target_version} started")
 
 
-async def active_operation_id(client: Client, workflow_id: str) -> str | None:
-    status = await _query(client.get_workflow_handle(workflow_id))
-    return status.operation_id if status else None
-
-
 async def operation_view(client: Client, store: Store, operation_id: str) -> OperationView:
     record = await store.get_operation(operation_id)
-    status = await _query(client.get_workflow_handle(record.workflow_id, run_id=record.run_id))
+    status = await query_status(client.get_workflow_handle(record.workflow_id,
+                                                           run_id=record.run_id))
     if status is None or status.operation_id != operation_id:
         status = _from_record(record)
     return OperationView(**status.model_dump(), workflow_id=record.workflow_id,
                          success=status.status is OperationStatus.COMPLETED)
 
 
-async def _query(handle: WorkflowHandle) -> SwitchStatus | None:
+async def wait_closed(handle: WorkflowHandle, timeout_s: float = _CLOSE_WAIT_S) -> None:
+    """Wait (briefly) until a workflow that has ended its work has closed its run."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        try:
+            description = await handle.describe()
+        except RPCError as exc:
+            if exc.status is RPCStatusCode.NOT_FOUND:
+                return
+            raise
+        if description.status is not WorkflowExecutionStatus.RUNNING:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def query_status(handle: WorkflowHandle) -> SwitchStatus | None:
+    """The workflow's `status` query, or None when it cannot answer."""
     try:
-        return await handle.query("status", result_type=SwitchStatus, rpc_timeout=_QUERY_TIMEOUT)
+        return await handle.query(STATUS_QUERY, result_type=SwitchStatus,
+                                  rpc_timeout=_QUERY_TIMEOUT)
     except (RPCError, Exception) as exc:  # the store answers when the workflow cannot
         log.debug("status query of %s failed: %s", handle.id, exc)
         return None

@@ -1,4 +1,5 @@
-"""The `turnout` command: run the stack, make tiny models, register, switch, watch."""
+"""The `turnout` command: run the stack, make tiny models, register, switch, watch, and
+steer running switches (rollback, pause, resume, promote, abort, emergency-rollback)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from turnout.domain import OmniModelConfig, SwitchingStrategyType
+from turnout.domain import OmniModelConfig, OperationStatus, SwitchingStrategyType
+
+# Operator controls of a running switch (the workflow updates of the same names).
+CONTROL_HELP = {
+    "rollback": "send all traffic back to the stable version and end the switch",
+    "pause": "freeze a switch's weights and evaluation timer",
+    "resume": "continue a paused switch",
+    "promote": "jump to 100%% on the target and finish the switch",
+    "abort": "stop a switch and return traffic to the stable version",
+}
 
 
 def _print(data: Any) -> None:
@@ -66,6 +76,29 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control(args: argparse.Namespace) -> int:
+    from turnout.sdk import ModelSwitcher
+
+    act = getattr(ModelSwitcher(), args.action)
+    _print(act(args.operation_id, args.reason, requested_by=os.environ.get("USER")))
+    return 0
+
+
+def _emergency_rollback(args: argparse.Namespace) -> int:
+    from turnout.sdk import ModelSwitcher
+
+    _print(ModelSwitcher().emergency_rollback(args.model_id, args.reason,
+                                              requested_by=os.environ.get("USER")))
+    return 0
+
+
+def _operations(args: argparse.Namespace) -> int:
+    from turnout.sdk import ModelSwitcher
+
+    _print(ModelSwitcher().list_operations(model_id=args.model, status=args.status))
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from turnout.sdk import DynamicModelRegistry
 
@@ -110,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="status of a switching operation")
     st.add_argument("operation_id")
     st.set_defaults(func=_status)
+
+    for action, help_text in CONTROL_HELP.items():
+        ctl = sub.add_parser(action, help=help_text)
+        ctl.add_argument("operation_id")
+        ctl.add_argument("--reason", help="why (kept in the audit log and the status)")
+        ctl.set_defaults(func=_control, action=action)
+
+    emergency = sub.add_parser(
+        "emergency-rollback",
+        help="roll back the model's active switch, or switch it back to its previous version")
+    emergency.add_argument("model_id")
+    emergency.add_argument("--reason", help="why (kept in the audit log)")
+    emergency.set_defaults(func=_emergency_rollback)
+
+    ops = sub.add_parser("operations", help="list switching operations, newest first")
+    ops.add_argument("--model", help="only this model id")
+    ops.add_argument("--status", choices=[s.value for s in OperationStatus])
+    ops.set_defaults(func=_operations)
 
     models = sub.add_parser("models", help="list models and versions")
     models.set_defaults(func=_models)

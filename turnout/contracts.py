@@ -148,6 +148,8 @@ class RecordOperationInput(BaseModel):
     reason: str | None = None
     actor: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
+    # Status-only updates (pause, resume) are audited by the API, not here.
+    audit: bool = True
 
 
 # ---------------------------------------------------------------------- health judgment

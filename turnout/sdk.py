@@ -170,6 +170,58 @@ class ModelSwitcher:
                                    f"after {timeout:g}s")
             await asyncio.sleep(interval)
 
+    # ------------------------------------------------------------------ operator controls
+
+    def rollback(self, operation_id: str, reason: str | None = None, *,
+                 requested_by: str | None = None) -> dict[str, Any]:
+        """Send all traffic back to the stable version and end the switch (`rolled_back`).
+
+        Returns the status once traffic is back; raises `TurnoutAPIError` (409) if the
+        switch refuses, e.g. because it has already ended."""
+        return self._control(operation_id, "rollback", reason, requested_by)
+
+    def pause(self, operation_id: str, reason: str | None = None, *,
+              requested_by: str | None = None) -> dict[str, Any]:
+        """Freeze the switch's weights and evaluation timer (status `paused`)."""
+        return self._control(operation_id, "pause", reason, requested_by)
+
+    def resume(self, operation_id: str, reason: str | None = None, *,
+               requested_by: str | None = None) -> dict[str, Any]:
+        """Continue a paused switch where it stopped."""
+        return self._control(operation_id, "resume", reason, requested_by)
+
+    def promote(self, operation_id: str, reason: str | None = None, *,
+                requested_by: str | None = None) -> dict[str, Any]:
+        """Jump to 100% on the target now; the switch then finishes as `promoted`."""
+        return self._control(operation_id, "promote", reason, requested_by)
+
+    def abort(self, operation_id: str, reason: str | None = None, *,
+              requested_by: str | None = None) -> dict[str, Any]:
+        """Stop the switch and return traffic to the stable version (`aborted`)."""
+        return self._control(operation_id, "abort", reason, requested_by)
+
+    def emergency_rollback(self, model_id: str, reason: str | None = None, *,
+                           requested_by: str | None = None) -> dict[str, Any]:
+        """Roll back the model's active switch, or switch it straight back to its previous
+        version. Returns the rolled-back switch's status, or the new operation's
+        acceptance (`operation_id`, `message`); raises `TurnoutAPIError` (409 when there is
+        no previous version)."""
+        return self._client.request("POST", f"/models/{model_id}/rollback",
+                                    json=_control_body(reason, requested_by))
+
+    def list_operations(self, model_id: str | None = None,
+                        status: OperationStatus | str | None = None) -> list[dict[str, Any]]:
+        """Switching operations, newest first, optionally of one model and in one status."""
+        params = {"model_id": model_id,
+                  "status": OperationStatus(status).value if status is not None else None}
+        return self._client.request("GET", "/switch/operations",
+                                    params={k: v for k, v in params.items() if v is not None})
+
+    def _control(self, operation_id: str, action: str, reason: str | None,
+                 requested_by: str | None) -> dict[str, Any]:
+        return self._client.request("POST", f"/switch/operations/{operation_id}/{action}",
+                                    json=_control_body(reason, requested_by))
+
     def validate_switch_request(
         self, model_id: str, target_version: str,
         strategy_type: SwitchingStrategyType | str = SwitchingStrategyType.IMMEDIATE,
@@ -183,6 +235,10 @@ class ModelSwitcher:
             return self._client.request("POST", "/switch/validate", json=body)
         except TurnoutAPIError as exc:
             return {"valid": False, "errors": _messages(exc.detail)}
+
+
+def _control_body(reason: str | None, requested_by: str | None) -> dict[str, Any]:
+    return {"reason": reason, "requested_by": requested_by}
 
 
 def _messages(detail: Any) -> list[str]:

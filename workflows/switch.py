@@ -116,12 +116,14 @@ class SwitchWorkflow:
         self._paused = True
         self._show(OperationStatus.PAUSED, f"paused by {request.requested_by or 'operator'}"
                    + (f": {request.reason}" if request.reason else ""))
+        await self._record("paused", actor=request.requested_by, audit=False)
         return self._current()
 
     @workflow.update(name=c.RESUME, description="Continue a paused switch where it stopped.")
     async def resume(self, request: c.ControlRequest) -> SwitchStatus:
         self._paused = False
         self._show(OperationStatus.RUNNING, "resumed")
+        await self._record("resumed", actor=request.requested_by, audit=False)
         return self._current()
 
     @rollback.validator
@@ -378,7 +380,8 @@ class SwitchWorkflow:
         action, request = self._action
         who = request.requested_by or "operator"
         why = f"{action} by {who}" + (f": {request.reason}" if request.reason else "")
-        await self._record(f"operator_{action}", reason=why)
+        # The API audits the request itself (operator_<action>); this marks it carried out.
+        await self._record(f"{action}_applied", reason=why, actor=request.requested_by)
         if action == c.ROLLBACK:
             await self._end_on_stable(Outcome.ROLLED_BACK, why)
         if action == c.ABORT:
@@ -509,7 +512,8 @@ class SwitchWorkflow:
             await workflow.wait_condition(workflow.all_handlers_finished)
         raise _Finished(s)
 
-    async def _record(self, event: str, *, reason: str | None = None) -> None:
+    async def _record(self, event: str, *, reason: str | None = None,
+                      actor: str | None = None, audit: bool = True) -> None:
         s = self._current()
         await workflow.execute_activity(
             c.RECORD_OPERATION,
@@ -517,7 +521,8 @@ class SwitchWorkflow:
                 operation_id=s.operation_id, workflow_id=workflow.info().workflow_id,
                 model_id=s.model_id, target_version=s.target_version, strategy=s.strategy.value,
                 strategy_config=self._input.strategy_config, event=event, status=s.status,
-                outcome=s.outcome, reason=reason or s.reason, actor=self._input.requested_by,
+                outcome=s.outcome, reason=reason or s.reason,
+                actor=actor or self._input.requested_by, audit=audit,
                 details={"from_version": s.from_version, "weights": s.weights}),
             summary=event.replace("_", " "), **_STORE_CALL)
 

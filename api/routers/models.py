@@ -1,11 +1,15 @@
-"""Models and their versions: the guide's `POST /models`, plus listing."""
+"""Models and their versions: the guide's `POST /models`, listing, and emergency rollback."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, status
+from fastapi.responses import JSONResponse
 
-from api.deps import StoreDep
-from api.errors import ERROR_RESPONSES
+from api.controls import emergency_rollback
+from api.deps import SettingsDep, StoreDep, TemporalDep
+from api.errors import ERROR_RESPONSES, ErrorBody
+from api.switching import OperationView, SwitchAccepted
+from turnout.contracts import ControlRequest
 from turnout.domain import AuditEntry, ModelInfo, RegisterModelRequest, VersionInfo
 
 router = APIRouter(prefix="/models", tags=["models"], responses=ERROR_RESPONSES)
@@ -28,3 +32,31 @@ async def list_models(store: StoreDep) -> list[ModelInfo]:
 @router.get("/{model_id}", response_model=ModelInfo)
 async def get_model(model_id: str, store: StoreDep) -> ModelInfo:
     return await store.get_model(model_id)
+
+
+@router.post(
+    "/{model_id}/rollback", response_model=OperationView,
+    responses={
+        200: {"description": "A switch of the model was active: it has been rolled back "
+                             "(traffic is on its stable version); its status"},
+        202: {"model": SwitchAccepted,
+              "description": "No switch was active: an immediate switch back to the "
+                             "previous version has started; poll its operation"},
+        409: {"model": ErrorBody,
+              "description": "No previous version to roll back to, or the active switch "
+                             "refuses a rollback in its current phase"},
+    })
+async def rollback_model(model_id: str, client: TemporalDep, store: StoreDep,
+                         settings: SettingsDep,
+                         body: ControlRequest | None = None) -> OperationView | JSONResponse:
+    """Emergency rollback: undo whatever is happening to this model, as fast as possible.
+
+    If a switch of the model is running or paused it is rolled back (200). Otherwise the
+    model is switched immediately back to its previous version (202). Audited as
+    `emergency_rollback`.
+    """
+    result = await emergency_rollback(client, store, settings, model_id, body)
+    if isinstance(result, SwitchAccepted):
+        return JSONResponse(result.model_dump(mode="json"),
+                            status_code=status.HTTP_202_ACCEPTED)
+    return result

@@ -1,11 +1,13 @@
-"""Switching operations: the guide's `POST /switch` and `GET /switch/operations/{id}`."""
+"""Switching operations: the guide's `POST /switch` and `GET /switch/operations/{id}`, and
+the operator controls `POST /switch/operations/{id}/{action}`."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Query, status
 
+from api.controls import ControlAction, control_operation
 from api.deps import SettingsDep, StoreDep, TemporalDep
-from api.errors import ERROR_RESPONSES
+from api.errors import ERROR_RESPONSES, ErrorBody
 from api.switching import (
     OperationView,
     SwitchAccepted,
@@ -14,6 +16,7 @@ from api.switching import (
     start_switch,
     validate,
 )
+from turnout.contracts import ControlRequest
 from turnout.domain import OperationRecord, OperationStatus, SwitchRequest
 
 router = APIRouter(prefix="/switch", tags=["switch"], responses=ERROR_RESPONSES)
@@ -44,3 +47,18 @@ async def get_operation(operation_id: str, client: TemporalDep,
                         store: StoreDep) -> OperationView:
     """Status (`pending`, `running`, `paused`, `completed`, `failed`), progress 0..1, outcome."""
     return await operation_view(client, store, operation_id)
+
+
+@router.post("/operations/{operation_id}/{action}", response_model=OperationView,
+             responses={409: {"model": ErrorBody,
+                              "description": "The switch refuses this action in its current "
+                                             "phase (e.g. resume when not paused), or it has "
+                                             "already ended; `detail` says why"}})
+async def control(operation_id: str, action: ControlAction, client: TemporalDep,
+                  store: StoreDep, body: ControlRequest | None = None) -> OperationView:
+    """Roll back, pause, resume, promote (jump to 100%) or abort a running switch.
+
+    Answers once the switch has applied the action, with its status then. Every accepted
+    action is written to the audit log as `operator_<action>` with its reason and requester.
+    """
+    return await control_operation(client, store, operation_id, action, body)

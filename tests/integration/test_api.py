@@ -1,4 +1,5 @@
-"""The REST API over real HTTP, a real Temporal dev server, real workers, store and gateway.
+"""The REST API over real HTTP, a real Temporal dev server, real workers, store and gateway
+(the `plane` fixture, tests/integration/conftest.py).
 
 Versions here are external endpoints (fake OpenAI servers), so no vLLM engine is started:
 the engine worker only records them. Real engines are exercised in tests/e2e.
@@ -6,99 +7,22 @@ the engine worker only records them. Real engines are exercised in tests/e2e.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
-import uvicorn
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
-from activities.engines import EngineActivities
-from activities.gateway_admin import GatewayAdmin
 from api.app import create_app
-from gateway.app import create_app as create_gateway
-from gateway.app import serve as serve_gateway
-from tests.integration.upstream import FakeUpstream
+from tests.integration.plane import ControlPlane, serve_api, traffic, wait_done
 from tests.support import free_port
-from turnout.config import ModelSwitchingConfig
-from turnout.runtime import installed_binary
-from turnout.store import Store, upgrade
-from workers import control, engine
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 ARCH, STAGE = "Qwen2_5OmniForConditionalGeneration", "thinker"
 MODEL_ID = f"{ARCH}_{STAGE}"
 HISTORIES = Path(__file__).parents[1] / "replay" / "histories"
-
-
-@dataclass
-class ControlPlane:
-    settings: ModelSwitchingConfig
-    store: Store
-    env: WorkflowEnvironment
-    api_url: str
-    gateway_url: str
-    upstreams: dict[str, FakeUpstream]
-
-    def http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.api_url, timeout=30)
-
-
-async def serve_api(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to await
-        await asyncio.sleep(0.05)
-    return server, task
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ControlPlane]:
-    root = tmp_path_factory.mktemp("api")
-    url = f"sqlite+aiosqlite:///{root}/turnout.db"
-    await asyncio.to_thread(upgrade, url)
-    store = Store.from_url(url)
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=installed_binary("temporal"),
-        data_converter=pydantic_data_converter)
-    gateway_port, api_port = free_port(), free_port()
-    settings = ModelSwitchingConfig.from_env(
-        {}, database_url=url, state_dir=str(root), engine_host=f"it-{uuid.uuid4().hex[:8]}",
-        control_task_queue=f"control-{uuid.uuid4()}", gateway_port=gateway_port,
-        api_port=api_port)
-    upstreams = {v: await FakeUpstream(v, f"served-{v}").start() for v in ("v1", "v2")}
-    admin = GatewayAdmin(None)
-    gateway_app = create_gateway(settings, store, "it-gateway")
-    gateway_runner = await serve_gateway(gateway_app, "127.0.0.1", gateway_port)
-    workers = [control.build_worker(env.client, settings, store, admin),
-               engine.build_worker(env.client, settings, EngineActivities(settings, store))]
-    tasks = [asyncio.create_task(w.run()) for w in workers]
-    server, server_task = await serve_api(create_app(settings, store=store, temporal=env.client),
-                                          api_port)
-    try:
-        yield ControlPlane(settings, store, env, f"http://127.0.0.1:{api_port}",
-                           f"http://127.0.0.1:{gateway_port}", upstreams)
-    finally:
-        server.should_exit = True
-        await server_task
-        for worker in workers:
-            await worker.shutdown()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await gateway_runner.cleanup()
-        for upstream in upstreams.values():
-            await upstream.stop()
-        await admin.close()
-        await env.shutdown()
-        await store.close()
 
 
 def guide_body(plane: ControlPlane, version: str, **extra: Any) -> dict[str, Any]:
@@ -119,15 +43,6 @@ async def record_history(plane: ControlPlane, status: dict[str, Any], scenario: 
         return
     handle = plane.env.client.get_workflow_handle(status["workflow_id"])
     path.write_text((await handle.fetch_history()).to_json())
-
-
-async def wait_done(client: httpx.AsyncClient, operation_id: str) -> dict[str, Any]:
-    for _ in range(600):
-        status = (await client.get(f"/switch/operations/{operation_id}")).json()
-        if status["status"] in ("completed", "failed"):
-            return status
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"operation {operation_id} did not end: {status}")
 
 
 async def test_register_model_as_the_guide_shows(plane: ControlPlane) -> None:
@@ -204,7 +119,7 @@ async def test_immediate_switch_routes_the_gateway(plane: ControlPlane) -> None:
 
 
 async def test_second_switch_while_one_is_active_is_409(plane: ControlPlane) -> None:
-    async with plane.http() as client:
+    async with plane.http() as client, traffic(plane.gateway_url, MODEL_ID):
         first = await client.post("/switch", json={
             "model_id": MODEL_ID, "target_version": "v2", "strategy": "canary",
             "strategy_config": {"initial_percentage": 50, "step_percentage": 50,
@@ -263,4 +178,13 @@ async def test_openapi_documents_the_errors(plane: ControlPlane) -> None:
         spec = (await client.get("/openapi.json")).json()
     responses = spec["paths"]["/switch"]["post"]["responses"]
     assert {"202", "404", "409", "422"} <= set(responses)
+    control = spec["paths"]["/switch/operations/{operation_id}/{action}"]["post"]
+    assert {"200", "404", "409", "422", "503"} <= set(control["responses"])
+    assert "ErrorBody" in str(control["responses"]["409"])
+    action = next(p for p in control["parameters"] if p["name"] == "action")
+    enum = spec["components"]["schemas"][action["schema"]["$ref"].rsplit("/", 1)[-1]]["enum"]
+    assert enum == ["rollback", "pause", "resume", "promote", "abort"]
+    rollback = spec["paths"]["/models/{model_id}/rollback"]["post"]["responses"]
+    assert {"200", "202", "404", "409", "503"} <= set(rollback)
+    assert "SwitchAccepted" in str(rollback["202"])
 

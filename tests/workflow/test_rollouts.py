@@ -148,7 +148,7 @@ async def test_rollback_mid_canary_restores_stable_first(harness: Harness) -> No
     assert harness.cluster.routes == [{"v2": 10, "v1": 90}, {"v1": 100}]
     assert "v2" not in harness.cluster.loaded
     events = [i.event for n, i in harness.cluster.calls if n == c.RECORD_OPERATION]
-    assert "operator_rollback" in events and events[-1] == "switch_failed"
+    assert "rollback_applied" in events and events[-1] == "switch_failed"
 
 
 async def test_abort_ends_on_stable_as_aborted(harness: Harness) -> None:
@@ -175,7 +175,7 @@ async def test_pause_freezes_weights_and_timers_until_resume(harness: Harness) -
     async with rollout(harness, "canary", CANARY) as handle:
         await until(handle, evaluating_at(10))
         paused = await control(handle, c.PAUSE, "watching a dashboard")
-        assert paused.status is OperationStatus.PAUSED and paused.next_check_at is not None
+        assert paused.status is OperationStatus.PAUSED and paused.next_check_at is None
         with pytest.raises(WorkflowUpdateFailedError):
             await control(handle, c.PAUSE)
         await harness.env.sleep(10 * 3600)  # far past every evaluation period

@@ -1,0 +1,148 @@
+"""A control plane on real parts for the API tests: a Temporal dev server (with turnout's
+search attributes), the control and engine workers, the store, the gateway and the API
+over HTTP. Versions are external endpoints (fake OpenAI servers), so no vLLM engine runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.engines import EngineActivities
+from activities.gateway_admin import GatewayAdmin
+from api.app import create_app
+from gateway.app import create_app as create_gateway
+from gateway.app import serve as serve_gateway
+from tests.integration.upstream import FakeUpstream
+from tests.support import free_port
+from turnout.config import ModelSwitchingConfig
+from turnout.runtime import installed_binary
+from turnout.store import Store, upgrade
+from workers import control, engine
+from workers.stack import SEARCH_ATTRIBUTES
+
+_KEY_MAKERS: dict[str, Callable[[str], SearchAttributeKey[Any]]] = {
+    "Keyword": SearchAttributeKey.for_keyword,
+    "Text": SearchAttributeKey.for_text,
+    "Int": SearchAttributeKey.for_int,
+    "Double": SearchAttributeKey.for_float,
+    "Bool": SearchAttributeKey.for_bool,
+    "Datetime": SearchAttributeKey.for_datetime,
+    "KeywordList": SearchAttributeKey.for_keyword_list,
+}
+
+
+def search_attribute_keys() -> list[SearchAttributeKey[Any]]:
+    """The stack's custom search attributes, typed, for `start_local(search_attributes=)`."""
+    return [_KEY_MAKERS[kind](name) for name, kind in SEARCH_ATTRIBUTES.items()]
+
+
+@dataclass
+class ControlPlane:
+    settings: ModelSwitchingConfig
+    store: Store
+    env: WorkflowEnvironment
+    api_url: str
+    gateway_url: str
+    upstreams: dict[str, FakeUpstream]
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.api_url, timeout=30)
+
+
+async def serve_api(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to await
+        await asyncio.sleep(0.05)
+    return server, task
+
+
+@asynccontextmanager
+async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
+                        ) -> AsyncIterator[ControlPlane]:
+    url = f"sqlite+aiosqlite:///{root}/turnout.db"
+    await asyncio.to_thread(upgrade, url)
+    store = Store.from_url(url)
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=installed_binary("temporal"),
+        data_converter=pydantic_data_converter, search_attributes=search_attribute_keys(),
+        dev_server_extra_args=["--dynamic-config-value",
+                               "system.forceSearchAttributesCacheRefreshOnRead=true"])
+    gateway_port, api_port = free_port(), free_port()
+    settings = ModelSwitchingConfig.from_env(
+        {}, database_url=url, state_dir=str(root), engine_host=f"it-{uuid.uuid4().hex[:8]}",
+        control_task_queue=f"control-{uuid.uuid4()}", gateway_port=gateway_port,
+        api_port=api_port)
+    upstreams = {v: await FakeUpstream(v, f"served-{v}").start() for v in versions}
+    admin = GatewayAdmin(None)
+    gateway_app = create_gateway(settings, store, "it-gateway")
+    gateway_runner = await serve_gateway(gateway_app, "127.0.0.1", gateway_port)
+    workers = [control.build_worker(env.client, settings, store, admin),
+               engine.build_worker(env.client, settings, EngineActivities(settings, store))]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    server, server_task = await serve_api(create_app(settings, store=store, temporal=env.client),
+                                          api_port)
+    try:
+        yield ControlPlane(settings, store, env, f"http://127.0.0.1:{api_port}",
+                           f"http://127.0.0.1:{gateway_port}", upstreams)
+    finally:
+        server.should_exit = True
+        await server_task
+        for worker in workers:
+            await worker.shutdown()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await gateway_runner.cleanup()
+        for upstream in upstreams.values():
+            await upstream.stop()
+        await admin.close()
+        await env.shutdown()
+        await store.close()
+
+
+async def wait_done(client: httpx.AsyncClient, operation_id: str) -> dict[str, Any]:
+    """Poll `GET /switch/operations/{id}` until it is `completed` or `failed`."""
+    for _ in range(600):
+        status = (await client.get(f"/switch/operations/{operation_id}")).json()
+        if status["status"] in ("completed", "failed"):
+            return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"operation {operation_id} did not end: {status}")
+
+
+@asynccontextmanager
+async def traffic(gateway_url: str, model_id: str) -> AsyncIterator[dict[str, int]]:
+    """Send completions through the gateway, one after another, until the block ends:
+    health judgments need requests (too few is inconclusive, never healthy).
+    Yields a live count of answers per version."""
+    seen: dict[str, int] = {}
+
+    async def send() -> None:
+        async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as gateway:
+            i = 0
+            while True:
+                answer = await gateway.post("/v1/completions", json={
+                    "model": model_id, "prompt": "hi", "user": f"user-{i}"})
+                version = answer.headers.get("x-turnout-version", "none")
+                seen[version] = seen.get(version, 0) + 1
+                i += 1
+
+    task = asyncio.create_task(send())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

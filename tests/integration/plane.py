@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -146,3 +147,25 @@ async def traffic(gateway_url: str, model_id: str) -> AsyncIterator[dict[str, in
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+HISTORIES = Path(__file__).parents[1] / "replay" / "histories"
+# Bump when SwitchWorkflow changes in a way that needs a new patch: old files stay.
+WORKFLOW_VERSION = "v2"
+
+
+async def record_history(plane: ControlPlane, operation_id: str, scenario: str) -> None:
+    """With RECORD_HISTORIES=1, keep this run's history for the replay tests.
+
+    Never overwrites: a committed history is a promise that running switches of that
+    version still replay.
+    """
+    if os.environ.get("RECORD_HISTORIES") != "1":
+        return
+    path = HISTORIES / f"switch-{scenario}-{WORKFLOW_VERSION}.json"
+    if path.exists():
+        return
+    record = await plane.store.get_operation(operation_id)
+    handle = plane.env.client.get_workflow_handle(record.workflow_id, run_id=record.run_id)
+    path.write_text((await handle.fetch_history()).to_json())
+

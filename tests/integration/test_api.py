@@ -7,22 +7,19 @@ the engine worker only records them. Real engines are exercised in tests/e2e.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from api.app import create_app
-from tests.integration.plane import ControlPlane, serve_api, traffic, wait_done
+from tests.integration.plane import ControlPlane, record_history, serve_api, traffic, wait_done
 from tests.support import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 ARCH, STAGE = "Qwen2_5OmniForConditionalGeneration", "thinker"
 MODEL_ID = f"{ARCH}_{STAGE}"
-HISTORIES = Path(__file__).parents[1] / "replay" / "histories"
 
 
 def guide_body(plane: ControlPlane, version: str, **extra: Any) -> dict[str, Any]:
@@ -32,17 +29,6 @@ def guide_body(plane: ControlPlane, version: str, **extra: Any) -> dict[str, Any
             "endpoint": plane.upstreams.get(version, plane.upstreams["v1"]).url,
             "served_model_name": f"served-{version}",
             **extra}
-
-
-async def record_history(plane: ControlPlane, status: dict[str, Any], scenario: str) -> None:
-    """With RECORD_HISTORIES=1, keep this run's history for the replay tests (never overwrite)."""
-    if os.environ.get("RECORD_HISTORIES") != "1":
-        return
-    path = HISTORIES / f"switch-{scenario}-v1.json"
-    if path.exists():
-        return
-    handle = plane.env.client.get_workflow_handle(status["workflow_id"])
-    path.write_text((await handle.fetch_history()).to_json())
 
 
 async def test_register_model_as_the_guide_shows(plane: ControlPlane) -> None:
@@ -115,7 +101,7 @@ async def test_immediate_switch_routes_the_gateway(plane: ControlPlane) -> None:
                                         json={"model": MODEL_ID, "prompt": "hi"})
         assert answer.headers["x-turnout-version"] == "v1"
         assert (await client.get(f"/models/{MODEL_ID}")).json()["live_version"] == "v1"
-        await record_history(plane, status, "immediate-first")
+        await record_history(plane, status["operation_id"], "immediate-first")
 
 
 async def test_second_switch_while_one_is_active_is_409(plane: ControlPlane) -> None:
@@ -135,7 +121,7 @@ async def test_second_switch_while_one_is_active_is_409(plane: ControlPlane) -> 
         assert validation["valid"] is False and operation_id in " ".join(validation["errors"])
         status = await wait_done(client, operation_id)
         assert status["status"] == "completed", status
-        await record_history(plane, status, "canary-two-steps")
+        await record_history(plane, operation_id, "canary-two-steps")
         listed = (await client.get("/switch/operations",
                                    params={"model_id": MODEL_ID, "status": "completed"})).json()
         assert operation_id in [op["operation_id"] for op in listed]

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.plane import ControlPlane, wait_done
+from tests.integration.plane import ControlPlane, record_history, wait_done
 from turnout.sdk import ModelSwitcher, TurnoutAPIError
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -115,6 +115,7 @@ async def test_pause_resume_then_promote(plane: ControlPlane) -> None:
         assert promoted.status_code == 200, promoted.text
         assert promoted.json()["weights"] == {"v2": 100.0}
         status = await wait_done(client, operation_id)
+        await record_history(plane, operation_id, "canary-pause-resume-promote")
         assert (status["status"], status["outcome"]) == ("completed", "promoted"), status
         assert status["success"] is True
         model = (await client.get(f"/models/{MODEL_ID}")).json()
@@ -132,6 +133,7 @@ async def test_rollback_with_a_reason_restores_the_stable_version(plane: Control
         assert rolled.status_code == 200, rolled.text
         assert rolled.json()["weights"] == {"v2": 100.0}
         status = await wait_done(client, operation_id)
+        await record_history(plane, operation_id, "canary-operator-rollback")
         assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
         assert "p95 regression" in status["reason"]
         assert (await client.get(f"/models/{MODEL_ID}")).json()["live_version"] == "v2"
@@ -145,6 +147,7 @@ async def test_abort_returns_traffic_and_ends_the_switch(plane: ControlPlane) ->
         aborted = await control(client, operation_id, "abort")  # no body at all
         assert aborted.status_code == 200, aborted.text
         status = await wait_done(client, operation_id)
+        await record_history(plane, operation_id, "canary-abort")
         assert (status["status"], status["outcome"]) == ("failed", "aborted"), status
     assert await served_versions(plane) == {"v2"}
     finished["aborted"] = operation_id
@@ -179,6 +182,7 @@ async def test_emergency_rollback_rolls_back_the_active_switch(plane: ControlPla
         assert response.json()["operation_id"] == operation_id
         assert response.json()["weights"] == {"v2": 100.0}
         status = await wait_done(client, operation_id)
+        await record_history(plane, operation_id, "canary-emergency-rollback")
         assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
         assert "pager went off" in status["reason"]
     assert await served_versions(plane) == {"v2"}
@@ -192,6 +196,7 @@ async def test_emergency_rollback_without_a_switch_goes_back_to_previous(
         assert response.status_code == 202, response.text
         operation_id = response.json()["operation_id"]
         status = await wait_done(client, operation_id)
+        await record_history(plane, operation_id, "immediate-emergency-rollback")
         assert (status["status"], status["outcome"], status["target_version"]) == \
             ("completed", "promoted", "v1"), status
         assert status["strategy"] == "immediate"

@@ -1,6 +1,7 @@
 """Replay every recorded history against today's workflow code.
 
-Histories come from real runs (`RECORD_HISTORIES=1 pytest tests/integration/test_api.py`)
+Histories come from real runs; re-record new ones with
+`RECORD_HISTORIES=1 pytest tests/integration/test_api.py tests/integration/test_controls.py`
 and are never regenerated once committed: a change that breaks replay of a running
 switch must go behind `workflow.patched`.
 """

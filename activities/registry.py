@@ -6,7 +6,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from turnout import contracts as c
-from turnout.domain import AuditEntry, OperationRecord, SwitchingStrategyType
+from turnout.domain import Alert, AuditEntry, OperationRecord, SwitchingStrategyType
 from turnout.store import NotFound, Store
 
 
@@ -28,6 +28,14 @@ class RegistryActivities:
     @activity.defn(name=c.MARK_LIVE)
     async def mark_live(self, input: c.MarkLiveInput) -> None:
         await self.store.set_live_version(input.model_id, input.version)
+
+    @activity.defn(name=c.RAISE_ALERT)
+    async def raise_alert(self, alert: Alert) -> Alert:
+        """Fire (or refresh) an alert; retries refresh the same one rather than adding."""
+        stored = await self.store.raise_alert(alert)
+        activity.logger.warning("alert %s on %s %s: %s", stored.severity.value, stored.model_id,
+                                stored.version or "", stored.title)
+        return stored
 
     @activity.defn(name=c.RECORD_OPERATION)
     async def record_operation(self, input: c.RecordOperationInput) -> None:

@@ -28,6 +28,7 @@ CHECK_HEALTH = "check_health"
 DESCRIBE_MODEL = "describe_model"
 MARK_LIVE = "mark_live"
 RECORD_OPERATION = "record_operation"
+RAISE_ALERT = "raise_alert"
 
 SWITCH_WORKFLOW = "SwitchWorkflow"
 

@@ -285,3 +285,37 @@ class GatewayInfo(BaseModel):
     gateway_id: str
     admin_url: str
     last_seen: datetime | None = None
+
+
+class AlertSeverity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class AlertState(StrEnum):
+    FIRING = "firing"
+    RESOLVED = "resolved"
+
+
+class Alert(BaseModel):
+    """Something an operator should know about a model version.
+
+    Repeats of the same (model, version, type) while firing update one alert instead of
+    adding another, so a flapping version does not flood the list.
+    """
+
+    id: int | None = None
+    model_id: str
+    version: str | None = None
+    type: str = Field(description="error_rate, latency, resource or rollout")
+    severity: AlertSeverity = AlertSeverity.WARNING
+    title: str
+    message: str = ""
+    figures: dict[str, Any] = Field(default_factory=dict)
+    operation_id: str | None = None
+    state: AlertState = AlertState.FIRING
+    count: int = 1
+    acknowledged_by: str | None = None
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None

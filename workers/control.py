@@ -33,8 +33,8 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
         activities=[registry.describe_model, registry.mark_live, registry.record_operation,
-                    traffic.set_traffic, traffic.drain_version, health.check_health,
-                    health.judge_health])
+                    registry.raise_alert, traffic.set_traffic, traffic.drain_version,
+                    health.check_health, health.judge_health])
 
 
 async def main() -> None:

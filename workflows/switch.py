@@ -19,6 +19,8 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.domain import (
+        Alert,
+        AlertSeverity,
         OperationStatus,
         Outcome,
         SwitchInput,
@@ -56,6 +58,8 @@ _MAX_EXTENSIONS = 3
 # The patch that brought health judgment, operator controls and search attributes: runs
 # started before it replay with the first behaviour.
 _PATCH_CONTROLS = "health-judgment-and-controls"
+# The patch that made rollbacks and aborts raise an alert record.
+_PATCH_ALERTS = "rollback-alerts"
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -408,8 +412,24 @@ class SwitchWorkflow:
         await self._restore()
         assert self._action is None or self._action[0] in _ENDING
         self._applied.update((c.ROLLBACK, c.ABORT))
+        if self._controls and workflow.patched(_PATCH_ALERTS):
+            await self._alert(outcome, reason)
         await self._unload(self._input.target_version)
         await self._finish(OperationStatus.FAILED, outcome, reason)
+
+    async def _alert(self, outcome: Outcome, reason: str) -> None:
+        s = self._current()
+        automatic = self._action is None
+        verdict = s.last_verdict
+        await workflow.execute_activity(
+            c.RAISE_ALERT,
+            Alert(model_id=s.model_id, version=s.target_version, type="rollout",
+                  severity=AlertSeverity.CRITICAL if automatic else AlertSeverity.WARNING,
+                  title=f"{s.target_version} of {s.model_id} "
+                        f"{'rolled back automatically' if automatic else outcome.value}",
+                  message=reason, operation_id=s.operation_id,
+                  figures=verdict.model_dump(mode="json") if verdict else {}),
+            result_type=Alert, summary="raise rollback alert", **_STORE_CALL)
 
     async def _check_target(self) -> c.HealthVerdict:
         target = self._input.target_version

@@ -163,6 +163,9 @@ async def test_an_erroring_target_is_rolled_back_automatically(stack: Stack) -> 
     assert (s["status"], s["outcome"]) == ("failed", "rolled_back"), s
     assert "error rate" in s["reason"] and "automatic rollback" in s["reason"]
     assert s["weights"] == {"v2": 100.0}
+    alerts = (await api(stack, "GET", "/alerts", params={"model_id": MODEL_ID})).json()
+    assert [(a["severity"], a["version"]) for a in alerts
+            if a["operation_id"] == operation_id] == [("critical", "v3-broken")]
     # Only the deliberately broken version ever failed a request.
     assert client.failures and {v for v, _ in client.failures} == {"v3-broken"}
     assert set(client.served[after:]) == {"v2"}

@@ -137,6 +137,15 @@ async def test_rollback_with_a_reason_restores_the_stable_version(plane: Control
         assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
         assert "p95 regression" in status["reason"]
         assert (await client.get(f"/models/{MODEL_ID}")).json()["live_version"] == "v2"
+        alerts = (await client.get("/alerts", params={"model_id": MODEL_ID})).json()
+        [alert] = [a for a in alerts if a["operation_id"] == operation_id]
+        assert (alert["type"], alert["severity"], alert["state"]) == \
+            ("rollout", "warning", "firing")
+        assert "p95 regression" in alert["message"]
+        acked = await client.post(f"/alerts/{alert['id']}/acknowledge",
+                                  json={"requested_by": "bob"})
+        assert acked.status_code == 200 and acked.json()["acknowledged_by"] == "bob"
+        assert (await client.post("/alerts/999999/acknowledge")).status_code == 404
     assert await served_versions(plane) == {"v2"}
     finished["rolled_back"] = operation_id
 

@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from turnout import contracts as c
-from turnout.domain import EngineInfo, EngineState
+from turnout.domain import Alert, EngineInfo, EngineState
 from turnout.runtime import installed_binary
 from workers.stack import SEARCH_ATTRIBUTES
 from workflows import WORKFLOWS
@@ -52,6 +52,7 @@ class FakeCluster:
     # Outcomes `judge_health` returns in turn; "healthy" once they run out.
     verdicts: list[str] = field(default_factory=list)
     slow_load: bool = False
+    alerts: list[Alert] = field(default_factory=list)
     calls: list[tuple[str, Any]] = field(default_factory=list)
     routes: list[dict[str, float]] = field(default_factory=list)
     loaded: set[str] = field(default_factory=set)
@@ -113,6 +114,12 @@ class FakeCluster:
                              window_start=input.window_start, window_end=input.window_end,
                              analysis={"compared": input.compare})
 
+        @activity.defn(name=c.RAISE_ALERT)
+        async def raise_alert(alert: Alert) -> Alert:
+            self.calls.append((c.RAISE_ALERT, alert))
+            self.alerts.append(alert)
+            return alert
+
         @activity.defn(name=c.MARK_LIVE)
         async def mark_live(input: c.MarkLiveInput) -> None:
             self.calls.append((c.MARK_LIVE, input))
@@ -123,7 +130,7 @@ class FakeCluster:
             self.calls.append((c.RECORD_OPERATION, input))
 
         return [describe_model, load_version, unload_version, set_traffic, drain_version,
-                check_health, judge_health, mark_live, record_operation]
+                check_health, judge_health, raise_alert, mark_live, record_operation]
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]

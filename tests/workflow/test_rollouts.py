@@ -81,6 +81,9 @@ async def test_an_unhealthy_verdict_rolls_back_on_its_own(harness: Harness) -> N
     assert names.index(c.UNLOAD_VERSION) > len(names) - 1 - names[::-1].index(c.SET_TRAFFIC)
     assert "v2" not in harness.cluster.loaded
     assert harness.cluster.live_version == "v1"
+    [alert] = harness.cluster.alerts
+    assert (alert.type, alert.severity.value, alert.version) == ("rollout", "critical", "v2")
+    assert "error rate" in alert.message
 
 
 async def test_inconclusive_extends_the_step_and_is_never_taken_for_health(
@@ -149,6 +152,8 @@ async def test_rollback_mid_canary_restores_stable_first(harness: Harness) -> No
     assert "v2" not in harness.cluster.loaded
     events = [i.event for n, i in harness.cluster.calls if n == c.RECORD_OPERATION]
     assert "rollback_applied" in events and events[-1] == "switch_failed"
+    [alert] = harness.cluster.alerts
+    assert alert.severity.value == "warning" and "latency looks off" in alert.message
 
 
 async def test_abort_ends_on_stable_as_aborted(harness: Harness) -> None:

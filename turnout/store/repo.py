@@ -14,6 +14,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from turnout.domain import (
+    Alert,
+    AlertSeverity,
+    AlertState,
     AuditEntry,
     Backend,
     EngineInfo,
@@ -31,6 +34,7 @@ from turnout.domain import (
 )
 from turnout.store.db import create_engine
 from turnout.store.schema import (
+    AlertRow,
     AliasRow,
     AuditRow,
     EngineRow,
@@ -329,6 +333,64 @@ class Store:
             query = query.where(AuditRow.operation_id == operation_id)
         async with self._session() as session:
             return [_audit(r) for r in (await session.scalars(query)).all()]
+
+
+    # ---------------------------------------------------------------- alerts
+
+    async def raise_alert(self, alert: Alert) -> Alert:
+        """Fire an alert, or refresh the one already firing for (model, version, type)."""
+        async with self._session.begin() as session:
+            row = await session.scalar(select(AlertRow).where(
+                AlertRow.model_id == alert.model_id, AlertRow.version == alert.version,
+                AlertRow.type == alert.type, AlertRow.state == AlertState.FIRING.value))
+            if row is None:
+                row = AlertRow(model_id=alert.model_id, version=alert.version, type=alert.type,
+                               severity=alert.severity.value, title=alert.title,
+                               message=alert.message, figures=alert.figures,
+                               operation_id=alert.operation_id, state=AlertState.FIRING.value,
+                               count=1, first_seen=utcnow(), last_seen=utcnow())
+                session.add(row)
+            else:
+                row.count += 1
+                row.severity, row.title, row.message = (alert.severity.value, alert.title,
+                                                        alert.message)
+                row.figures, row.operation_id = alert.figures, alert.operation_id
+                row.last_seen = utcnow()
+            await session.flush()
+            return _alert(row)
+
+    async def list_alerts(self, *, model_id: str | None = None,
+                          severity: AlertSeverity | None = None,
+                          state: AlertState | None = None, since: datetime | None = None,
+                          limit: int = 500) -> list[Alert]:
+        query = select(AlertRow).order_by(AlertRow.last_seen.desc()).limit(limit)
+        if model_id is not None:
+            query = query.where(AlertRow.model_id == model_id)
+        if severity is not None:
+            query = query.where(AlertRow.severity == severity.value)
+        if state is not None:
+            query = query.where(AlertRow.state == state.value)
+        if since is not None:
+            query = query.where(AlertRow.last_seen >= since)
+        async with self._session() as session:
+            return [_alert(r) for r in (await session.scalars(query)).all()]
+
+    async def acknowledge_alert(self, alert_id: int, by: str | None) -> Alert:
+        async with self._session.begin() as session:
+            row = await session.get(AlertRow, alert_id)
+            if row is None:
+                raise NotFound(f"alert {alert_id} does not exist")
+            row.acknowledged_by = by or "operator"
+            return _alert(row)
+
+
+def _alert(row: AlertRow) -> Alert:
+    return Alert(id=row.id, model_id=row.model_id, version=row.version, type=row.type,
+                 severity=AlertSeverity(row.severity), title=row.title, message=row.message,
+                 figures=row.figures or {}, operation_id=row.operation_id,
+                 state=AlertState(row.state), count=row.count,
+                 acknowledged_by=row.acknowledged_by, first_seen=_aware(row.first_seen),
+                 last_seen=_aware(row.last_seen))
 
 
 def _version(row: VersionRow) -> VersionInfo:

@@ -109,3 +109,22 @@ class GatewayRow(Base):
     gateway_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     admin_url: Mapped[str] = mapped_column(String(512))
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AlertRow(Base):
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(String(300), index=True)
+    version: Mapped[str | None] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(String(300))
+    message: Mapped[str] = mapped_column(Text)
+    figures: Mapped[dict[str, Any]]
+    operation_id: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(256))
+    first_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -353,14 +354,17 @@ class EngineActivities:
             return pid, port
         return None
 
-    def _cpu_core(self, port: int) -> str:
-        """The CPU core a CPU engine's threads are bound to.
+    async def _cpu_core(self) -> str:
+        """The CPU core a new CPU engine's threads are bound to: the least used one.
 
         vLLM's automatic binding puts every engine of a host on the same core, so a new
-        version loading beside a busy live one starves (measured: no ready after 10 min on
-        2 cores). Engines spread over the cores by their port slot instead.
+        version loading beside a busy live one starves (measured: not ready after 10 min
+        on 2 cores). The cores of running engines are read back from their environment.
         """
-        return str((port - self.settings.engine_port_start) % (os.cpu_count() or 1))
+        used = Counter(_bound_core(e.pid) for e in await self.store.list_engines(host=self.host)
+                       if not e.external and e.pid)
+        cores = range(os.cpu_count() or 1)
+        return str(min(cores, key=lambda core: (used[str(core)], core)))
 
     def _log_path(self, model_id: str, version: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
@@ -377,7 +381,7 @@ class EngineActivities:
         env.setdefault("PYTHONUNBUFFERED", "1")
         async with self._spawn_lock:
             port = await self._free_port()
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", self._cpu_core(port))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", await self._cpu_core())
             argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
                     "--model", model_dir, "--served-model-name", name,
                     "--host", s.engine_bind_host, "--port", str(port),
@@ -555,6 +559,18 @@ class EngineActivities:
             yield
         finally:
             lock.release()
+
+
+def _bound_core(pid: int) -> str | None:
+    """The core an engine we started was bound to (from its environment), if readable."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"VLLM_CPU_OMP_THREADS_BIND="):
+            return item.split(b"=", 1)[1].decode()
+    return None
 
 
 def _gib(value: float) -> str:

@@ -28,7 +28,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
-	$(PY) bench/switch_time.py
+	$(PY) -m bench.switch_time
+	$(PY) -m bench.control_latency
 
 clean:
 	rm -rf .turnout .pytest_cache

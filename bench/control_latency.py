@@ -6,7 +6,7 @@ OpenAI servers so that only turnout's own path is measured), for several rounds:
   - promote: time from `POST .../promote` to the moment new requests all reach the target.
 Goal: both ≤ 1 s at the median. Prints each round and the medians.
 
-    python bench/control_latency.py [--rounds 5]
+    python -m bench.control_latency [--rounds 5]
 """
 
 from __future__ import annotations

@@ -123,7 +123,9 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
         strategy_config=request.strategy_config, engine_task_queue=settings.engine_task_queue,
         requested_by=request.requested_by, reason=request.reason,
         thresholds=HealthThresholds(error_rate_max=settings.error_rate_warning,
-                                    latency_p95_ms_max=settings.latency_warning_ms))
+                                    latency_p95_ms_max=settings.latency_warning_ms,
+                                    latency_tolerance=settings.latency_tolerance,
+                                    min_requests=settings.min_requests))
     for attempt in range(2):
         try:
             handle = await client.start_workflow(

@@ -42,6 +42,10 @@ class ModelSwitchingConfig(BaseModel):
     api_port: int = Field(8001, ge=1, le=65535)
     error_rate_warning: float = Field(0.05, ge=0, le=1)
     latency_warning_ms: float = Field(5000, gt=0)
+    # How much slower (p95) than the stable version a rollout target may be, as a fraction.
+    latency_tolerance: float = Field(0.1, ge=0)
+    # Fewer requests than this in an evaluation window make a verdict inconclusive.
+    min_requests: int = Field(20, ge=1)
     enable_authentication: bool = False
     api_key: str | None = Field(None, repr=False)
 

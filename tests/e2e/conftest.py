@@ -21,6 +21,10 @@ E2E_SETTINGS = {
     "engine_port_end": 18149,
     "engine_host": "e2e",
     "gateway_live_after_s": 10,
+    # Two engines on a 2-core machine share it with the whole stack and the test client:
+    # identical versions differ in p95 by up to ~70% depending on their core's neighbours
+    # (measured in CI). Latency comparison is unit-tested; here a target may be 2x slower.
+    "latency_tolerance": 1.0,
 }
 
 

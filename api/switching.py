@@ -32,7 +32,8 @@ from turnout.strategies import StrategyConfigError, validate_strategy_config
 log = logging.getLogger("turnout.api.switch")
 _QUERY_TIMEOUT = timedelta(seconds=5)
 # How long a switch that has reported its end may take to close its run.
-_CLOSE_WAIT_S = 10.0
+# A busy worker (engines saturating the CPU) has taken over 10 s to close a finished run.
+_CLOSE_WAIT_S = 60.0
 
 
 class FieldError(BaseModel):

@@ -73,7 +73,8 @@ async def serve_api(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[N
 
 @asynccontextmanager
 async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
-                        ) -> AsyncIterator[ControlPlane]:
+                        **overrides: Any) -> AsyncIterator[ControlPlane]:
+    """The plane; `overrides` are settings (`ModelSwitchingConfig` fields) for this run."""
     url = f"sqlite+aiosqlite:///{root}/turnout.db"
     await asyncio.to_thread(upgrade, url)
     store = Store.from_url(url)
@@ -86,7 +87,7 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
     settings = ModelSwitchingConfig.from_env(
         {}, database_url=url, state_dir=str(root), engine_host=f"it-{uuid.uuid4().hex[:8]}",
         control_task_queue=f"control-{uuid.uuid4()}", gateway_port=gateway_port,
-        api_port=api_port)
+        api_port=api_port, **overrides)
     upstreams = {v: await FakeUpstream(v, f"served-{v}").start() for v in versions}
     admin = GatewayAdmin(None)
     gateway_app = create_gateway(settings, store, "it-gateway")

@@ -1,7 +1,8 @@
 """Replay every recorded history against today's workflow code.
 
 Histories come from real runs; re-record new ones with
-`RECORD_HISTORIES=1 pytest tests/integration/test_api.py tests/integration/test_controls.py`
+`RECORD_HISTORIES=1 pytest tests/integration/test_api.py tests/integration/test_controls.py
+tests/integration/test_strategies.py`
 and are never regenerated once committed: a change that breaks replay of a running
 switch must go behind `workflow.patched`.
 """

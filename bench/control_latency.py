@@ -14,16 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
+from bench.common import bench_stack
 from tests.integration.upstream import FakeUpstream
-from tests.support import free_port
-from turnout.config import ModelSwitchingConfig
-from workers.stack import Stack
 
 MODEL_ID = "Bench_ctl"
 CANARY = {"initial_percentage": 50, "step_percentage": 25, "evaluation_period_minutes": 60}
@@ -58,13 +54,7 @@ async def round_trip(api: httpx.AsyncClient, gateway: httpx.AsyncClient, target:
 
 
 async def main(rounds: int) -> None:
-    root = Path(tempfile.mkdtemp(prefix="turnout-bench-"))
-    settings = ModelSwitchingConfig.from_env(
-        {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        temporal_address=f"127.0.0.1:{free_port()}", api_port=free_port(),
-        gateway_port=free_port(), engine_host="bench")
-    stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
-                  temporal_ui_port=free_port(), headless=True)
+    stack = bench_stack("controls")
     fakes = [await FakeUpstream(v, v).start() for v in ("a", "b")]
     await stack.start()
     rollback: list[float] = []

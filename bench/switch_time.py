@@ -19,14 +19,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from bench.common import bench_stack
 from tests.support import free_port
-from turnout.config import ModelSwitchingConfig
 from turnout.tinymodels import ensure_tiny_models
 from workers.stack import Stack
 
@@ -97,14 +96,8 @@ async def turnout_switch(stack: Stack, version: str) -> tuple[float, float]:
 
 
 async def main(rounds: int) -> None:
-    root = Path(tempfile.mkdtemp(prefix="turnout-bench-"))
-    models = ensure_tiny_models(root / "models")
-    settings = ModelSwitchingConfig.from_env(
-        {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        temporal_address="127.0.0.1:27233", api_port=28001, gateway_port=28000,
-        engine_port_start=28100, engine_port_end=28149, engine_host="bench")
-    stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
-                  temporal_ui_port=28233, headless=True)
+    stack = bench_stack("switch", engine_port_start=28100, engine_port_end=28149)
+    models = ensure_tiny_models(Path(stack.settings.state_dir) / "models")
     await stack.start()
     bare: list[float] = []
     served: list[float] = []

@@ -59,6 +59,10 @@ class Process:
         return self.popen is not None and self.popen.poll() is None
 
 
+# The processes every stack runs; `add_process` may add more.
+_CORE = ("temporal", "control-worker", "engine-worker", "gateway", "api")
+
+
 @dataclass
 class Stack:
     """Starts, watches and stops the processes of a local turnout deployment."""
@@ -128,17 +132,28 @@ class Stack:
         logfile.close()
         log.info("started %s (pid %d), log %s", name, process.popen.pid, process.log_path)
 
-    def kill_process(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send a signal to one process (tests use SIGKILL to simulate a crash)."""
+    def add_process(self, name: str, argv: list[str]) -> None:
+        """Another process of this deployment (a second gateway, say); `stop` ends it too."""
+        self.processes[name] = Process(name, argv, self.log_dir / f"{name}.log")
+
+    def signal_process(self, name: str, sig: int) -> None:
+        """Send a signal to one process group without waiting (SIGSTOP/SIGCONT freeze it)."""
         process = self.processes[name]
         if process.running and process.popen:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.popen.pid, sig)
+
+    def kill_process(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to one process and wait for it to exit (SIGKILL simulates a crash)."""
+        process = self.processes[name]
+        self.signal_process(name, sig)
+        if process.popen:
             process.popen.wait(timeout=30)
 
     async def stop(self, *, stop_engines: bool = True) -> None:
         """Stop in reverse order of dependence, then the engines this stack started."""
-        for name in ("api", "gateway", "control-worker", "engine-worker"):
+        extra = [name for name in self.processes if name not in _CORE]
+        for name in (*extra, "api", "gateway", "control-worker", "engine-worker"):
             await asyncio.to_thread(self._terminate, name)
         if stop_engines:
             await self.stop_engines()
@@ -160,6 +175,7 @@ class Stack:
         if not process.running or process.popen is None:
             return
         with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.popen.pid, signal.SIGCONT)  # a frozen process cannot exit
             os.killpg(process.popen.pid, signal.SIGTERM)
         try:
             process.popen.wait(timeout=grace_s)

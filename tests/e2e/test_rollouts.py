@@ -1,5 +1,6 @@
-"""Canaries on real parts: promote, automatic rollback, operator rollback, and a canary that
-survives SIGKILL of both workers and of the Temporal server, all under client load.
+"""Canaries on real parts: promote, automatic rollback, operator rollback, and canaries that
+survive SIGKILL of both workers and of the Temporal server (during an evaluation period and
+during a traffic shift), all under client load.
 
 Two real vLLM engines serve v1 and v2; the broken and extra candidates are external
 endpoints (real HTTP servers made for the test) so that no more engines must load.
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +126,7 @@ async def fakes() -> AsyncIterator[dict[str, FakeUpstream]]:
         "v3-broken": await FakeUpstream("v3-broken", "broken", fail_fraction=0.5).start(),
         "v4": await FakeUpstream("v4", "v4").start(),
         "v5": await FakeUpstream("v5", "v5").start(),
+        "v6": await FakeUpstream("v6", "v6").start(),
     }
     yield upstreams
     for upstream in upstreams.values():
@@ -216,3 +220,52 @@ async def test_a_canary_survives_sigkill_of_workers_and_temporal(stack: Stack) -
     assert generations[1] - generations[0] == 3
     assert [v["outcome"] for v in s["verdicts"]] == ["healthy"] * 3
     assert client.failures == []
+
+
+async def test_a_canary_survives_sigkill_in_the_middle_of_a_traffic_shift(
+        stack: Stack) -> None:
+    """A second real gateway replica is frozen (SIGSTOP) just before a step, so the shift's
+    activity has written the new route but still waits for that replica to confirm it; then
+    both workers and Temporal are killed. The retried shift must not apply the step again."""
+    stack.add_process("gateway-replica", [sys.executable, "-m", "gateway", "--port", "18002",
+                                          "--gateway-id", "e2e-replica"])
+    stack.start_process("gateway-replica")
+    await stack.wait_for_http("http://127.0.0.1:18002/health", "gateway-replica")
+    store = Store.from_url(stack.settings.database_url)
+    try:
+        async with load(stack) as client:
+            operation_id = await start(stack, "v6", "canary", {
+                "initial_percentage": 25, "step_percentage": 25,
+                "evaluation_period_minutes": 0.25})
+            evaluating = await wait_phase(stack, operation_id, "evaluating")
+            first = (await store.get_route(MODEL_ID)).generation
+            next_check = datetime.fromisoformat(evaluating["next_check_at"]).timestamp()
+            await asyncio.sleep(max(0.0, next_check - time.time() - 1))
+            stack.signal_process("gateway-replica", signal.SIGSTOP)
+            # The next step's route is written; the activity now waits for the replica.
+            for _ in range(300):
+                if (await store.get_route(MODEL_ID)).generation > first:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await store.get_route(MODEL_ID)).generation == first + 1
+            assert (await status(stack, operation_id))["phase"] == "shifting"
+            for name in ("control-worker", "engine-worker", "temporal"):
+                stack.kill_process(name, signal.SIGKILL)
+            stack.signal_process("gateway-replica", signal.SIGCONT)
+            served_before = len(client.served)
+            await asyncio.sleep(3)
+            assert len(client.served) > served_before and client.failures == []
+            stack.start_process("temporal")
+            await stack.wait_for_port(stack.settings.temporal_address, "temporal")
+            stack.start_process("engine-worker")
+            stack.start_process("control-worker")
+            s = await wait_end(stack, operation_id)
+            last = (await store.get_route(MODEL_ID)).generation
+    finally:
+        await store.close()
+    assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
+    # 50 (in flight at the kill, applied once), 75, 100: three generations after 25%.
+    assert last - first == 3
+    assert [v["outcome"] for v in s["verdicts"]] == ["healthy"] * 3
+    assert client.failures == []
+    assert {"v5", "v6"} <= set(client.served)

@@ -1,0 +1,24 @@
+"""What the benchmarks share: a throw-away local stack on free ports."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tests.support import free_port
+from turnout.config import ModelSwitchingConfig
+from workers.stack import Stack
+
+
+def bench_stack(name: str, **overrides: Any) -> Stack:
+    """A headless stack in a fresh temporary directory, on free ports (runs beside
+    `make run`); `overrides` are settings. Start it with `await stack.start()`."""
+    root = Path(tempfile.mkdtemp(prefix=f"turnout-bench-{name}-"))
+    settings = ModelSwitchingConfig.from_env(
+        {}, **{"state_dir": str(root), "database_url": f"sqlite+aiosqlite:///{root}/turnout.db",
+               "temporal_address": f"127.0.0.1:{free_port()}", "api_port": free_port(),
+               "gateway_port": free_port(), "engine_host": f"bench-{name}", **overrides})
+    print(f"stack state and logs: {root}", flush=True)
+    return Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
+                 temporal_ui_port=free_port(), headless=True)

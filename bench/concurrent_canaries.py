@@ -1,0 +1,191 @@
+"""How many concurrent canaries does one control worker drive?
+
+On the real stack (Temporal dev server, one control worker, engine worker, gateway, API;
+versions are fast external OpenAI servers, so no engine competes for the CPU), for each
+level N: N models, each with a live version, then N canaries started at once-per-period
+intervals (independent rollouts, not a synchronized burst), while a light client load
+keeps every model's windows judgeable. Each canary steps 50% → 75% → 100% with an
+evaluation period of `--period-s`.
+
+Per-step latency is read from each workflow's history: from the evaluation timer firing
+to the completion of the traffic activity that follows (it includes the health judgment,
+the route write and every gateway's confirmation). Goal: p95 ≤ 1 s at N = 200.
+
+    python -m bench.concurrent_canaries [--levels 50,100,200,300] [--period-s 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import random
+import statistics
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
+
+from bench.common import bench_stack
+from tests.integration.upstream import FakeUpstream
+from turnout import contracts as c
+from turnout.analysis import quantile
+from turnout.runtime import connect_temporal
+
+CANARY_STEPS = {"initial_percentage": 50, "step_percentage": 25}
+SETUP_CONCURRENCY = 16
+
+
+async def step_latencies(client: Client, workflow_id: str) -> list[float]:
+    """Seconds from each evaluation timer firing to the end of the next traffic shift."""
+    fired: float | None = None
+    shift: int | None = None
+    found = []
+    async for event in client.get_workflow_handle(workflow_id).fetch_history_events():
+        at = event.event_time.ToDatetime().timestamp()
+        if event.event_type == EventType.EVENT_TYPE_TIMER_FIRED:
+            fired, shift = at, None
+        elif (event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED and fired
+              and event.activity_task_scheduled_event_attributes.activity_type.name
+              == c.SET_TRAFFIC):
+            shift = event.event_id
+        elif (event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED and fired
+              and event.activity_task_completed_event_attributes.scheduled_event_id == shift):
+            found.append(at - fired)
+            fired = shift = None
+    return found
+
+
+async def gather_limited(coroutines: list, limit: int) -> list:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(coroutine):  # type: ignore[no-untyped-def]
+        async with gate:
+            return await coroutine
+
+    return await asyncio.gather(*(one(co) for co in coroutines))
+
+
+async def wait_done(temporal: Client, model_id: str) -> dict:
+    """The switch's final status, long-polled from Temporal: polling the API would run a
+    query on the control worker per poll and load the very thing measured."""
+    return dict(await temporal.get_workflow_handle(f"switch-{model_id}").result())
+
+
+@contextlib.asynccontextmanager
+async def client_load(gateway_url: str, model_ids: list[str], rate: float
+                      ) -> AsyncIterator[list[int]]:
+    """`rate` completions per second spread round-robin over the models; yields
+    [answered, failed]."""
+    counts = [0, 0]
+
+    async def send(gateway: httpx.AsyncClient, model_id: str) -> None:
+        try:
+            r = await gateway.post("/v1/completions", json={"model": model_id, "prompt": "x"})
+            counts[0 if r.status_code == 200 else 1] += 1
+        except httpx.HTTPError:
+            counts[1] += 1
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as gateway:
+            pending: set[asyncio.Task[None]] = set()
+            for model_id in itertools.cycle(model_ids):
+                task = asyncio.create_task(send(gateway, model_id))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                await asyncio.sleep(1 / rate)
+
+    task = asyncio.create_task(run())
+    try:
+        yield counts
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def level(api: httpx.AsyncClient, temporal: Client, gateway_url: str,
+                fakes: list[FakeUpstream], n: int, period_s: float) -> list[float]:
+    model_ids = [f"Bench_n{n}x{i}" for i in range(n)]
+
+    async def prepare(model_id: str) -> None:
+        arch, stage = model_id.split("_")
+        for fake in fakes:
+            (await api.post("/models", json={
+                "model": fake.version, "model_arch": arch, "model_stage": stage,
+                "version": fake.version, "endpoint": fake.url,
+                "served_model_name": fake.served_model_name})).raise_for_status()
+        r = await api.post("/switch", json={"model_id": model_id, "target_version": "a"})
+        r.raise_for_status()
+        await wait_done(temporal, model_id)
+
+    started = time.monotonic()
+    await gather_limited([prepare(m) for m in model_ids], SETUP_CONCURRENCY)
+    print(f"  N={n}: {n} models live in {time.monotonic() - started:.0f} s", flush=True)
+
+    async def canary(model_id: str, delay_s: float) -> dict:
+        await asyncio.sleep(delay_s)
+        r = await api.post("/switch", json={
+            "model_id": model_id, "target_version": "b", "strategy": "canary",
+            "strategy_config": {**CANARY_STEPS, "evaluation_period_minutes": period_s / 60}})
+        r.raise_for_status()
+        return await wait_done(temporal, model_id)
+
+    # About 8 requests per model per evaluation period: enough for each version's window.
+    rate = max(5.0, 8 * n / period_s)
+    async with client_load(gateway_url, model_ids, rate) as counts:
+        ends = await asyncio.gather(*(canary(m, random.uniform(0, period_s))
+                                      for m in model_ids))
+    outcomes = statistics.multimode([e["outcome"] for e in ends])
+    latencies = [x for lists in await gather_limited(
+        [step_latencies(temporal, f"switch-{m}") for m in model_ids], SETUP_CONCURRENCY)
+        for x in lists]
+    print(f"  N={n}: outcomes {outcomes} ({sum(e['outcome'] == 'promoted' for e in ends)}"
+          f"/{n} promoted), client load {rate:.0f}/s: {counts[0]} answered, {counts[1]} "
+          f"failed", flush=True)
+    return latencies
+
+
+async def main(levels: list[int], period_s: float) -> None:
+    # One request per version is enough to judge: the benchmark measures the control
+    # plane, not the statistics. The wide tolerance keeps scheduling noise from failing
+    # a canary (a rolled-back canary has no further steps to measure).
+    stack = bench_stack("canaries", min_requests=1, latency_tolerance=100.0)
+    fakes = [await FakeUpstream(v, v).start() for v in ("a", "b")]
+    await stack.start()
+    rows = []
+    try:
+        temporal = await connect_temporal(stack.settings)
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=120) as api:
+            for n in levels:
+                latencies = await level(api, temporal, stack.gateway_url, fakes, n, period_s)
+                p50, p95 = quantile(latencies, 0.5), quantile(latencies, 0.95)
+                rows.append((n, len(latencies), p50, p95, max(latencies, default=None)))
+                print(f"N={n:4d}: {len(latencies)} steps, timer fired → traffic done: "
+                      f"p50 {_ms(p50)}, p95 {_ms(p95)}, max {_ms(rows[-1][4])}", flush=True)
+    finally:
+        await stack.stop()
+        for fake in fakes:
+            await fake.stop()
+    print("\nconcurrent canaries | steps | p50 | p95 | max  (goal: p95 <= 1000 ms at 200)")
+    for n, steps, p50, p95, worst in rows:
+        print(f"{n:19d} | {steps:5d} | {_ms(p50)} | {_ms(p95)} | {_ms(worst)}")
+    within = [n for n, _, _, p95, _ in rows if p95 is not None and p95 <= 1.0]
+    print(f"largest level with p95 <= 1 s: {max(within) if within else 'none'}")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--levels", default="50,100,200,300",
+                        help="comma-separated numbers of concurrent canaries")
+    parser.add_argument("--period-s", type=float, default=30.0,
+                        help="evaluation period of each canary step, in seconds")
+    args = parser.parse_args()
+    asyncio.run(main([int(n) for n in args.levels.split(",")], args.period_s))

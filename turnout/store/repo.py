@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from turnout.domain import (
@@ -82,6 +83,14 @@ class Store:
 
     async def register_version(self, request: RegisterModelRequest) -> VersionInfo:
         """Create the model if new and add a version to it; a version is immutable once made."""
+        try:
+            return await self._register_version(request)
+        except IntegrityError:
+            # Another registration created the same model (or version, alias) between our
+            # reads and our insert: once more, now seeing its rows (→ Conflict if it clashes).
+            return await self._register_version(request)
+
+    async def _register_version(self, request: RegisterModelRequest) -> VersionInfo:
         config = OmniModelConfig.model_validate(
             request.model_dump(include=set(OmniModelConfig.model_fields))
         )
@@ -263,11 +272,16 @@ class Store:
     # ---------------------------------------------------------------- operations
 
     async def create_operation(self, record: OperationRecord) -> None:
-        async with self._session.begin() as session:
-            if await session.get(OperationRow, record.operation_id) is not None:
-                return
-            values = record.model_dump(mode="json", exclude={"created_at", "finished_at"})
-            session.add(OperationRow(**values, created_at=record.created_at or utcnow()))
+        """Insert once: the API and the workflow's first activity both create the record,
+        in either order and sometimes at the same moment; the second one is a no-op."""
+        try:
+            async with self._session.begin() as session:
+                if await session.get(OperationRow, record.operation_id) is not None:
+                    return
+                values = record.model_dump(mode="json", exclude={"created_at", "finished_at"})
+                session.add(OperationRow(**values, created_at=record.created_at or utcnow()))
+        except IntegrityError:
+            return
 
     async def set_operation_run(self, operation_id: str, run_id: str) -> None:
         async with self._session.begin() as session:

@@ -29,10 +29,15 @@ class GatewayAdmin:
         return response.json()
 
     async def stats(self, gateway: GatewayInfo, since: float | None = None,
-                    until: float | None = None) -> dict[str, Any]:
-        """Per-version counters; with `since`/`until` (unix seconds) each version's `window`."""
+                    until: float | None = None, *, model_id: str | None = None
+                    ) -> dict[str, Any]:
+        """Per-version counters; with `since`/`until` (unix seconds) each version's `window`.
+        With `model_id`, that model only (a gateway serving hundreds of models would
+        otherwise send every model's raw window to judge one)."""
         params = {k: repr(float(v)) for k, v in (("since", since), ("until", until))
                   if v is not None}
+        if model_id is not None:
+            params["model_id"] = model_id
         response = await self._client.get(f"{gateway.admin_url}/admin/stats", params=params)
         response.raise_for_status()
         return response.json()

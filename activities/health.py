@@ -83,7 +83,7 @@ class HealthActivities:
         skipped: list[str] = []
         for gateway in gateways:
             try:
-                body = await self.admin.stats(gateway, since, until)
+                body = await self.admin.stats(gateway, since, until, model_id=input.model_id)
             except Exception as exc:
                 activity.logger.warning("gateway %s unreachable for health stats, skipped: %r",
                                         gateway.gateway_id, exc)

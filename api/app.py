@@ -10,7 +10,7 @@ from temporalio.client import Client
 
 from api import errors
 from api.deps import require_api_key
-from api.routers import alerts, audit, models, switch
+from api.routers import alerts, audit, models, rules, switch
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal
 from turnout.store import Store
@@ -35,6 +35,7 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
                   dependencies=[Depends(require_api_key)])
     errors.install(app)
     app.include_router(models.router)
+    app.include_router(rules.router)
     app.include_router(switch.router)
     app.include_router(audit.router)
     app.include_router(alerts.router)

@@ -33,6 +33,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class FieldErrors(Exception):
+    """A request that is well formed but names something that does not fit (an unknown
+    version, say): a 422 whose `detail` lists each field at fault, like pydantic's."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(e["msg"]) for e in errors))
+
+
 class ActiveSwitchConflict(Exception):
     def __init__(self, model_id: str, operation_id: str | None) -> None:
         self.model_id = model_id
@@ -54,6 +63,10 @@ def install(app: FastAPI) -> None:
     async def _active(_: Request, exc: ActiveSwitchConflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc), "active_operation_id": exc.operation_id},
                             status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(FieldErrors)
+    async def _fields(_: Request, exc: FieldErrors) -> JSONResponse:
+        return JSONResponse({"detail": exc.errors}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(StrategyConfigError)
     async def _strategy(_: Request, exc: StrategyConfigError) -> JSONResponse:

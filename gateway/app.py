@@ -24,8 +24,8 @@ from gateway.errors import Handler, error_response, openai_errors
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from turnout.config import ModelSwitchingConfig
-from turnout.routing import RouteTable
 from turnout.store import Store
+from turnout.transitions import TransitionManager
 
 log = logging.getLogger("gateway")
 
@@ -49,9 +49,10 @@ class Gateway:
         self.gateway_id = gateway_id
         self.admin_url = admin_url or (
             f"http://{client_host(settings.gateway_host)}:{settings.gateway_port}")
-        self.table = RouteTable()
+        self.transitions = TransitionManager(settings)
+        self.table = self.transitions.table
         self.metrics = GatewayMetrics()
-        self.proxy = Proxy(self.table, self.metrics)
+        self.proxy = Proxy(self.transitions, self.metrics)
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._store_ok = True
@@ -99,17 +100,12 @@ class Gateway:
     # ------------------------------------------------------------------ store sync
 
     async def reconcile(self) -> None:
-        """Read routes, aliases and model ids from the store; apply only newer generations."""
+        """Read routes, rules, aliases and model ids from the store; apply only newer routes."""
         async with self._reconcile_lock:
-            routes = await self.store.list_routes()
-            aliases = await self.store.aliases()
-            model_ids = await self.store.list_model_ids()
-            for route in self.table.apply_all(routes):
+            for route in await self.transitions.reconcile(self.store):
                 self.metrics.generation.labels(route.model_id).set(route.generation)
                 log.info("applied route of %s generation %d: %s", route.model_id,
                          route.generation, route.weights())
-            self.table.set_aliases(aliases)
-            self.table.set_known_models(model_ids)
 
     async def _reconcile_quietly(self) -> None:
         try:
@@ -135,9 +131,10 @@ class Gateway:
         return {"gateway_id": self.gateway_id, "generations": self.table.generations(),
                 "inflight": self.metrics.inflight_by_model()}
 
-    def stats(self, since: float | None = None, until: float | None = None) -> dict[str, Any]:
+    def stats(self, since: float | None = None, until: float | None = None, *,
+              model_id: str | None = None) -> dict[str, Any]:
         return {"gateway_id": self.gateway_id,
-                "stats": self.metrics.stats_by_model(since, until)}
+                "stats": self.metrics.stats_by_model(since, until, model_id=model_id)}
 
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -203,7 +200,8 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
                                       type="invalid_request_error", param=name,
                                       code="invalid_window")
             bounds[name] = value
-        return web.json_response(gateway.stats(bounds["since"], bounds["until"]))
+        return web.json_response(gateway.stats(bounds["since"], bounds["until"],
+                                               model_id=request.query.get("model_id")))
 
     async def admin_refresh(_: web.Request) -> web.Response:
         try:

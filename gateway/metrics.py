@@ -32,6 +32,8 @@ WINDOW = 2048
 # (float, float, bool) tuples are ~20 MB at worst; at 100 req/s that is over 30 minutes,
 # longer than any evaluation period a step judges at once.
 OUTCOMES = 200_000
+# Failure classes that are the version's fault (its error rate); a 4xx is the request's.
+VERSION_FAULTS = frozenset({"connect", "timeout", "5xx", "stream_broken"})
 
 
 def _percentile(sorted_values: list[float], q: float) -> float | None:
@@ -103,6 +105,13 @@ class GatewayMetrics:
         self.ttfb = Histogram("turnout_gateway_time_to_first_byte_seconds",
                               "Time to the first streamed byte of an answer", labels,
                               buckets=TTFB_BUCKETS_S, registry=self.registry)
+        self.errors_by_class = Counter(
+            "turnout_gateway_upstream_errors", "Upstream failures by class (connect, "
+            "timeout, 5xx, stream_broken, 4xx)", (*labels, "class"), registry=self.registry)
+        self.failovers = Counter("turnout_gateway_failovers",
+                                 "Requests retried on the stable version after the version "
+                                 "failed before the first byte", ("model_id", "version", "to"),
+                                 registry=self.registry)
         self.rejected = Counter("turnout_gateway_rejected",
                                 "Requests answered by the gateway itself with an error",
                                 ("reason",), registry=self.registry)
@@ -129,17 +138,22 @@ class GatewayMetrics:
         self._get(model_id, version).ttfb_ms.append(seconds * 1000.0)
         self.ttfb.labels(model_id, version).observe(seconds)
 
-    def finished(self, model_id: str, version: str, seconds: float, *, error: bool,
-                 completed: bool = True) -> None:
+    def finished(self, model_id: str, version: str, seconds: float, *,
+                 failure: str | None = None, completed: bool = True) -> None:
         """End of a request; latency is recorded only for answers that completed.
 
-        The windowed outcome is recorded for answers that completed and for upstream
-        errors; a client that left mid-answer says nothing about the version, so it is not
-        an outcome at all.
+        `failure` is the error class: `connect`, `timeout`, `5xx`, `stream_broken` (the
+        version's fault: counted as its errors) or `4xx` (the engine refused the request
+        itself: counted by class only, never charged to the version's health).
+        The windowed outcome is recorded for answers that completed and for the version's
+        errors; a client that left mid-answer says nothing about the version.
         """
         stats = self._get(model_id, version)
         stats.inflight -= 1
         self.inflight.labels(model_id, version).dec()
+        error = failure is not None and failure in VERSION_FAULTS
+        if failure is not None:
+            self.errors_by_class.labels(model_id, version, failure).inc()
         if error:
             stats.errors += 1
             self.errors.labels(model_id, version).inc()
@@ -148,6 +162,9 @@ class GatewayMetrics:
             self.latency.labels(model_id, version).observe(seconds)
         if completed or error:
             stats.outcomes.append((time.time(), seconds * 1000.0, error))
+
+    def failed_over(self, model_id: str, failed: str, to: str) -> None:
+        self.failovers.labels(model_id, failed, to).inc()
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
@@ -158,16 +175,19 @@ class GatewayMetrics:
             result.setdefault(model_id, {})[version] = stats.inflight
         return result
 
-    def stats_by_model(self, since: float | None = None,
-                       until: float | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-        """Counters per model and version; with `since` or `until`, also each `window`."""
+    def stats_by_model(self, since: float | None = None, until: float | None = None, *,
+                       model_id: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+        """Counters per model and version (of one model with `model_id`); with `since` or
+        `until`, also each `window`."""
         windowed = since is not None or until is not None
         low = -math.inf if since is None else since
         high = math.inf if until is None else until
         result: dict[str, dict[str, dict[str, Any]]] = {}
-        for (model_id, version), stats in sorted(self._stats.items()):
+        for (model, version), stats in sorted(self._stats.items()):
+            if model_id is not None and model != model_id:
+                continue
             entry = stats.as_json()
             if windowed:
                 entry["window"] = stats.window(low, high)
-            result.setdefault(model_id, {})[version] = entry
+            result.setdefault(model, {})[version] = entry
         return result

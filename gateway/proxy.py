@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from aiohttp import web
 from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics
 from turnout.domain import Backend
-from turnout.routing import RouteTable, pick_backend
+from turnout.transitions import TransitionManager
 
 log = logging.getLogger("gateway.proxy")
 
@@ -41,8 +40,9 @@ def upstream_timeout() -> aiohttp.ClientTimeout:
 class Proxy:
     """Handlers of `/v1/models`, `/v1/completions` and `/v1/chat/completions`."""
 
-    def __init__(self, table: RouteTable, metrics: GatewayMetrics) -> None:
-        self.table = table
+    def __init__(self, transitions: TransitionManager, metrics: GatewayMetrics) -> None:
+        self.transitions = transitions
+        self.table = transitions.table
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None  # set when the app starts
 
@@ -78,63 +78,82 @@ class Proxy:
             return error_response(404, f"the model {name!r} does not exist",
                                   type="invalid_request_error", param="model",
                                   code="model_not_found")
-        route = self.table.route(model_id)
         user = body.get("user")
         user_key = user if isinstance(user, str) and user else request.headers.get(USER_HEADER)
-        backend = pick_backend(route, user_key, random.random()) if route else None
-        if backend is None:
+        choice = self.transitions.choose(model_id, body=body, headers=request.headers,
+                                         user_key=user_key)
+        if choice is None:
             self.metrics.reject("no_route")
             return error_response(503, f"the model {name!r} has no version serving traffic",
                                   type="service_unavailable", param="model",
                                   code="model_unavailable")
-        body["model"] = backend.served_model_name
-        return await self._send(request, path, model_id, backend, body)
+        body["model"] = choice.backend.served_model_name
+        return await self._send(request, path, model_id, choice.backend, body)
 
     async def _send(self, request: web.Request, path: str, model_id: str, backend: Backend,
-                    body: dict[str, Any]) -> web.StreamResponse:
+                    body: dict[str, Any], *, may_fail_over: bool = True) -> web.StreamResponse:
+        """Forward to one version. A failure before anything reached the client (connection
+        refused or reset, connect timeout, a 5xx answer) is counted as that version's error
+        and, once, retried on the model's stable version: the user gets an answer, the
+        failing version still gets the blame. A started stream is never replayed."""
         assert self.session is not None, "gateway app not started"
         version = backend.version
         headers = {"Content-Type": "application/json"}
         headers.update({h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers})
         started = time.monotonic()
         self.metrics.started(model_id, version)
-        error = False
+        failure: str | None = None  # error class, see GatewayMetrics.finished
         completed = False
+        fallback = self.transitions.fallback(model_id, version) if may_fail_over else None
         try:
             async with self.session.post(backend.url.rstrip("/") + path,
                                          data=json.dumps(body).encode(), headers=headers,
                                          timeout=upstream_timeout()) as upstream:
-                error = upstream.status >= 500
+                if upstream.status >= 500:
+                    failure = "5xx"
+                    if fallback is not None:
+                        log.info("%s/%s answered %d; failing over to %s", model_id, version,
+                                 upstream.status, fallback.version)
+                elif upstream.status >= 400:
+                    failure = "4xx"
                 content_type = upstream.headers.get("Content-Type", "application/json")
-                if upstream.status == 200 and content_type.startswith("text/event-stream"):
-                    response, error, completed = await self._stream(
-                        request, upstream, model_id, version, started)
-                    return response
-                payload = await upstream.read()
-                completed = True
-                return web.Response(body=payload, status=upstream.status,
-                                    headers={"Content-Type": content_type,
-                                             VERSION_HEADER: version})
+                if failure != "5xx" or fallback is None:
+                    if upstream.status == 200 and content_type.startswith("text/event-stream"):
+                        response, failure, completed = await self._stream(
+                            request, upstream, model_id, version, started)
+                        return response
+                    payload = await upstream.read()
+                    completed = True
+                    return web.Response(body=payload, status=upstream.status,
+                                        headers={"Content-Type": content_type,
+                                                 VERSION_HEADER: version})
+        except (aiohttp.SocketTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
+            failure = "timeout"
+            log.warning("upstream %s of %s/%s timed out: %r", backend.url, model_id, version,
+                        exc)
+            if fallback is None or isinstance(exc, aiohttp.SocketTimeoutError):
+                return error_response(504, f"upstream of version {version!r} timed out",
+                                      type="upstream_error", code="gateway_timeout",
+                                      headers={VERSION_HEADER: version})
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-            error = True
+            failure = "connect"
             log.warning("upstream %s of %s/%s failed: %r", backend.url, model_id, version, exc)
-            return error_response(502, f"upstream of version {version!r} failed: {exc}",
-                                  type="upstream_error", code="bad_gateway",
-                                  headers={VERSION_HEADER: version})
-        except TimeoutError:
-            error = True
-            log.warning("upstream %s of %s/%s timed out", backend.url, model_id, version)
-            return error_response(504, f"upstream of version {version!r} timed out",
-                                  type="upstream_error", code="gateway_timeout",
-                                  headers={VERSION_HEADER: version})
+            if fallback is None:
+                return error_response(502, f"upstream of version {version!r} failed: {exc}",
+                                      type="upstream_error", code="bad_gateway",
+                                      headers={VERSION_HEADER: version})
         finally:
-            self.metrics.finished(model_id, version, time.monotonic() - started, error=error,
-                                  completed=completed)
+            self.metrics.finished(model_id, version, time.monotonic() - started,
+                                  failure=failure, completed=completed)
+        assert fallback is not None
+        self.metrics.failed_over(model_id, version, fallback.version)
+        body["model"] = fallback.served_model_name
+        return await self._send(request, path, model_id, fallback, body, may_fail_over=False)
 
     async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       model_id: str, version: str,
-                      started: float) -> tuple[web.StreamResponse, bool, bool]:
-        """Copy an SSE answer chunk by chunk; returns (response, upstream error, completed).
+                      started: float) -> tuple[web.StreamResponse, str | None, bool]:
+        """Copy an SSE answer chunk by chunk; returns (response, error class, completed).
 
         Leaving early (client gone, upstream broken) exits the caller's `async with`, which
         closes the upstream connection, so the engine stops generating for nobody.
@@ -154,13 +173,13 @@ class Proxy:
                     first = False
                 await response.write(chunk)
             await response.write_eof()
-            return response, False, True
+            return response, None, True
         except ConnectionResetError:  # the client went away: nothing left to write to
             log.debug("client left a stream of %s/%s", model_id, version)
-            return response, False, False
+            return response, None, False
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             log.warning("stream from %s/%s broke: %r", model_id, version, exc)
-            return response, True, False
+            return response, "stream_broken", False
 
 
 async def _parse_body(request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:

@@ -17,6 +17,9 @@ from turnout.config import ModelSwitchingConfig
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One INFO line per HTTP call to a gateway or engine drowns what matters (and costs CPU
+    # on a busy control worker); failures are logged by the callers with context.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60) -> Client:

@@ -249,6 +249,59 @@ async def test_upstream_failures(env: Env) -> None:
     assert stats["v1"]["inflight"] == 0 and stats["v2"]["inflight"] == 0
 
 
+async def test_failover_to_the_stable_version_before_the_first_byte(env: Env) -> None:
+    """During a rollout (v1 live, v2 taking a share), a v2 that refuses connections or
+    answers 5xx costs the client nothing: the request is retried once on v1, and v2 is
+    charged the error. 4xx answers are the request's fault: passed through, not retried."""
+    await env.store.set_live_version(MODEL, "v1")
+    await env.route({"v1": 50, "v2": 50}, "split-for-failover")
+    await env.refresh()
+    users = [f"user-{i}" for i in range(40)]  # sticky keys on both sides of the split
+
+    env.v2.fail_status = 503
+    answers = [await env.post("/v1/completions", json={"model": MODEL, "prompt": "x",
+                                                       "user": u}) for u in users]
+    assert {status for status, _, _ in answers} == {200}
+    assert {headers["X-Turnout-Version"] for _, _, headers in answers} == {"v1"}
+    stats = env.gateway.stats()["stats"][MODEL]
+    failed_on_v2 = stats["v2"]["errors"]
+    assert 5 < failed_on_v2 < 35 and stats["v1"]["errors"] == 0
+
+    env.v2.fail_status = 400
+    statuses = {(await env.post("/v1/completions", json={"model": MODEL, "prompt": "x",
+                                                          "user": u}))[0] for u in users}
+    assert statuses == {200, 400}
+    assert env.gateway.stats()["stats"][MODEL]["v2"]["errors"] == failed_on_v2
+    env.v2.fail_status = None
+
+    await env.v2.stop()  # connection refused
+    for user in users[:10]:
+        async with env.client.completions.with_streaming_response.create(
+                model=MODEL, prompt="hi", stream=True, user=user) as response:
+            assert response.headers["x-turnout-version"] == "v1"
+            lines = [line async for line in response.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]" and '"model": "tiny-v1"' in lines[0]
+    answers = [await env.post("/v1/completions", json={"model": MODEL, "prompt": "x",
+                                                       "user": u}) for u in users]
+    assert {status for status, _, _ in answers} == {200}
+    status, text = await env.get("/metrics")
+    assert f'turnout_gateway_failovers_total{{model_id="{MODEL}",to="v1",version="v2"}}' in text
+    assert 'class="connect"' in text and 'class="5xx"' in text and 'class="4xx"' in text
+    stats = env.gateway.stats()["stats"][MODEL]
+    assert stats["v2"]["errors"] > failed_on_v2 and stats["v2"]["inflight"] == 0
+
+
+async def test_no_failover_when_the_stable_version_itself_fails(env: Env) -> None:
+    await env.store.set_live_version(MODEL, "v1")
+    await env.route({"v1": 100}, "stable-only")
+    await env.refresh()
+    env.v1.fail_status = 500
+    status, body, headers = await env.post("/v1/completions",
+                                           json={"model": MODEL, "prompt": "x"})
+    env.v1.fail_status = None
+    assert status == 500 and headers["X-Turnout-Version"] == "v1"
+
+
 async def test_metrics_exposed(env: Env) -> None:
     await env.client.completions.create(model=MODEL, prompt="x")
     status, text = await env.get("/metrics")

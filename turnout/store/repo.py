@@ -33,6 +33,7 @@ from turnout.domain import (
     SwitchingStrategyType,
     VersionInfo,
 )
+from turnout.rules import ModelRules, RoutingRules
 from turnout.store.db import create_engine
 from turnout.store.schema import (
     AlertRow,
@@ -43,6 +44,7 @@ from turnout.store.schema import (
     ModelRow,
     OperationRow,
     RouteRow,
+    RulesRow,
     VersionRow,
     utcnow,
 )
@@ -126,10 +128,11 @@ class Store:
             rows = (await session.scalars(select(ModelRow).order_by(ModelRow.model_id))).all()
             return [await self._model_info(session, row) for row in rows]
 
-    async def list_model_ids(self) -> list[str]:
-        """Just the ids: what the gateway needs once a second to tell 404 from 503."""
+    async def live_versions(self) -> dict[str, str | None]:
+        """Every model id with its live version (None before its first switch)."""
         async with self._session() as session:
-            return list((await session.scalars(select(ModelRow.model_id))).all())
+            rows = await session.execute(select(ModelRow.model_id, ModelRow.live_version))
+            return {model_id: live for model_id, live in rows.all()}
 
     async def get_version(self, model_id: str, version: str) -> VersionInfo:
         async with self._session() as session:
@@ -208,6 +211,39 @@ class Store:
                 row.change_key = change_key
                 row.updated_at = utcnow()
         return _route(row)
+
+    # ---------------------------------------------------------------- routing rules
+
+    async def set_rules(self, model_id: str, rules: RoutingRules,
+                        updated_by: str | None = None) -> ModelRules:
+        """Replace a model's rules as a whole (an empty list removes them)."""
+        async with self._session.begin() as session:
+            if await session.get(ModelRow, model_id) is None:
+                raise NotFound(f"model {model_id!r} is not registered")
+            row = await session.get(RulesRow, model_id, with_for_update=True)
+            payload = [rule.model_dump(mode="json", exclude_none=True) for rule in rules.rules]
+            if row is None:
+                row = RulesRow(model_id=model_id, rules=payload, updated_by=updated_by,
+                               updated_at=utcnow())
+                session.add(row)
+            else:
+                row.rules, row.updated_by, row.updated_at = payload, updated_by, utcnow()
+        return _rules(row)
+
+    async def get_rules(self, model_id: str) -> ModelRules:
+        async with self._session() as session:
+            row = await session.get(RulesRow, model_id)
+            if row is None:
+                if await session.get(ModelRow, model_id) is None:
+                    raise NotFound(f"model {model_id!r} is not registered")
+                return ModelRules(model_id=model_id)
+            return _rules(row)
+
+    async def list_rules(self) -> dict[str, RoutingRules]:
+        """Every model's rules: what each gateway reconciles once a second."""
+        async with self._session() as session:
+            return {row.model_id: _rules(row)
+                    for row in (await session.scalars(select(RulesRow))).all() if row.rules}
 
     # ---------------------------------------------------------------- engines
 
@@ -417,6 +453,11 @@ def _route(row: RouteRow) -> Route:
     return Route(model_id=row.model_id, generation=row.generation,
                  backends=[Backend.model_validate(b) for b in row.backends],
                  change_key=row.change_key, updated_at=_aware(row.updated_at))
+
+
+def _rules(row: RulesRow) -> ModelRules:
+    return ModelRules(model_id=row.model_id, rules=row.rules, updated_by=row.updated_by,
+                      updated_at=_aware(row.updated_at))
 
 
 def _engine(row: EngineRow) -> EngineInfo:

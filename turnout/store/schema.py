@@ -111,6 +111,17 @@ class GatewayRow(Base):
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class RulesRow(Base):
+    """A model's routing rules (`turnout.rules.RoutingRules`), replaced as a whole."""
+
+    __tablename__ = "routing_rules"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    rules: Mapped[list[Any]]
+    updated_by: Mapped[str | None] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class AlertRow(Base):
     __tablename__ = "alerts"
 

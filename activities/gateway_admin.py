@@ -17,9 +17,12 @@ class GatewayAdmin:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def refresh(self, gateway: GatewayInfo) -> dict[str, Any]:
-        """Push: ask a gateway to reload its routes from the store now."""
-        response = await self._client.post(f"{gateway.admin_url}/admin/routes/refresh")
+    async def refresh(self, gateway: GatewayInfo, model_id: str | None = None
+                      ) -> dict[str, Any]:
+        """Push: ask a gateway to reload its routes (or one model's) from the store now."""
+        params = {"model_id": model_id} if model_id is not None else None
+        response = await self._client.post(f"{gateway.admin_url}/admin/routes/refresh",
+                                           params=params)
         response.raise_for_status()
         return response.json()
 

@@ -35,7 +35,7 @@ class TrafficActivities:
                              route.generation, route.weights())
         gateways = await self._wait_for_gateways(
             lambda state: state.get("generations", {}).get(input.model_id, 0) >= route.generation,
-            what=f"generation {route.generation} of {input.model_id}", push=True)
+            what=f"generation {route.generation} of {input.model_id}", push=input.model_id)
         return c.SetTrafficResult(generation=route.generation, gateways=gateways)
 
     @activity.defn(name=c.DRAIN_VERSION)
@@ -87,7 +87,9 @@ class TrafficActivities:
         return await self.store.live_gateways(self.settings.gateway_live_after_s)
 
     async def _wait_for_gateways(self, done: Callable[[dict[str, Any]], bool], *, what: str,
-                                 push: bool) -> list[str]:
+                                 push: str | None) -> list[str]:
+        """Wait until `done(state)` holds at every live gateway; first push a refresh of the
+        model named by `push`, if any."""
         deadline = time.monotonic() + self.settings.route_sync_timeout_s
         pending = {g.gateway_id: g for g in await self._live_gateways()}
         if not pending:
@@ -97,7 +99,7 @@ class TrafficActivities:
         while pending:
             for gateway in list(pending.values()):
                 try:
-                    state = await (self.admin.refresh(gateway) if push and first
+                    state = await (self.admin.refresh(gateway, push) if push and first
                                    else self.admin.state(gateway))
                 except Exception as exc:
                     activity.logger.info("gateway %s not answering yet: %s",

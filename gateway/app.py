@@ -32,7 +32,6 @@ log = logging.getLogger("gateway")
 RECONCILE_INTERVAL_S = 1.0
 HEARTBEAT_INTERVAL_S = 2.0
 # Prompts with long contexts can be large; aiohttp's default limit is 1 MiB.
-MAX_BODY_BYTES = 64 * 1024 * 1024
 
 def client_host(bind_host: str) -> str:
     """The address other processes use to reach a server bound to `bind_host`."""
@@ -52,7 +51,7 @@ class Gateway:
         self.transitions = TransitionManager(settings)
         self.table = self.transitions.table
         self.metrics = GatewayMetrics()
-        self.proxy = Proxy(self.transitions, self.metrics)
+        self.proxy = Proxy(self.transitions, self.metrics, settings.gateway_max_body_bytes)
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._store_ok = True
@@ -99,10 +98,18 @@ class Gateway:
 
     # ------------------------------------------------------------------ store sync
 
-    async def reconcile(self) -> None:
-        """Read routes, rules, aliases and model ids from the store; apply only newer routes."""
+    async def reconcile(self, model_id: str | None = None) -> None:
+        """Read routes, rules, aliases and model ids from the store; apply only newer routes.
+
+        With `model_id` (a push after one model's route changed), read just that model's
+        route and rules: with hundreds of models, a full read on every push is the cost.
+        """
         async with self._reconcile_lock:
-            for route in await self.transitions.reconcile(self.store):
+            if model_id is None:
+                applied = await self.transitions.reconcile(self.store)
+            else:
+                applied = await self.transitions.reconcile_model(self.store, model_id)
+            for route in applied:
                 self.metrics.generation.labels(route.model_id).set(route.generation)
                 log.info("applied route of %s generation %d: %s", route.model_id,
                          route.generation, route.weights())
@@ -165,7 +172,7 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
     """
     gateway = Gateway(settings, store, gateway_id, admin_url)
     app = web.Application(middlewares=[openai_errors, _admin_auth(settings.gateway_admin_token)],
-                          client_max_size=MAX_BODY_BYTES)
+                          client_max_size=settings.gateway_max_body_bytes)
     app[GATEWAY_KEY] = gateway
 
     async def on_startup(_: web.Application) -> None:
@@ -203,9 +210,9 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
         return web.json_response(gateway.stats(bounds["since"], bounds["until"],
                                                model_id=request.query.get("model_id")))
 
-    async def admin_refresh(_: web.Request) -> web.Response:
+    async def admin_refresh(request: web.Request) -> web.Response:
         try:
-            await gateway.reconcile()
+            await gateway.reconcile(request.query.get("model_id"))
         except Exception as exc:
             log.warning("refresh failed, store unreachable: %r", exc)
             return error_response(503, "the store is unreachable; serving the last routes",

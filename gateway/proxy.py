@@ -40,8 +40,10 @@ def upstream_timeout() -> aiohttp.ClientTimeout:
 class Proxy:
     """Handlers of `/v1/models`, `/v1/completions` and `/v1/chat/completions`."""
 
-    def __init__(self, transitions: TransitionManager, metrics: GatewayMetrics) -> None:
+    def __init__(self, transitions: TransitionManager, metrics: GatewayMetrics,
+                 max_body_bytes: int) -> None:
         self.transitions = transitions
+        self.max_body_bytes = max_body_bytes
         self.table = transitions.table
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None  # set when the app starts
@@ -61,9 +63,9 @@ class Proxy:
     # ------------------------------------------------------------------ forwarding
 
     async def _forward(self, request: web.Request, path: str) -> web.StreamResponse:
-        body, problem = await _parse_body(request)
+        body, problem = await _parse_body(request, self.max_body_bytes)
         if problem is not None:
-            self.metrics.reject("bad_request")
+            self.metrics.reject("too_large" if problem.status == 413 else "bad_request")
             return problem
         assert body is not None
         name = body.get("model")
@@ -182,8 +184,14 @@ class Proxy:
             return response, "stream_broken", False
 
 
-async def _parse_body(request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
-    raw = await request.read()
+async def _parse_body(request: web.Request, limit: int
+                      ) -> tuple[dict[str, Any] | None, web.Response | None]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return None, error_response(413, f"the request body is larger than the gateway's "
+                                         f"limit of {limit} bytes",
+                                    type="invalid_request_error", code="request_too_large")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -55,6 +55,9 @@ class ModelSwitchingConfig(BaseModel):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(8000, ge=1, le=65535)
     gateway_admin_token: str | None = Field(None, repr=False)
+    # Largest request body the gateway accepts (base64 images and audio make chat bodies
+    # big); larger ones are refused with a 413 before reaching any engine.
+    gateway_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     control_task_queue: str = "turnout-control"

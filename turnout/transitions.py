@@ -86,6 +86,15 @@ class TransitionManager:
         self._synced.set()
         return applied
 
+    async def reconcile_model(self, store: Store, model_id: str) -> list[Route]:
+        """Read one model's route and rules (a push for that model); the rest waits for the
+        next full `reconcile`."""
+        route = await store.get_route(model_id)
+        rules = await store.list_rules(model_id)
+        applied = [route] if route is not None and self.table.apply(route) else []
+        self.set_rules(model_id, rules.get(model_id))
+        return applied
+
     # ------------------------------------------------------------------ decisions
 
     def choose(self, model_id: str, *, body: Mapping[str, Any] | None = None,

@@ -68,7 +68,7 @@ class Env:
 
 
 async def make_env(tmp_path: Path, *, token: str | None = None, v1_delay: float = 0.0,
-                   v1_chunks: int = 3, v1_chunk_delay: float = 0.01) -> Env:
+                   v1_chunks: int = 3, v1_chunk_delay: float = 0.01, **settings: Any) -> Env:
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
     await upgrade_async(db_url)
     store = Store.from_url(db_url)
@@ -85,7 +85,8 @@ async def make_env(tmp_path: Path, *, token: str | None = None, v1_delay: float 
                                             served_model_name="tiny-v1")], "initial")
     port = free_port()
     settings = ModelSwitchingConfig(gateway_host="127.0.0.1", gateway_port=port,
-                                    database_url=db_url, gateway_admin_token=token)
+                                    database_url=db_url, gateway_admin_token=token,
+                                    **settings)
     app = create_app(settings, store, f"test-gw-{port}")
     runner = await serve(app, "127.0.0.1", port)
     url = f"http://127.0.0.1:{port}"
@@ -226,6 +227,23 @@ async def test_error_cases(env: Env) -> None:
 
     status, body = await env.get("/no/such/path")
     assert status == 404 and "error" in body
+
+
+async def test_oversized_bodies_are_413_and_counted_apart(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, gateway_max_body_bytes=4096)
+    try:
+        status, body, _ = await env.post("/v1/completions",
+                                         json={"model": MODEL, "prompt": "x" * 5000})
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        assert "4096" in body["error"]["message"]
+        assert env.v1.received == []
+        status, text = await env.get("/metrics")
+        assert 'turnout_gateway_rejected_total{reason="too_large"} 1.0' in text
+        assert MODEL not in env.gateway.stats()["stats"]  # never charged to a version
+        ok = await env.client.completions.create(model=MODEL, prompt="x" * 1000)
+        assert ok.choices[0].text == "hello from v1"
+    finally:
+        await close_env(env)
 
 
 async def test_upstream_failures(env: Env) -> None:

@@ -239,11 +239,14 @@ class Store:
                 return ModelRules(model_id=model_id)
             return _rules(row)
 
-    async def list_rules(self) -> dict[str, RoutingRules]:
-        """Every model's rules: what each gateway reconciles once a second."""
+    async def list_rules(self, model_id: str | None = None) -> dict[str, RoutingRules]:
+        """Every model's non-empty rules (or one model's): what gateways reconcile."""
+        query = select(RulesRow)
+        if model_id is not None:
+            query = query.where(RulesRow.model_id == model_id)
         async with self._session() as session:
             return {row.model_id: _rules(row)
-                    for row in (await session.scalars(select(RulesRow))).all() if row.rules}
+                    for row in (await session.scalars(query)).all() if row.rules}
 
     # ---------------------------------------------------------------- engines
 

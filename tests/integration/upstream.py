@@ -19,7 +19,8 @@ from aiohttp import web
 class FakeUpstream:
     def __init__(self, version: str, served_model_name: str, *, delay_s: float = 0.0,
                  chunk_delay_s: float = 0.0, chunks: int = 3, fail_status: int | None = None,
-                 fail_fraction: float = 0.0, host: str = "127.0.0.1") -> None:
+                 fail_fraction: float = 0.0, host: str = "127.0.0.1",
+                 record: bool = True) -> None:
         self.version = version
         self.served_model_name = served_model_name
         self.delay_s = delay_s
@@ -34,6 +35,7 @@ class FakeUpstream:
         self.host = host
         self.port = 0
         self.received: list[dict[str, Any]] = []
+        self.record = record  # keep every body (tests); off for benchmarks
         self.cancelled = 0
         self.completed = 0
         self._runner: web.AppRunner | None = None
@@ -72,7 +74,8 @@ class FakeUpstream:
 
     async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         body = await request.json()
-        self.received.append(body)
+        if self.record:
+            self.received.append(body)
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)

@@ -1,0 +1,263 @@
+"""What does the gateway cost? Direct to an upstream versus through the gateway, alternating.
+
+Three processes: a fast OpenAI-compatible upstream (`bench/upstream_server.py`), the real
+gateway (`python -m gateway`, SQLite store), and this client (aiohttp, no connection limit).
+Printed, each measured side by side in one run:
+
+- added latency at concurrency 1 (non-streamed completions): p50 and p99, direct and
+  through the gateway, and their difference;
+- throughput of streamed answers (64 chunks) at concurrency 64 and 256: ratio gateway /
+  direct, and the time-to-first-token p99 overhead;
+- the gateway's CPU time per proxied request and per 64-chunk stream;
+- split accuracy over 10,000 requests at 90/10, stickiness of keyed users, and the share of
+  users a 10-point weight change moves.
+
+On a 2-core machine the client, the upstream and the gateway share the cores, so the
+throughput ratio includes the gateway's CPU competing with the other two.
+
+    python -m bench.gateway_overhead [--seconds 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from tests.support import free_port
+from turnout.analysis import quantile
+from turnout.domain import Backend, RegisterModelRequest
+from turnout.store import Store, upgrade
+
+MODEL_ID = "Bench_gw"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Target:
+    """Where requests go: an upstream directly (its served name) or the gateway (model id)."""
+
+    def __init__(self, name: str, url: str, model: str) -> None:
+        self.name, self.url, self.model = name, url, model
+
+
+async def one(session: aiohttp.ClientSession, target: Target, *, stream: bool,
+              user: str | None = None) -> tuple[float, float, str | None]:
+    """(latency s, time to first chunk s, version header) of one completion."""
+    body: dict[str, object] = {"model": target.model, "prompt": "hi", "max_tokens": 64,
+                               "stream": stream}
+    if user is not None:
+        body["user"] = user
+    started = time.perf_counter()
+    async with session.post(f"{target.url}/v1/completions", json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{target.name}: HTTP {response.status}")
+        first = None
+        async for _ in response.content.iter_any():
+            if first is None:
+                first = time.perf_counter() - started
+        done = time.perf_counter() - started
+        return done, first or done, response.headers.get("X-Turnout-Version")
+
+
+async def run_for(seconds: float, concurrency: int,
+                  call: Callable[[], Awaitable[tuple[float, float, str | None]]]
+                  ) -> tuple[int, list[float]]:
+    """Completed calls and their times to first chunk, `concurrency` loops for `seconds`."""
+    deadline = time.perf_counter() + seconds
+    ttft: list[float] = []
+
+    async def loop() -> int:
+        n = 0
+        while time.perf_counter() < deadline:
+            ttft.append((await call())[1])
+            n += 1
+        return n
+
+    return sum(await asyncio.gather(*(loop() for _ in range(concurrency)))), ttft
+
+
+async def latency(session: aiohttp.ClientSession, direct: Target, gateway: Target,
+                  rounds: int, per_round: int = 300) -> None:
+    samples: dict[str, list[float]] = {"direct": [], "gateway": []}
+    for _ in range(rounds):
+        for target in (direct, gateway):
+            for _ in range(per_round):
+                samples[target.name].append((await one(session, target, stream=False))[0])
+    d50, d99 = quantile(samples["direct"], 0.5), quantile(samples["direct"], 0.99)
+    g50, g99 = quantile(samples["gateway"], 0.5), quantile(samples["gateway"], 0.99)
+    assert d50 is not None and d99 is not None and g50 is not None and g99 is not None
+    print(f"concurrency 1, {len(samples['direct'])} requests each: direct p50 "
+          f"{d50 * 1000:.2f} ms p99 {d99 * 1000:.2f} ms | gateway p50 {g50 * 1000:.2f} ms "
+          f"p99 {g99 * 1000:.2f} ms | added p50 {(g50 - d50) * 1000:.2f} ms (goal <= 1), "
+          f"p99 {(g99 - d99) * 1000:.2f} ms (goal <= 3)", flush=True)
+
+
+async def throughput(session: aiohttp.ClientSession, direct: Target, gateway: Target,
+                     gateway_pid: int, concurrency: int, seconds: float, rounds: int) -> None:
+    rates: dict[str, list[float]] = {"direct": [], "gateway": []}
+    ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
+    cpu = streams = 0.0
+    for _ in range(rounds):
+        for target in (direct, gateway):
+            before = cpu_seconds(gateway_pid)
+            done, ttft = await run_for(seconds, concurrency,
+                                       lambda t=target: one(session, t, stream=True))
+            if target is gateway:
+                cpu += cpu_seconds(gateway_pid) - before
+                streams += done
+            rates[target.name].append(done / seconds)
+            ttfts[target.name].extend(ttft)
+    d, g = statistics.mean(rates["direct"]), statistics.mean(rates["gateway"])
+    d99, g99 = quantile(ttfts["direct"], 0.99), quantile(ttfts["gateway"], 0.99)
+    assert d99 is not None and g99 is not None
+    print(f"concurrency {concurrency}, 64-chunk streams: direct {d:.0f}/s, gateway {g:.0f}/s,"
+          f" ratio {g / d:.3f} (goal >= 0.97); TTFT p99 direct {d99 * 1000:.1f} ms, gateway "
+          f"{g99 * 1000:.1f} ms, overhead {(g99 - d99) * 1000:.1f} ms (goal <= 10); gateway "
+          f"CPU {cpu / max(streams, 1) * 1000:.2f} ms per stream", flush=True)
+
+
+async def cpu_per_request(session: aiohttp.ClientSession, gateway: Target,
+                          gateway_pid: int, n: int = 3000) -> None:
+    before = cpu_seconds(gateway_pid)
+    gate = asyncio.Semaphore(16)
+
+    async def call() -> None:
+        async with gate:
+            await one(session, gateway, stream=False)
+
+    await asyncio.gather(*(call() for _ in range(n)))
+    used = cpu_seconds(gateway_pid) - before
+    print(f"gateway CPU per proxied non-streamed request: {used / n * 1000:.3f} ms "
+          f"({n} requests at concurrency 16)", flush=True)
+
+
+async def split(session: aiohttp.ClientSession, store: Store, gateway: Target,
+                urls: dict[str, str], admin_url: str) -> None:
+    async def route(b_share: float, key: str) -> None:
+        await store.write_route(MODEL_ID, [
+            Backend(version="a", weight=100 - b_share, url=urls["a"], served_model_name="a"),
+            Backend(version="b", weight=b_share, url=urls["b"], served_model_name="b")], key)
+        async with session.post(f"{admin_url}/admin/routes/refresh") as response:
+            response.raise_for_status()
+
+    async def versions(users: list[str | None]) -> list[str | None]:
+        gate = asyncio.Semaphore(32)
+
+        async def call(user: str | None) -> str | None:
+            async with gate:
+                return (await one(session, gateway, stream=False, user=user))[2]
+
+        return list(await asyncio.gather(*(call(u) for u in users)))
+
+    await route(10, "split-90-10")
+    unkeyed = await versions([None] * 10_000)
+    share = unkeyed.count("b") / len(unkeyed)
+    users = [f"user-{i}" for i in range(2000)]
+    first, second = await versions(users), await versions(users)
+    sticky = sum(x == y for x, y in zip(first, second, strict=True)) / len(users)
+    await route(20, "split-80-20")
+    third = await versions(users)
+    moved = sum(x != y for x, y in zip(first, third, strict=True)) / len(users)
+    print(f"split 90/10 over 10,000 unkeyed requests: b got {share * 100:.2f}% (goal 10 ± 1); "
+          f"keyed users (2,000, twice): {sticky * 100:.1f}% kept their version (goal 100%); "
+          f"10-point change to 80/20 moved {moved * 100:.1f}% of users (goal ≈ 10%)",
+          flush=True)
+    await route(0, "all-on-a")
+
+
+def start_processes(root: Path, db_url: str, port: int
+                    ) -> tuple[subprocess.Popen[str], dict[str, str], subprocess.Popen[bytes]]:
+    """The upstream (its URLs read from its first line) and the gateway."""
+    upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream_server"],
+                                stdout=subprocess.PIPE, text=True)
+    assert upstream.stdout is not None
+    urls = json.loads(upstream.stdout.readline())
+    env = {**os.environ, "VLLM_MODEL_SWITCHING_DATABASE_URL": db_url,
+           "VLLM_MODEL_SWITCHING_GATEWAY_PORT": str(port)}
+    with (root / "gateway.log").open("w") as log:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--gateway-id", "bench", "--log-level",
+             "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    return upstream, urls, gateway
+
+
+async def prepare_store(db_url: str, urls: dict[str, str]) -> None:
+    store = Store.from_url(db_url)
+    try:
+        for version in ("a", "b"):
+            await store.register_version(RegisterModelRequest(
+                model=version, model_arch="Bench", model_stage="gw", version=version))
+        await store.write_route(MODEL_ID, [Backend(version="a", weight=100, url=urls["a"],
+                                                   served_model_name="a")], "all-on-a")
+    finally:
+        await store.close()
+
+
+async def measure(db_url: str, urls: dict[str, str], gateway_url: str, gateway_pid: int,
+                  seconds: float, rounds: int) -> None:
+    store = Store.from_url(db_url)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=60)) as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"{gateway_url}/health") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            direct = Target("direct", urls["a"], "a")
+            gateway = Target("gateway", gateway_url, MODEL_ID)
+            await run_for(1.0, 8, lambda: one(session, gateway, stream=True))  # warm up
+            await run_for(1.0, 8, lambda: one(session, direct, stream=True))
+            await latency(session, direct, gateway, rounds)
+            for concurrency in (64, 256):
+                await throughput(session, direct, gateway, gateway_pid, concurrency,
+                                 seconds, rounds)
+            await cpu_per_request(session, gateway, gateway_pid)
+            await split(session, store, gateway, urls, gateway_url)
+    finally:
+        await store.close()
+
+
+def main(seconds: float, rounds: int) -> None:
+    root = Path(tempfile.mkdtemp(prefix="turnout-bench-gateway-"))
+    db_url = f"sqlite+aiosqlite:///{root}/turnout.db"
+    upgrade(db_url)
+    port = free_port()
+    upstream, urls, gateway = start_processes(root, db_url, port)
+    try:
+        asyncio.run(prepare_store(db_url, urls))
+        asyncio.run(measure(db_url, urls, f"http://127.0.0.1:{port}", gateway.pid, seconds,
+                            rounds))
+    finally:
+        for process in (gateway, upstream):
+            process.terminate()
+            process.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0,
+                        help="length of each throughput run")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternations of direct and gateway runs per measurement")
+    args = parser.parse_args()
+    main(args.seconds, args.rounds)

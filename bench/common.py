@@ -18,7 +18,8 @@ def bench_stack(name: str, **overrides: Any) -> Stack:
     settings = ModelSwitchingConfig.from_env(
         {}, **{"state_dir": str(root), "database_url": f"sqlite+aiosqlite:///{root}/turnout.db",
                "temporal_address": f"127.0.0.1:{free_port()}", "api_port": free_port(),
-               "gateway_port": free_port(), "engine_host": f"bench-{name}", **overrides})
+               "gateway_port": free_port(), "gateway_admin_port": free_port(),
+               "engine_host": f"bench-{name}", **overrides})
     print(f"stack state and logs: {root}", flush=True)
     return Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
                  temporal_ui_port=free_port(), headless=True)

@@ -181,15 +181,17 @@ async def split(session: aiohttp.ClientSession, store: Store, gateway: Target,
     await route(0, "all-on-a")
 
 
-def start_processes(root: Path, db_url: str, port: int
+def start_processes(root: Path, db_url: str, port: int, admin_port: int
                     ) -> tuple[subprocess.Popen[str], dict[str, str], subprocess.Popen[bytes]]:
-    """The upstream (its URLs read from its first line) and the gateway."""
+    """The upstream (its URLs read from its first line) and the gateway (admin endpoints
+    without a token: they listen on 127.0.0.1 only)."""
     upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream_server"],
                                 stdout=subprocess.PIPE, text=True)
     assert upstream.stdout is not None
     urls = json.loads(upstream.stdout.readline())
     env = {**os.environ, "VLLM_MODEL_SWITCHING_DATABASE_URL": db_url,
-           "VLLM_MODEL_SWITCHING_GATEWAY_PORT": str(port)}
+           "VLLM_MODEL_SWITCHING_GATEWAY_PORT": str(port),
+           "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_PORT": str(admin_port)}
     with (root / "gateway.log").open("w") as log:
         gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--gateway-id", "bench", "--log-level",
@@ -209,8 +211,8 @@ async def prepare_store(db_url: str, urls: dict[str, str]) -> None:
         await store.close()
 
 
-async def measure(db_url: str, urls: dict[str, str], gateway_url: str, gateway_pid: int,
-                  seconds: float, rounds: int) -> None:
+async def measure(db_url: str, urls: dict[str, str], gateway_url: str, admin_url: str,
+                  gateway_pid: int, seconds: float, rounds: int) -> None:
     store = Store.from_url(db_url)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
@@ -232,7 +234,7 @@ async def measure(db_url: str, urls: dict[str, str], gateway_url: str, gateway_p
                 await throughput(session, direct, gateway, gateway_pid, concurrency,
                                  seconds, rounds)
             await cpu_per_request(session, gateway, gateway_pid)
-            await split(session, store, gateway, urls, gateway_url)
+            await split(session, store, gateway, urls, admin_url)
     finally:
         await store.close()
 
@@ -241,12 +243,12 @@ def main(seconds: float, rounds: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="turnout-bench-gateway-"))
     db_url = f"sqlite+aiosqlite:///{root}/turnout.db"
     upgrade(db_url)
-    port = free_port()
-    upstream, urls, gateway = start_processes(root, db_url, port)
+    port, admin_port = free_port(), free_port()
+    upstream, urls, gateway = start_processes(root, db_url, port, admin_port)
     try:
         asyncio.run(prepare_store(db_url, urls))
-        asyncio.run(measure(db_url, urls, f"http://127.0.0.1:{port}", gateway.pid, seconds,
-                            rounds))
+        asyncio.run(measure(db_url, urls, f"http://127.0.0.1:{port}",
+                            f"http://127.0.0.1:{admin_port}", gateway.pid, seconds, rounds))
     finally:
         for process in (gateway, upstream):
             process.terminate()

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 
-from gateway.app import create_app, serve
+from gateway.app import AdminBindError, start_gateway
 from turnout.config import ConfigError, ModelSwitchingConfig
 from turnout.store import Store
 
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      description="turnout gateway (OpenAI-compatible proxy)")
     parser.add_argument("--host", help="bind address (default: gateway_host setting)")
     parser.add_argument("--port", type=int, help="bind port (default: gateway_port setting)")
+    parser.add_argument("--admin-port", type=int,
+                        help="admin bind port (default: gateway_admin_port setting)")
     parser.add_argument("--gateway-id", help="id in the store (default: <hostname>-<port>)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -57,15 +59,20 @@ async def run(settings: ModelSwitchingConfig, gateway_id: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(settings, store, gateway_id)
-    runner = await serve(app, settings.gateway_host, settings.gateway_port)
-    log.info("gateway %s listening on %s:%d", gateway_id, settings.gateway_host,
-             settings.gateway_port)
+    try:
+        running = await start_gateway(settings, store, gateway_id)
+    except BaseException:
+        await store.close()
+        raise
+    log.info("gateway %s serving clients on %s:%d, admin on %s:%d%s", gateway_id,
+             settings.gateway_host, settings.gateway_port, settings.gateway_admin_host,
+             settings.gateway_admin_port,
+             "" if settings.gateway_admin_token else " (no admin token: loopback only)")
     try:
         await stop.wait()
         log.info("stopping")
     finally:
-        await runner.cleanup()
+        await running.stop()
         await store.close()
 
 
@@ -76,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["gateway_host"] = args.host
     if args.port:
         overrides["gateway_port"] = args.port
+    if args.admin_port:
+        overrides["gateway_admin_port"] = args.admin_port
     try:
         settings = ModelSwitchingConfig.from_env(**overrides)
     except ConfigError as exc:
@@ -85,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(gateway_id, args.log_level.upper())
     try:
         asyncio.run(run(settings, gateway_id))
-    except OSError as exc:  # e.g. the port is taken
+    except (OSError, AdminBindError) as exc:  # e.g. a port is taken
         log.error("gateway could not start: %s", exc)
         return 1
     return 0

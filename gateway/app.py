@@ -1,9 +1,12 @@
 """The gateway application: routes synced from the store, admin endpoints, lifecycle.
 
-A gateway holds its routes in memory and reconciles them with the store every second (and
-at once on `POST /admin/routes/refresh`, which the traffic activity calls after writing a
-route). It heartbeats into the store so the traffic activity knows which gateways must
-confirm a new generation. If the store is unreachable it keeps serving the last routes.
+Two listeners: the client one (OpenAI endpoints, `/health`, `/metrics`) and the admin one
+(`/admin/*`, token-protected when `GATEWAY_ADMIN_TOKEN` is set); the client listener never
+exposes an admin action. A gateway holds its routes in memory and reconciles them with
+the store every second (and at once on `POST /admin/routes/refresh`, which the traffic
+activity calls after writing a route). It heartbeats into the store so the traffic
+activity knows which gateways must confirm a new generation. If the store is unreachable
+it keeps serving the last routes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import hmac
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -46,8 +50,8 @@ class Gateway:
         self.settings = settings
         self.store = store
         self.gateway_id = gateway_id
-        self.admin_url = admin_url or (
-            f"http://{client_host(settings.gateway_host)}:{settings.gateway_port}")
+        host = settings.gateway_advertise_host or client_host(settings.gateway_admin_host)
+        self.admin_url = admin_url or f"http://{host}:{settings.gateway_admin_port}"
         self.transitions = TransitionManager(settings)
         self.table = self.transitions.table
         self.metrics = GatewayMetrics()
@@ -148,12 +152,12 @@ GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 
 def _admin_auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Require `Authorization: Bearer <token>` on /admin/* when a token is configured."""
+    """Require `Authorization: Bearer <token>` when a token is configured."""
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None and request.path.startswith("/admin/"):
+        if expected is not None:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return error_response(401, "a valid admin bearer token is required",
@@ -165,13 +169,14 @@ def _admin_auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse
 
 def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
                admin_url: str | None = None) -> web.Application:
-    """The gateway as an aiohttp app; the caller owns `store` and closes it after the app.
+    """The client-facing gateway app; the caller owns `store` and closes it after the app.
 
-    Run it with `aiohttp.web.AppRunner(app, handler_cancellation=True)` so that a client
-    disconnect cancels the handler and with it the upstream request (see `serve`).
+    Its `Gateway` (`gateway_of(app)`) starts and stops with it. Serve the admin endpoints
+    with `create_admin_app` (or run both with `start_gateway`). Run it with handler
+    cancellation on (see `serve`) so that a client disconnect cancels the upstream request.
     """
     gateway = Gateway(settings, store, gateway_id, admin_url)
-    app = web.Application(middlewares=[openai_errors, _admin_auth(settings.gateway_admin_token)],
+    app = web.Application(middlewares=[openai_errors],
                           client_max_size=settings.gateway_max_body_bytes)
     app[GATEWAY_KEY] = gateway
 
@@ -187,9 +192,17 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(gateway.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", _metrics_handler(gateway))
+    app.router.add_get("/v1/models", gateway.proxy.list_models)
+    app.router.add_post("/v1/completions", gateway.proxy.completions)
+    app.router.add_post("/v1/chat/completions", gateway.proxy.chat_completions)
+    return app
+
+
+def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
+    """The admin endpoints of `gateway`: state, windowed stats, route refresh, metrics."""
+    app = web.Application(middlewares=[openai_errors, _admin_auth(token)])
 
     async def admin_state(_: web.Request) -> web.Response:
         return web.json_response(gateway.state())
@@ -219,15 +232,19 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
                                   type="service_unavailable", code="store_unreachable")
         return web.json_response(gateway.state())
 
-    app.router.add_get("/health", health)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/models", gateway.proxy.list_models)
-    app.router.add_post("/v1/completions", gateway.proxy.completions)
-    app.router.add_post("/v1/chat/completions", gateway.proxy.chat_completions)
     app.router.add_get("/admin/state", admin_state)
     app.router.add_get("/admin/stats", admin_stats)
     app.router.add_post("/admin/routes/refresh", admin_refresh)
+    app.router.add_get("/metrics", _metrics_handler(gateway))
     return app
+
+
+def _metrics_handler(gateway: Gateway) -> Handler:
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(gateway.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return metrics
 
 
 def gateway_of(app: web.Application) -> Gateway:
@@ -241,3 +258,47 @@ async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
     site = web.TCPSite(runner, host, port)
     await site.start()
     return runner
+
+
+class AdminBindError(ValueError):
+    """The admin listener would be reachable from other hosts without a token."""
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    client: web.AppRunner
+    admin: web.AppRunner
+    client_url: str
+    admin_url: str
+
+    async def stop(self) -> None:
+        await self.admin.cleanup()
+        await self.client.cleanup()  # stops the gateway's loops and leaves the store
+
+
+async def start_gateway(settings: ModelSwitchingConfig, store: Store,
+                        gateway_id: str) -> RunningGateway:
+    """Serve a gateway: client app on `gateway_host:gateway_port`, admin app on
+    `gateway_admin_host:gateway_admin_port`."""
+    if not settings.gateway_admin_token and not _loopback(settings.gateway_admin_host):
+        raise AdminBindError(
+            f"refusing to serve admin endpoints on {settings.gateway_admin_host} without "
+            "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_TOKEN: set a token or bind them to 127.0.0.1")
+    app = create_app(settings, store, gateway_id)
+    admin_runner = await serve(create_admin_app(gateway_of(app), settings.gateway_admin_token),
+                               settings.gateway_admin_host, settings.gateway_admin_port)
+    try:
+        client_runner = await serve(app, settings.gateway_host, settings.gateway_port)
+    except BaseException:
+        await admin_runner.cleanup()
+        raise
+    gateway = gateway_of(app)
+    return RunningGateway(
+        gateway, client_runner, admin_runner,
+        f"http://{client_host(settings.gateway_host)}:{settings.gateway_port}",
+        gateway.admin_url)
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")

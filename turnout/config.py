@@ -54,6 +54,14 @@ class ModelSwitchingConfig(BaseModel):
     api_url: str | None = None
     gateway_host: str = "127.0.0.1"
     gateway_port: int = Field(8000, ge=1, le=65535)
+    # Admin endpoints (route refresh, state, stats) listen apart from client traffic. Without
+    # a token they are open to anyone who can reach them, so the gateway then refuses to
+    # bind them to anything but a loopback address.
+    gateway_admin_host: str = "127.0.0.1"
+    gateway_admin_port: int = Field(8002, ge=1, le=65535)
+    # How workers reach this gateway's admin listener (e.g. its container name); by default
+    # the admin bind address, or 127.0.0.1 for a wildcard bind.
+    gateway_advertise_host: str | None = None
     gateway_admin_token: str | None = Field(None, repr=False)
     # Largest request body the gateway accepts (base64 images and audio make chat bodies
     # big); larger ones are refused with a 413 before reaching any engine.

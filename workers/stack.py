@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -77,6 +78,11 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self.settings.gateway_admin_token:
+            # Gateway admin endpoints always want a token; a local stack makes its own and
+            # hands it to the gateway and the control worker through their environment.
+            self.settings = self.settings.model_copy(
+                update={"gateway_admin_token": secrets.token_urlsafe(24)})
         python = sys.executable
         host, _, port = self.settings.temporal_address.rpartition(":")
         temporal = [installed_binary("temporal"),

@@ -17,6 +17,7 @@ E2E_SETTINGS = {
     "temporal_address": "127.0.0.1:17233",
     "api_port": 18001,
     "gateway_port": 18000,
+    "gateway_admin_port": 18002,
     "engine_port_start": 18100,
     "engine_port_end": 18149,
     "engine_host": "e2e",

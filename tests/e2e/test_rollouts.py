@@ -232,10 +232,11 @@ async def test_a_canary_survives_sigkill_in_the_middle_of_a_traffic_shift(
     """A second real gateway replica is frozen (SIGSTOP) just before a step, so the shift's
     activity has written the new route but still waits for that replica to confirm it; then
     both workers and Temporal are killed. The retried shift must not apply the step again."""
-    stack.add_process("gateway-replica", [sys.executable, "-m", "gateway", "--port", "18002",
-                                          "--gateway-id", "e2e-replica"])
+    stack.add_process("gateway-replica", [sys.executable, "-m", "gateway", "--port", "18003",
+                                          "--admin-port", "18004", "--gateway-id",
+                                          "e2e-replica"])
     stack.start_process("gateway-replica")
-    await stack.wait_for_http("http://127.0.0.1:18002/health", "gateway-replica")
+    await stack.wait_for_http("http://127.0.0.1:18003/health", "gateway-replica")
     store = Store.from_url(stack.settings.database_url)
     try:
         async with load(stack) as client:

@@ -24,8 +24,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.engines import EngineActivities
 from activities.gateway_admin import GatewayAdmin
 from api.app import create_app
-from gateway.app import create_app as create_gateway
-from gateway.app import serve as serve_gateway
+from gateway.app import start_gateway
 from tests.integration.upstream import FakeUpstream
 from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
@@ -83,15 +82,14 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
         data_converter=pydantic_data_converter, search_attributes=search_attribute_keys(),
         dev_server_extra_args=["--dynamic-config-value",
                                "system.forceSearchAttributesCacheRefreshOnRead=true"])
-    gateway_port, api_port = free_port(), free_port()
+    gateway_port, admin_port, api_port = free_port(), free_port(), free_port()
     settings = ModelSwitchingConfig.from_env(
         {}, database_url=url, state_dir=str(root), engine_host=f"it-{uuid.uuid4().hex[:8]}",
         control_task_queue=f"control-{uuid.uuid4()}", gateway_port=gateway_port,
-        api_port=api_port, **overrides)
+        gateway_admin_port=admin_port, api_port=api_port, **overrides)
     upstreams = {v: await FakeUpstream(v, f"served-{v}").start() for v in versions}
     admin = GatewayAdmin(None)
-    gateway_app = create_gateway(settings, store, "it-gateway")
-    gateway_runner = await serve_gateway(gateway_app, "127.0.0.1", gateway_port)
+    gateway = await start_gateway(settings, store, "it-gateway")
     workers = [control.build_worker(env.client, settings, store, admin),
                engine.build_worker(env.client, settings, EngineActivities(settings, store))]
     tasks = [asyncio.create_task(w.run()) for w in workers]
@@ -106,7 +104,7 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
         for worker in workers:
             await worker.shutdown()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await gateway_runner.cleanup()
+        await gateway.stop()
         for upstream in upstreams.values():
             await upstream.stop()
         await admin.close()

@@ -16,9 +16,8 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
-from aiohttp import web
 
-from gateway.app import Gateway, create_app, gateway_of, serve
+from gateway.app import AdminBindError, Gateway, RunningGateway, start_gateway
 from tests.integration.upstream import FakeUpstream
 from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
@@ -36,8 +35,9 @@ class Env:
     v1: FakeUpstream
     v2: FakeUpstream
     gateway: Gateway
-    runner: web.AppRunner
+    running: RunningGateway
     url: str
+    admin_url: str
     http: aiohttp.ClientSession
     client: openai.AsyncOpenAI
     headers: dict[str, str]
@@ -51,19 +51,22 @@ class Env:
         return route.generation
 
     async def refresh(self) -> dict[str, Any]:
-        async with self.http.post(f"{self.url}/admin/routes/refresh",
+        async with self.http.post(f"{self.admin_url}/admin/routes/refresh",
                                   headers=self.headers) as resp:
             assert resp.status == 200, await resp.text()
             return await resp.json()
 
-    async def get(self, path: str, **kwargs: Any) -> tuple[int, Any]:
-        async with self.http.get(f"{self.url}{path}", **kwargs) as resp:
+    async def get(self, path: str, *, admin: bool = False, **kwargs: Any) -> tuple[int, Any]:
+        async with self.http.get(f"{self.admin_url if admin else self.url}{path}",
+                                 **kwargs) as resp:
             if resp.content_type == "application/json":
                 return resp.status, await resp.json()
             return resp.status, await resp.text()
 
-    async def post(self, path: str, **kwargs: Any) -> tuple[int, Any, Any]:
-        async with self.http.post(f"{self.url}{path}", **kwargs) as resp:
+    async def post(self, path: str, *, admin: bool = False,
+                   **kwargs: Any) -> tuple[int, Any, Any]:
+        async with self.http.post(f"{self.admin_url if admin else self.url}{path}",
+                                  **kwargs) as resp:
             return resp.status, await resp.json(), resp.headers
 
 
@@ -83,24 +86,24 @@ async def make_env(tmp_path: Path, *, token: str | None = None, v1_delay: float 
     v2 = await FakeUpstream("v2", "tiny-v2", chunk_delay_s=0.01).start()
     await store.write_route(MODEL, [Backend(version="v1", weight=100, url=v1.url,
                                             served_model_name="tiny-v1")], "initial")
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     settings = ModelSwitchingConfig(gateway_host="127.0.0.1", gateway_port=port,
+                                    gateway_admin_port=admin_port,
                                     database_url=db_url, gateway_admin_token=token,
                                     **settings)
-    app = create_app(settings, store, f"test-gw-{port}")
-    runner = await serve(app, "127.0.0.1", port)
-    url = f"http://127.0.0.1:{port}"
+    running = await start_gateway(settings, store, f"test-gw-{port}")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return Env(store=store, v1=v1, v2=v2, gateway=gateway_of(app), runner=runner, url=url,
+    return Env(store=store, v1=v1, v2=v2, gateway=running.gateway, running=running,
+               url=running.client_url, admin_url=running.admin_url,
                http=aiohttp.ClientSession(), headers=headers,
-               client=openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused",
-                                         max_retries=0, timeout=30))
+               client=openai.AsyncOpenAI(base_url=f"{running.client_url}/v1",
+                                         api_key="unused", max_retries=0, timeout=30))
 
 
 async def close_env(env: Env) -> None:
     await env.client.close()
     await env.http.close()
-    await env.runner.cleanup()
+    await env.running.stop()
     await env.v1.stop()
     await env.v2.stop()
     await env.store.close()
@@ -178,7 +181,7 @@ async def test_route_change_and_stale_generation(env: Env) -> None:
 async def test_reconcile_loop_picks_up_route_without_push(env: Env) -> None:
     await env.route({"v2": 100}, "loop")
     for _ in range(40):
-        status, state = await env.get("/admin/state")
+        status, state = await env.get("/admin/state", admin=True)
         if state["generations"][MODEL] == 2:
             break
         await asyncio.sleep(0.1)
@@ -335,16 +338,16 @@ async def test_inflight_rises_and_falls(tmp_path: Path) -> None:
         task = asyncio.create_task(env.client.completions.create(model=MODEL, prompt="x"))
         inflight = 0
         for _ in range(50):
-            _, state = await env.get("/admin/state")
+            _, state = await env.get("/admin/state", admin=True)
             inflight = state["inflight"].get(MODEL, {}).get("v1", 0)
             if inflight:
                 break
             await asyncio.sleep(0.02)
         assert inflight == 1
         await task
-        _, state = await env.get("/admin/state")
+        _, state = await env.get("/admin/state", admin=True)
         assert state["inflight"] == {MODEL: {"v1": 0}}
-        _, stats = await env.get("/admin/stats")
+        _, stats = await env.get("/admin/stats", admin=True)
         v1 = stats["stats"][MODEL]["v1"]
         assert v1["requests"] == 1 and v1["errors"] == 0 and v1["inflight"] == 0
         assert v1["latency_ms"]["count"] == 1 and v1["latency_ms"]["p50"] >= 800
@@ -398,20 +401,39 @@ async def test_client_leaving_a_stream_cancels_upstream(tmp_path: Path) -> None:
 async def test_admin_token_enforced(tmp_path: Path) -> None:
     env = await make_env(tmp_path, token=TOKEN)
     try:
-        status, body = await env.get("/admin/state")
+        status, body = await env.get("/admin/state", admin=True)
         assert status == 401 and body["error"]["type"] == "authentication_error"
-        status, body = await env.get("/admin/state",
+        status, body = await env.get("/admin/state", admin=True,
                                      headers={"Authorization": "Bearer wrong"})
         assert status == 401
-        status, body, _ = await env.post("/admin/routes/refresh")
+        status, body, _ = await env.post("/admin/routes/refresh", admin=True)
         assert status == 401
-        status, body = await env.get("/admin/state", headers=env.headers)
+        status, body = await env.get("/admin/state", admin=True, headers=env.headers)
         assert status == 200 and body["generations"] == {MODEL: 1}
         assert (await env.refresh())["gateway_id"] == env.gateway.gateway_id
-        # The OpenAI endpoints stay open.
+        # The OpenAI endpoints stay open, and never expose an admin action.
         assert (await env.client.completions.create(model=MODEL, prompt="x")).choices
+        for path in ("/admin/state", "/admin/stats"):
+            assert (await env.get(path, headers=env.headers))[0] == 404
+        assert (await env.post("/admin/routes/refresh", headers=env.headers))[0] == 404
     finally:
         await close_env(env)
+
+
+async def test_open_admin_endpoints_only_on_loopback(tmp_path: Path) -> None:
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
+    await upgrade_async(db_url)
+    store = Store.from_url(db_url)
+    port = free_port()
+    settings = ModelSwitchingConfig(gateway_port=port, gateway_admin_host="0.0.0.0",
+                                    gateway_admin_port=free_port(), database_url=db_url)
+    try:
+        with pytest.raises(AdminBindError, match="GATEWAY_ADMIN_TOKEN"):
+            await start_gateway(settings, store, "open-admin")
+        with pytest.raises(OSError):  # nothing was left listening
+            await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        await store.close()
 
 
 async def test_heartbeat_and_clean_removal(tmp_path: Path) -> None:
@@ -424,8 +446,8 @@ async def test_heartbeat_and_clean_removal(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         assert [(g.gateway_id, g.admin_url) for g in gateways] == [
-            (env.gateway.gateway_id, env.url)]
-        await env.runner.cleanup()
+            (env.gateway.gateway_id, env.admin_url)]
+        await env.running.stop()
         assert await env.store.live_gateways(30) == []
     finally:
         await close_env(env)
@@ -436,7 +458,7 @@ async def test_store_outage_keeps_serving(env: Env) -> None:
         raise ConnectionError("database is gone")
 
     env.store.list_routes = broken  # type: ignore[method-assign]
-    async with env.http.post(f"{env.url}/admin/routes/refresh") as resp:
+    async with env.http.post(f"{env.admin_url}/admin/routes/refresh") as resp:
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "store_unreachable"
     await asyncio.sleep(1.2)  # at least one failing reconcile tick

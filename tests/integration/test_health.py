@@ -16,12 +16,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest_asyncio
-from aiohttp import web
 from temporalio.testing import ActivityEnvironment
 
 from activities.gateway_admin import GatewayAdmin
 from activities.health import HealthActivities
-from gateway.app import Gateway, create_app, gateway_of, serve
+from gateway.app import Gateway, RunningGateway, start_gateway
 from tests.integration.upstream import FakeUpstream
 from tests.support import free_port
 from turnout import contracts as c
@@ -41,7 +40,7 @@ class Env:
     v1: FakeUpstream
     v2: FakeUpstream
     gateway: Gateway
-    runner: web.AppRunner
+    running: RunningGateway
     url: str
     http: aiohttp.ClientSession
     admin: GatewayAdmin
@@ -84,21 +83,20 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         Backend(version="v2", weight=50, url=v2.url, served_model_name="tiny-v2")], "half")
     port = free_port()
     settings = ModelSwitchingConfig(gateway_host="127.0.0.1", gateway_port=port,
-                                    database_url=db_url)
-    app = create_app(settings, store, f"health-gw-{port}")
-    runner = await serve(app, "127.0.0.1", port)
+                                    gateway_admin_port=free_port(), database_url=db_url)
+    running = await start_gateway(settings, store, f"health-gw-{port}")
     for _ in range(100):  # the first heartbeat makes the gateway live in the store
         if await store.live_gateways(settings.gateway_live_after_s):
             break
         await asyncio.sleep(0.02)
     admin = GatewayAdmin(None)
-    e = Env(store=store, v1=v1, v2=v2, gateway=gateway_of(app), runner=runner,
-            url=f"http://127.0.0.1:{port}", http=aiohttp.ClientSession(), admin=admin,
+    e = Env(store=store, v1=v1, v2=v2, gateway=running.gateway, running=running,
+            url=running.client_url, http=aiohttp.ClientSession(), admin=admin,
             health=HealthActivities(store, settings=settings, admin=admin))
     yield e
     await e.http.close()
     await admin.close()
-    await runner.cleanup()
+    await running.stop()
     await v1.stop()
     await v2.stop()
     await store.close()
@@ -174,7 +172,7 @@ async def test_window_bounds_exclude_outside_requests(env: Env) -> None:
     assert set(plain["stats"][MODEL]["v2"]) == {"requests", "errors", "inflight",
                                                 "latency_ms", "ttfb_ms"}
     assert sum(v["requests"] for v in plain["stats"][MODEL].values()) == 280
-    async with env.http.get(f"{env.url}/admin/stats?since=yesterday") as resp:
+    async with env.http.get(f"{env.running.admin_url}/admin/stats?since=yesterday") as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["param"] == "since"
 

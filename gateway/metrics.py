@@ -26,6 +26,10 @@ LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.
                      120.0, 300.0)
 # Time to first byte of a stream: queueing plus prefill.
 TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Mean time between streamed tokens of one answer.
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+# Output tokens per second of one streamed answer, after its first token.
+TOKENS_PER_S_BUCKETS = (1, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500)
 # How many recent samples per version the in-memory percentiles are computed from.
 WINDOW = 2048
 # Timestamped outcomes kept per version for windowed health queries. 200k outcomes of
@@ -59,13 +63,18 @@ class VersionStats:
     inflight: int = 0
     latency_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     ttfb_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    itl_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    tokens_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    output_tokens: int = 0
     # (unix time at completion, latency ms, is error), in completion order.
     outcomes: deque[tuple[float, float, bool]] = field(
         default_factory=lambda: deque(maxlen=OUTCOMES))
 
     def as_json(self) -> dict[str, Any]:
         return {"requests": self.requests, "errors": self.errors, "inflight": self.inflight,
-                "latency_ms": _summary(self.latency_ms), "ttfb_ms": _summary(self.ttfb_ms)}
+                "latency_ms": _summary(self.latency_ms), "ttfb_ms": _summary(self.ttfb_ms),
+                "itl_ms": _summary(self.itl_ms), "tokens_per_s": _summary(self.tokens_per_s),
+                "output_tokens": self.output_tokens}
 
     def window(self, since: float, until: float) -> dict[str, Any]:
         """Outcomes finished in [since, until]: counts plus the raw latencies of successes.
@@ -105,6 +114,16 @@ class GatewayMetrics:
         self.ttfb = Histogram("turnout_gateway_time_to_first_byte_seconds",
                               "Time to the first streamed byte of an answer", labels,
                               buckets=TTFB_BUCKETS_S, registry=self.registry)
+        self.itl = Histogram("turnout_gateway_inter_token_latency_seconds",
+                             "Mean time between streamed tokens of an answer", labels,
+                             buckets=ITL_BUCKETS_S, registry=self.registry)
+        self.tokens_per_s = Histogram("turnout_gateway_output_tokens_per_second",
+                                      "Output tokens per second of a streamed answer after "
+                                      "its first token", labels,
+                                      buckets=TOKENS_PER_S_BUCKETS, registry=self.registry)
+        self.output_tokens = Counter("turnout_gateway_output_tokens",
+                                     "Tokens generated in answers (streamed events, or the "
+                                     "usage of plain answers)", labels, registry=self.registry)
         self.errors_by_class = Counter(
             "turnout_gateway_upstream_errors", "Upstream failures by class (connect, "
             "timeout, 5xx, stream_broken, 4xx)", (*labels, "class"), registry=self.registry)
@@ -137,6 +156,20 @@ class GatewayMetrics:
     def first_byte(self, model_id: str, version: str, seconds: float) -> None:
         self._get(model_id, version).ttfb_ms.append(seconds * 1000.0)
         self.ttfb.labels(model_id, version).observe(seconds)
+
+    def generated(self, model_id: str, version: str, tokens: int,
+                  stream_seconds: float | None = None) -> None:
+        """Tokens of one answer; for a stream, also the time from its first token to its
+        last, which gives the inter-token latency and the output rate."""
+        stats = self._get(model_id, version)
+        stats.output_tokens += tokens
+        self.output_tokens.labels(model_id, version).inc(tokens)
+        if stream_seconds is not None and tokens > 1 and stream_seconds > 0:
+            itl = stream_seconds / (tokens - 1)
+            stats.itl_ms.append(itl * 1000.0)
+            stats.tokens_per_s.append(1.0 / itl)
+            self.itl.labels(model_id, version).observe(itl)
+            self.tokens_per_s.labels(model_id, version).observe(1.0 / itl)
 
     def finished(self, model_id: str, version: str, seconds: float, *,
                  failure: str | None = None, completed: bool = True) -> None:

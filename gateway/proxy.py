@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -28,6 +29,8 @@ USER_HEADER = "X-Turnout-User"
 # without a single byte.
 UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 UPSTREAM_READ_TIMEOUT_S = 600.0
+# Output tokens of a non-streamed answer, read from its `usage` without parsing the JSON.
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 # Request headers worth passing on; the client's Authorization is for the gateway, not engines.
 _FORWARDED_HEADERS = ("Accept", "X-Request-Id", "OpenAI-Organization")
 
@@ -126,6 +129,10 @@ class Proxy:
                         return response
                     payload = await upstream.read()
                     completed = True
+                    if upstream.status == 200:
+                        usage = _COMPLETION_TOKENS.search(payload)
+                        if usage:
+                            self.metrics.generated(model_id, version, int(usage.group(1)))
                     return web.Response(body=payload, status=upstream.status,
                                         headers={"Content-Type": content_type,
                                                  VERSION_HEADER: version})
@@ -166,15 +173,22 @@ class Proxy:
             "X-Accel-Buffering": "no",
             VERSION_HEADER: version,
         })
-        first = True
+        first_at = last_at = 0.0
+        events = 0
         try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
-                if first:
-                    self.metrics.first_byte(model_id, version, time.monotonic() - started)
-                    first = False
+                last_at = time.monotonic()
+                if not first_at:
+                    first_at = last_at
+                    self.metrics.first_byte(model_id, version, first_at - started)
+                # One SSE event per generated token (vLLM streams token by token); counting
+                # the marker is all the parsing a chunk gets.
+                events += chunk.count(b"data: ")
                 await response.write(chunk)
             await response.write_eof()
+            self.metrics.generated(model_id, version, max(events - 1, 0),  # minus [DONE]
+                                   last_at - first_at)
             return response, None, True
         except ConnectionResetError:  # the client went away: nothing left to write to
             log.debug("client left a stream of %s/%s", model_id, version)

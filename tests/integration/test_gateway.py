@@ -154,6 +154,14 @@ async def test_streaming_completion_and_chat(env: Env) -> None:
     assert text == "hello from v1"
     stats = env.gateway.stats()["stats"][MODEL]["v1"]
     assert stats["ttfb_ms"]["count"] == 2
+    # Three token events 10 ms apart per stream (the fake's pace), [DONE] not counted.
+    assert stats["output_tokens"] == 6 and stats["itl_ms"]["count"] == 2
+    assert 8 <= stats["itl_ms"]["p50"] <= 100 and 10 <= stats["tokens_per_s"]["p50"] <= 125
+    await env.client.completions.create(model=MODEL, prompt="hi")  # usage: 3 tokens
+    assert env.gateway.stats()["stats"][MODEL]["v1"]["output_tokens"] == 9
+    _, text = await env.get("/metrics")
+    assert "turnout_gateway_inter_token_latency_seconds_bucket" in text
+    assert f'turnout_gateway_output_tokens_total{{model_id="{MODEL}",version="v1"}} 9.0' in text
 
 
 async def test_route_change_and_stale_generation(env: Env) -> None:

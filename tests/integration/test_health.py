@@ -169,8 +169,9 @@ async def test_window_bounds_exclude_outside_requests(env: Env) -> None:
     assert window["requests"] == good[("v2", 200)] == len(window["latencies_ms"])
     plain = await env.admin.stats(gateway)
     assert "window" not in plain["stats"][MODEL]["v2"]
-    assert set(plain["stats"][MODEL]["v2"]) == {"requests", "errors", "inflight",
-                                                "latency_ms", "ttfb_ms"}
+    assert set(plain["stats"][MODEL]["v2"]) == {
+        "requests", "errors", "inflight", "latency_ms", "ttfb_ms", "itl_ms", "tokens_per_s",
+        "output_tokens"}
     assert sum(v["requests"] for v in plain["stats"][MODEL].values()) == 280
     async with env.http.get(f"{env.running.admin_url}/admin/stats?since=yesterday") as resp:
         assert resp.status == 400

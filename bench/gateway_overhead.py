@@ -9,6 +9,8 @@ Printed, each measured side by side in one run:
 - throughput of streamed answers (64 chunks) at concurrency 64 and 256: ratio gateway /
   direct, and the time-to-first-token p99 overhead;
 - the gateway's CPU time per proxied request and per 64-chunk stream;
+- throughput with per-request metrics on versus off (a second gateway with
+  `GATEWAY_REQUEST_METRICS=false`);
 - split accuracy over 10,000 requests at 90/10, stickiness of keyed users, and the share of
   users a 10-point weight change moves.
 
@@ -181,22 +183,25 @@ async def split(session: aiohttp.ClientSession, store: Store, gateway: Target,
     await route(0, "all-on-a")
 
 
-def start_processes(root: Path, db_url: str, port: int, admin_port: int
-                    ) -> tuple[subprocess.Popen[str], dict[str, str], subprocess.Popen[bytes]]:
-    """The upstream (its URLs read from its first line) and the gateway (admin endpoints
-    without a token: they listen on 127.0.0.1 only)."""
+def start_gateway(root: Path, db_url: str, name: str, port: int, admin_port: int,
+                  metrics: bool = True) -> subprocess.Popen[bytes]:
+    """A gateway process (admin endpoints without a token: they listen on 127.0.0.1)."""
+    env = {**os.environ, "VLLM_MODEL_SWITCHING_DATABASE_URL": db_url,
+           "VLLM_MODEL_SWITCHING_GATEWAY_PORT": str(port),
+           "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_PORT": str(admin_port),
+           "VLLM_MODEL_SWITCHING_GATEWAY_REQUEST_METRICS": str(metrics).lower()}
+    with (root / f"{name}.log").open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--gateway-id", name, "--log-level", "WARNING"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_upstream() -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """The upstream process and its URLs, read from its first line."""
     upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream_server"],
                                 stdout=subprocess.PIPE, text=True)
     assert upstream.stdout is not None
-    urls = json.loads(upstream.stdout.readline())
-    env = {**os.environ, "VLLM_MODEL_SWITCHING_DATABASE_URL": db_url,
-           "VLLM_MODEL_SWITCHING_GATEWAY_PORT": str(port),
-           "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_PORT": str(admin_port)}
-    with (root / "gateway.log").open("w") as log:
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--gateway-id", "bench", "--log-level",
-             "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    return upstream, urls, gateway
+    return upstream, json.loads(upstream.stdout.readline())
 
 
 async def prepare_store(db_url: str, urls: dict[str, str]) -> None:
@@ -211,29 +216,54 @@ async def prepare_store(db_url: str, urls: dict[str, str]) -> None:
         await store.close()
 
 
-async def measure(db_url: str, urls: dict[str, str], gateway_url: str, admin_url: str,
-                  gateway_pid: int, seconds: float, rounds: int) -> None:
+async def wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(100):
+        try:
+            async with session.get(f"{url}/health") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"no gateway answering at {url}")
+
+
+async def metrics_cost(session: aiohttp.ClientSession, on: Target, off: Target,
+                       seconds: float, rounds: int) -> None:
+    """Two gateways, recording on and off, alternated at concurrency 64 (64-chunk streams)."""
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(rounds * 2):
+        for target in (on, off):
+            done, _ = await run_for(seconds, 64, lambda t=target: one(session, t, stream=True))
+            rates[target.name].append(done / seconds)
+    r_on, r_off = statistics.mean(rates["on"]), statistics.mean(rates["off"])
+    print(f"metrics on {r_on:.0f}/s vs off {r_off:.0f}/s (concurrency 64, 64-chunk streams, "
+          f"{rounds * 2} alternations): ratio {r_on / r_off:.3f} (goal >= 0.99)", flush=True)
+
+
+async def measure(db_url: str, urls: dict[str, str], ports: dict[str, tuple[int, int]],
+                  pids: dict[str, int], seconds: float, rounds: int) -> None:
     store = Store.from_url(db_url)
+    gateway_url = f"http://127.0.0.1:{ports['gateway'][0]}"
+    admin_url = f"http://127.0.0.1:{ports['gateway'][1]}"
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=aiohttp.ClientTimeout(total=60)) as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"{gateway_url}/health") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+            for port, _ in ports.values():
+                await wait_healthy(session, f"http://127.0.0.1:{port}")
             direct = Target("direct", urls["a"], "a")
             gateway = Target("gateway", gateway_url, MODEL_ID)
+            unrecorded = Target("off", f"http://127.0.0.1:{ports['unrecorded'][0]}", MODEL_ID)
             await run_for(1.0, 8, lambda: one(session, gateway, stream=True))  # warm up
+            await run_for(1.0, 8, lambda: one(session, unrecorded, stream=True))
             await run_for(1.0, 8, lambda: one(session, direct, stream=True))
             await latency(session, direct, gateway, rounds)
             for concurrency in (64, 256):
-                await throughput(session, direct, gateway, gateway_pid, concurrency,
+                await throughput(session, direct, gateway, pids["gateway"], concurrency,
                                  seconds, rounds)
-            await cpu_per_request(session, gateway, gateway_pid)
+            await cpu_per_request(session, gateway, pids["gateway"])
+            await metrics_cost(session, Target("on", gateway_url, MODEL_ID), unrecorded,
+                               seconds, rounds)
             await split(session, store, gateway, urls, admin_url)
     finally:
         await store.close()
@@ -243,14 +273,18 @@ def main(seconds: float, rounds: int) -> None:
     root = Path(tempfile.mkdtemp(prefix="turnout-bench-gateway-"))
     db_url = f"sqlite+aiosqlite:///{root}/turnout.db"
     upgrade(db_url)
-    port, admin_port = free_port(), free_port()
-    upstream, urls, gateway = start_processes(root, db_url, port, admin_port)
+    upstream, urls = start_upstream()
+    processes: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = [upstream]
     try:
         asyncio.run(prepare_store(db_url, urls))
-        asyncio.run(measure(db_url, urls, f"http://127.0.0.1:{port}",
-                            f"http://127.0.0.1:{admin_port}", gateway.pid, seconds, rounds))
+        ports = {name: (free_port(), free_port()) for name in ("gateway", "unrecorded")}
+        gateways = {name: start_gateway(root, db_url, name, *ports[name],
+                                        metrics=name == "gateway") for name in ports}
+        processes.extend(gateways.values())
+        asyncio.run(measure(db_url, urls, ports, {k: g.pid for k, g in gateways.items()},
+                            seconds, rounds))
     finally:
-        for process in (gateway, upstream):
+        for process in processes:
             process.terminate()
             process.wait(timeout=20)
 

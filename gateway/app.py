@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.errors import Handler, error_response, openai_errors
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, UnrecordedMetrics
 from gateway.proxy import Proxy
 from turnout.config import ModelSwitchingConfig
 from turnout.store import Store
@@ -54,7 +54,8 @@ class Gateway:
         self.admin_url = admin_url or f"http://{host}:{settings.gateway_admin_port}"
         self.transitions = TransitionManager(settings)
         self.table = self.transitions.table
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics() if settings.gateway_request_metrics \
+            else UnrecordedMetrics()
         self.proxy = Proxy(self.transitions, self.metrics, settings.gateway_max_body_bytes)
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []

@@ -224,3 +224,22 @@ class GatewayMetrics:
                 entry["window"] = stats.window(low, high)
             result.setdefault(model, {})[version] = entry
         return result
+
+
+class UnrecordedMetrics(GatewayMetrics):
+    """Per-request recording switched off (`GATEWAY_REQUEST_METRICS=false`): for measuring
+    the cost of recording; in-flight counts, windows and verdicts then stay empty."""
+
+    def started(self, model_id: str, version: str) -> None:
+        pass
+
+    def first_byte(self, model_id: str, version: str, seconds: float) -> None:
+        pass
+
+    def generated(self, model_id: str, version: str, tokens: int,
+                  stream_seconds: float | None = None) -> None:
+        pass
+
+    def finished(self, model_id: str, version: str, seconds: float, *,
+                 failure: str | None = None, completed: bool = True) -> None:
+        pass

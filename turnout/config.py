@@ -66,6 +66,9 @@ class ModelSwitchingConfig(BaseModel):
     # Largest request body the gateway accepts (base64 images and audio make chat bodies
     # big); larger ones are refused with a 413 before reaching any engine.
     gateway_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Per-request metrics (Prometheus series and the windows health verdicts read). Off
+    # only to measure what recording costs: switches cannot judge health without them.
+    gateway_request_metrics: bool = True
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     control_task_queue: str = "turnout-control"

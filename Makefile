@@ -30,6 +30,8 @@ lint: install
 bench: install
 	$(PY) -m bench.switch_time
 	$(PY) -m bench.control_latency
+	$(PY) -m bench.gateway_overhead
+	$(PY) -m bench.concurrent_canaries
 
 clean:
 	rm -rf .turnout .pytest_cache

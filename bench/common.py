@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,3 +24,12 @@ def bench_stack(name: str, **overrides: Any) -> Stack:
     print(f"stack state and logs: {root}", flush=True)
     return Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
                  temporal_ui_port=free_port(), headless=True)
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK

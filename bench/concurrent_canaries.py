@@ -23,6 +23,7 @@ import itertools
 import random
 import statistics
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -30,11 +31,12 @@ import httpx
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
-from bench.common import bench_stack
+from bench.common import bench_stack, cpu_seconds
 from tests.integration.upstream import FakeUpstream
 from turnout import contracts as c
 from turnout.analysis import quantile
 from turnout.runtime import connect_temporal
+from workers.stack import Stack
 
 CANARY_STEPS = {"initial_percentage": 50, "step_percentage": 25}
 SETUP_CONCURRENCY = 16
@@ -91,17 +93,17 @@ async def wait_done(temporal: Client, model_id: str) -> dict:
 
 @contextlib.asynccontextmanager
 async def client_load(gateway_url: str, model_ids: list[str], rate: float
-                      ) -> AsyncIterator[list[int]]:
-    """`rate` completions per second spread round-robin over the models; yields
-    [answered, failed]."""
-    counts = [0, 0]
+                      ) -> AsyncIterator[Counter[str]]:
+    """`rate` completions per second spread round-robin over the models; yields a count of
+    outcomes ("ok", or the status or error of a failure)."""
+    outcomes: Counter[str] = Counter()
 
     async def send(gateway: httpx.AsyncClient, model_id: str) -> None:
         try:
             r = await gateway.post("/v1/completions", json={"model": model_id, "prompt": "x"})
-            counts[0 if r.status_code == 200 else 1] += 1
-        except httpx.HTTPError:
-            counts[1] += 1
+            outcomes["ok" if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:120]}"] += 1
+        except httpx.HTTPError as exc:
+            outcomes[repr(exc)[:120]] += 1
 
     async def run() -> None:
         async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as gateway:
@@ -114,15 +116,16 @@ async def client_load(gateway_url: str, model_ids: list[str], rate: float
 
     task = asyncio.create_task(run())
     try:
-        yield counts
+        yield outcomes
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
 
-async def level(api: httpx.AsyncClient, temporal: Client, gateway_url: str,
+async def level(api: httpx.AsyncClient, temporal: Client, stack: Stack,
                 fakes: list[FakeUpstream], n: int, period_s: float) -> list[Step]:
+    gateway_url = stack.gateway_url
     model_ids = [f"Bench_n{n}x{i}" for i in range(n)]
 
     async def prepare(model_id: str) -> None:
@@ -150,16 +153,27 @@ async def level(api: httpx.AsyncClient, temporal: Client, gateway_url: str,
 
     # About 8 requests per model per evaluation period: enough for each version's window.
     rate = max(5.0, 8 * n / period_s)
+    pids = {name: stack.processes[name].popen.pid  # type: ignore[union-attr]
+            for name in ("control-worker", "temporal", "gateway")}
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
     async with client_load(gateway_url, model_ids, rate) as counts:
         ends = await asyncio.gather(*(canary(m, random.uniform(0, period_s))
                                       for m in model_ids))
+    wall = time.monotonic() - started
+    used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    print(f"  N={n}: canary phase {wall:.0f} s; CPU used: " + ", ".join(
+        f"{name} {seconds:.0f} s ({seconds / wall * 100:.0f}% of a core)"
+        for name, seconds in used.items())
+        + f"; control worker {used['control-worker'] / n * 1000:.0f} ms per canary",
+        flush=True)
     outcomes = statistics.multimode([e["outcome"] for e in ends])
     steps = [x for lists in await gather_limited(
         [step_latencies(temporal, f"switch-{m}") for m in model_ids], SETUP_CONCURRENCY)
         for x in lists]
     print(f"  N={n}: outcomes {outcomes} ({sum(e['outcome'] == 'promoted' for e in ends)}"
-          f"/{n} promoted), client load {rate:.0f}/s: {counts[0]} answered, {counts[1]} "
-          f"failed", flush=True)
+          f"/{n} promoted), client load {rate:.0f}/s: {counts.pop('ok', 0)} answered, "
+          f"failures: {dict(counts) or 'none'}", flush=True)
     return steps
 
 
@@ -175,7 +189,7 @@ async def main(levels: list[int], period_s: float) -> None:
         temporal = await connect_temporal(stack.settings)
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=120) as api:
             for n in levels:
-                steps = await level(api, temporal, stack.gateway_url, fakes, n, period_s)
+                steps = await level(api, temporal, stack, fakes, n, period_s)
                 total = [x.total for x in steps]
                 row = (n, len(steps), quantile(total, 0.5), quantile(total, 0.95),
                        max(total, default=None),

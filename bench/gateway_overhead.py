@@ -36,21 +36,13 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.common import cpu_seconds
 from tests.support import free_port
 from turnout.analysis import quantile
 from turnout.domain import Backend, RegisterModelRequest
 from turnout.store import Store, upgrade
 
 MODEL_ID = "Bench_gw"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 class Target:
     """Where requests go: an upstream directly (its served name) or the gateway (model id)."""
 

@@ -12,7 +12,7 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -67,6 +67,23 @@ async def load(stack: Stack) -> AsyncIterator[Load]:
     finally:
         client.stop()
         await task
+
+
+async def crash_orchestration(stack: Stack, client: Load, *, outage_s: float,
+                              while_down: Callable[[], None] | None = None) -> None:
+    """SIGKILL both workers and the Temporal server, check that the gateway keeps serving
+    the current split for `outage_s` without a failure, then restart them all."""
+    for name in ("control-worker", "engine-worker", "temporal"):
+        stack.kill_process(name, signal.SIGKILL)
+    if while_down is not None:
+        while_down()
+    served_before = len(client.served)
+    await asyncio.sleep(outage_s)
+    assert len(client.served) > served_before and client.failures == []
+    stack.start_process("temporal")
+    await stack.wait_for_port(stack.settings.temporal_address, "temporal")
+    stack.start_process("engine-worker")
+    stack.start_process("control-worker")
 
 
 async def api(stack: Stack, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -207,16 +224,7 @@ async def test_a_canary_survives_sigkill_of_workers_and_temporal(stack: Stack) -
             "evaluation_period_minutes": 0.5})
         await wait_phase(stack, operation_id, "evaluating")
         generations.append((await store.get_route(MODEL_ID)).generation)
-        for name in ("control-worker", "engine-worker", "temporal"):
-            stack.kill_process(name, signal.SIGKILL)
-        # Everything that orchestrates is down: the gateway keeps serving the split.
-        served_before = len(client.served)
-        await asyncio.sleep(5)
-        assert len(client.served) > served_before and client.failures == []
-        stack.start_process("temporal")
-        await stack.wait_for_port(stack.settings.temporal_address, "temporal")
-        stack.start_process("engine-worker")
-        stack.start_process("control-worker")
+        await crash_orchestration(stack, client, outage_s=5)
         s = await wait_end(stack, operation_id)
         generations.append((await store.get_route(MODEL_ID)).generation)
     await store.close()
@@ -255,16 +263,8 @@ async def test_a_canary_survives_sigkill_in_the_middle_of_a_traffic_shift(
                 await asyncio.sleep(0.1)
             assert (await store.get_route(MODEL_ID)).generation == first + 1
             assert (await status(stack, operation_id))["phase"] == "shifting"
-            for name in ("control-worker", "engine-worker", "temporal"):
-                stack.kill_process(name, signal.SIGKILL)
-            stack.signal_process("gateway-replica", signal.SIGCONT)
-            served_before = len(client.served)
-            await asyncio.sleep(3)
-            assert len(client.served) > served_before and client.failures == []
-            stack.start_process("temporal")
-            await stack.wait_for_port(stack.settings.temporal_address, "temporal")
-            stack.start_process("engine-worker")
-            stack.start_process("control-worker")
+            await crash_orchestration(stack, client, outage_s=3, while_down=lambda: (
+                stack.signal_process("gateway-replica", signal.SIGCONT)))
             s = await wait_end(stack, operation_id)
             last = (await store.get_route(MODEL_ID)).generation
     finally:

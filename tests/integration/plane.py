@@ -112,6 +112,17 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
         await store.close()
 
 
+async def register_upstreams(plane: ControlPlane, client: httpx.AsyncClient, arch: str,
+                             stage: str) -> None:
+    """Register each fake engine of the plane as a version (`v1`, `v2`) of one model."""
+    for version, upstream in plane.upstreams.items():
+        response = await client.post("/models", json={
+            "model": f"tiny/{stage}", "model_arch": arch, "model_stage": stage,
+            "version": version, "endpoint": upstream.url,
+            "served_model_name": upstream.served_model_name})
+        assert response.status_code == 201, response.text
+
+
 async def wait_done(client: httpx.AsyncClient, operation_id: str) -> dict[str, Any]:
     """Poll `GET /switch/operations/{id}` until it is `completed` or `failed`."""
     for _ in range(600):

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.plane import ControlPlane, wait_done
+from tests.integration.plane import ControlPlane, register_upstreams, wait_done
 from turnout.transitions import TransitionManager
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -45,12 +45,7 @@ async def eventually_served_by(plane: ControlPlane, expected: set[str], **kwargs
 
 async def test_setup_v1_live_and_a_slow_canary_to_v2(plane: ControlPlane) -> None:
     async with plane.http() as client:
-        for version in ("v1", "v2"):
-            response = await client.post("/models", json={
-                "model": "tiny/rules", "model_arch": ARCH, "model_stage": STAGE,
-                "version": version, "endpoint": plane.upstreams[version].url,
-                "served_model_name": f"served-{version}"})
-            assert response.status_code == 201, response.text
+        await register_upstreams(plane, client, ARCH, STAGE)
         first = await client.post("/switch", json={"model_id": MODEL_ID, "target_version": "v1"})
         assert (await wait_done(client, first.json()["operation_id"]))["status"] == "completed"
         assert (await client.get(f"/models/{MODEL_ID}/rules")).json()["rules"] == []

@@ -20,6 +20,7 @@ from tests.integration.plane import (
     ControlPlane,
     control_plane,
     record_history,
+    register_upstreams,
     traffic,
     wait_done,
 )
@@ -65,12 +66,7 @@ async def wait_phase(client: httpx.AsyncClient, operation_id: str, phase: str,
 
 async def test_v1_goes_live(plane: ControlPlane) -> None:
     async with plane.http() as client:
-        for version in ("v1", "v2"):
-            response = await client.post("/models", json={
-                "model": "tiny/strategies", "model_arch": ARCH, "model_stage": STAGE,
-                "version": version, "endpoint": plane.upstreams[version].url,
-                "served_model_name": f"served-{version}"})
-            assert response.status_code == 201, response.text
+        await register_upstreams(plane, client, ARCH, STAGE)
         status = await wait_done(client, await switch(client, "v1"))
         assert status["status"] == "completed", status
 

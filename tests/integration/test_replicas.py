@@ -1,6 +1,7 @@
 """Two gateway replicas on one store: a route change reaches both before the traffic activity
-returns, a restarted replica resumes with the routes from the store, and a retried shift
-does not apply twice. Real gateways over HTTP, the real `set_traffic` activity, SQLite.
+returns, a restarted replica resumes with the routes from the store, a retried shift does
+not apply twice, and draining a version waits for its requests in flight at every replica.
+Real gateways over HTTP, the real `set_traffic` and `drain_version` activities, SQLite.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Replicas:
     db_url: str
     gateways: dict[str, RunningGateway]
     traffic: TrafficActivities
+    upstreams: dict[str, FakeUpstream]
 
     async def start(self, name: str) -> RunningGateway:
         settings = ModelSwitchingConfig(gateway_port=free_port(), gateway_admin_port=free_port(),
@@ -49,6 +51,11 @@ class Replicas:
         return await ActivityEnvironment().run(
             self.traffic.set_traffic,
             c.SetTrafficInput(model_id=MODEL, weights=weights, change_key=key))
+
+    async def drain(self, version: str, timeout_s: float) -> c.DrainVersionResult:
+        return await ActivityEnvironment().run(
+            self.traffic.drain_version,
+            c.DrainVersionInput(model_id=MODEL, version=version, timeout_s=timeout_s))
 
     async def served_by(self, name: str) -> str:
         async with httpx.AsyncClient(base_url=self.gateways[name].client_url) as client:
@@ -73,7 +80,7 @@ async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
             external=True))
     admin = GatewayAdmin(TOKEN)
     settings = ModelSwitchingConfig(database_url=db_url, gateway_admin_token=TOKEN)
-    r = Replicas(store, db_url, {}, TrafficActivities(settings, store, admin))
+    r = Replicas(store, db_url, {}, TrafficActivities(settings, store, admin), upstreams)
     yield r
     for running in r.gateways.values():
         await running.stop()
@@ -123,3 +130,31 @@ async def test_replicas_converge_and_a_restarted_one_resumes(replicas: Replicas)
                                  headers={"Authorization": f"Bearer {TOKEN}"}) as admin:
         state = (await admin.get("/admin/state")).json()
     assert state["generations"][MODEL] == fourth.generation
+
+
+async def test_draining_waits_for_requests_in_flight_at_every_replica(
+        replicas: Replicas) -> None:
+    await replicas.start("gw-a")
+    await replicas.start("gw-b")
+    await wait_live(replicas.store, 2)
+    await replicas.shift({"v1": 100}, "drain/step-0")
+    replicas.upstreams["v1"].delay_s = 1.5
+    slow = [asyncio.create_task(replicas.served_by(name)) for name in ("gw-a", "gw-b")]
+    await asyncio.sleep(0.3)  # both requests are now in flight to v1
+    await replicas.shift({"v2": 100}, "drain/step-1")
+    assert await replicas.served_by("gw-a") == "v2"  # new requests already go to v2
+
+    drained = await replicas.drain("v1", timeout_s=30)
+    assert drained.drained and drained.inflight_left == 0 and drained.waited_s >= 0.8
+    assert all(task.done() for task in slow)
+    assert [task.result() for task in slow] == ["v1", "v1"]  # finished, not cut off
+
+    # A request that outlives the deadline: reported, not waited for forever.
+    await replicas.shift({"v1": 100}, "drain/step-2")
+    replicas.upstreams["v1"].delay_s = 3
+    late = asyncio.create_task(replicas.served_by("gw-b"))
+    await asyncio.sleep(0.3)
+    await replicas.shift({"v2": 100}, "drain/step-3")
+    cut = await replicas.drain("v1", timeout_s=0.5)
+    assert (cut.drained, cut.inflight_left) == (False, 1) and cut.waited_s < 2
+    assert await late == "v1"

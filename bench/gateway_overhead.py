@@ -188,9 +188,10 @@ def start_gateway(root: Path, db_url: str, name: str, port: int, admin_port: int
             env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def start_upstream() -> tuple[subprocess.Popen[str], dict[str, str]]:
-    """The upstream process and its URLs, read from its first line."""
-    upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream_server"],
+def start_upstream(*args: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """The upstream process (`args` for `bench.upstream_server`) and its URLs, read from its
+    first line."""
+    upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream_server", *args],
                                 stdout=subprocess.PIPE, text=True)
     assert upstream.stdout is not None
     return upstream, json.loads(upstream.stdout.readline())

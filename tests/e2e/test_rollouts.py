@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import pytest_asyncio
 
@@ -161,11 +162,33 @@ async def test_v1_goes_live(stack: Stack, tiny_models: dict[str, Path],
     assert s["status"] == "completed", s
 
 
+async def openai_answers_during(stack: Stack) -> set[str]:
+    """Versions that answered the official `openai` client, streamed and not, keyed by user."""
+    seen = set()
+    async with openai.AsyncOpenAI(base_url=f"{stack.gateway_url}/v1", api_key="unused",
+                                  max_retries=0, timeout=120) as client:
+        for i in range(12):
+            raw = await client.completions.with_raw_response.create(
+                model=MODEL_ID, prompt="Hello", max_tokens=4, user=f"openai-{i}")
+            assert raw.parse().choices[0].text is not None
+            seen.add(raw.headers["x-turnout-version"])
+            async with client.chat.completions.with_streaming_response.create(
+                    model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                    max_tokens=4, stream=True, user=f"openai-{i}") as response:
+                lines = [line async for line in response.iter_lines() if line]
+            assert lines[-1] == "data: [DONE]"
+            seen.add(response.headers["x-turnout-version"])
+    return seen
+
+
 async def test_a_healthy_canary_promotes_under_load(stack: Stack) -> None:
     async with load(stack) as client:
         operation_id = await start(stack, "v2", "canary", {
             "initial_percentage": 50, "step_percentage": 50,
-            "evaluation_period_minutes": 0.25})
+            "evaluation_period_minutes": 0.4})
+        await wait_phase(stack, operation_id, "evaluating")
+        # 12 keyed users on a 50/50 split: both versions answer (all on one: p < 0.001).
+        assert await openai_answers_during(stack) == {"v1", "v2"}
         s = await wait_end(stack, operation_id)
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
     assert s["verdicts"] and s["verdicts"][0]["outcome"] == "healthy", s["verdicts"]

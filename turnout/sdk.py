@@ -23,6 +23,7 @@ from turnout.domain import (
     SwitchingStrategyType,
     model_id_for,
 )
+from turnout.rules import ModelRules, RoutingRules
 
 
 class TurnoutAPIError(RuntimeError):
@@ -101,6 +102,21 @@ class DynamicModelRegistry:
 
     def list_models(self) -> list[ModelInfo]:
         return [ModelInfo.model_validate(m) for m in self._client.request("GET", "/models")]
+
+    def set_routing_rules(self, model_id: str,
+                          rules: RoutingRules | list[dict[str, Any]], *,
+                          requested_by: str | None = None) -> ModelRules:
+        """Replace the model's routing rules (`[]` removes them); see `turnout.rules`."""
+        parsed = rules if isinstance(rules, RoutingRules) \
+            else RoutingRules.model_validate({"rules": rules})
+        body = {**parsed.model_dump(mode="json", exclude_none=True),
+                "requested_by": requested_by}
+        return ModelRules.model_validate(
+            self._client.request("PUT", f"/models/{model_id}/rules", json=body))
+
+    def get_routing_rules(self, model_id: str) -> ModelRules:
+        return ModelRules.model_validate(
+            self._client.request("GET", f"/models/{model_id}/rules"))
 
     @staticmethod
     def model_id(model_arch: str, model_stage: str) -> str:

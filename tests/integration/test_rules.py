@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.integration.plane import ControlPlane, register_upstreams, wait_done
+from turnout.sdk import DynamicModelRegistry, TurnoutAPIError
 from turnout.transitions import TransitionManager
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -125,5 +126,14 @@ async def test_rules_steer_within_a_rollout_and_a_rollback_overrules_them(
         audit = (await client.get("/audit", params={"model_id": MODEL_ID})).json()
         updates = [e for e in audit if e["action"] == "rules_updated"]
         assert any(e["actor"] == "alice" for e in updates)
-        cleared = await client.put(f"/models/{MODEL_ID}/rules", json={"rules": []})
-        assert cleared.json()["rules"] == []
+    # The SDK (synchronous: called from a thread, the API serves on this loop).
+    registry = DynamicModelRegistry(api_url=plane.api_url)
+    saved = await asyncio.to_thread(registry.set_routing_rules, MODEL_ID, [LONG],
+                                    requested_by="sdk")
+    assert ([r.name for r in saved.rules], saved.updated_by) == (["long-prompts"], "sdk")
+    with pytest.raises(TurnoutAPIError) as refused:
+        await asyncio.to_thread(registry.set_routing_rules, MODEL_ID, [{**LONG, "version": "v9"}])
+    assert refused.value.status_code == 422
+    cleared = await asyncio.to_thread(registry.set_routing_rules, MODEL_ID, [])
+    assert cleared.rules == []
+    assert (await asyncio.to_thread(registry.get_routing_rules, MODEL_ID)).rules == []

@@ -79,10 +79,15 @@ class Stack:
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.settings.gateway_admin_token:
-            # Gateway admin endpoints always want a token; a local stack makes its own and
-            # hands it to the gateway and the control worker through their environment.
-            self.settings = self.settings.model_copy(
-                update={"gateway_admin_token": secrets.token_urlsafe(24)})
+            # Gateway admin endpoints always want a token; a local stack makes its own, hands
+            # it to the gateway and the control worker through their environment, and keeps
+            # it (owner-only) for the operator.
+            token = secrets.token_urlsafe(24)
+            self.settings = self.settings.model_copy(update={"gateway_admin_token": token})
+            self.admin_token_path.parent.mkdir(parents=True, exist_ok=True)
+            self.admin_token_path.touch(mode=0o600)
+            self.admin_token_path.chmod(0o600)
+            self.admin_token_path.write_text(token + "\n")
         python = sys.executable
         host, _, port = self.settings.temporal_address.rpartition(":")
         temporal = [installed_binary("temporal"),
@@ -112,6 +117,14 @@ class Stack:
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, **settings_env(self.settings), **self.extra_env}
+
+    @property
+    def admin_token_path(self) -> Path:
+        return Path(self.settings.state_dir) / "gateway-admin-token"
+
+    @property
+    def gateway_admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.gateway_admin_port}"
 
     @property
     def api_url(self) -> str:
@@ -274,6 +287,8 @@ def _print_banner(stack: Stack, models: dict[str, Path]) -> None:
 turnout is running (Ctrl-C stops everything)
   REST API         {api}   (OpenAPI docs: {api}/docs)
   gateway          {gw}   (OpenAI-compatible: {gw}/v1)
+  gateway admin    {stack.gateway_admin_url}/admin/state
+                   (bearer token: {stack.admin_token_path})
   Temporal Web UI  http://localhost:{stack.temporal_ui_port}
   logs             {stack.log_dir}
 

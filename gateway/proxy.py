@@ -47,14 +47,13 @@ class Proxy:
                  max_body_bytes: int) -> None:
         self.transitions = transitions
         self.max_body_bytes = max_body_bytes
-        self.table = transitions.table
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None  # set when the app starts
 
     async def list_models(self, request: web.Request) -> web.Response:
         now = int(time.time())
         data = [{"id": name, "object": "model", "created": now, "owned_by": "turnout"}
-                for name in self.table.served_names()]
+                for name in self.transitions.table.served_names()]
         return web.json_response({"object": "list", "data": data})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -77,7 +76,7 @@ class Proxy:
             return error_response(400, "you must provide a model parameter",
                                   type="invalid_request_error", param="model",
                                   code="missing_model")
-        model_id = self.table.resolve(name)
+        model_id = self.transitions.table.resolve(name)
         if model_id is None:
             self.metrics.reject("unknown_model")
             return error_response(404, f"the model {name!r} does not exist",
@@ -109,13 +108,14 @@ class Proxy:
         self.metrics.started(model_id, version)
         failure: str | None = None  # error class, see GatewayMetrics.finished
         completed = False
-        fallback = self.transitions.fallback(model_id, version) if may_fail_over else None
+        fallback: Backend | None = None  # looked up only once the version has failed
         try:
             async with self.session.post(backend.url.rstrip("/") + path,
                                          data=json.dumps(body).encode(), headers=headers,
                                          timeout=upstream_timeout()) as upstream:
                 if upstream.status >= 500:
                     failure = "5xx"
+                    fallback = self._fallback(model_id, version, may_fail_over)
                     if fallback is not None:
                         log.info("%s/%s answered %d; failing over to %s", model_id, version,
                                  upstream.status, fallback.version)
@@ -140,13 +140,17 @@ class Proxy:
             failure = "timeout"
             log.warning("upstream %s of %s/%s timed out: %r", backend.url, model_id, version,
                         exc)
-            if fallback is None or isinstance(exc, aiohttp.SocketTimeoutError):
+            # A read timeout comes after the request was sent: too late to replay it.
+            fallback = None if isinstance(exc, aiohttp.SocketTimeoutError) \
+                else self._fallback(model_id, version, may_fail_over)
+            if fallback is None:
                 return error_response(504, f"upstream of version {version!r} timed out",
                                       type="upstream_error", code="gateway_timeout",
                                       headers={VERSION_HEADER: version})
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             failure = "connect"
             log.warning("upstream %s of %s/%s failed: %r", backend.url, model_id, version, exc)
+            fallback = self._fallback(model_id, version, may_fail_over)
             if fallback is None:
                 return error_response(502, f"upstream of version {version!r} failed: {exc}",
                                       type="upstream_error", code="bad_gateway",
@@ -158,6 +162,9 @@ class Proxy:
         self.metrics.failed_over(model_id, version, fallback.version)
         body["model"] = fallback.served_model_name
         return await self._send(request, path, model_id, fallback, body, may_fail_over=False)
+
+    def _fallback(self, model_id: str, version: str, may_fail_over: bool) -> Backend | None:
+        return self.transitions.fallback(model_id, version) if may_fail_over else None
 
     async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       model_id: str, version: str,

@@ -42,12 +42,17 @@ def pick_backend(route: Route, user_key: str | None, rand: float) -> Backend | N
     key. Weights are percents; they are normalised by their sum so that a route whose weights
     do not add up to exactly 100 still splits proportionally.
     """
-    backends = live_backends(route)
+    return pick_from(route.model_id, live_backends(route), user_key, rand)
+
+
+def pick_from(model_id: str, backends: list[Backend], user_key: str | None,
+              rand: float) -> Backend | None:
+    """`pick_backend` over a route's live backends already in `live_backends` order."""
     if not backends:
         return None
     if len(backends) == 1:
         return backends[0]
-    point = stable_point(route.model_id, user_key) if user_key else rand * 100.0
+    point = stable_point(model_id, user_key) if user_key else rand * 100.0
     total = sum(b.weight for b in backends)
     target = point / 100.0 * total
     cumulative = 0.0
@@ -67,6 +72,8 @@ class RouteTable:
 
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
+        # Each route's `live_backends`, worked out once per applied route, not per request.
+        self.live: dict[str, list[Backend]] = {}
         self.aliases: dict[str, str] = {}
         self.known_models: set[str] = set()
 
@@ -76,6 +83,7 @@ class RouteTable:
         if held is not None and route.generation <= held.generation:
             return False
         self.routes[route.model_id] = route
+        self.live[route.model_id] = live_backends(route)
         return True
 
     def apply_all(self, routes: Iterable[Route]) -> list[Route]:
@@ -103,7 +111,7 @@ class RouteTable:
 
     def served_names(self) -> list[str]:
         """Model ids with at least one live backend, then the aliases that point at them."""
-        served = sorted(m for m, r in self.routes.items() if live_backends(r))
+        served = sorted(m for m, live in self.live.items() if live)
         served_set = set(served)
         aliases = sorted(a for a, m in self.aliases.items()
                          if m in served_set and a not in served_set)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from turnout.domain import Backend, Route
-from turnout.routing import RouteTable, live_backends, pick_backend
+from turnout.routing import RouteTable, pick_from
 from turnout.rules import RoutingRules, request_features
 
 if TYPE_CHECKING:
@@ -105,10 +105,7 @@ class TransitionManager:
         Rules are looked at first (only those whose version is in the route); otherwise the
         weighted split, sticky by `user_key` when one is given.
         """
-        route = self.table.route(model_id)
-        if route is None:
-            return None
-        backends = live_backends(route)
+        backends = self.table.live.get(model_id)
         if not backends:
             return None
         rules = self.rules.get(model_id)
@@ -117,17 +114,18 @@ class TransitionManager:
             rule = rules.first_match(request_features(body, headers), served)
             if rule is not None:
                 return Choice(served[rule.version], rule.name or f"#{rules.rules.index(rule)}")
-        backend = pick_backend(route, user_key, random.random() if rand is None else rand)
+        backend = pick_from(model_id, backends, user_key,
+                            random.random() if rand is None else rand)
         return Choice(backend) if backend is not None else None
 
     def fallback(self, model_id: str, failed_version: str) -> Backend | None:
         """Where to retry a request that `failed_version` failed before its first byte: the
         stable (live) version, if it is in the route and is not the one that failed."""
         stable = self.stable.get(model_id)
-        route = self.table.route(model_id)
-        if stable is None or stable == failed_version or route is None:
+        if stable is None or stable == failed_version:
             return None
-        return next((b for b in live_backends(route) if b.version == stable), None)
+        return next((b for b in self.table.live.get(model_id, []) if b.version == stable),
+                    None)
 
     def handle_request_routing(self, model_id: str, request_id: str,
                                request: Mapping[str, Any] | None = None) -> str | None:
@@ -140,10 +138,7 @@ class TransitionManager:
         """
         self._ensure_synced()
         choice = self.choose(model_id, body=request, user_key=request_id)
-        if choice is None:
-            return None
-        route = self.table.route(model_id)
-        if choice.rule is None and route is not None and len(live_backends(route)) < 2:
+        if choice is None or (choice.rule is None and len(self.table.live[model_id]) < 2):
             return None
         return choice.backend.version
 

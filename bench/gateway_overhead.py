@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -31,7 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -262,24 +264,45 @@ async def measure(db_url: str, urls: dict[str, str], ports: dict[str, tuple[int,
         await store.close()
 
 
-def main(seconds: float, rounds: int) -> None:
-    root = Path(tempfile.mkdtemp(prefix="turnout-bench-gateway-"))
+@dataclass
+class Setup:
+    """A running upstream and gateways on one fresh store: `ports[name]` = (client, admin)."""
+
+    db_url: str
+    urls: dict[str, str]
+    ports: dict[str, tuple[int, int]]
+    pids: dict[str, int]
+
+
+@contextlib.contextmanager
+def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
+                                  *upstream_args: str) -> Iterator[Setup]:
+    """Start the upstream, write the model's route, start one gateway per entry of
+    `gateways` (name → per-request metrics on); stop them all at the end."""
+    root = Path(tempfile.mkdtemp(prefix=f"turnout-bench-{name}-"))
     db_url = f"sqlite+aiosqlite:///{root}/turnout.db"
     upgrade(db_url)
-    upstream, urls = start_upstream()
+    upstream, urls = start_upstream(*upstream_args)
     processes: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = [upstream]
     try:
         asyncio.run(prepare_store(db_url, urls))
-        ports = {name: (free_port(), free_port()) for name in ("gateway", "unrecorded")}
-        gateways = {name: start_gateway(root, db_url, name, *ports[name],
-                                        metrics=name == "gateway") for name in ports}
-        processes.extend(gateways.values())
-        asyncio.run(measure(db_url, urls, ports, {k: g.pid for k, g in gateways.items()},
-                            seconds, rounds))
+        ports = {gateway: (free_port(), free_port()) for gateway in gateways}
+        started = {gateway: start_gateway(root, db_url, gateway, *ports[gateway],
+                                          metrics=metrics)
+                   for gateway, metrics in gateways.items()}
+        processes.extend(started.values())
+        yield Setup(db_url, urls, ports, {k: p.pid for k, p in started.items()})
     finally:
         for process in processes:
             process.terminate()
-            process.wait(timeout=20)
+            process.wait(timeout=30)
+
+
+def main(seconds: float, rounds: int) -> None:
+    with gateways_in_front_of_upstream("gateway", {"gateway": True,
+                                                   "unrecorded": False}) as setup:
+        asyncio.run(measure(setup.db_url, setup.urls, setup.ports, setup.pids, seconds,
+                            rounds))
 
 
 if __name__ == "__main__":

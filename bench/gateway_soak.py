@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,14 +23,10 @@ import aiohttp
 from bench.gateway_overhead import (
     MODEL_ID,
     Target,
+    gateways_in_front_of_upstream,
     one,
-    prepare_store,
-    start_gateway,
-    start_upstream,
     wait_healthy,
 )
-from tests.support import free_port
-from turnout.store import upgrade
 
 
 def rss_mib(pid: int) -> float:
@@ -92,7 +86,7 @@ async def soak(session: aiohttp.ClientSession, gateway: Target, pid: int, minute
           f"within ±10%), max {max(m for _, m in samples):.1f} MiB", flush=True)
 
 
-async def measure(urls: dict[str, str], port: int, pid: int, streams: int, minutes: float,
+async def measure(port: int, pid: int, streams: int, minutes: float,
                   concurrency: int) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=120)) as session:
@@ -103,21 +97,10 @@ async def measure(urls: dict[str, str], port: int, pid: int, streams: int, minut
 
 
 def main(streams: int, minutes: float, concurrency: int) -> None:
-    root = Path(tempfile.mkdtemp(prefix="turnout-bench-soak-"))
-    db_url = f"sqlite+aiosqlite:///{root}/turnout.db"
-    upgrade(db_url)
-    upstream, urls = start_upstream("--chunk-delay-s", "0.05")
-    processes: list[subprocess.Popen[str] | subprocess.Popen[bytes]] = [upstream]
-    try:
-        asyncio.run(prepare_store(db_url, urls))
-        port = free_port()
-        gateway = start_gateway(root, db_url, "soak", port, free_port())
-        processes.append(gateway)
-        asyncio.run(measure(urls, port, gateway.pid, streams, minutes, concurrency))
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=30)
+    with gateways_in_front_of_upstream("soak", {"soak": True},
+                                       "--chunk-delay-s", "0.05") as setup:
+        asyncio.run(measure(setup.ports["soak"][0], setup.pids["soak"], streams, minutes,
+                            concurrency))
 
 
 if __name__ == "__main__":

@@ -238,6 +238,13 @@ async def test_an_operator_rollback_mid_canary(stack: Stack) -> None:
     assert "v4" in client.served and set(client.served[after:]) == {"v2"}
 
 
+def judged(status: dict[str, Any]) -> list[str]:
+    """The verdicts that decided a step. A window spanning an outage and the restarts may
+    hold too few requests at 25 %: that step is extended ("inconclusive"), which is never
+    counted as healthy, so one healthy verdict per step is still required."""
+    return [v["outcome"] for v in status["verdicts"] if v["outcome"] != "inconclusive"]
+
+
 async def test_a_canary_survives_sigkill_of_workers_and_temporal(stack: Stack) -> None:
     store = Store.from_url(stack.settings.database_url)
     generations: list[int] = []
@@ -254,7 +261,7 @@ async def test_a_canary_survives_sigkill_of_workers_and_temporal(stack: Stack) -
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
     # 25, 50, 75, 100: four shifts after the one seen before the kill, none done twice.
     assert generations[1] - generations[0] == 3
-    assert [v["outcome"] for v in s["verdicts"]] == ["healthy"] * 3
+    assert judged(s) == ["healthy"] * 3, s["verdicts"]
     assert client.failures == []
 
 
@@ -295,6 +302,6 @@ async def test_a_canary_survives_sigkill_in_the_middle_of_a_traffic_shift(
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
     # 50 (in flight at the kill, applied once), 75, 100: three generations after 25%.
     assert last - first == 3
-    assert [v["outcome"] for v in s["verdicts"]] == ["healthy"] * 3
+    assert judged(s) == ["healthy"] * 3, s["verdicts"]
     assert client.failures == []
     assert {"v5", "v6"} <= set(client.served)

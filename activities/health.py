@@ -94,8 +94,11 @@ class HealthActivities:
             for sample in (target, stable):
                 window = versions.get(sample.version, {}).get("window") if sample else None
                 if sample is not None and window:
+                    # `ttft_ms` is absent from gateways older than time-to-first-token
+                    # windows: their share then simply adds no TTFT samples.
                     sample.add(int(window["requests"]), int(window["errors"]),
-                               [float(x) for x in window["latencies_ms"]])
+                               [float(x) for x in window["latencies_ms"]],
+                               [float(x) for x in window.get("ttft_ms", ())])
         verdict = analysis.judge(target, stable, input.thresholds, compare=input.compare)
         verdict.window_start, verdict.window_end = since, until
         verdict.analysis["gateways"] = {"answered": answered, "skipped": skipped}

@@ -27,7 +27,12 @@ from turnout.domain import (
     SwitchStatus,
 )
 from turnout.store import NotFound, Store
-from turnout.strategies import StrategyConfigError, validate_strategy_config
+from turnout.strategies import (
+    MAX_INCONCLUSIVE_EXTENSIONS,
+    StrategyConfigError,
+    plan_switch,
+    validate_strategy_config,
+)
 
 log = logging.getLogger("turnout.api.switch")
 _QUERY_TIMEOUT = timedelta(seconds=5)
@@ -104,6 +109,33 @@ async def validate(store: Store, request: SwitchRequest) -> Validation:
                       fields=errors)
 
 
+def planned_looks(request: SwitchRequest) -> int:
+    """The most judged looks the switch's plan takes, for `HealthThresholds.looks`.
+
+    Every judged step is one look; a plain (non-A/B) judged step may also be re-judged
+    while inconclusive, up to `MAX_INCONCLUSIVE_EXTENSIONS` times, so those count too. Counting
+    them is conservative (an inconclusive look cannot fail), at a small cost in power.
+    An A/B decision is judged once. At least 1: an immediate switch still judges nothing.
+    """
+    steps = plan_switch(request.strategy, request.strategy_config)
+    judged = [step for step in steps if step.judge and step.hold_seconds > 0]
+    extensions = MAX_INCONCLUSIVE_EXTENSIONS if any(not step.decide for step in judged) else 0
+    return max(1, len(judged) + extensions)
+
+
+def switch_thresholds(settings: ModelSwitchingConfig, request: SwitchRequest
+                      ) -> HealthThresholds:
+    """Thresholds of one switch: the settings, the request's `analysis` over them, and the
+    number of looks its plan takes (so the rollout as a whole keeps its confidence)."""
+    thresholds = HealthThresholds(error_rate_max=settings.error_rate_warning,
+                                  latency_p95_ms_max=settings.latency_warning_ms,
+                                  latency_tolerance=settings.latency_tolerance,
+                                  min_requests=settings.min_requests)
+    if request.analysis is not None:
+        thresholds = request.analysis.apply(thresholds)
+    return thresholds.model_copy(update={"looks": planned_looks(request)})
+
+
 async def start_switch(client: Client, store: Store, settings: ModelSwitchingConfig,
                        request: SwitchRequest) -> SwitchAccepted:
     """Validate, start `SwitchWorkflow`, and record the operation."""
@@ -123,10 +155,7 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
         target_version=request.target_version, strategy=request.strategy,
         strategy_config=request.strategy_config, engine_task_queue=settings.engine_task_queue,
         requested_by=request.requested_by, reason=request.reason,
-        thresholds=HealthThresholds(error_rate_max=settings.error_rate_warning,
-                                    latency_p95_ms_max=settings.latency_warning_ms,
-                                    latency_tolerance=settings.latency_tolerance,
-                                    min_requests=settings.min_requests))
+        thresholds=switch_thresholds(settings, request))
     for attempt in range(2):
         try:
             handle = await client.start_workflow(

@@ -9,6 +9,8 @@ Health verdicts need exact figures over a time window, merged across gateways, s
 version also keeps a timestamped outcome per finished request (`outcomes`): the health
 activity asks every gateway for `[since, until]` and concatenates the windows. Percentiles
 of concatenated raw samples are exact; averaging per-gateway percentiles would not be.
+The outcome also carries the answer's time to first byte when the proxy measured one (a
+streamed answer), so time to first token is a guarded metric like latency.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ TOKENS_PER_S_BUCKETS = (1, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500
 # How many recent samples per version the in-memory percentiles are computed from.
 WINDOW = 2048
 # Timestamped outcomes kept per version for windowed health queries. 200k outcomes of
-# (float, float, bool) tuples are ~20 MB at worst; at 100 req/s that is over 30 minutes,
-# longer than any evaluation period a step judges at once.
+# (float, float, bool, float | None) tuples are ~25 MB at worst; at 100 req/s that is over
+# 30 minutes, longer than any evaluation period a step judges at once.
 OUTCOMES = 200_000
 # Failure classes that are the version's fault (its error rate); a 4xx is the request's.
 VERSION_FAULTS = frozenset({"connect", "timeout", "5xx", "stream_broken"})
@@ -66,8 +68,9 @@ class VersionStats:
     itl_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     tokens_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     output_tokens: int = 0
-    # (unix time at completion, latency ms, is error), in completion order.
-    outcomes: deque[tuple[float, float, bool]] = field(
+    # (unix time at completion, latency ms, is error, time to first byte ms or None), in
+    # completion order.
+    outcomes: deque[tuple[float, float, bool, float | None]] = field(
         default_factory=lambda: deque(maxlen=OUTCOMES))
 
     def as_json(self) -> dict[str, Any]:
@@ -77,22 +80,27 @@ class VersionStats:
                 "output_tokens": self.output_tokens}
 
     def window(self, since: float, until: float) -> dict[str, Any]:
-        """Outcomes finished in [since, until]: counts plus the raw latencies of successes.
+        """Outcomes finished in [since, until]: counts plus the raw latencies of successes
+        and the raw times to first token of successful streamed answers (`ttft_ms`).
 
-        Raw latencies (not percentiles) so windows of several gateways merge exactly.
+        Raw samples (not percentiles) so windows of several gateways merge exactly.
         A linear scan: this runs on an admin call every evaluation period, not per request,
         and wall-clock steps make the deque only mostly sorted, so no bisecting.
         """
         requests = errors = 0
         latencies: list[float] = []
-        for at, latency_ms, error in self.outcomes:
+        ttfts: list[float] = []
+        for at, latency_ms, error, ttft_ms in self.outcomes:
             if since <= at <= until:
                 requests += 1
                 if error:
                     errors += 1
                 else:
                     latencies.append(round(latency_ms, 3))
-        return {"requests": requests, "errors": errors, "latencies_ms": latencies}
+                    if ttft_ms is not None:
+                        ttfts.append(round(ttft_ms, 3))
+        return {"requests": requests, "errors": errors, "latencies_ms": latencies,
+                "ttft_ms": ttfts}
 
 
 class GatewayMetrics:
@@ -172,7 +180,8 @@ class GatewayMetrics:
             self.tokens_per_s.labels(model_id, version).observe(1.0 / itl)
 
     def finished(self, model_id: str, version: str, seconds: float, *,
-                 failure: str | None = None, completed: bool = True) -> None:
+                 failure: str | None = None, completed: bool = True,
+                 ttfb_s: float | None = None) -> None:
         """End of a request; latency is recorded only for answers that completed.
 
         `failure` is the error class: `connect`, `timeout`, `5xx`, `stream_broken` (the
@@ -180,6 +189,9 @@ class GatewayMetrics:
         itself: counted by class only, never charged to the version's health).
         The windowed outcome is recorded for answers that completed and for the version's
         errors; a client that left mid-answer says nothing about the version.
+        `ttfb_s` is the time to the first streamed byte the proxy measured (None for a
+        plain answer, whose first token arrives with its last): it rides on the outcome
+        because `first_byte` has no request id to tie it to this request's outcome.
         """
         stats = self._get(model_id, version)
         stats.inflight -= 1
@@ -194,7 +206,8 @@ class GatewayMetrics:
             stats.latency_ms.append(seconds * 1000.0)
             self.latency.labels(model_id, version).observe(seconds)
         if completed or error:
-            stats.outcomes.append((time.time(), seconds * 1000.0, error))
+            stats.outcomes.append((time.time(), seconds * 1000.0, error,
+                                   None if ttfb_s is None else ttfb_s * 1000.0))
 
     def failed_over(self, model_id: str, failed: str, to: str) -> None:
         self.failovers.labels(model_id, failed, to).inc()
@@ -241,5 +254,6 @@ class UnrecordedMetrics(GatewayMetrics):
         pass
 
     def finished(self, model_id: str, version: str, seconds: float, *,
-                 failure: str | None = None, completed: bool = True) -> None:
+                 failure: str | None = None, completed: bool = True,
+                 ttfb_s: float | None = None) -> None:
         pass

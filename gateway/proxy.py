@@ -108,6 +108,7 @@ class Proxy:
         self.metrics.started(model_id, version)
         failure: str | None = None  # error class, see GatewayMetrics.finished
         completed = False
+        ttfb_s: float | None = None  # time to the first streamed byte, for the window
         fallback: Backend | None = None  # looked up only once the version has failed
         try:
             async with self.session.post(backend.url.rstrip("/") + path,
@@ -124,7 +125,7 @@ class Proxy:
                 content_type = upstream.headers.get("Content-Type", "application/json")
                 if failure != "5xx" or fallback is None:
                     if upstream.status == 200 and content_type.startswith("text/event-stream"):
-                        response, failure, completed = await self._stream(
+                        response, failure, completed, ttfb_s = await self._stream(
                             request, upstream, model_id, version, started)
                         return response
                     payload = await upstream.read()
@@ -157,7 +158,7 @@ class Proxy:
                                       headers={VERSION_HEADER: version})
         finally:
             self.metrics.finished(model_id, version, time.monotonic() - started,
-                                  failure=failure, completed=completed)
+                                  failure=failure, completed=completed, ttfb_s=ttfb_s)
         assert fallback is not None
         self.metrics.failed_over(model_id, version, fallback.version)
         body["model"] = fallback.served_model_name
@@ -168,8 +169,10 @@ class Proxy:
 
     async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       model_id: str, version: str,
-                      started: float) -> tuple[web.StreamResponse, str | None, bool]:
-        """Copy an SSE answer chunk by chunk; returns (response, error class, completed).
+                      started: float
+                      ) -> tuple[web.StreamResponse, str | None, bool, float | None]:
+        """Copy an SSE answer chunk by chunk; returns (response, error class, completed,
+        seconds to the first byte or None when none came).
 
         Leaving early (client gone, upstream broken) exits the caller's `async with`, which
         closes the upstream connection, so the engine stops generating for nobody.
@@ -196,13 +199,13 @@ class Proxy:
             await response.write_eof()
             self.metrics.generated(model_id, version, max(events - 1, 0),  # minus [DONE]
                                    last_at - first_at)
-            return response, None, True
+            return response, None, True, (first_at - started) if first_at else None
         except ConnectionResetError:  # the client went away: nothing left to write to
             log.debug("client left a stream of %s/%s", model_id, version)
-            return response, None, False
+            return response, None, False, None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             log.warning("stream from %s/%s broke: %r", model_id, version, exc)
-            return response, "stream_broken", False
+            return response, "stream_broken", False, None
 
 
 async def _parse_body(request: web.Request, limit: int

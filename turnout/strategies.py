@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from turnout.domain import SwitchingStrategyType
 
+# How many times a step judged inconclusive (too few requests) is re-judged before the
+# rollout waits for an operator: too little traffic is never taken for health.
+MAX_INCONCLUSIVE_EXTENSIONS = 3
+
 
 class _Options(BaseModel):
     model_config = ConfigDict(extra="forbid")

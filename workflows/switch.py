@@ -27,7 +27,13 @@ with workflow.unsafe.imports_passed_through():
         SwitchStatus,
         Verdict,
     )
-    from turnout.strategies import ABTestOptions, PlanStep, plan_switch, validate_strategy_config
+    from turnout.strategies import (
+        MAX_INCONCLUSIVE_EXTENSIONS,
+        ABTestOptions,
+        PlanStep,
+        plan_switch,
+        validate_strategy_config,
+    )
 
 # Store writes are small and idempotent: retry them patiently.
 _STORE_CALL = {
@@ -51,9 +57,7 @@ _JUDGE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attemp
 _DRAIN_TIMEOUT = timedelta(minutes=10)
 _UNLOAD_TIMEOUT = timedelta(minutes=2)
 _HEARTBEAT = timedelta(seconds=30)
-# An evaluation with too few requests is extended this many times, then the rollout waits
-# for an operator: too little traffic is never taken for health.
-_MAX_EXTENSIONS = 3
+_MAX_EXTENSIONS = MAX_INCONCLUSIVE_EXTENSIONS
 
 # The patch that brought health judgment, operator controls and search attributes: runs
 # started before it replay with the first behaviour.

@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "VLLM_MODEL_SWITCHING_"
 
@@ -22,6 +22,7 @@ _ENV_NAMES: dict[str, str] = {
     "enable_management_api": "ENABLE_API",
     "enable_health_monitoring": "ENABLE_MONITORING",
     "latency_warning_ms": "LATENCY_WARNING",
+    "latency_critical_ms": "LATENCY_CRITICAL",
 }
 
 
@@ -46,6 +47,22 @@ class ModelSwitchingConfig(BaseModel):
     latency_tolerance: float = Field(0.1, ge=0)
     # Fewer requests than this in an evaluation window make a verdict inconclusive.
     min_requests: int = Field(20, ge=1)
+    # Continuous monitoring of every live and candidate version (critical levels and
+    # resource limits beyond the guide's two warnings; per model overrides through
+    # `PUT /health/thresholds`).
+    error_rate_critical: float = Field(0.25, ge=0, le=1)
+    latency_critical_ms: float = Field(15000, gt=0)
+    memory_warning_percent: float = Field(85, gt=0, le=100)
+    memory_critical_percent: float = Field(95, gt=0, le=100)
+    cpu_warning_percent: float = Field(90, gt=0, le=100)
+    cpu_critical_percent: float = Field(98, gt=0, le=100)
+    monitoring_interval_s: float = Field(30, ge=1)
+    # Alerts are POSTed as JSON to these URLs (comma-separated in the environment). The
+    # body has a `text` line, so a Slack incoming webhook works as is. URLs often embed a
+    # secret: they are never logged.
+    alert_webhook_urls: list[str] = Field(default_factory=list, repr=False)
+    alert_webhook_timeout_s: float = Field(5, gt=0)
+    alert_webhook_retries: int = Field(3, ge=0, le=10)
     enable_authentication: bool = False
     api_key: str | None = Field(None, repr=False)
 
@@ -90,6 +107,13 @@ class ModelSwitchingConfig(BaseModel):
     gateway_live_after_s: float = Field(15, gt=0)
     route_sync_timeout_s: float = Field(60, gt=0)
     drain_timeout_s: float = Field(120, gt=0)
+
+    @field_validator("alert_webhook_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
 
     @property
     def max_cache_size(self) -> int:

@@ -9,6 +9,8 @@ place (the API) where input is validated and switches are started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from typing import Any
 
@@ -24,6 +26,8 @@ from turnout.domain import (
     model_id_for,
 )
 from turnout.rules import ModelRules, RoutingRules
+
+log = logging.getLogger(__name__)
 
 
 class TurnoutAPIError(RuntimeError):
@@ -87,6 +91,53 @@ class DynamicModelRegistry:
                  api_key: str | None = None, **settings: Any) -> None:
         self.base_registry = base_registry
         self._client = _Client(api_url, api_key, settings)
+        self._cleanup: asyncio.Task[None] | None = None
+        # None until the first check; then whether the API answered the last one.
+        self.api_reachable: bool | None = None
+
+    async def start_cleanup_task(self, interval_s: float | None = None) -> None:
+        """The guide's background task of the registry (idempotent).
+
+        Unused engines are cleaned up by the engine worker on each serving host (it owns
+        them and the store records them), not by a client. What a client can usefully do
+        in the background is watch its connection: this checks the API every interval
+        (`monitoring_interval_s` by default) and logs once when it stops answering and once
+        when it is back, so a broken deployment shows in the caller's log before a
+        `register_model` or `switch_model` fails. `api_reachable` holds the last answer.
+        """
+        if self._cleanup is None or self._cleanup.done():
+            every = interval_s or self._client.settings.monitoring_interval_s
+            self._cleanup = asyncio.create_task(self._watch_api(every),
+                                                name="turnout-registry-watch")
+
+    async def stop_cleanup_task(self) -> None:
+        task, self._cleanup = self._cleanup, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def check_api(self) -> bool:
+        """Whether the API answers `GET /healthz` now; logs a change of answer once."""
+        try:
+            await self._client.arequest("GET", "/healthz", timeout=10)
+            reachable, problem = True, ""
+        except (httpx.TransportError, TurnoutAPIError) as exc:
+            reachable = False
+            problem = f"HTTP {exc.status_code}" if isinstance(exc, TurnoutAPIError) \
+                else type(exc).__name__
+        if not reachable and self.api_reachable is not False:
+            log.warning("the turnout API at %s does not answer (%s)", self._client.api_url,
+                        problem)
+        elif reachable and self.api_reachable is False:
+            log.info("the turnout API at %s answers again", self._client.api_url)
+        self.api_reachable = reachable
+        return reachable
+
+    async def _watch_api(self, interval_s: float) -> None:
+        while True:
+            await self.check_api()
+            await asyncio.sleep(interval_s)
 
     def register_model(self, config: OmniModelConfig, version: str,
                        metadata: dict[str, Any] | None = None, *,

@@ -42,9 +42,15 @@ def settings_env(settings: ModelSwitchingConfig) -> dict[str, str]:
     """The environment that gives another process exactly these settings."""
     env = {}
     for name, value in settings.model_dump().items():
-        if value is not None:
-            env[ModelSwitchingConfig.env_name(name)] = str(value).lower() \
-                if isinstance(value, bool) else str(value)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, list):
+            text = ",".join(str(item) for item in value)
+        else:
+            text = str(value)
+        env[ModelSwitchingConfig.env_name(name)] = text
     return env
 
 

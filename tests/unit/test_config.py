@@ -47,3 +47,20 @@ def test_servers_bind_to_localhost_by_default() -> None:
 
 def test_api_key_is_not_in_repr() -> None:
     assert "s3cret" not in repr(ModelSwitchingConfig(api_key="s3cret"))
+
+
+def test_settings_pass_to_child_processes_unchanged() -> None:
+    """The stack hands its settings to each process as variables: lists survive too."""
+    from workers.stack import settings_env
+
+    settings = ModelSwitchingConfig(alert_webhook_urls=["http://a/x", "http://b/y"],
+                                    monitoring_interval_s=5, enable_authentication=True,
+                                    api_key="k")
+    assert ModelSwitchingConfig.from_env(settings_env(settings)) == settings
+    assert ModelSwitchingConfig.from_env(settings_env(ModelSwitchingConfig())) == \
+        ModelSwitchingConfig()
+
+
+def test_webhook_urls_are_not_in_repr() -> None:
+    settings = ModelSwitchingConfig(alert_webhook_urls=["https://hooks.slack.com/s3cr3t"])
+    assert "s3cr3t" not in repr(settings)

@@ -1,0 +1,349 @@
+"""Continuous health of model versions: thresholds, figures, states and breaches.
+
+Pure code shared by the stack's monitor (a workflow that looks at every live and candidate
+version each interval), `GET /health/models`, and the guide's in-process `HealthMonitor`.
+A rollout step's verdict (`turnout.analysis`) compares a target with the stable version;
+this module instead judges one version on its own against warning and critical levels, the
+way an on-call engineer reads a dashboard.
+
+States: `no_data` (too few requests in the interval and no resource figures to judge: says
+nothing), `healthy`, `degraded` (a warning level crossed), `unhealthy` (a critical one).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from turnout.config import ModelSwitchingConfig
+from turnout.domain import Alert, AlertSeverity
+
+
+class VersionState(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+    NO_DATA = "no_data"
+
+
+class AlertType(StrEnum):
+    ERROR_RATE = "error_rate"
+    LATENCY = "latency"
+    RESOURCE = "resource"
+    ROLLOUT = "rollout"
+    CUSTOM = "custom"
+
+
+class MetricLimit(BaseModel):
+    """Warning and critical levels of a custom metric; `above` means high values are bad."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warning: float | None = None
+    critical: float | None = None
+    direction: Literal["above", "below"] = "above"
+
+
+LEVEL_PAIRS = (("error_rate_warning", "error_rate_critical"),
+               ("latency_p95_warning", "latency_p95_critical"),
+               ("memory_warning_percent", "memory_critical_percent"),
+               ("cpu_warning_percent", "cpu_critical_percent"))
+
+
+class MonitorThresholds(BaseModel):
+    """Levels one version is judged against; the guide's `update_thresholds` keys.
+
+    Every field is optional in an update (`PUT /health/thresholds`); unknown keys are
+    refused so that a typo never silently leaves a limit unset.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_rate_warning: float = Field(0.05, ge=0, le=1)
+    error_rate_critical: float = Field(0.25, ge=0, le=1)
+    latency_p95_warning: float = Field(5000, gt=0, description="milliseconds")
+    latency_p95_critical: float = Field(15000, gt=0, description="milliseconds")
+    memory_warning_percent: float = Field(85, gt=0, le=100,
+                                          description="engine memory, % of host memory")
+    memory_critical_percent: float = Field(95, gt=0, le=100)
+    cpu_warning_percent: float = Field(90, gt=0, le=100,
+                                       description="engine CPU, % of all host cores")
+    cpu_critical_percent: float = Field(98, gt=0, le=100)
+    # Fewer requests than this in an interval: error rate and latency are not judged.
+    min_requests: int = Field(10, ge=1)
+    custom: dict[str, MetricLimit] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _warning_below_critical(self) -> MonitorThresholds:
+        problems = self.level_conflicts()
+        if problems:
+            raise ValueError("; ".join(message for _, message in problems))
+        return self
+
+    def level_conflicts(self) -> list[tuple[str, str]]:
+        """(warning field, message) for each warning level set above its critical level."""
+        problems = []
+        for warning, critical in LEVEL_PAIRS:
+            low, high = getattr(self, warning), getattr(self, critical)
+            if low > high:
+                problems.append((warning, f"{warning} ({low:g}) is above {critical} "
+                                          f"({high:g})"))
+        return problems
+
+    @classmethod
+    def from_settings(cls, settings: ModelSwitchingConfig) -> MonitorThresholds:
+        return cls(error_rate_warning=settings.error_rate_warning,
+                   error_rate_critical=max(settings.error_rate_critical,
+                                           settings.error_rate_warning),
+                   latency_p95_warning=settings.latency_warning_ms,
+                   latency_p95_critical=max(settings.latency_critical_ms,
+                                            settings.latency_warning_ms),
+                   memory_warning_percent=settings.memory_warning_percent,
+                   memory_critical_percent=max(settings.memory_critical_percent,
+                                               settings.memory_warning_percent),
+                   cpu_warning_percent=settings.cpu_warning_percent,
+                   cpu_critical_percent=max(settings.cpu_critical_percent,
+                                            settings.cpu_warning_percent))
+
+    def updated(self, changes: dict[str, Any]) -> MonitorThresholds:
+        """A copy with `changes` applied and validated as a whole (raises ValidationError)."""
+        return MonitorThresholds.model_validate({**self.model_dump(), **changes})
+
+
+def applied_thresholds(settings: ModelSwitchingConfig,
+                       *overrides: dict[str, Any]) -> MonitorThresholds:
+    """Settings' levels, then each override in turn (every model's, then one model's).
+
+    A stored override that no longer validates together with newer defaults (a warning
+    now above a lowered critical level) is skipped rather than breaking monitoring.
+    """
+    thresholds = MonitorThresholds.from_settings(settings)
+    for changes in overrides:
+        if changes:
+            try:
+                thresholds = thresholds.updated(changes)
+            except ValueError:
+                continue
+    return thresholds
+
+
+class EngineResources(BaseModel):
+    """What the host and vLLM's own metrics say about one engine of a version."""
+
+    host: str = ""
+    url: str = ""
+    memory_mb: float | None = None
+    memory_percent: float | None = None
+    cpu_percent: float | None = None
+    # From vLLM's /metrics where present (GPU engines report cache and queue figures).
+    running_requests: float | None = None
+    queued_requests: float | None = None
+    kv_cache_usage: float | None = Field(None, description="fraction 0..1")
+    gpu_memory_mb: float | None = None
+
+
+class HealthFigures(BaseModel):
+    """One version over one monitoring interval, merged across gateways and engines."""
+
+    requests: int = 0
+    errors: int = 0
+    error_rate: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    time_per_output_token_ms: float | None = None
+    output_tokens_per_s: float | None = None
+    inflight: int = 0
+    queued: float | None = None
+    memory_mb: float | None = None
+    memory_percent: float | None = None
+    cpu_percent: float | None = None
+    kv_cache_usage: float | None = None
+    gpu_memory_mb: float | None = None
+    custom: dict[str, float] = Field(default_factory=dict)
+
+
+class Breach(BaseModel):
+    """One level crossed: the alert it raises is keyed by (model, version, type, metric)."""
+
+    type: AlertType
+    metric: str
+    severity: AlertSeverity
+    value: float
+    limit: float
+
+    @property
+    def text(self) -> str:
+        return f"{self.metric} {_fmt(self.metric, self.value)} over the " \
+               f"{self.severity.value} level {_fmt(self.metric, self.limit)}"
+
+
+class VersionHealth(BaseModel):
+    version: str
+    role: Literal["live", "candidate", "cached"] = "live"
+    state: VersionState = VersionState.NO_DATA
+    figures: HealthFigures = Field(default_factory=HealthFigures)
+    breaches: list[Breach] = Field(default_factory=list)
+    engines: list[EngineResources] = Field(default_factory=list)
+
+
+class ModelHealth(BaseModel):
+    """What `GET /health/models` returns per model."""
+
+    model_id: str
+    live_version: str | None = None
+    checked_at: datetime | None = None
+    interval_s: float | None = None
+    versions: list[VersionHealth] = Field(default_factory=list)
+    thresholds: MonitorThresholds = Field(default_factory=MonitorThresholds)
+
+
+def _fmt(metric: str, value: float) -> str:
+    if metric == "error_rate":
+        return f"{value:.1%}"
+    if metric.endswith("_percent"):
+        return f"{value:.0f}%"
+    if "latency" in metric or metric.endswith("_ms"):
+        return f"{value:.0f} ms"
+    return f"{value:g}"
+
+
+def _level(value: float | None, warning: float | None, critical: float | None,
+           above: bool = True) -> tuple[AlertSeverity, float] | None:
+    if value is None:
+        return None
+    for severity, limit in ((AlertSeverity.CRITICAL, critical),
+                            (AlertSeverity.WARNING, warning)):
+        if limit is not None and (value > limit if above else value < limit):
+            return severity, limit
+    return None
+
+
+def evaluate(figures: HealthFigures, thresholds: MonitorThresholds) -> VersionHealth:
+    """State and breaches of one version (the `version` field is left for the caller).
+
+    Rates and latencies are judged only on `min_requests` or more requests: two failures
+    out of three requests are an anecdote, not a 66% error rate. Resource figures are
+    judged whenever present.
+    """
+    checks: list[tuple[AlertType, str, float | None, float | None, float | None, bool]] = []
+    enough = figures.requests >= thresholds.min_requests
+    if enough:
+        checks += [
+            (AlertType.ERROR_RATE, "error_rate", figures.error_rate,
+             thresholds.error_rate_warning, thresholds.error_rate_critical, True),
+            (AlertType.LATENCY, "latency_p95_ms", figures.latency_p95_ms,
+             thresholds.latency_p95_warning, thresholds.latency_p95_critical, True),
+        ]
+    checks += [
+        (AlertType.RESOURCE, "memory_percent", figures.memory_percent,
+         thresholds.memory_warning_percent, thresholds.memory_critical_percent, True),
+        (AlertType.RESOURCE, "cpu_percent", figures.cpu_percent,
+         thresholds.cpu_warning_percent, thresholds.cpu_critical_percent, True),
+    ]
+    for name, limit in thresholds.custom.items():
+        checks.append((AlertType.CUSTOM, name, figures.custom.get(name), limit.warning,
+                       limit.critical, limit.direction == "above"))
+    breaches = []
+    judged = False
+    for alert_type, metric, value, warning, critical, above in checks:
+        if value is None:
+            continue
+        judged = True
+        level = _level(value, warning, critical, above)
+        if level is not None:
+            breaches.append(Breach(type=alert_type, metric=metric, severity=level[0],
+                                   value=value, limit=level[1]))
+    if any(b.severity is AlertSeverity.CRITICAL for b in breaches):
+        state = VersionState.UNHEALTHY
+    elif breaches:
+        state = VersionState.DEGRADED
+    elif judged:
+        state = VersionState.HEALTHY
+    else:
+        state = VersionState.NO_DATA
+    return VersionHealth(version="", state=state, figures=figures, breaches=breaches)
+
+
+
+# Alert types the monitor owns (a rollout alert is the switch workflow's to raise).
+MONITOR_ALERT_TYPES = frozenset({AlertType.ERROR_RATE.value, AlertType.LATENCY.value,
+                                 AlertType.RESOURCE.value, AlertType.CUSTOM.value})
+
+
+class AlertPlan(BaseModel):
+    """What one look changes: alerts to fire or refresh, and (version, type) to resolve."""
+
+    fire: list[Alert] = Field(default_factory=list)
+    resolve: list[tuple[str | None, str]] = Field(default_factory=list)
+
+
+def _judged_types(health: VersionHealth, thresholds: MonitorThresholds) -> set[str]:
+    """Alert types this look had figures for: only those may resolve an alert."""
+    f = health.figures
+    judged = set()
+    if f.requests >= thresholds.min_requests:
+        judged |= {AlertType.ERROR_RATE.value, AlertType.LATENCY.value}
+    if f.memory_percent is not None or f.cpu_percent is not None:
+        judged.add(AlertType.RESOURCE.value)
+    if any(name in f.custom for name in thresholds.custom):
+        judged.add(AlertType.CUSTOM.value)
+    return judged
+
+
+def plan_alerts(model_id: str, versions: list[VersionHealth], firing: list[Alert],
+                thresholds: MonitorThresholds) -> AlertPlan:
+    """One alert per (model, version, type) with the worst severity of its breaches.
+
+    A firing alert is resolved when its version was judged on that type and crossed no
+    level, or when the version is no longer monitored (rolled back, unloaded). A version
+    that merely went quiet keeps its alert: no data is not a recovery.
+    """
+    plan = AlertPlan()
+    monitored = {h.version: h for h in versions}
+    for health in versions:
+        by_type: dict[str, list[Breach]] = {}
+        for breach in health.breaches:
+            by_type.setdefault(breach.type.value, []).append(breach)
+        for alert_type, breaches in by_type.items():
+            worst = max(breaches, key=lambda b: b.severity is AlertSeverity.CRITICAL)
+            text = "; ".join(b.text for b in breaches)
+            plan.fire.append(Alert(
+                model_id=model_id, version=health.version, type=alert_type,
+                severity=worst.severity, title=f"{model_id} {health.version}: {worst.text}",
+                message=f"{health.role} version {health.version} of {model_id}: {text} "
+                        f"(over {health.figures.requests} requests).",
+                figures={"breaches": [b.model_dump(mode="json") for b in breaches],
+                         **health.figures.model_dump(mode="json", exclude_none=True)}))
+    firing_now = {(a.version, a.type) for a in plan.fire}
+    for alert in firing:
+        if alert.type not in MONITOR_ALERT_TYPES or (alert.version, alert.type) in firing_now:
+            continue
+        health = monitored.get(alert.version or "")
+        if health is None or alert.type in _judged_types(health, thresholds):
+            plan.resolve.append((alert.version, alert.type))
+    return plan
+
+
+def summarize(model_id: str, versions: list[VersionHealth]) -> str:
+    """One line for the Web UI's current details and the logs."""
+    if not versions:
+        return f"{model_id}: no version to monitor"
+    parts = []
+    for h in versions:
+        f = h.figures
+        figures = [f"{f.requests} req"]
+        if f.error_rate is not None:
+            figures.append(f"{f.error_rate:.1%} errors")
+        if f.latency_p95_ms is not None:
+            figures.append(f"p95 {f.latency_p95_ms:.0f} ms")
+        line = f"{h.version} ({h.role}) {h.state.value}: {', '.join(figures)}"
+        if h.breaches:
+            line += " — " + "; ".join(b.text for b in h.breaches)
+        parts.append(line)
+    return f"{model_id}: " + " | ".join(parts)

@@ -22,6 +22,7 @@ from turnout.domain import (
     HealthThresholds,
     OperationRecord,
     OperationStatus,
+    SwitchingStrategyType,
     SwitchInput,
     SwitchRequest,
     SwitchStatus,
@@ -91,6 +92,11 @@ async def check_switch(store: Store, request: SwitchRequest) -> list[FieldError]
     except StrategyConfigError as exc:
         errors += [FieldError(field=".".join(map(str, e["loc"])), message=e["msg"])
                    for e in exc.errors]
+    if model.live_version is None and request.strategy is not SwitchingStrategyType.IMMEDIATE:
+        errors.append(FieldError(
+            field="strategy", status_code=409,
+            message=f"{model.model_id!r} has no live version to shift traffic from: make "
+                    f"its first version live with an immediate switch"))
     if model.live_version is not None and model.live_version == request.target_version:
         errors.append(FieldError(field="target_version", status_code=409,
                                  message=f"{request.target_version!r} is already live"))

@@ -170,3 +170,60 @@ class JudgeHealthInput(BaseModel):
     thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
     # A/B tests: publish the full two-sample analysis (error rate and latency tests).
     compare: bool = False
+
+
+# ---------------------------------------------------------------------- monitoring
+
+MONITOR_WORKFLOW = "MonitorWorkflow"
+LIST_ENGINE_HOSTS = "list_engine_hosts"
+MEASURE_ENGINES = "measure_engines"
+ASSESS_HEALTH = "assess_health"
+# Signal: stop monitoring the model (e.g. the model was retired).
+STOP_MONITOR = "stop"
+
+
+def monitor_workflow_id(model_id: str) -> str:
+    return f"monitor-{model_id}"
+
+
+class MonitorInput(BaseModel):
+    """Input of `MonitorWorkflow`; carried over unchanged by continue-as-new."""
+
+    model_id: str = ""
+    # Looks before continuing as new, so the history stays small however long it runs.
+    looks_per_run: int = 240
+    # How long a look waits for one host's engine measurements (a dead host's queue has
+    # no poller, so this bounds the time in queue too); its engines are then left out.
+    measure_timeout_s: float = 20
+
+
+class ModelHostsInput(BaseModel):
+    model_id: str = ""
+
+
+class MeasureEnginesInput(BaseModel):
+    model_id: str = ""
+    # Seconds over which each engine's CPU use is sampled.
+    cpu_sample_s: float = 0.5
+
+
+class MeasureEnginesResult(BaseModel):
+    # version -> resources of each of its engines on this host (EngineResources as JSON).
+    engines: dict[str, list[dict[str, Any]]] = Field(default_factory=dict)
+
+
+class AssessHealthInput(BaseModel):
+    model_id: str = ""
+    # The window judged ends now and lasts this long (the previous interval).
+    window_s: float = 30
+    resources: list[MeasureEnginesResult] = Field(default_factory=list)
+
+
+class AssessHealthResult(BaseModel):
+    """What the monitor needs to carry on: a sentence for the Web UI and the next pause."""
+
+    summary: str = ""
+    interval_s: float = 30
+    # False when monitoring is switched off in the settings or the model is gone.
+    keep_monitoring: bool = True
+    states: dict[str, str] = Field(default_factory=dict)

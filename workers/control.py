@@ -14,12 +14,14 @@ from temporalio.worker import Worker
 
 from activities.gateway_admin import GatewayAdmin
 from activities.health import HealthActivities
+from activities.monitoring import MonitorActivities
 from activities.registry import RegistryActivities
 from activities.traffic import TrafficActivities
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
 from workers.common import stop_event
+from workers.monitors import keep_monitors
 from workflows import WORKFLOWS
 
 log = logging.getLogger("turnout.worker.control")
@@ -30,11 +32,13 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
     registry = RegistryActivities(store)
     traffic = TrafficActivities(settings, store, admin)
     health = HealthActivities(store, settings=settings, admin=admin)
+    monitor = MonitorActivities(settings, store, admin)
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
         activities=[registry.describe_model, registry.mark_live, registry.record_operation,
                     registry.raise_alert, traffic.set_traffic, traffic.drain_version,
-                    health.check_health, health.judge_health])
+                    health.check_health, health.judge_health, monitor.list_engine_hosts,
+                    monitor.assess_health])
 
 
 async def main() -> None:
@@ -47,6 +51,7 @@ async def main() -> None:
     stop = stop_event()
     log.info("control worker on task queue %s", settings.control_task_queue)
     async with worker:
+        await keep_monitors(client, settings, store, stop)
         await stop.wait()
         log.info("control worker stopping")
     await admin.close()

@@ -13,6 +13,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.engines import EngineActivities
+from activities.resources import ResourceActivities
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
@@ -23,8 +24,10 @@ log = logging.getLogger("turnout.worker.engine")
 
 def build_worker(client: Client, settings: ModelSwitchingConfig, engines: EngineActivities,
                  *, task_queue: str | None = None) -> Worker:
+    resources = ResourceActivities(settings, engines.store)
     return Worker(client, task_queue=task_queue or settings.engine_task_queue,
-                  activities=[engines.load_version, engines.unload_version],
+                  activities=[engines.load_version, engines.unload_version,
+                              resources.measure_engines],
                   max_concurrent_activities=4)
 
 

@@ -30,6 +30,8 @@ E2E_SETTINGS = {
     # integration-tested on fakes (tests/integration/test_health.py); here a target may be
     # 4x slower at p95 before the comparison fails it. The absolute limits still apply.
     "latency_tolerance": 3.0,
+    # Several looks of the health monitor fit in one short canary step.
+    "monitoring_interval_s": 4,
 }
 
 

@@ -162,6 +162,27 @@ async def test_v1_goes_live(stack: Stack, tiny_models: dict[str, Path],
     assert s["status"] == "completed", s
 
 
+async def test_the_monitor_measures_the_live_engine(stack: Stack) -> None:
+    """The health monitor reads the real vLLM engine's process tree on its host and its
+    own /metrics, next to the gateway's figures."""
+    async with load(stack):
+        for _ in range(120):
+            report = (await api(stack, "GET", f"/health/models/{MODEL_ID}")).json()
+            v1 = next((v for v in report["versions"] if v["version"] == "v1"), None)
+            if v1 and v1["engines"] and v1["figures"]["requests"] >= 10:
+                break
+            await asyncio.sleep(1)
+        else:
+            raise AssertionError(f"no measured look at v1: {report}")
+    assert (v1["role"], v1["state"]) == ("live", "healthy"), v1
+    [engine] = v1["engines"]
+    # A tiny model's engine (API process plus engine core) holds well over 100 MB.
+    assert engine["memory_mb"] > 100 and 0 < engine["memory_percent"] < 100
+    assert engine["cpu_percent"] is not None and engine["queued_requests"] is not None
+    assert v1["figures"]["memory_mb"] == engine["memory_mb"]
+    assert report["thresholds"]["error_rate_warning"] == stack.settings.error_rate_warning
+
+
 async def openai_answers_during(stack: Stack) -> set[str]:
     """Versions that answered the official `openai` client, streamed and not, keyed by user."""
     seen = set()
@@ -218,6 +239,14 @@ async def test_an_erroring_target_is_rolled_back_automatically(stack: Stack) -> 
         metrics = (await gateway.get("/metrics")).text
     assert f'turnout_gateway_failovers_total{{model_id="{MODEL_ID}",to="v2",' \
            'version="v3-broken"}' in metrics
+    # The health monitor saw it too, on its own: an error-rate alert for the candidate,
+    # resolved once the rollback took it out of the route.
+    monitor_alerts = []
+    for state in ("firing", "resolved"):
+        monitor_alerts += (await api(stack, "GET", "/alerts", params={
+            "model_id": MODEL_ID, "state": state})).json()
+    assert any(a["type"] == "error_rate" and a["version"] == "v3-broken"
+               for a in monitor_alerts), monitor_alerts
 
 
 async def test_an_operator_rollback_mid_canary(stack: Stack) -> None:

@@ -31,6 +31,7 @@ from turnout.config import ModelSwitchingConfig
 from turnout.runtime import installed_binary
 from turnout.store import Store, upgrade
 from workers import control, engine
+from workers.monitors import keep_monitors
 from workers.stack import SEARCH_ATTRIBUTES
 
 _KEY_MAKERS: dict[str, Callable[[str], SearchAttributeKey[Any]]] = {
@@ -93,6 +94,9 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
     workers = [control.build_worker(env.client, settings, store, admin),
                engine.build_worker(env.client, settings, EngineActivities(settings, store))]
     tasks = [asyncio.create_task(w.run()) for w in workers]
+    stop_monitors = asyncio.Event()
+    tasks.append(asyncio.create_task(
+        keep_monitors(env.client, settings, store, stop_monitors, period_s=1)))
     server, server_task = await serve_api(create_app(settings, store=store, temporal=env.client),
                                           api_port)
     try:
@@ -101,6 +105,7 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
     finally:
         server.should_exit = True
         await server_task
+        stop_monitors.set()
         for worker in workers:
             await worker.shutdown()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -165,17 +170,23 @@ WORKFLOW_VERSION = "v2"
 
 
 async def record_history(plane: ControlPlane, operation_id: str, scenario: str) -> None:
-    """With RECORD_HISTORIES=1, keep this run's history for the replay tests.
+    """With RECORD_HISTORIES=1, keep this switch's history for the replay tests."""
+    record = await plane.store.get_operation(operation_id)
+    await record_workflow_history(plane, f"switch-{scenario}", record.workflow_id,
+                                  record.run_id)
 
-    Never overwrites: a committed history is a promise that running switches of that
+
+async def record_workflow_history(plane: ControlPlane, name: str, workflow_id: str,
+                                  run_id: str | None = None) -> None:
+    """With RECORD_HISTORIES=1, keep a workflow's history (so far) for the replay tests.
+
+    Never overwrites: a committed history is a promise that running workflows of that
     version still replay.
     """
     if os.environ.get("RECORD_HISTORIES") != "1":
         return
-    path = HISTORIES / f"switch-{scenario}-{WORKFLOW_VERSION}.json"
+    path = HISTORIES / f"{name}-{WORKFLOW_VERSION}.json"
     if path.exists():
         return
-    record = await plane.store.get_operation(operation_id)
-    handle = plane.env.client.get_workflow_handle(record.workflow_id, run_id=record.run_id)
+    handle = plane.env.client.get_workflow_handle(workflow_id, run_id=run_id)
     path.write_text((await handle.fetch_history()).to_json())
-

@@ -33,6 +33,7 @@ from turnout.domain import (
     SwitchingStrategyType,
     VersionInfo,
 )
+from turnout.monitoring import ModelHealth
 from turnout.rules import ModelRules, RoutingRules
 from turnout.store.db import create_engine
 from turnout.store.schema import (
@@ -41,10 +42,12 @@ from turnout.store.schema import (
     AuditRow,
     EngineRow,
     GatewayRow,
+    HealthSnapshotRow,
     ModelRow,
     OperationRow,
     RouteRow,
     RulesRow,
+    ThresholdsRow,
     VersionRow,
     utcnow,
 )
@@ -428,6 +431,19 @@ class Store:
         async with self._session() as session:
             return [_alert(r) for r in (await session.scalars(query)).all()]
 
+    async def resolve_alert(self, model_id: str, version: str | None,
+                            alert_type: str) -> Alert | None:
+        """Resolve the alert firing for (model, version, type); None if none fires."""
+        async with self._session.begin() as session:
+            row = await session.scalar(select(AlertRow).where(
+                AlertRow.model_id == model_id, AlertRow.version == version,
+                AlertRow.type == alert_type, AlertRow.state == AlertState.FIRING.value))
+            if row is None:
+                return None
+            row.state, row.last_seen = AlertState.RESOLVED.value, utcnow()
+            await session.flush()
+            return _alert(row)
+
     async def acknowledge_alert(self, alert_id: int, by: str | None) -> Alert:
         async with self._session.begin() as session:
             row = await session.get(AlertRow, alert_id)
@@ -435,6 +451,47 @@ class Store:
                 raise NotFound(f"alert {alert_id} does not exist")
             row.acknowledged_by = by or "operator"
             return _alert(row)
+
+
+    # ---------------------------------------------------------------- health monitoring
+
+    async def get_threshold_overrides(self, model_id: str = "*") -> dict[str, Any]:
+        """The threshold keys an operator set for `model_id` ("*": every model)."""
+        async with self._session() as session:
+            row = await session.get(ThresholdsRow, model_id)
+            return dict(row.overrides) if row is not None else {}
+
+    async def set_threshold_overrides(self, model_id: str, overrides: dict[str, Any],
+                                      updated_by: str | None = None) -> dict[str, Any]:
+        """Merge `overrides` into the keys already set for `model_id`; returns them all."""
+        async with self._session.begin() as session:
+            row = await session.get(ThresholdsRow, model_id)
+            if row is None:
+                row = ThresholdsRow(model_id=model_id, overrides=dict(overrides),
+                                    updated_by=updated_by, updated_at=utcnow())
+                session.add(row)
+            else:
+                row.overrides = {**row.overrides, **overrides}
+                row.updated_by, row.updated_at = updated_by, utcnow()
+            return dict(row.overrides)
+
+    async def save_health(self, health: ModelHealth) -> None:
+        snapshot = health.model_dump(mode="json")
+        async with self._session.begin() as session:
+            row = await session.get(HealthSnapshotRow, health.model_id)
+            if row is None:
+                session.add(HealthSnapshotRow(model_id=health.model_id, snapshot=snapshot,
+                                              checked_at=utcnow()))
+            else:
+                row.snapshot, row.checked_at = snapshot, utcnow()
+
+    async def list_health(self, model_id: str | None = None) -> list[ModelHealth]:
+        query = select(HealthSnapshotRow).order_by(HealthSnapshotRow.model_id)
+        if model_id is not None:
+            query = query.where(HealthSnapshotRow.model_id == model_id)
+        async with self._session() as session:
+            return [ModelHealth.model_validate(r.snapshot)
+                    for r in (await session.scalars(query)).all()]
 
 
 def _alert(row: AlertRow) -> Alert:

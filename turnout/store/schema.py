@@ -139,3 +139,26 @@ class AlertRow(Base):
     acknowledged_by: Mapped[str | None] = mapped_column(String(256))
     first_seen: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ThresholdsRow(Base):
+    """Monitoring threshold overrides (`PUT /health/thresholds`): only the keys an operator
+    set, so a later change of a default in the settings still reaches the other keys.
+    `model_id` "*" holds the overrides that apply to every model."""
+
+    __tablename__ = "health_thresholds"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    overrides: Mapped[dict[str, Any]]
+    updated_by: Mapped[str | None] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class HealthSnapshotRow(Base):
+    """The monitor's latest look at a model (`turnout.monitoring.ModelHealth` as JSON)."""
+
+    __tablename__ = "health_snapshots"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    snapshot: Mapped[dict[str, Any]]
+    checked_at: Mapped[datetime] = mapped_column(default=utcnow)

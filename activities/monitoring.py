@@ -1,0 +1,194 @@
+"""Monitoring activities: which hosts serve a model, and one look at the model's health.
+
+`assess_health` merges what every live gateway saw of each version over the last interval
+with the engines' resource figures, judges each version against the thresholds
+(`turnout.monitoring`), fires, refreshes or resolves the stored alerts, tells the alert
+handlers of every change, and keeps the look for `GET /health/models`. Running it twice for
+the same interval changes nothing more than running it once: alerts are keyed by (model,
+version, type) and the snapshot is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from temporalio import activity
+
+from activities.gateway_admin import GatewayAdmin
+from turnout import analysis
+from turnout import contracts as c
+from turnout.alerting import AlertSystem, handlers_from_settings
+from turnout.config import ModelSwitchingConfig
+from turnout.domain import Alert, AlertState, EngineState, ModelInfo
+from turnout.monitoring import (
+    EngineResources,
+    HealthFigures,
+    ModelHealth,
+    VersionHealth,
+    applied_thresholds,
+    evaluate,
+    plan_alerts,
+    summarize,
+)
+from turnout.store import NotFound, Store
+
+
+@dataclass
+class _Seen:
+    """One version's traffic over the window, summed over gateways."""
+
+    requests: int = 0
+    errors: int = 0
+    inflight: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    # (median, sample count) per gateway, for a count-weighted mean of medians.
+    itl_ms: list[tuple[float, int]] = field(default_factory=list)
+    tokens_per_s: list[tuple[float, int]] = field(default_factory=list)
+
+    def add(self, entry: dict[str, Any]) -> None:
+        window = entry.get("window") or {}
+        self.requests += int(window.get("requests", 0))
+        self.errors += int(window.get("errors", 0))
+        self.latencies_ms += [float(x) for x in window.get("latencies_ms", [])]
+        self.ttft_ms += [float(x) for x in window.get("ttft_ms", [])]
+        self.inflight += int(entry.get("inflight", 0))
+        for name, into in (("itl_ms", self.itl_ms), ("tokens_per_s", self.tokens_per_s)):
+            summary = entry.get(name) or {}
+            if summary.get("p50") is not None and summary.get("count"):
+                into.append((float(summary["p50"]), int(summary["count"])))
+
+
+def _weighted(pairs: list[tuple[float, int]]) -> float | None:
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+def _figures(seen: _Seen, engines: list[EngineResources]) -> HealthFigures:
+    def worst(name: str) -> float | None:
+        values = [getattr(e, name) for e in engines if getattr(e, name) is not None]
+        return max(values) if values else None
+
+    def total(name: str) -> float | None:
+        values = [getattr(e, name) for e in engines if getattr(e, name) is not None]
+        return sum(values) if values else None
+
+    lat, ttft = sorted(seen.latencies_ms), sorted(seen.ttft_ms)
+    return HealthFigures(
+        requests=seen.requests, errors=seen.errors,
+        error_rate=seen.errors / seen.requests if seen.requests else None,
+        latency_p50_ms=analysis.quantile(lat, 0.5), latency_p95_ms=analysis.quantile(lat, 0.95),
+        latency_p99_ms=analysis.quantile(lat, 0.99),
+        ttft_p50_ms=analysis.quantile(ttft, 0.5), ttft_p95_ms=analysis.quantile(ttft, 0.95),
+        time_per_output_token_ms=_weighted(seen.itl_ms),
+        output_tokens_per_s=_weighted(seen.tokens_per_s), inflight=seen.inflight,
+        queued=total("queued_requests"), memory_mb=total("memory_mb"),
+        # Levels are per engine: the most loaded engine of the version is the one at risk.
+        memory_percent=worst("memory_percent"), cpu_percent=worst("cpu_percent"),
+        kv_cache_usage=worst("kv_cache_usage"), gpu_memory_mb=total("gpu_memory_mb"))
+
+
+class MonitorActivities:
+    def __init__(self, settings: ModelSwitchingConfig, store: Store, admin: GatewayAdmin,
+                 alerts: AlertSystem | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.admin = admin
+        self.alerts = alerts or AlertSystem(handlers_from_settings(settings))
+
+    @activity.defn(name=c.LIST_ENGINE_HOSTS)
+    async def list_engine_hosts(self, input: c.ModelHostsInput) -> list[str]:
+        """Hosts with a ready engine of the model (external endpoints have no host to ask)."""
+        engines = await self.store.list_engines(model_id=input.model_id)
+        return sorted({e.host for e in engines if e.state is EngineState.READY and not e.external})
+
+    @activity.defn(name=c.ASSESS_HEALTH)
+    async def assess_health(self, input: c.AssessHealthInput) -> c.AssessHealthResult:
+        interval = self.settings.monitoring_interval_s
+        if not self.settings.enable_health_monitoring:
+            return c.AssessHealthResult(summary="monitoring is switched off",
+                                        interval_s=interval, keep_monitoring=False)
+        try:
+            model = await self.store.get_model(input.model_id)
+        except NotFound:
+            return c.AssessHealthResult(summary=f"{input.model_id} is not registered",
+                                        interval_s=interval, keep_monitoring=False)
+        thresholds = applied_thresholds(
+            self.settings, await self.store.get_threshold_overrides("*"),
+            await self.store.get_threshold_overrides(input.model_id))
+        until = time.time()
+        seen = await self._gateway_figures(input.model_id, until - input.window_s, until)
+        resources: dict[str, list[EngineResources]] = {}
+        for host_result in input.resources:
+            for version, engines in host_result.engines.items():
+                resources.setdefault(version, []).extend(
+                    EngineResources.model_validate(e) for e in engines)
+        versions = []
+        for version, role in (await self._monitored(model)).items():
+            engines = resources.get(version, [])
+            health = evaluate(_figures(seen.get(version, _Seen()), engines), thresholds)
+            versions.append(health.model_copy(update={"version": version, "role": role,
+                                                      "engines": engines}))
+        await self._update_alerts(model.model_id, versions, thresholds)
+        await self.store.save_health(ModelHealth(
+            model_id=model.model_id, live_version=model.live_version,
+            checked_at=datetime.fromtimestamp(until, UTC), interval_s=input.window_s,
+            versions=versions, thresholds=thresholds))
+        summary = summarize(model.model_id, versions)
+        activity.logger.info("health: %s", summary)
+        return c.AssessHealthResult(summary=summary, interval_s=interval,
+                                    states={v.version: v.state.value for v in versions})
+
+    async def _monitored(self, model: ModelInfo) -> dict[str, str]:
+        """Versions to look at, with their role: the live one, those the route sends
+        traffic to (candidates of a rollout), and those with a ready engine (cached)."""
+        roles: dict[str, str] = {}
+        if model.live_version:
+            roles[model.live_version] = "live"
+        route = await self.store.get_route(model.model_id)
+        for backend in route.backends if route else []:
+            if backend.weight > 0:
+                roles.setdefault(backend.version, "candidate")
+        for engine in await self.store.list_engines(model_id=model.model_id):
+            if engine.state is EngineState.READY:
+                roles.setdefault(engine.version, "cached")
+        return roles
+
+    async def _gateway_figures(self, model_id: str, since: float,
+                               until: float) -> dict[str, _Seen]:
+        seen: dict[str, _Seen] = {}
+        for gateway in await self.store.live_gateways(self.settings.gateway_live_after_s):
+            try:
+                body = await self.admin.stats(gateway, since, until, model_id=model_id)
+            except Exception as exc:
+                activity.logger.warning("gateway %s unreachable for monitoring, skipped: %r",
+                                        gateway.gateway_id, exc)
+                continue
+            for version, entry in body.get("stats", {}).get(model_id, {}).items():
+                seen.setdefault(version, _Seen()).add(entry)
+        return seen
+
+    async def _update_alerts(self, model_id: str, versions: list[VersionHealth],
+                             thresholds: Any) -> None:
+        firing = await self.store.list_alerts(model_id=model_id, state=AlertState.FIRING)
+        before = {(a.version, a.type): a for a in firing}
+        plan = plan_alerts(model_id, versions, firing, thresholds)
+        changed: list[Alert] = []
+        for alert in plan.fire:
+            stored = await self.store.raise_alert(alert)
+            previous = before.get((alert.version, alert.type))
+            if previous is None or previous.severity is not stored.severity:
+                changed.append(stored)
+        for version, alert_type in plan.resolve:
+            resolved = await self.store.resolve_alert(model_id, version, alert_type)
+            if resolved is not None:
+                changed.append(resolved)
+        for alert in changed:
+            activity.logger.info("alert %s %s: %s", alert.id, alert.state.value, alert.title)
+        # Side by side: a slow webhook (retries take up to ~25 s with the default settings)
+        # delays the others by nothing, and the look stays well within its timeout.
+        await asyncio.gather(*(self.alerts.notify(alert) for alert in changed))

@@ -1,0 +1,117 @@
+"""Resource use of this host's engines: the monitor's `measure_engines`, on the engine queue.
+
+Runs where the engines run, because only that host can read their processes. Memory and
+CPU come from the process tree (vLLM serves from an API process plus an engine-core child,
+so a parent-only figure would miss most of the model); queue length and KV-cache use come
+from vLLM's own `/metrics` where the engine exports them (GPU memory too, when a GPU
+engine reports it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+from temporalio import activity
+
+from turnout import contracts as c
+from turnout.config import ModelSwitchingConfig
+from turnout.domain import EngineInfo, EngineState
+from turnout.monitoring import EngineResources
+from turnout.store import Store
+
+# vLLM metric names (older releases used the gpu_ prefix for the KV cache on every device).
+_RUNNING = "vllm:num_requests_running"
+_WAITING = "vllm:num_requests_waiting"
+_KV_CACHE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def _rss_bytes(processes: list[psutil.Process]) -> int:
+    total = 0
+    for proc in processes:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+def parse_vllm_metrics(text: str) -> dict[str, float]:
+    """Sum of each vLLM gauge over its label sets (one engine may report several)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:"):
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+class ResourceActivities:
+    def __init__(self, settings: ModelSwitchingConfig, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    @activity.defn(name=c.MEASURE_ENGINES)
+    async def measure_engines(self, input: c.MeasureEnginesInput) -> c.MeasureEnginesResult:
+        engines = [e for e in await self.store.list_engines(
+            model_id=input.model_id, host=self.settings.engine_host)
+            if e.state is EngineState.READY and not e.external and e.pid]
+        trees: dict[int, list[psutil.Process]] = {}
+        for engine in engines:
+            try:
+                trees[engine.pid or 0] = _tree(engine.pid or 0)
+            except psutil.Error as exc:
+                activity.logger.warning("engine %s %s (pid %s) not measurable: %r",
+                                        engine.model_id, engine.version, engine.pid, exc)
+        before = {pid: _cpu_seconds(tree) for pid, tree in trees.items()}
+        await asyncio.sleep(input.cpu_sample_s)
+        cores = psutil.cpu_count() or 1
+        host_memory = psutil.virtual_memory().total
+        result = c.MeasureEnginesResult()
+        async with httpx.AsyncClient(timeout=5) as client:
+            for engine in engines:
+                tree = trees.get(engine.pid or 0)
+                if tree is None:
+                    continue
+                used = _cpu_seconds(tree) - before[engine.pid or 0]
+                rss = _rss_bytes(tree)
+                resources = EngineResources(
+                    host=engine.host, url=engine.url, memory_mb=rss / 2**20,
+                    memory_percent=100.0 * rss / host_memory,
+                    cpu_percent=max(0.0, 100.0 * used / (input.cpu_sample_s * cores)))
+                await self._add_vllm_figures(client, engine, resources)
+                result.engines.setdefault(engine.version, []).append(
+                    resources.model_dump(mode="json"))
+        return result
+
+    async def _add_vllm_figures(self, client: httpx.AsyncClient, engine: EngineInfo,
+                                resources: EngineResources) -> None:
+        try:
+            response = await client.get(f"{engine.url}/metrics")
+            response.raise_for_status()
+            metrics = parse_vllm_metrics(response.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            activity.logger.warning("vLLM metrics of %s unreadable: %r", engine.url, exc)
+            return
+        resources.running_requests = metrics.get(_RUNNING)
+        resources.queued_requests = metrics.get(_WAITING)
+        resources.kv_cache_usage = next((metrics[name] for name in _KV_CACHE
+                                         if name in metrics), None)

@@ -1,0 +1,132 @@
+"""Health of every model's versions (`GET /health/models`) and the monitor's thresholds.
+
+The figures come from the monitor (a workflow per model that looks at every live and
+candidate version each interval and writes its latest look to the store); this router only
+reads them, so it never calls a gateway or an engine itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from api.deps import SettingsDep, StoreDep
+from api.errors import ERROR_RESPONSES, FieldErrors
+from turnout.config import ModelSwitchingConfig
+from turnout.domain import AuditEntry
+from turnout.monitoring import (
+    ModelHealth,
+    MonitorThresholds,
+    VersionHealth,
+    applied_thresholds,
+)
+from turnout.store import Store
+
+router = APIRouter(prefix="/health", tags=["health"], responses=ERROR_RESPONSES)
+
+# Every model's overrides are stored under this key, one model's under its id.
+ALL_MODELS = "*"
+
+
+class HealthReport(BaseModel):
+    monitoring_enabled: bool
+    interval_s: float
+    models: list[ModelHealth]
+
+
+ThresholdsUpdate: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "ThresholdsUpdate",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Levels to change (the others keep their value), for one model or, without "
+            "`model_id`, for every model.",
+    model_id=(str | None, None),
+    requested_by=(str | None, None),
+    **{name: (field.annotation | None, None)
+       for name, field in MonitorThresholds.model_fields.items()},
+)
+
+
+async def thresholds_for(store: Store, settings: ModelSwitchingConfig,
+                         model_id: str | None) -> MonitorThresholds:
+    overrides = [await store.get_threshold_overrides(ALL_MODELS)]
+    if model_id is not None:
+        overrides.append(await store.get_threshold_overrides(model_id))
+    return applied_thresholds(settings, *overrides)
+
+
+async def _model_health(store: Store, settings: ModelSwitchingConfig,
+                        model_id: str) -> ModelHealth:
+    """The monitor's latest look, or, before its first one, the versions with no data."""
+    model = await store.get_model(model_id)
+    thresholds = await thresholds_for(store, settings, model_id)
+    snapshots = await store.list_health(model_id)
+    if snapshots:
+        return snapshots[0].model_copy(update={"thresholds": thresholds})
+    versions = [VersionHealth(version=model.live_version)] if model.live_version else []
+    return ModelHealth(model_id=model_id, live_version=model.live_version,
+                       versions=versions, thresholds=thresholds,
+                       interval_s=settings.monitoring_interval_s)
+
+
+@router.get("/models", response_model=HealthReport)
+async def health_of_models(store: StoreDep, settings: SettingsDep) -> HealthReport:
+    """Each model's live and candidate versions with their figures over the monitor's last
+    interval, their state (healthy / degraded / unhealthy / no_data), the levels crossed
+    and the thresholds applied."""
+    models = [await _model_health(store, settings, m.model_id)
+              for m in await store.list_models()]
+    return HealthReport(monitoring_enabled=settings.enable_health_monitoring,
+                        interval_s=settings.monitoring_interval_s, models=models)
+
+
+@router.get("/models/{model_id}", response_model=ModelHealth)
+async def health_of_model(model_id: str, store: StoreDep,
+                          settings: SettingsDep) -> ModelHealth:
+    return await _model_health(store, settings, model_id)
+
+
+@router.get("/thresholds", response_model=MonitorThresholds)
+async def get_thresholds(store: StoreDep, settings: SettingsDep,
+                         model_id: str | None = None) -> MonitorThresholds:
+    """The levels applied to `model_id` (or to every model without overrides of its own)."""
+    if model_id is not None:
+        await store.get_model(model_id)
+    return await thresholds_for(store, settings, model_id)
+
+
+@router.put("/thresholds", response_model=MonitorThresholds)
+async def put_thresholds(body: ThresholdsUpdate, store: StoreDep,  # type: ignore[valid-type]
+                         settings: SettingsDep) -> MonitorThresholds:
+    """Change some levels (the guide's `health_monitor.update_thresholds`). The result must
+    hold together: a warning level above its critical level is a 422 naming the warning
+    field, and nothing is changed. Returns the levels now applied."""
+    fields: dict[str, Any] = body.model_dump(exclude_unset=True)  # type: ignore[attr-defined]
+    model_id = fields.pop("model_id", None)
+    requested_by = fields.pop("requested_by", None)
+    changes = {k: v for k, v in fields.items() if v is not None}
+    if model_id is not None:
+        await store.get_model(model_id)
+    current = await thresholds_for(store, settings, model_id)
+    try:
+        applied = current.updated(changes)
+    except ValidationError as exc:
+        raise FieldErrors(_field_errors(exc, current, changes)) from None
+    await store.set_threshold_overrides(model_id or ALL_MODELS, changes, requested_by)
+    await store.audit(AuditEntry(actor=requested_by, action="thresholds_updated",
+                                 model_id=model_id, details={"changes": changes}))
+    return applied
+
+
+def _field_errors(exc: ValidationError, current: MonitorThresholds,
+                  changes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Pydantic's errors with `body.<field>` locations; a warning/critical conflict names
+    the warning field (the model-level check has no location of its own)."""
+    errors = [{"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
+              for err in exc.errors() if err["loc"]]
+    if not errors:
+        merged = MonitorThresholds.model_construct(**{**current.model_dump(), **changes})
+        errors = [{"loc": ["body", name], "msg": message, "type": "value_error"}
+                  for name, message in merged.level_conflicts()]
+    return errors

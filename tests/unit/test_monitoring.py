@@ -1,0 +1,128 @@
+"""The monitor's pure rules: levels, states, thresholds merging and the alert lifecycle."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from turnout.config import ModelSwitchingConfig
+from turnout.domain import Alert, AlertSeverity
+from turnout.monitoring import (
+    HealthFigures,
+    MetricLimit,
+    MonitorThresholds,
+    VersionHealth,
+    VersionState,
+    applied_thresholds,
+    evaluate,
+    plan_alerts,
+    summarize,
+)
+
+T = MonitorThresholds()
+
+
+def busy(**figures: float) -> HealthFigures:
+    return HealthFigures(requests=100, **figures)
+
+
+def health(version: str, figures: HealthFigures,
+           thresholds: MonitorThresholds = T) -> VersionHealth:
+    return evaluate(figures, thresholds).model_copy(update={"version": version})
+
+
+def test_states_follow_the_worst_level_crossed() -> None:
+    assert evaluate(busy(error_rate=0.01, latency_p95_ms=800), T).state is \
+        VersionState.HEALTHY
+    degraded = evaluate(busy(error_rate=0.10, latency_p95_ms=800), T)
+    assert degraded.state is VersionState.DEGRADED
+    assert [(b.metric, b.severity) for b in degraded.breaches] == \
+        [("error_rate", AlertSeverity.WARNING)]
+    unhealthy = evaluate(busy(error_rate=0.10, latency_p95_ms=20_000), T)
+    assert unhealthy.state is VersionState.UNHEALTHY
+    assert {b.metric: b.severity for b in unhealthy.breaches} == {
+        "error_rate": AlertSeverity.WARNING, "latency_p95_ms": AlertSeverity.CRITICAL}
+
+
+def test_a_quiet_version_is_not_judged_on_rates_but_on_resources() -> None:
+    quiet = HealthFigures(requests=3, errors=2, error_rate=0.67, latency_p95_ms=99_000)
+    assert evaluate(quiet, T).state is VersionState.NO_DATA
+    hot = quiet.model_copy(update={"memory_percent": 97.0})
+    result = evaluate(hot, T)
+    assert result.state is VersionState.UNHEALTHY
+    assert [b.metric for b in result.breaches] == ["memory_percent"]
+
+
+def test_custom_metrics_have_directions() -> None:
+    limits = T.updated({"custom": {"gpu_temp_c": {"warning": 80, "critical": 90},
+                                   "cache_hit": {"warning": 0.5, "direction": "below"}}})
+    result = evaluate(busy(custom={"gpu_temp_c": 85, "cache_hit": 0.2}), limits)
+    assert {(b.metric, b.severity) for b in result.breaches} == {
+        ("gpu_temp_c", AlertSeverity.WARNING), ("cache_hit", AlertSeverity.WARNING)}
+    assert evaluate(busy(custom={"gpu_temp_c": 95, "cache_hit": 0.9}), limits).state is \
+        VersionState.UNHEALTHY
+
+
+def test_thresholds_take_settings_then_every_model_then_one_model() -> None:
+    settings = ModelSwitchingConfig(error_rate_warning=0.04, latency_warning_ms=4000)
+    applied = applied_thresholds(settings, {"error_rate_warning": 0.03,
+                                            "latency_p95_warning": 3000},
+                                 {"latency_p95_warning": 1000})
+    assert (applied.error_rate_warning, applied.latency_p95_warning) == (0.03, 1000)
+    assert applied.error_rate_critical == settings.error_rate_critical
+
+
+def test_a_stored_override_that_no_longer_fits_is_skipped() -> None:
+    settings = ModelSwitchingConfig(error_rate_critical=0.1)
+    applied = applied_thresholds(settings, {"error_rate_warning": 0.2})
+    assert applied.error_rate_warning == settings.error_rate_warning
+
+
+def test_updates_are_validated_as_a_whole() -> None:
+    with pytest.raises(ValidationError, match="error_rate_warning"):
+        T.updated({"error_rate_warning": 0.5})
+    with pytest.raises(ValidationError, match="latency_p95_warnin"):
+        T.updated({"latency_p95_warnin": 10})
+    with pytest.raises(ValidationError):
+        MetricLimit.model_validate({"warning": 1, "direction": "sideways"})
+    conflicts = MonitorThresholds.model_construct(
+        **{**T.model_dump(), "cpu_warning_percent": 99}).level_conflicts()
+    assert [field for field, _ in conflicts] == ["cpu_warning_percent"]
+
+
+def firing(version: str, alert_type: str, severity: AlertSeverity) -> Alert:
+    return Alert(model_id="m", version=version, type=alert_type, severity=severity,
+                 title="t")
+
+
+def test_one_alert_per_version_and_type_with_the_worst_severity() -> None:
+    sick = health("v2", busy(error_rate=0.5, memory_percent=90, cpu_percent=99))
+    plan = plan_alerts("m", [sick], [], T)
+    by_type = {a.type: a for a in plan.fire}
+    assert set(by_type) == {"error_rate", "resource"}
+    assert by_type["resource"].severity is AlertSeverity.CRITICAL
+    assert "memory_percent" in by_type["resource"].message
+    assert "cpu_percent" in by_type["resource"].message
+    assert by_type["error_rate"].figures["error_rate"] == 0.5
+    assert plan.resolve == []
+
+
+def test_recovery_resolves_but_silence_does_not() -> None:
+    alerts = [firing("v1", "error_rate", AlertSeverity.CRITICAL),
+              firing("v2", "latency", AlertSeverity.WARNING),
+              firing("v3", "error_rate", AlertSeverity.WARNING),
+              firing("v1", "rollout", AlertSeverity.CRITICAL)]
+    recovered = health("v1", busy(error_rate=0.0, latency_p95_ms=100))
+    quiet = health("v2", HealthFigures(requests=2))
+    # v3 is no longer monitored (rolled back and unloaded); rollout alerts are not ours.
+    plan = plan_alerts("m", [recovered, quiet], alerts, T)
+    assert plan.fire == []
+    assert sorted(plan.resolve, key=str) == [("v1", "error_rate"), ("v3", "error_rate")]
+
+
+def test_summary_names_states_and_breaches() -> None:
+    line = summarize("m", [health("v1", busy(error_rate=0.0, latency_p95_ms=120)),
+                           health("v2", busy(error_rate=0.3, latency_p95_ms=90))])
+    assert line.startswith("m: v1 (live) healthy: 100 req, 0.0% errors, p95 120 ms")
+    assert "v2 (live) unhealthy" in line and "error_rate 30.0%" in line
+    assert summarize("m", []) == "m: no version to monitor"

@@ -1,0 +1,94 @@
+"""MonitorWorkflow: one model's versions looked at every interval, for as long as it lives.
+
+Each look measures the engines on their hosts, then assesses the model (gateway figures of
+the last interval + engine resources against the thresholds), which raises, updates or
+resolves alerts and keeps the latest look for `GET /health/models`. The workflow continues
+as new every `looks_per_run` looks (or when Temporal suggests it), so a monitor that runs
+for months keeps a short history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from turnout import contracts as c
+    from turnout.config import engine_task_queue
+
+_HOSTS = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
+                                maximum_interval=timedelta(seconds=10), maximum_attempts=5),
+}
+# An engine host that is down must not hold the look up: one try, bounded in queue time
+# too (`MonitorInput.measure_timeout_s`), and its engines are simply left unmeasured.
+_MEASURE_RETRY = RetryPolicy(maximum_attempts=1)
+# Assessing reads every gateway (each bounded by its own timeout) and writes the store.
+_ASSESS = {
+    "start_to_close_timeout": timedelta(seconds=60),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=2),
+                                maximum_interval=timedelta(seconds=30), maximum_attempts=5),
+}
+
+
+@workflow.defn(name=c.MONITOR_WORKFLOW)
+class MonitorWorkflow:
+    def __init__(self) -> None:
+        self._stopped = False
+        self._looks = 0
+        self._last = c.AssessHealthResult()
+
+    @workflow.run
+    async def run(self, input: c.MonitorInput) -> str:
+        interval = self._last.interval_s
+        while not self._stopped:
+            self._last = await self._look(input, interval)
+            self._looks += 1
+            workflow.set_current_details(self._last.summary)
+            if not self._last.keep_monitoring:
+                return f"stopped: {self._last.summary}"
+            # The next window covers exactly the time since this look.
+            interval = self._last.interval_s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await workflow.wait_condition(lambda: self._stopped,
+                                              timeout=timedelta(seconds=interval),
+                                              timeout_summary=f"next look in {interval:g} s")
+            if self._looks >= input.looks_per_run or \
+                    workflow.info().is_continue_as_new_suggested():
+                workflow.continue_as_new(input)
+        return "stopped by signal"
+
+    async def _look(self, input: c.MonitorInput, window_s: float) -> c.AssessHealthResult:
+        model_id = input.model_id
+        hosts: list[str] = await workflow.execute_activity(
+            c.LIST_ENGINE_HOSTS, c.ModelHostsInput(model_id=model_id), result_type=list[str],
+            summary=f"find the hosts serving {model_id}", **_HOSTS)
+        resources = []
+        for host in hosts:
+            try:
+                resources.append(await workflow.execute_activity(
+                    c.MEASURE_ENGINES, c.MeasureEnginesInput(model_id=model_id),
+                    result_type=c.MeasureEnginesResult, task_queue=engine_task_queue(host),
+                    summary=f"measure engines on {host}", retry_policy=_MEASURE_RETRY,
+                    schedule_to_close_timeout=timedelta(seconds=input.measure_timeout_s)))
+            except ActivityError as exc:
+                workflow.logger.warning("engines of %s on %s not measured: %s", model_id,
+                                        host, exc.cause or exc)
+        return await workflow.execute_activity(
+            c.ASSESS_HEALTH,
+            c.AssessHealthInput(model_id=model_id, window_s=window_s, resources=resources),
+            result_type=c.AssessHealthResult, summary=f"assess {model_id}", **_ASSESS)
+
+    @workflow.signal(name=c.STOP_MONITOR)
+    def stop(self) -> None:
+        self._stopped = True
+
+    @workflow.query
+    def last_look(self) -> c.AssessHealthResult:
+        return self._last

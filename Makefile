@@ -32,6 +32,8 @@ bench: install
 	$(PY) -m bench.control_latency
 	$(PY) -m bench.gateway_overhead
 	$(PY) -m bench.concurrent_canaries
+	$(PY) -m bench.monitoring_overhead
+	$(PY) -m bench.fault_detection
 
 clean:
 	rm -rf .turnout .pytest_cache

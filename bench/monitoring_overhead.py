@@ -7,8 +7,11 @@ shorter interval than its default); "off" has `GATEWAY_REQUEST_METRICS=false` an
 reads it. Printed, measured side by side in one run:
 
 - throughput of 64-chunk streams at concurrency 64, ratio on / off (goal >= 0.99);
-- each gateway's CPU time per stream, ratio on / off: the same cost measured where it is
-  spent, much less noisy than throughput on a shared 2-core machine.
+- each gateway's CPU time per stream, ratio on / off (two processes, so core placement
+  and neighbours still add noise of a few percent);
+- what recording itself costs per stream, timed in this process on the same calls the
+  proxy makes (`GatewayMetrics.started/first_byte/generated/finished`), as a share of the
+  gateway's CPU per stream: the figure least disturbed by the machine's noise.
 
     python -m bench.monitoring_overhead [--seconds 8] [--rounds 4] [--poll-s 1]
 """
@@ -33,6 +36,7 @@ from bench.gateway_overhead import (
     run_for,
     wait_healthy,
 )
+from gateway.metrics import GatewayMetrics
 
 
 @contextlib.asynccontextmanager
@@ -58,6 +62,18 @@ async def monitor(session: aiohttp.ClientSession, admin_url: str,
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def recording_us_per_stream(streams: int = 200_000) -> float:
+    """Microseconds the four recording calls of one 64-chunk stream take here."""
+    metrics = GatewayMetrics()
+    started = time.perf_counter()
+    for _ in range(streams):
+        metrics.started(MODEL_ID, "a")
+        metrics.first_byte(MODEL_ID, "a", 0.004)
+        metrics.generated(MODEL_ID, "a", 64, 0.05)
+        metrics.finished(MODEL_ID, "a", 0.055, ttfb_s=0.004)
+    return (time.perf_counter() - started) / streams * 1e6
 
 
 async def measure(urls: dict[str, tuple[int, int]], pids: dict[str, int], seconds: float,
@@ -92,6 +108,10 @@ async def measure(urls: dict[str, tuple[int, int]], pids: dict[str, int], second
     print(f"gateway CPU per stream: on {cpu_on:.3f} ms, off {cpu_off:.3f} ms, ratio off/on "
           f"{cpu_off / cpu_on:.3f} (the throughput one core of gateway gives, on vs off); "
           f"{polls[0]} monitor polls of the 'on' gateway's windowed stats")
+    recording = recording_us_per_stream()
+    print(f"recording per stream: {recording:.1f} us = {recording / (cpu_on * 1000):.2%} of "
+          f"the gateway's CPU per stream; implied throughput ratio at a CPU-bound gateway "
+          f"{1 - recording / (cpu_on * 1000):.4f} (goal >= 0.99)")
 
 
 def main(seconds: float, rounds: int, poll_s: float) -> None:

@@ -47,6 +47,8 @@ WINDOW = 2048
 # (float, float, bool, float | None) tuples are ~25 MB at worst; at 100 req/s that is over
 # 30 minutes, longer than any evaluation period a step judges at once.
 OUTCOMES = 200_000
+# How far before a window's start its backward scan goes on, for wall-clock steps back.
+CLOCK_SLACK_S = 60.0
 # Failure classes that are the version's fault (its error rate); a 4xx is the request's.
 VERSION_FAULTS = frozenset({"connect", "timeout", "5xx", "stream_broken"})
 
@@ -126,13 +128,18 @@ class VersionStats:
         and the raw times to first token of successful streamed answers (`ttft_ms`).
 
         Raw samples (not percentiles) so windows of several gateways merge exactly.
-        A linear scan: this runs on an admin call every evaluation period, not per request,
-        and wall-clock steps make the deque only mostly sorted, so no bisecting.
+        Scanned from the newest outcome back, so a look at the last few seconds costs a
+        few seconds' worth of outcomes, not the whole buffer (the monitor asks every
+        interval). Outcomes are stamped with the wall clock in completion order, so they
+        are sorted but for clock steps; the scan goes `CLOCK_SLACK_S` past `since`.
         """
         requests = errors = 0
         latencies: list[float] = []
         ttfts: list[float] = []
-        for at, latency_ms, error, ttft_ms in self.outcomes:
+        stop_before = since - CLOCK_SLACK_S
+        for at, latency_ms, error, ttft_ms in reversed(self.outcomes):
+            if at < stop_before:
+                break
             if since <= at <= until:
                 requests += 1
                 if error:
@@ -141,6 +148,8 @@ class VersionStats:
                     latencies.append(round(latency_ms, 3))
                     if ttft_ms is not None:
                         ttfts.append(round(ttft_ms, 3))
+        latencies.reverse()
+        ttfts.reverse()
         return {"requests": requests, "errors": errors, "latencies_ms": latencies,
                 "ttft_ms": ttfts}
 

@@ -178,8 +178,11 @@ class MonitorActivities:
         before = {(a.version, a.type): a for a in firing}
         plan = plan_alerts(model_id, versions, firing, thresholds)
         changed: list[Alert] = []
+        # The look's time is its first schedule: the same on a retry, so a retried look
+        # refreshes its alerts without counting their breaches twice.
+        look = activity.info().scheduled_time
         for alert in plan.fire:
-            stored = await self.store.raise_alert(alert)
+            stored = await self.store.raise_alert(alert.model_copy(update={"last_seen": look}))
             previous = before.get((alert.version, alert.type))
             if previous is None or previous.severity is not stored.severity:
                 changed.append(stored)

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from turnout.domain import OperationRecord, RegisterModelRequest, SwitchingStrategyType
+from turnout.domain import (
+    Alert,
+    AlertSeverity,
+    AlertState,
+    OperationRecord,
+    RegisterModelRequest,
+    SwitchingStrategyType,
+)
 from turnout.store import Store, upgrade_async
 from turnout.store.repo import Conflict
 
@@ -60,3 +68,24 @@ async def test_racing_registrations_of_one_version_give_one_conflict(
                                    return_exceptions=True)
     assert sorted(type(r).__name__ for r in results) == ["Conflict", "VersionInfo"]
     assert any(isinstance(r, Conflict) for r in results)
+
+
+async def test_a_retried_look_does_not_count_a_breach_twice(stores: list[Store]) -> None:
+    store = stores[0]
+    first, second = (datetime(2026, 11, 27, 10, 0, s, tzinfo=UTC) for s in (0, 30))
+    alert = Alert(model_id="m_s", version="v2", type="error_rate", title="errors",
+                  severity=AlertSeverity.WARNING)
+    fired = await store.raise_alert(alert.model_copy(update={"last_seen": first}))
+    retried = await store.raise_alert(alert.model_copy(update={"last_seen": first}))
+    later = await store.raise_alert(alert.model_copy(update={
+        "last_seen": second, "severity": AlertSeverity.CRITICAL}))
+    assert fired.id == retried.id == later.id
+    assert (fired.count, retried.count, later.count) == (1, 1, 2)
+    assert later.severity is AlertSeverity.CRITICAL and later.first_seen == first
+    assert later.last_seen == second
+    resolved = await store.resolve_alert("m_s", "v2", "error_rate")
+    assert resolved is not None and resolved.state is AlertState.RESOLVED
+    assert await store.resolve_alert("m_s", "v2", "error_rate") is None
+    # After recovery, a new breach is a new alert.
+    again = await stores[1].raise_alert(alert)
+    assert again.id != fired.id and again.count == 1

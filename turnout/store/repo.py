@@ -394,7 +394,12 @@ class Store:
     # ---------------------------------------------------------------- alerts
 
     async def raise_alert(self, alert: Alert) -> Alert:
-        """Fire an alert, or refresh the one already firing for (model, version, type)."""
+        """Fire an alert, or refresh the one already firing for (model, version, type).
+
+        `alert.last_seen`, when set, is the time of the look that saw the breach: a retried
+        look (same time) refreshes the alert without counting the breach twice.
+        """
+        seen = alert.last_seen or utcnow()
         async with self._session.begin() as session:
             row = await session.scalar(select(AlertRow).where(
                 AlertRow.model_id == alert.model_id, AlertRow.version == alert.version,
@@ -404,14 +409,16 @@ class Store:
                                severity=alert.severity.value, title=alert.title,
                                message=alert.message, figures=alert.figures,
                                operation_id=alert.operation_id, state=AlertState.FIRING.value,
-                               count=1, first_seen=utcnow(), last_seen=utcnow())
+                               count=1, first_seen=seen, last_seen=seen)
                 session.add(row)
+            elif alert.last_seen is not None and _aware(row.last_seen) >= seen:
+                return _alert(row)  # this look was already counted (a retried activity)
             else:
                 row.count += 1
                 row.severity, row.title, row.message = (alert.severity.value, alert.title,
                                                         alert.message)
                 row.figures, row.operation_id = alert.figures, alert.operation_id
-                row.last_seen = utcnow()
+                row.last_seen = seen
             await session.flush()
             return _alert(row)
 

@@ -56,7 +56,8 @@ class Gateway:
         self.table = self.transitions.table
         self.metrics = GatewayMetrics() if settings.gateway_request_metrics \
             else UnrecordedMetrics()
-        self.proxy = Proxy(self.transitions, self.metrics, settings.gateway_max_body_bytes)
+        self.proxy = Proxy(self.transitions, self.metrics, settings.gateway_max_body_bytes,
+                           mirror_max_inflight=settings.gateway_mirror_max_inflight)
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._store_ok = True
@@ -87,6 +88,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.proxy.stop_mirrors()  # before the session they use is closed
         try:
             await self.store.remove_gateway(self.gateway_id)
         except Exception as exc:

@@ -208,7 +208,8 @@ class GatewayMetrics:
     Per-request updates touch plain numbers in `VersionStats` (the Prometheus series of
     requests, errors, in-flight, latency, time to first byte, inter-token latency and
     output rate are rendered from them when `/metrics` is scraped); the rare events
-    (failures by class, failovers, rejections, route generations) use ordinary series.
+    (failures by class, failovers, mirrored and skipped shadow copies, rejections, route
+    generations) use ordinary series.
     """
 
     def __init__(self) -> None:
@@ -223,6 +224,13 @@ class GatewayMetrics:
                                  "Requests retried on the stable version after the version "
                                  "failed before the first byte", ("model_id", "version", "to"),
                                  registry=self.registry)
+        self.mirrored = Counter("turnout_gateway_mirrored",
+                                "Requests copied to a model's shadow version (their answers "
+                                "are measured, never returned)", labels, registry=self.registry)
+        self.mirror_skipped = Counter("turnout_gateway_mirror_skipped",
+                                      "Copies to a shadow version skipped because the "
+                                      "gateway's mirror in-flight cap was reached", labels,
+                                      registry=self.registry)
         self.rejected = Counter("turnout_gateway_rejected",
                                 "Requests answered by the gateway itself with an error",
                                 ("reason",), registry=self.registry)
@@ -290,6 +298,12 @@ class GatewayMetrics:
 
     def failed_over(self, model_id: str, failed: str, to: str) -> None:
         self.failovers.labels(model_id, failed, to).inc()
+
+    def mirror_sent(self, model_id: str, shadow_version: str) -> None:
+        self.mirrored.labels(model_id, shadow_version).inc()
+
+    def mirror_skip(self, model_id: str, shadow_version: str) -> None:
+        self.mirror_skipped.labels(model_id, shadow_version).inc()
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()

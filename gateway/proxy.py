@@ -3,12 +3,20 @@
 The request path touches only memory (route table, metrics) and the shared upstream
 session: no store access and no INFO logging per request, so the gateway adds little
 latency and keeps serving when the store is down.
+
+Traffic mirroring: when a model's route has a shadow backend, a share of its requests is
+also copied to the shadow in a background task. The copy is measured under the shadow's
+version like any request (so stats windows, health verdicts and draining see it) and its
+answer is read to the end and dropped; the client never waits for it, never sees it, and
+a client leaving does not cancel it. A model without a shadow pays one dict lookup.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import random
 import re
 import time
 from typing import Any
@@ -44,11 +52,16 @@ class Proxy:
     """Handlers of `/v1/models`, `/v1/completions` and `/v1/chat/completions`."""
 
     def __init__(self, transitions: TransitionManager, metrics: GatewayMetrics,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, *, mirror_max_inflight: int = 64) -> None:
         self.transitions = transitions
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None  # set when the app starts
+        self.mirror_max_inflight = mirror_max_inflight
+        # Copies to shadow versions still running: held here so that the loop keeps them
+        # alive (it only keeps weak references), they count against the cap, and the
+        # gateway can cancel them when it stops.
+        self.mirrors: set[asyncio.Task[None]] = set()
 
     async def list_models(self, request: web.Request) -> web.Response:
         now = int(time.time())
@@ -91,6 +104,9 @@ class Proxy:
             return error_response(503, f"the model {name!r} has no version serving traffic",
                                   type="service_unavailable", param="model",
                                   code="model_unavailable")
+        shadow = self.transitions.table.shadows.get(model_id)
+        if shadow is not None:
+            self._maybe_mirror(request, path, model_id, shadow, choice.backend.version, body)
         body["model"] = choice.backend.served_model_name
         return await self._send(request, path, model_id, choice.backend, body)
 
@@ -102,8 +118,7 @@ class Proxy:
         failing version still gets the blame. A started stream is never replayed."""
         assert self.session is not None, "gateway app not started"
         version = backend.version
-        headers = {"Content-Type": "application/json"}
-        headers.update({h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers})
+        headers = _upstream_headers(request)
         started = time.monotonic()
         self.metrics.started(model_id, version)
         failure: str | None = None  # error class, see GatewayMetrics.finished
@@ -206,6 +221,126 @@ class Proxy:
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             log.warning("stream from %s/%s broke: %r", model_id, version, exc)
             return response, "stream_broken", False, None
+
+    # ------------------------------------------------------------------ mirroring
+
+    def _maybe_mirror(self, request: web.Request, path: str, model_id: str, shadow: Backend,
+                      chosen_version: str, body: dict[str, Any]) -> None:
+        """Copy this request to the model's shadow with probability `mirror_percent / 100`.
+
+        The draw is a fresh `random.random()`, independent of the one that picked the
+        served version: reusing it would tie which requests are copied to which version
+        served them (with a 50/50 split and 30% mirrored, every copy would come from the
+        first version's half). The body is copied here, before the caller rewrites `model`
+        for the served version; only top-level keys change, so a shallow copy suffices.
+        """
+        if shadow.version == chosen_version:
+            return
+        if random.random() * 100.0 >= shadow.mirror_percent:
+            return
+        if len(self.mirrors) >= self.mirror_max_inflight or self.session is None:
+            self.metrics.mirror_skip(model_id, shadow.version)
+            return
+        copy = {**body, "model": shadow.served_model_name}
+        task = asyncio.create_task(
+            self._mirror(path, model_id, shadow, copy, _upstream_headers(request)))
+        self.mirrors.add(task)
+        task.add_done_callback(self.mirrors.discard)
+        self.metrics.mirror_sent(model_id, shadow.version)
+
+    async def _mirror(self, path: str, model_id: str, shadow: Backend, body: dict[str, Any],
+                      headers: dict[str, str]) -> None:
+        """Send one copy and record its outcome under the shadow's version, classified as
+        `_send` classifies a served request's (connect, timeout, 5xx, 4xx, stream_broken).
+
+        Failures are logged at DEBUG only: a broken shadow fails every copy, and its
+        errors are already counted where health verdicts and alerts look for them.
+        """
+        version = shadow.version
+        started = time.monotonic()
+        self.metrics.started(model_id, version)
+        failure: str | None = None
+        completed = False
+        ttfb_s: float | None = None
+        try:
+            failure, completed, ttfb_s = await self._mirror_exchange(
+                path, model_id, shadow, body, headers, started)
+        except (aiohttp.SocketTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
+            failure = "timeout"
+            log.debug("shadow %s/%s timed out: %r", model_id, version, exc)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            failure = "connect"
+            log.debug("shadow %s/%s failed: %r", model_id, version, exc)
+        except Exception:  # a bug here must not surface as "Task exception never retrieved"
+            log.exception("mirroring to %s/%s failed unexpectedly", model_id, version)
+        finally:
+            self.metrics.finished(model_id, version, time.monotonic() - started,
+                                  failure=failure, completed=completed, ttfb_s=ttfb_s)
+
+    async def _mirror_exchange(self, path: str, model_id: str, shadow: Backend,
+                               body: dict[str, Any], headers: dict[str, str], started: float
+                               ) -> tuple[str | None, bool, float | None]:
+        """POST the copy and read its answer to the end; returns (error class, completed,
+        seconds to the first streamed byte or None)."""
+        assert self.session is not None, "gateway app not started"
+        version = shadow.version
+        async with self.session.post(shadow.url.rstrip("/") + path,
+                                     data=json.dumps(body).encode(), headers=headers,
+                                     timeout=upstream_timeout()) as upstream:
+            failure = _status_failure(upstream.status)
+            content_type = upstream.headers.get("Content-Type", "")
+            if upstream.status == 200 and content_type.startswith("text/event-stream"):
+                return await self._drain(upstream, model_id, version, started)
+            payload = await upstream.read()
+            if upstream.status == 200:
+                usage = _COMPLETION_TOKENS.search(payload)
+                if usage:
+                    self.metrics.generated(model_id, version, int(usage.group(1)))
+            return failure, True, None
+
+    async def _drain(self, upstream: aiohttp.ClientResponse, model_id: str, version: str,
+                     started: float) -> tuple[str | None, bool, float | None]:
+        """Read a shadow's SSE answer to the end, measuring it as `_stream` measures a
+        served one (time to first byte, tokens, inter-token time), and drop it."""
+        first_at = last_at = 0.0
+        events = 0
+        try:
+            async for chunk in upstream.content.iter_any():
+                last_at = time.monotonic()
+                if not first_at:
+                    first_at = last_at
+                    self.metrics.first_byte(model_id, version, first_at - started)
+                events += chunk.count(b"data: ")
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            log.debug("shadow stream from %s/%s broke: %r", model_id, version, exc)
+            return "stream_broken", False, None
+        self.metrics.generated(model_id, version, max(events - 1, 0), last_at - first_at)
+        return None, True, (first_at - started) if first_at else None
+
+    async def stop_mirrors(self) -> None:
+        """Cancel the copies still in flight, for a gateway that stops: they are
+        measurements nobody waits for. Each records its end (in-flight count back down,
+        no outcome) as a client that left does."""
+        tasks = list(self.mirrors)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _upstream_headers(request: web.Request) -> dict[str, str]:
+    """Headers sent upstream: JSON plus the few client headers worth passing on."""
+    headers = {"Content-Type": "application/json"}
+    headers.update({h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers})
+    return headers
+
+
+def _status_failure(status: int) -> str | None:
+    """Error class of an upstream answer's status (see `GatewayMetrics.finished`)."""
+    if status >= 500:
+        return "5xx"
+    if status >= 400:
+        return "4xx"
+    return None
 
 
 async def _parse_body(request: web.Request, limit: int

@@ -86,6 +86,11 @@ class ModelSwitchingConfig(BaseModel):
     # Per-request metrics (Prometheus series and the windows health verdicts read). Off
     # only to measure what recording costs: switches cannot judge health without them.
     gateway_request_metrics: bool = True
+    # Most mirrored (shadow) copies one gateway keeps in flight at once. A copy is a second
+    # upstream request the client never waits for; a slow or stuck shadow would otherwise
+    # pile up tasks and sockets without bound. Beyond the cap a copy is skipped and counted
+    # (`turnout_gateway_mirror_skipped_total`), never queued.
+    gateway_mirror_max_inflight: int = Field(64, ge=1)
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     control_task_queue: str = "turnout-control"

@@ -83,12 +83,22 @@ class ModelInfo(BaseModel):
 
 
 class Backend(BaseModel):
-    """One version's share of a model's traffic and where to send it."""
+    """One version's share of a model's traffic and where to send it.
+
+    A backend with `weight` 0 and a `mirror_percent` is a shadow: that share of the
+    model's requests is copied to it, its answers are measured like any version's and
+    never returned to a client.
+    """
 
     version: str
     weight: float = Field(ge=0, le=100)
     url: str
     served_model_name: str
+    mirror_percent: float = Field(0, ge=0, le=100)
+
+    @property
+    def is_shadow(self) -> bool:
+        return self.weight == 0 and self.mirror_percent > 0
 
 
 class Route(BaseModel):
@@ -101,7 +111,12 @@ class Route(BaseModel):
     updated_at: datetime | None = None
 
     def weights(self) -> dict[str, float]:
-        return {b.version: b.weight for b in self.backends}
+        """Share of served traffic per version (a shadow is not served: it is left out)."""
+        return {b.version: b.weight for b in self.backends if not b.is_shadow}
+
+    def shadow(self) -> Backend | None:
+        """The backend requests are copied to, if any (at most one per route)."""
+        return next((b for b in self.backends if b.is_shadow), None)
 
 
 class EngineState(StrEnum):

@@ -74,6 +74,9 @@ class RouteTable:
         self.routes: dict[str, Route] = {}
         # Each route's `live_backends`, worked out once per applied route, not per request.
         self.live: dict[str, list[Backend]] = {}
+        # Each route's shadow (traffic mirror target), only for routes that have one: the
+        # request path pays a single dict miss when a model is not mirrored.
+        self.shadows: dict[str, Backend] = {}
         self.aliases: dict[str, str] = {}
         self.known_models: set[str] = set()
 
@@ -84,6 +87,11 @@ class RouteTable:
             return False
         self.routes[route.model_id] = route
         self.live[route.model_id] = live_backends(route)
+        shadow = route.shadow()
+        if shadow is None:
+            self.shadows.pop(route.model_id, None)
+        else:
+            self.shadows[route.model_id] = shadow
         return True
 
     def apply_all(self, routes: Iterable[Route]) -> list[Route]:

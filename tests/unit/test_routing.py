@@ -121,3 +121,33 @@ def test_route_table_resolve_and_served_names() -> None:
     assert table.resolve("c_default") == "c_default"
     assert table.resolve("nope") is None
     assert table.served_names() == ["a_default", "org/a"]
+
+
+def _shadowed(generation: int, mirror_percent: float) -> Route:
+    """v1 serves everything; v2 is a shadow copied `mirror_percent` of the requests."""
+    return Route(model_id="m_default", generation=generation, backends=[
+        Backend(version="v1", weight=100, url="http://127.0.0.1:8101",
+                served_model_name="served-v1"),
+        Backend(version="v2", weight=0, mirror_percent=mirror_percent,
+                url="http://127.0.0.1:8102", served_model_name="served-v2")])
+
+
+def test_route_table_keeps_the_shadow_apart_from_live_backends() -> None:
+    table = RouteTable()
+    assert table.apply(_route({"v1": 100}, generation=1))
+    assert "m_default" not in table.shadows  # no shadow: nothing kept, one dict miss
+    assert table.apply(_shadowed(2, 30))
+    shadow = table.shadows["m_default"]
+    assert (shadow.version, shadow.mirror_percent) == ("v2", 30)
+    assert [b.version for b in table.live["m_default"]] == ["v1"]  # never served
+    assert table.served_names() == ["m_default"]
+    assert not table.apply(_shadowed(2, 80))  # a stale route leaves the shadow as it was
+    assert table.shadows["m_default"].mirror_percent == 30
+    assert table.apply(_route({"v1": 100}, generation=3))  # mirroring stopped
+    assert table.shadows == {}
+
+
+def test_route_table_weight_zero_without_mirror_is_no_shadow() -> None:
+    table = RouteTable()
+    table.apply(_route({"v1": 100, "v2": 0}))
+    assert table.shadows == {}

@@ -145,14 +145,14 @@ class MonitorActivities:
 
     async def _monitored(self, model: ModelInfo) -> dict[str, str]:
         """Versions to look at, with their role: the live one, those the route sends
-        traffic to (candidates of a rollout), and those with a ready engine (cached)."""
+        traffic to (candidates of a rollout) or copies traffic to (a shadow), and those
+        with a ready engine (cached)."""
         roles: dict[str, str] = {}
         if model.live_version:
             roles[model.live_version] = "live"
         route = await self.store.get_route(model.model_id)
         for backend in route.backends if route else []:
-            if backend.weight > 0:
-                roles.setdefault(backend.version, "candidate")
+            roles.setdefault(backend.version, "shadow" if backend.is_shadow else "candidate")
         for engine in await self.store.list_engines(model_id=model.model_id):
             if engine.state is EngineState.READY:
                 roles.setdefault(engine.version, "cached")

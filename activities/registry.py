@@ -21,9 +21,11 @@ class RegistryActivities:
         except NotFound as exc:
             raise ApplicationError(str(exc), type="NotFound", non_retryable=True) from None
         target = model.version(input.target_version)
+        route = await self.store.get_route(input.model_id)
         return c.ModelSnapshot(model_id=model.model_id, live_version=model.live_version,
                                target_exists=target is not None,
-                               target_external=bool(target and target.config.endpoint))
+                               target_external=bool(target and target.config.endpoint),
+                               serving_versions=sorted(route.weights()) if route else [])
 
     @activity.defn(name=c.MARK_LIVE)
     async def mark_live(self, input: c.MarkLiveInput) -> None:

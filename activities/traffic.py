@@ -30,12 +30,41 @@ class TrafficActivities:
     async def set_traffic(self, input: c.SetTrafficInput) -> c.SetTrafficResult:
         """Write the route (idempotent by change key), then wait for every gateway to apply it."""
         backends = await self._backends(input)
-        route = await self.store.write_route(input.model_id, backends, input.change_key)
-        activity.logger.info("route of %s at generation %d: %s", input.model_id,
-                             route.generation, route.weights())
+        # A shadow being mirrored to stays, unless this change serves its version.
+        current = await self.store.get_route(input.model_id)
+        shadow = current.shadow() if current else None
+        if shadow is not None and shadow.version not in {b.version for b in backends}:
+            backends.append(shadow)
+        return await self._publish(input.model_id, backends, input.change_key)
+
+    @activity.defn(name=c.SET_MIRROR)
+    async def set_mirror(self, input: c.SetMirrorInput) -> c.SetTrafficResult:
+        """Copy a share of the model's requests to a shadow version (0: stop), keeping the
+        served split as it is; then wait for every gateway to apply it."""
+        current = await self.store.get_route(input.model_id)
+        if current is None or not current.weights():
+            raise ApplicationError(f"{input.model_id} serves no traffic to mirror",
+                                   type="InvalidRoute", non_retryable=True)
+        backends = [b for b in current.backends if not b.is_shadow]
+        if input.percent > 0 and input.version not in current.weights():
+            url, served_model_name = await self._endpoint(input.model_id, input.version)
+            backends.append(Backend(version=input.version, weight=0, url=url,
+                                    served_model_name=served_model_name,
+                                    mirror_percent=input.percent))
+        return await self._publish(input.model_id, backends, input.change_key)
+
+    async def _publish(self, model_id: str, backends: list[Backend],
+                       change_key: str) -> c.SetTrafficResult:
+        """Write the route (idempotent by change key), then wait for every gateway."""
+        route = await self.store.write_route(model_id, backends, change_key)
+        shadow = route.shadow()
+        activity.logger.info("route of %s at generation %d: %s%s", model_id,
+                             route.generation, route.weights(),
+                             f", {shadow.mirror_percent:g}% mirrored to {shadow.version}"
+                             if shadow else "")
         gateways = await self._wait_for_gateways(
-            lambda state: state.get("generations", {}).get(input.model_id, 0) >= route.generation,
-            what=f"generation {route.generation} of {input.model_id}", push=input.model_id)
+            lambda state: state.get("generations", {}).get(model_id, 0) >= route.generation,
+            what=f"generation {route.generation} of {model_id}", push=model_id)
         return c.SetTrafficResult(generation=route.generation, gateways=gateways)
 
     @activity.defn(name=c.DRAIN_VERSION)
@@ -74,14 +103,19 @@ class TrafficActivities:
         for version, weight in sorted(input.weights.items()):
             if weight <= 0:
                 continue
-            engine = next((e for e in await self.store.list_engines(
-                model_id=input.model_id, version=version) if e.state is EngineState.READY), None)
-            if engine is None:
-                raise ApplicationError(f"{input.model_id} {version} has no ready engine",
-                                       type="InvalidRoute", non_retryable=True)
-            backends.append(Backend(version=version, weight=weight, url=engine.url,
-                                    served_model_name=engine.served_model_name))
+            url, served_model_name = await self._endpoint(input.model_id, version)
+            backends.append(Backend(version=version, weight=weight, url=url,
+                                    served_model_name=served_model_name))
         return backends
+
+    async def _endpoint(self, model_id: str, version: str) -> tuple[str, str]:
+        """Where a version is served: its ready engine's URL and served model name."""
+        engine = next((e for e in await self.store.list_engines(
+            model_id=model_id, version=version) if e.state is EngineState.READY), None)
+        if engine is None:
+            raise ApplicationError(f"{model_id} {version} has no ready engine",
+                                   type="InvalidRoute", non_retryable=True)
+        return engine.url, engine.served_model_name
 
     async def _live_gateways(self) -> list[GatewayInfo]:
         return await self.store.live_gateways(self.settings.gateway_live_after_s)

@@ -10,7 +10,7 @@ from temporalio.client import Client
 
 from api import errors
 from api.deps import require_api_key
-from api.routers import alerts, audit, health, models, rules, switch
+from api.routers import alerts, audit, health, models, rules, shadow, switch
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal
 from turnout.store import Store
@@ -36,6 +36,7 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
     errors.install(app)
     app.include_router(models.router)
     app.include_router(rules.router)
+    app.include_router(shadow.router)
     app.include_router(switch.router)
     app.include_router(audit.router)
     app.include_router(alerts.router)

@@ -6,6 +6,7 @@ the same names. Every model has defaults so fields can be added without breaking
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -126,6 +127,8 @@ class ModelSnapshot(BaseModel):
     live_version: str | None = None
     target_exists: bool = False
     target_external: bool = False
+    # Versions the current route serves (weight > 0): a shadow keeps such an engine.
+    serving_versions: list[str] = Field(default_factory=list)
 
 
 class MarkLiveInput(BaseModel):
@@ -227,3 +230,52 @@ class AssessHealthResult(BaseModel):
     # False when monitoring is switched off in the settings or the model is gone.
     keep_monitoring: bool = True
     states: dict[str, str] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- shadow (mirroring)
+
+SHADOW_WORKFLOW = "ShadowWorkflow"
+SET_MIRROR = "set_mirror"
+# Signal: stop mirroring (the workflow then removes the shadow and releases its engine).
+STOP_SHADOW = "stop"
+
+
+def shadow_workflow_id(model_id: str) -> str:
+    return f"shadow-{model_id}"
+
+
+class ShadowInput(BaseModel):
+    """Input of `ShadowWorkflow`: copy `percent` of the model's requests to `version`."""
+
+    model_id: str = ""
+    version: str = ""
+    percent: float = 100.0
+    # How long to mirror; 0 = until stopped.
+    duration_s: float = 0.0
+    engine_task_queue: str = ""
+    requested_by: str | None = None
+
+
+class ShadowStatus(BaseModel):
+    """What `GET /models/{model_id}/shadow` returns."""
+
+    model_id: str = ""
+    version: str = ""
+    percent: float = 0.0
+    # loading, mirroring, stopping, completed, failed
+    phase: str = "loading"
+    reason: str | None = None
+    started_at: datetime | None = None
+    ends_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class SetMirrorInput(BaseModel):
+    """Copy `percent` of the model's requests to `version` (0: remove the shadow).
+
+    Idempotent by `change_key`, like `SetTrafficInput`; the served weights are kept."""
+
+    model_id: str = ""
+    version: str = ""
+    percent: float = 0.0
+    change_key: str = ""

@@ -185,7 +185,7 @@ class Breach(BaseModel):
 
 class VersionHealth(BaseModel):
     version: str
-    role: Literal["live", "candidate", "cached"] = "live"
+    role: Literal["live", "candidate", "shadow", "cached"] = "live"
     state: VersionState = VersionState.NO_DATA
     figures: HealthFigures = Field(default_factory=HealthFigures)
     breaches: list[Breach] = Field(default_factory=list)

@@ -289,6 +289,23 @@ class ModelSwitcher:
         return self._client.request("POST", f"/switch/operations/{operation_id}/{action}",
                                     json=_control_body(reason, requested_by))
 
+    def start_shadow(self, model_id: str, version: str, percentage: float = 100.0, *,
+                     duration_minutes: float | None = None,
+                     requested_by: str | None = None) -> dict[str, Any]:
+        """Copy `percentage` of the model's requests to `version` (answers measured, never
+        returned); see `POST /models/{model_id}/shadow`."""
+        body = {"version": version, "percentage": percentage,
+                "duration_minutes": duration_minutes, "requested_by": requested_by}
+        return self._client.request("POST", f"/models/{model_id}/shadow", json=body)
+
+    def get_shadow(self, model_id: str) -> dict[str, Any]:
+        return self._client.request("GET", f"/models/{model_id}/shadow")
+
+    def stop_shadow(self, model_id: str, reason: str | None = None, *,
+                    requested_by: str | None = None) -> dict[str, Any]:
+        return self._client.request("DELETE", f"/models/{model_id}/shadow",
+                                    json=_control_body(reason, requested_by))
+
     def validate_switch_request(
         self, model_id: str, target_version: str,
         strategy_type: SwitchingStrategyType | str = SwitchingStrategyType.IMMEDIATE,

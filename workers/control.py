@@ -36,9 +36,9 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
         activities=[registry.describe_model, registry.mark_live, registry.record_operation,
-                    registry.raise_alert, traffic.set_traffic, traffic.drain_version,
-                    health.check_health, health.judge_health, monitor.list_engine_hosts,
-                    monitor.assess_health])
+                    registry.raise_alert, traffic.set_traffic, traffic.set_mirror,
+                    traffic.drain_version, health.check_health, health.judge_health,
+                    monitor.list_engine_hosts, monitor.assess_health])
 
 
 async def main() -> None:

@@ -57,13 +57,16 @@ class FakeCluster:
     routes: list[dict[str, float]] = field(default_factory=list)
     loaded: set[str] = field(default_factory=set)
     change_keys: set[str] = field(default_factory=set)
+    # (version, percent) of each mirror change applied, and versions the route serves.
+    mirrors: list[tuple[str, float]] = field(default_factory=list)
+    serving: list[str] = field(default_factory=list)
 
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name=c.DESCRIBE_MODEL)
         async def describe_model(input: c.DescribeModelInput) -> c.ModelSnapshot:
             self.calls.append((c.DESCRIBE_MODEL, input))
             return c.ModelSnapshot(model_id=input.model_id, live_version=self.live_version,
-                                   target_exists=True)
+                                   target_exists=True, serving_versions=self.serving)
 
         @activity.defn(name=c.LOAD_VERSION)
         async def load_version(input: c.LoadVersionInput) -> c.LoadVersionResult:
@@ -91,6 +94,14 @@ class FakeCluster:
                 self.change_keys.add(input.change_key)
                 self.routes.append(dict(input.weights))
             return c.SetTrafficResult(generation=len(self.routes))
+
+        @activity.defn(name=c.SET_MIRROR)
+        async def set_mirror(input: c.SetMirrorInput) -> c.SetTrafficResult:
+            self.calls.append((c.SET_MIRROR, input))
+            if input.change_key not in self.change_keys:
+                self.change_keys.add(input.change_key)
+                self.mirrors.append((input.version, input.percent))
+            return c.SetTrafficResult(generation=len(self.mirrors))
 
         @activity.defn(name=c.DRAIN_VERSION)
         async def drain_version(input: c.DrainVersionInput) -> c.DrainVersionResult:
@@ -129,8 +140,9 @@ class FakeCluster:
         async def record_operation(input: c.RecordOperationInput) -> None:
             self.calls.append((c.RECORD_OPERATION, input))
 
-        return [describe_model, load_version, unload_version, set_traffic, drain_version,
-                check_health, judge_health, raise_alert, mark_live, record_operation]
+        return [describe_model, load_version, unload_version, set_traffic, set_mirror,
+                drain_version, check_health, judge_health, raise_alert, mark_live,
+                record_operation]
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]

@@ -1,0 +1,149 @@
+"""ShadowWorkflow: copy a share of a model's requests to a version nobody is served by.
+
+Loads the version, adds it to the model's route as a shadow (the gateways copy that share
+of requests to it, measure its answers like any version's and never return them), mirrors
+for the requested time or until stopped, then removes the shadow, lets its in-flight
+copies finish and releases its engine — unless the version is serving by then (a switch
+made it its target), in which case the engine is left to that switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from turnout import contracts as c
+
+_STORE_CALL = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
+                                maximum_interval=timedelta(seconds=30), maximum_attempts=20),
+}
+# As for a switch's target: big weights load for minutes; the heartbeat notices a dead worker.
+_LOAD = {
+    "start_to_close_timeout": timedelta(minutes=30),
+    "heartbeat_timeout": timedelta(seconds=60),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=5), maximum_attempts=3,
+                                non_retryable_error_types=["ModelLoadError"]),
+    "cancellation_type": ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+}
+# Route changes wait for every gateway to confirm; a gateway restart can take a while.
+_MIRROR = {
+    "start_to_close_timeout": timedelta(minutes=3),
+    "heartbeat_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
+                                maximum_interval=timedelta(seconds=20), maximum_attempts=10,
+                                non_retryable_error_types=["InvalidRoute"]),
+}
+_DRAIN = {"start_to_close_timeout": timedelta(minutes=10),
+          "heartbeat_timeout": timedelta(seconds=30)}
+_UNLOAD = {"start_to_close_timeout": timedelta(minutes=2)}
+
+
+@workflow.defn(name=c.SHADOW_WORKFLOW)
+class ShadowWorkflow:
+    def __init__(self) -> None:
+        self._status = c.ShadowStatus()
+        self._stop_reason: str | None = None
+
+    @workflow.run
+    async def run(self, input: c.ShadowInput) -> c.ShadowStatus:
+        self._status = c.ShadowStatus(model_id=input.model_id, version=input.version,
+                                      percent=input.percent, started_at=workflow.now())
+        self._details(f"loading {input.version} to mirror {input.percent:g}% of "
+                      f"{input.model_id}'s requests to it")
+        mirrored = False
+        outcome = "completed"
+        try:
+            await self._load(input)
+            if self._stop_reason is None:
+                await self._mirror(input, input.percent, "on")
+                mirrored = True
+                await self._wait(input)
+            self._status.reason = self._stop_reason or "mirrored for the requested time"
+        except ActivityError as exc:
+            outcome, self._status.reason = "failed", str(exc.cause or exc)
+        finally:
+            self._status.phase = "stopping"
+            self._details(f"stopping: {self._status.reason}")
+            await self._release(input, mirrored)
+            self._status.phase, self._status.finished_at = outcome, workflow.now()
+            self._details(f"{outcome}: {self._status.reason}")
+        return self._status
+
+    async def _load(self, input: c.ShadowInput) -> None:
+        load = asyncio.ensure_future(workflow.execute_activity(
+            c.LOAD_VERSION, c.LoadVersionInput(model_id=input.model_id, version=input.version),
+            result_type=c.LoadVersionResult, task_queue=input.engine_task_queue,
+            summary=f"load {input.version}", **_LOAD))  # type: ignore[arg-type]
+        await workflow.wait_condition(lambda: load.done() or self._stop_reason is not None)
+        if not load.done():
+            load.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
+
+    async def _mirror(self, input: c.ShadowInput, percent: float, key: str) -> None:
+        info = workflow.info()
+        await workflow.execute_activity(
+            c.SET_MIRROR,
+            c.SetMirrorInput(model_id=input.model_id, version=input.version, percent=percent,
+                             change_key=f"{info.workflow_id}/{info.run_id}/mirror-{key}"),
+            result_type=c.SetTrafficResult,
+            summary=f"mirror {percent:g}% to {input.version}" if percent
+            else f"stop mirroring to {input.version}", **_MIRROR)  # type: ignore[arg-type]
+
+    async def _wait(self, input: c.ShadowInput) -> None:
+        self._status.phase = "mirroring"
+        if input.duration_s > 0:
+            self._status.ends_at = workflow.now() + timedelta(seconds=input.duration_s)
+        until = f" until {self._status.ends_at:%H:%M:%S}" if self._status.ends_at else ""
+        self._details(f"mirroring {input.percent:g}% of {input.model_id}'s requests to "
+                      f"{input.version}{until}")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await workflow.wait_condition(
+                lambda: self._stop_reason is not None,
+                timeout=timedelta(seconds=input.duration_s) if input.duration_s > 0 else None,
+                timeout_summary=f"mirror for {input.duration_s:g} s")
+
+    async def _release(self, input: c.ShadowInput, mirrored: bool) -> None:
+        """Remove the shadow, let its copies finish, stop its engine unless it serves."""
+        if mirrored:
+            await self._mirror(input, 0, "off")
+        snapshot: c.ModelSnapshot = await workflow.execute_activity(
+            c.DESCRIBE_MODEL, c.DescribeModelInput(model_id=input.model_id,
+                                                   target_version=input.version),
+            result_type=c.ModelSnapshot, summary=f"is {input.version} serving now",
+            **_STORE_CALL)  # type: ignore[arg-type]
+        if input.version == snapshot.live_version or \
+                input.version in snapshot.serving_versions:
+            return
+        await workflow.execute_activity(
+            c.DRAIN_VERSION, c.DrainVersionInput(model_id=input.model_id,
+                                                 version=input.version),
+            result_type=c.DrainVersionResult, summary=f"drain {input.version}",
+            **_DRAIN)  # type: ignore[arg-type]
+        await workflow.execute_activity(
+            c.UNLOAD_VERSION, c.UnloadVersionInput(model_id=input.model_id,
+                                                   version=input.version),
+            task_queue=input.engine_task_queue, summary=f"unload {input.version}",
+            **_UNLOAD)  # type: ignore[arg-type]
+
+    def _details(self, text: str) -> None:
+        workflow.set_current_details(text)
+
+    @workflow.signal(name=c.STOP_SHADOW)
+    def stop(self, reason: str | None = None) -> None:
+        if self._stop_reason is None:
+            self._stop_reason = reason or "stopped by an operator"
+
+    @workflow.query(name=c.STATUS_QUERY)
+    def status(self) -> c.ShadowStatus:
+        return self._status
+

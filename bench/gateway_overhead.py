@@ -12,7 +12,9 @@ Printed, each measured side by side in one run:
 - throughput with per-request metrics on versus off (a second gateway with
   `GATEWAY_REQUEST_METRICS=false`);
 - split accuracy over 10,000 requests at 90/10, stickiness of keyed users, and the share of
-  users a 10-point weight change moves.
+  users a 10-point weight change moves;
+- throughput at concurrency 64 and 256 again behind an upstream that paces its 64 chunks
+  like a decoding engine (10 ms apart by default), where the machine is not CPU-bound.
 
 On a 2-core machine the client, the upstream and the gateway share the cores, so the
 throughput ratio includes the gateway's CPU competing with the other two.
@@ -298,11 +300,31 @@ def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
             process.wait(timeout=30)
 
 
-def main(seconds: float, rounds: int) -> None:
+async def measure_paced(setup: Setup, seconds: float, rounds: int,
+                        chunk_delay_s: float) -> None:
+    """Throughput again with an upstream that paces its chunks like a decoding engine."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        gateway_url = f"http://127.0.0.1:{setup.ports['gateway'][0]}"
+        await wait_healthy(session, gateway_url)
+        direct = Target("direct", setup.urls["a"], "a")
+        gateway = Target("gateway", gateway_url, MODEL_ID)
+        print(f"paced upstream ({chunk_delay_s * 1000:g} ms between chunks, like a decoding "
+              f"engine; the machine is no longer CPU-bound):", flush=True)
+        for concurrency in (64, 256):
+            await throughput(session, direct, gateway, setup.pids["gateway"], concurrency,
+                             seconds, rounds)
+
+
+def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
     with gateways_in_front_of_upstream("gateway", {"gateway": True,
                                                    "unrecorded": False}) as setup:
         asyncio.run(measure(setup.db_url, setup.urls, setup.ports, setup.pids, seconds,
                             rounds))
+    if chunk_delay_s > 0:
+        with gateways_in_front_of_upstream("gateway-paced", {"gateway": True},
+                                           "--chunk-delay-s", str(chunk_delay_s)) as setup:
+            asyncio.run(measure_paced(setup, seconds, rounds, chunk_delay_s))
 
 
 if __name__ == "__main__":
@@ -311,5 +333,8 @@ if __name__ == "__main__":
                         help="length of each throughput run")
     parser.add_argument("--rounds", type=int, default=2,
                         help="alternations of direct and gateway runs per measurement")
+    parser.add_argument("--paced-chunk-delay-s", type=float, default=0.01,
+                        help="also measure throughput behind an upstream pacing its chunks "
+                             "this far apart (0: skip)")
     args = parser.parse_args()
-    main(args.seconds, args.rounds)
+    main(args.seconds, args.rounds, args.paced_chunk_delay_s)

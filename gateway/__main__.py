@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -21,6 +22,21 @@ from turnout.config import ConfigError, ModelSwitchingConfig
 from turnout.store import Store
 
 log = logging.getLogger("gateway")
+
+# Young-generation size between cyclic collections. Every proxied request allocates a few
+# hundred short-lived objects; at CPython's default (700) the collector ran ~1,000 times a
+# minute under load here and took 3-4% of the gateway's CPU, with pauses up to 80 ms.
+# Measured by bench.gateway_overhead: CPU per proxied request 0.62 -> 0.45 ms.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Freeze what start-up allocated (imports, settings, the app: never garbage) so full
+    collections skip it, and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 class _GatewayIdFilter(logging.Filter):
@@ -66,6 +82,7 @@ async def run(settings: ModelSwitchingConfig, gateway_id: str) -> None:
     except BaseException:
         await store.close()
         raise
+    tune_gc()
     log.info("gateway %s serving clients on %s:%d, admin on %s:%d%s", gateway_id,
              settings.gateway_host, settings.gateway_port, settings.gateway_admin_host,
              settings.gateway_admin_port,

@@ -48,6 +48,33 @@ def upstream_timeout() -> aiohttp.ClientTimeout:
                                  sock_read=UPSTREAM_READ_TIMEOUT_S)
 
 
+
+class _StreamMeter:
+    """What a streamed answer's chunks tell about its version, as they pass."""
+
+    __slots__ = ("started", "first_at", "last_at", "events")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.first_at = self.last_at = 0.0
+        self.events = 0
+
+    def see(self, chunk: bytes) -> bool:
+        """Count a chunk; True for the first one (time to first byte is then known)."""
+        self.last_at = time.monotonic()
+        # One SSE event per generated token (vLLM streams token by token); counting the
+        # marker is all the parsing a chunk gets.
+        self.events += chunk.count(b"data: ")
+        if self.first_at:
+            return False
+        self.first_at = self.last_at
+        return True
+
+    @property
+    def ttfb(self) -> float:
+        return self.first_at - self.started
+
+
 class Proxy:
     """Handlers of `/v1/models`, `/v1/completions` and `/v1/chat/completions`."""
 
@@ -198,23 +225,16 @@ class Proxy:
             "X-Accel-Buffering": "no",
             VERSION_HEADER: version,
         })
-        first_at = last_at = 0.0
-        events = 0
+        meter = _StreamMeter(started)
         try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
-                last_at = time.monotonic()
-                if not first_at:
-                    first_at = last_at
-                    self.metrics.first_byte(model_id, version, first_at - started)
-                # One SSE event per generated token (vLLM streams token by token); counting
-                # the marker is all the parsing a chunk gets.
-                events += chunk.count(b"data: ")
+                if meter.see(chunk):
+                    self.metrics.first_byte(model_id, version, meter.ttfb)
                 await response.write(chunk)
             await response.write_eof()
-            self.metrics.generated(model_id, version, max(events - 1, 0),  # minus [DONE]
-                                   last_at - first_at)
-            return response, None, True, (first_at - started) if first_at else None
+            self._generated(model_id, version, meter)
+            return response, None, True, meter.ttfb if meter.first_at else None
         except ConnectionResetError:  # the client went away: nothing left to write to
             log.debug("client left a stream of %s/%s", model_id, version)
             return response, None, False, None
@@ -302,20 +322,20 @@ class Proxy:
                      started: float) -> tuple[str | None, bool, float | None]:
         """Read a shadow's SSE answer to the end, measuring it as `_stream` measures a
         served one (time to first byte, tokens, inter-token time), and drop it."""
-        first_at = last_at = 0.0
-        events = 0
+        meter = _StreamMeter(started)
         try:
             async for chunk in upstream.content.iter_any():
-                last_at = time.monotonic()
-                if not first_at:
-                    first_at = last_at
-                    self.metrics.first_byte(model_id, version, first_at - started)
-                events += chunk.count(b"data: ")
+                if meter.see(chunk):
+                    self.metrics.first_byte(model_id, version, meter.ttfb)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             log.debug("shadow stream from %s/%s broke: %r", model_id, version, exc)
             return "stream_broken", False, None
-        self.metrics.generated(model_id, version, max(events - 1, 0), last_at - first_at)
-        return None, True, (first_at - started) if first_at else None
+        self._generated(model_id, version, meter)
+        return None, True, meter.ttfb if meter.first_at else None
+
+    def _generated(self, model_id: str, version: str, meter: _StreamMeter) -> None:
+        self.metrics.generated(model_id, version, max(meter.events - 1, 0),  # minus [DONE]
+                               meter.last_at - meter.first_at)
 
     async def stop_mirrors(self) -> None:
         """Cancel the copies still in flight, for a gateway that stops: they are

@@ -18,13 +18,14 @@ import pytest
 import pytest_asyncio
 
 from gateway.app import AdminBindError, Gateway, RunningGateway, start_gateway
+from tests.integration.stores import TINY_MODEL, tiny_store
 from tests.integration.upstream import FakeUpstream
 from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Backend, RegisterModelRequest
 from turnout.store import Store, upgrade_async
 
-MODEL = "tiny_default"
+MODEL = TINY_MODEL
 ALIAS = "org/tiny"
 TOKEN = "s3cret-admin-token"
 
@@ -72,13 +73,7 @@ class Env:
 
 async def make_env(tmp_path: Path, *, token: str | None = None, v1_delay: float = 0.0,
                    v1_chunks: int = 3, v1_chunk_delay: float = 0.01, **settings: Any) -> Env:
-    db_url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
-    await upgrade_async(db_url)
-    store = Store.from_url(db_url)
-    for version in ("v1", "v2"):
-        await store.register_version(RegisterModelRequest(
-            model=f"/models/tiny-{version}", model_arch="tiny", model_stage="default",
-            version=version, aliases=[ALIAS]))
+    db_url, store = await tiny_store(tmp_path, aliases=(ALIAS,))
     await store.register_version(RegisterModelRequest(
         model="/models/other", model_arch="other", model_stage="default", version="v1"))
     v1 = await FakeUpstream("v1", "tiny-v1", delay_s=v1_delay, chunks=v1_chunks,

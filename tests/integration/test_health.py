@@ -21,14 +21,15 @@ from temporalio.testing import ActivityEnvironment
 from activities.gateway_admin import GatewayAdmin
 from activities.health import HealthActivities
 from gateway.app import Gateway, RunningGateway, start_gateway
+from tests.integration.stores import TINY_MODEL, tiny_store
 from tests.integration.upstream import FakeUpstream
 from tests.support import free_port
 from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Backend, RegisterModelRequest
-from turnout.store import Store, upgrade_async
+from turnout.domain import Backend
+from turnout.store import Store
 
-MODEL = "tiny_default"
+MODEL = TINY_MODEL
 # Both fakes take 20 ms, so latency is dominated by the same sleep on either side and a
 # healthy target is not failed by scheduling noise of the test machine.
 DELAY_S = 0.02
@@ -69,13 +70,7 @@ class Env:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    db_url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
-    await upgrade_async(db_url)
-    store = Store.from_url(db_url)
-    for version in ("v1", "v2"):
-        await store.register_version(RegisterModelRequest(
-            model=f"/models/tiny-{version}", model_arch="tiny", model_stage="default",
-            version=version))
+    db_url, store = await tiny_store(tmp_path)
     v1 = await FakeUpstream("v1", "tiny-v1", delay_s=DELAY_S).start()
     v2 = await FakeUpstream("v2", "tiny-v2", delay_s=DELAY_S).start()
     await store.write_route(MODEL, [

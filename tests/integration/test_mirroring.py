@@ -21,13 +21,14 @@ import aiohttp
 import openai
 
 from gateway.app import RunningGateway, start_gateway
+from tests.integration.stores import TINY_MODEL, tiny_store
 from tests.integration.upstream import FakeUpstream
 from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Backend, RegisterModelRequest
-from turnout.store import Store, upgrade_async
+from turnout.domain import Backend
+from turnout.store import Store
 
-MODEL = "tiny_default"
+MODEL = TINY_MODEL
 PATHS = {False: "/v1/completions", True: "/v1/chat/completions"}
 
 
@@ -117,13 +118,7 @@ async def mirrored(tmp_path: Path, mirror_percent: float | None, *, v1_delay_s: 
                    shadow: dict[str, Any] | None = None, **settings: Any
                    ) -> AsyncIterator[Env]:
     """A gateway in front of v1 (served) and v2 (shadow at `mirror_percent`)."""
-    db_url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
-    await upgrade_async(db_url)
-    store = Store.from_url(db_url)
-    for version in ("v1", "v2"):
-        await store.register_version(RegisterModelRequest(
-            model=f"/models/tiny-{version}", model_arch="tiny", model_stage="default",
-            version=version))
+    db_url, store = await tiny_store(tmp_path)
     v1 = await FakeUpstream("v1", "tiny-v1", delay_s=v1_delay_s, chunk_delay_s=0.005).start()
     v2 = await FakeUpstream("v2", "tiny-v2", chunk_delay_s=0.005, **(shadow or {})).start()
     config = ModelSwitchingConfig(gateway_port=free_port(), gateway_admin_port=free_port(),

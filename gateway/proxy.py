@@ -48,7 +48,6 @@ def upstream_timeout() -> aiohttp.ClientTimeout:
                                  sock_read=UPSTREAM_READ_TIMEOUT_S)
 
 
-
 class _StreamMeter:
     """What a streamed answer's chunks tell about its version, as they pass."""
 

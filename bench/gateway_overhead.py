@@ -13,6 +13,8 @@ Printed, each measured side by side in one run:
   `GATEWAY_REQUEST_METRICS=false`);
 - split accuracy over 10,000 requests at 90/10, stickiness of keyed users, and the share of
   users a 10-point weight change moves;
+- throughput and time to first token at concurrency 64 and 256 again with the gateway on a
+  core of its own (upstream and client on the others), as it runs in production;
 - throughput at concurrency 64 and 256 again behind an upstream that paces its 64 chunks
   like a decoding engine (10 ms apart by default), where the machine is not CPU-bound.
 
@@ -274,6 +276,7 @@ class Setup:
     urls: dict[str, str]
     ports: dict[str, tuple[int, int]]
     pids: dict[str, int]
+    upstream_pid: int = 0
 
 
 @contextlib.contextmanager
@@ -293,7 +296,8 @@ def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
                                           metrics=metrics)
                    for gateway, metrics in gateways.items()}
         processes.extend(started.values())
-        yield Setup(db_url, urls, ports, {k: p.pid for k, p in started.items()})
+        yield Setup(db_url, urls, ports, {k: p.pid for k, p in started.items()},
+                    upstream.pid)
     finally:
         for process in processes:
             process.terminate()
@@ -316,11 +320,57 @@ async def measure_paced(setup: Setup, seconds: float, rounds: int,
                              seconds, rounds)
 
 
+def _pin(pid: int, cores: list[int]) -> None:
+    """Every thread of process `pid` (0: this one) onto `cores`."""
+    tasks = Path(f"/proc/{pid or os.getpid()}/task")
+    for tid in (int(t.name) for t in tasks.iterdir()):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(tid, cores)
+
+
+@contextlib.contextmanager
+def gateway_on_its_own_core(setup: Setup) -> Iterator[str]:
+    """The gateway on the last core, the upstream and this client on the others: how it
+    runs in production (on cores of its own), so its cost is not CPU taken from the two
+    ends of the measurement. Yields a description of the placement."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        yield "one core: nothing to pin"
+        return
+    own, rest = cores[-1:], cores[:-1]
+    for pid in setup.pids.values():
+        _pin(pid, own)
+    _pin(setup.upstream_pid, rest)
+    _pin(0, rest)
+    try:
+        yield f"gateway on core {own[0]}, upstream and client on {rest}"
+    finally:
+        _pin(0, cores)
+
+
+async def measure_pinned(setup: Setup, seconds: float, rounds: int) -> None:
+    """Throughput and time to first token again with the gateway on a core of its own."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        gateway_url = f"http://127.0.0.1:{setup.ports['gateway'][0]}"
+        await wait_healthy(session, gateway_url)
+        direct = Target("direct", setup.urls["a"], "a")
+        gateway = Target("gateway", gateway_url, MODEL_ID)
+        with gateway_on_its_own_core(setup) as placement:
+            print(f"pinned ({placement}):", flush=True)
+            await run_for(1.0, 8, lambda: one(session, gateway, stream=True))  # warm up
+            for concurrency in (64, 256):
+                await throughput(session, direct, gateway, setup.pids["gateway"],
+                                 concurrency, seconds, rounds)
+
+
 def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
     with gateways_in_front_of_upstream("gateway", {"gateway": True,
                                                    "unrecorded": False}) as setup:
         asyncio.run(measure(setup.db_url, setup.urls, setup.ports, setup.pids, seconds,
                             rounds))
+    with gateways_in_front_of_upstream("gateway-pinned", {"gateway": True}) as setup:
+        asyncio.run(measure_pinned(setup, seconds, rounds))
     if chunk_delay_s > 0:
         with gateways_in_front_of_upstream("gateway-paced", {"gateway": True},
                                            "--chunk-delay-s", str(chunk_delay_s)) as setup:

@@ -1,5 +1,6 @@
 """The `turnout` command: run the stack, make tiny models, register, switch, watch, and
-steer running switches (rollback, pause, resume, promote, abort, emergency-rollback)."""
+steer running switches (rollback, pause, resume, promote, abort, emergency-rollback);
+read health and alerts, change monitoring thresholds, mirror traffic to a shadow."""
 
 from __future__ import annotations
 
@@ -106,6 +107,58 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    from turnout.health_monitor import HealthMonitor
+
+    health = HealthMonitor().get_model_health(args.model_id)
+    _print([m.model_dump(mode="json") for m in health] if isinstance(health, list)
+           else health.model_dump(mode="json"))
+    return 0
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    from turnout.health_monitor import HealthMonitor
+
+    monitor = HealthMonitor()
+    if args.acknowledge is not None:
+        _print(monitor.acknowledge_alert(args.acknowledge, os.environ.get("USER"))
+               .model_dump(mode="json"))
+        return 0
+    alerts = monitor.get_alerts(args.model, severity=args.severity, state=args.state)
+    _print([a.model_dump(mode="json") for a in alerts])
+    return 0
+
+
+def _thresholds(args: argparse.Namespace) -> int:
+    from turnout.health_monitor import HealthMonitor
+
+    changes: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{item!r}: expected KEY=VALUE, e.g. error_rate_warning=0.03")
+        changes[key] = json.loads(value)
+    monitor = HealthMonitor()
+    applied = monitor.update_thresholds(changes, args.model) if changes \
+        else monitor.get_thresholds(args.model)
+    _print(applied.model_dump(mode="json"))
+    return 0
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    from turnout.sdk import ModelSwitcher
+
+    switcher, user = ModelSwitcher(), os.environ.get("USER")
+    if args.stop:
+        _print(switcher.stop_shadow(args.model_id, args.reason, requested_by=user))
+    elif args.version:
+        _print(switcher.start_shadow(args.model_id, args.version, args.percent,
+                                     duration_minutes=args.minutes, requested_by=user))
+    else:
+        _print(switcher.get_shadow(args.model_id))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,6 +217,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list models and versions")
     models.set_defaults(func=_models)
+
+    health = sub.add_parser("health", help="figures and state of every version "
+                                           "(GET /health/models)")
+    health.add_argument("model_id", nargs="?", help="only this model")
+    health.set_defaults(func=_health)
+
+    alerts = sub.add_parser("alerts", help="alerts (firing by default), or acknowledge one")
+    alerts.add_argument("--model", help="only this model id")
+    alerts.add_argument("--severity", choices=["info", "warning", "critical"])
+    alerts.add_argument("--state", choices=["firing", "resolved"], default="firing")
+    alerts.add_argument("--acknowledge", type=int, metavar="ALERT_ID")
+    alerts.set_defaults(func=_alerts)
+
+    thresholds = sub.add_parser("thresholds", help="read or change monitoring levels")
+    thresholds.add_argument("set", nargs="*", metavar="KEY=VALUE",
+                            help="e.g. error_rate_warning=0.03 latency_p95_warning=3000")
+    thresholds.add_argument("--model", help="one model's levels (default: every model's)")
+    thresholds.set_defaults(func=_thresholds)
+
+    shadow = sub.add_parser("shadow", help="mirror a share of a model's requests to a "
+                                           "version; without VERSION, show the shadow")
+    shadow.add_argument("model_id")
+    shadow.add_argument("version", nargs="?")
+    shadow.add_argument("--percent", type=float, default=100.0)
+    shadow.add_argument("--minutes", type=float, help="how long (default: until --stop)")
+    shadow.add_argument("--stop", action="store_true", help="stop mirroring")
+    shadow.add_argument("--reason")
+    shadow.set_defaults(func=_shadow)
     return parser
 
 

@@ -362,6 +362,12 @@ class HealthMonitor:
         return [Alert.model_validate(a) for a in await self._client.arequest(
             "GET", "/alerts", params=params, timeout=STACK_TIMEOUT_S)]
 
+    def get_thresholds(self, model_id: str | None = None) -> MonitorThresholds:
+        """The levels the stack applies (`GET /health/thresholds`), for one model or all."""
+        params = {"model_id": model_id} if model_id else {}
+        return MonitorThresholds.model_validate(self._client.request(
+            "GET", "/health/thresholds", params=params, timeout=STACK_TIMEOUT_S))
+
     def acknowledge_alert(self, alert_id: int, requested_by: str | None = None) -> Alert:
         return Alert.model_validate(self._client.request(
             "POST", f"/alerts/{alert_id}/acknowledge", json={"requested_by": requested_by}))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -190,3 +192,15 @@ async def record_workflow_history(plane: ControlPlane, name: str, workflow_id: s
         return
     handle = plane.env.client.get_workflow_handle(workflow_id, run_id=run_id)
     path.write_text((await handle.fetch_history()).to_json())
+
+
+async def cli(plane: ControlPlane, *args: str) -> tuple[int, Any, str]:
+    """Run `turnout ARGS` against the plane's API: exit code, JSON output, stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MODEL_SWITCHING_")}
+    env.update(VLLM_MODEL_SWITCHING_API_URL=plane.api_url, USER="cli-user")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "turnout.cli", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, json.loads(out) if out.strip() else None, err.decode()

@@ -9,15 +9,12 @@ move between `v1` and `v2`, each ended by an operator.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import sys
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.plane import ControlPlane, record_history, wait_done
+from tests.integration.plane import ControlPlane, cli, record_history, wait_done
 from turnout.sdk import ModelSwitcher, TurnoutAPIError
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -259,18 +256,6 @@ async def test_sdk_controls(plane: ControlPlane) -> None:
     with pytest.raises(TurnoutAPIError) as lone:
         await asyncio.to_thread(switcher.emergency_rollback, LONE_ID, "nothing to go back to")
     assert lone.value.status_code == 409
-
-
-async def cli(plane: ControlPlane, *args: str) -> tuple[int, Any, str]:
-    """Run `turnout ARGS` against the plane's API: exit code, JSON output, stderr."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MODEL_SWITCHING_")}
-    env.update(VLLM_MODEL_SWITCHING_API_URL=plane.api_url, USER="cli-user")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "turnout.cli", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, json.loads(out) if out.strip() else None, err.decode()
 
 
 async def test_cli_controls(plane: ControlPlane) -> None:

@@ -15,6 +15,7 @@ import pytest_asyncio
 
 from tests.integration.plane import (
     ControlPlane,
+    cli,
     control_plane,
     record_workflow_history,
     register_upstreams,
@@ -124,3 +125,31 @@ async def test_a_shadow_sees_copies_and_clients_never_see_it(plane: ControlPlane
         assert set(seen) == {"v3"} and len(v2.received) == copies_after
         audit = (await client.get("/audit", params={"model_id": MODEL})).json()
         assert {"shadow_started", "shadow_stopped"} <= {e["action"] for e in audit}
+
+
+async def test_operators_shadow_and_read_health_from_the_cli(plane: ControlPlane) -> None:
+    code, started, err = await cli(plane, "shadow", MODEL, "v2", "--percent", "50",
+                                   "--minutes", "5")
+    assert code == 0 and started["percent"] == 50, err
+    async with plane.http() as client:
+        await shadow_phase(client, "mirroring")
+    code, status, err = await cli(plane, "shadow", MODEL)
+    assert (code, status["phase"], status["version"]) == (0, "mirroring", "v2"), err
+    code, _, err = await cli(plane, "shadow", MODEL, "v3")
+    assert code == 1 and "409" in err
+    code, status, err = await cli(plane, "shadow", MODEL, "--stop", "--reason", "cli")
+    assert code == 0, err
+    async with plane.http() as client:
+        assert (await shadow_phase(client, "completed"))["reason"] == "cli"
+
+    code, health, err = await cli(plane, "health", MODEL)
+    assert code == 0 and health["model_id"] == MODEL, err
+    code, alerts, err = await cli(plane, "alerts", "--model", MODEL)
+    assert code == 0 and isinstance(alerts, list), err
+    code, levels, err = await cli(plane, "thresholds", "--model", MODEL,
+                                  "latency_p95_warning=2000")
+    assert (code, levels["latency_p95_warning"]) == (0, 2000), err
+    code, levels, err = await cli(plane, "thresholds", "--model", MODEL)
+    assert (code, levels["latency_p95_warning"]) == (0, 2000), err
+    code, _, err = await cli(plane, "thresholds", "latency_p95_warnin=1")
+    assert code == 1 and "latency_p95_warnin" in err

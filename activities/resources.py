@@ -10,6 +10,7 @@ engine reports it).
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import psutil
@@ -82,7 +83,11 @@ class ResourceActivities:
                 activity.logger.warning("engine %s %s (pid %s) not measurable: %r",
                                         engine.model_id, engine.version, engine.pid, exc)
         before = {pid: _cpu_seconds(tree) for pid, tree in trees.items()}
+        sampled_from = time.monotonic()
         await asyncio.sleep(input.cpu_sample_s)
+        # The real interval: on a busy host the sleep overruns, and dividing by the asked-for
+        # interval would report more CPU than the host has.
+        elapsed = max(time.monotonic() - sampled_from, 1e-3)
         cores = psutil.cpu_count() or 1
         host_memory = psutil.virtual_memory().total
         result = c.MeasureEnginesResult()
@@ -96,7 +101,7 @@ class ResourceActivities:
                 resources = EngineResources(
                     host=engine.host, url=engine.url, memory_mb=rss / 2**20,
                     memory_percent=100.0 * rss / host_memory,
-                    cpu_percent=max(0.0, 100.0 * used / (input.cpu_sample_s * cores)))
+                    cpu_percent=min(100.0, max(0.0, 100.0 * used / (elapsed * cores))))
                 await self._add_vllm_figures(client, engine, resources)
                 result.engines.setdefault(engine.version, []).append(
                     resources.model_dump(mode="json"))

@@ -174,11 +174,14 @@ async def test_the_monitor_measures_the_live_engine(stack: Stack) -> None:
             await asyncio.sleep(1)
         else:
             raise AssertionError(f"no measured look at v1: {report}")
-    assert (v1["role"], v1["state"]) == ("live", "healthy"), v1
+    # Judged on its figures (its state also depends on how busy this machine's cores are:
+    # a CPU engine under load may cross the CPU levels, which is what they are for).
+    assert v1["role"] == "live" and v1["state"] != "no_data", v1
+    assert v1["figures"]["error_rate"] == 0 and v1["figures"]["latency_p95_ms"] > 0
     [engine] = v1["engines"]
     # A tiny model's engine (API process plus engine core) holds well over 100 MB.
     assert engine["memory_mb"] > 100 and 0 < engine["memory_percent"] < 100
-    assert engine["cpu_percent"] is not None and engine["queued_requests"] is not None
+    assert 0 <= engine["cpu_percent"] <= 100 and engine["queued_requests"] is not None
     assert v1["figures"]["memory_mb"] == engine["memory_mb"]
     assert report["thresholds"]["error_rate_warning"] == stack.settings.error_rate_warning
 

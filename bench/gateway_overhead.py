@@ -304,22 +304,6 @@ def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
             process.wait(timeout=30)
 
 
-async def measure_paced(setup: Setup, seconds: float, rounds: int,
-                        chunk_delay_s: float) -> None:
-    """Throughput again with an upstream that paces its chunks like a decoding engine."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
-        gateway_url = f"http://127.0.0.1:{setup.ports['gateway'][0]}"
-        await wait_healthy(session, gateway_url)
-        direct = Target("direct", setup.urls["a"], "a")
-        gateway = Target("gateway", gateway_url, MODEL_ID)
-        print(f"paced upstream ({chunk_delay_s * 1000:g} ms between chunks, like a decoding "
-              f"engine; the machine is no longer CPU-bound):", flush=True)
-        for concurrency in (64, 256):
-            await throughput(session, direct, gateway, setup.pids["gateway"], concurrency,
-                             seconds, rounds)
-
-
 def _pin(pid: int, cores: list[int]) -> None:
     """Every thread of process `pid` (0: this one) onto `cores`."""
     tasks = Path(f"/proc/{pid or os.getpid()}/task")
@@ -348,16 +332,19 @@ def gateway_on_its_own_core(setup: Setup) -> Iterator[str]:
         _pin(0, cores)
 
 
-async def measure_pinned(setup: Setup, seconds: float, rounds: int) -> None:
-    """Throughput and time to first token again with the gateway on a core of its own."""
+async def throughput_again(setup: Setup, seconds: float, rounds: int, title: str,
+                           pinned: bool = False) -> None:
+    """Throughput and time to first token at concurrency 64 and 256 on another setup
+    (an upstream pacing its chunks, or the gateway pinned to a core of its own)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=60)) as session:
         gateway_url = f"http://127.0.0.1:{setup.ports['gateway'][0]}"
         await wait_healthy(session, gateway_url)
         direct = Target("direct", setup.urls["a"], "a")
         gateway = Target("gateway", gateway_url, MODEL_ID)
-        with gateway_on_its_own_core(setup) as placement:
-            print(f"pinned ({placement}):", flush=True)
+        with gateway_on_its_own_core(setup) if pinned \
+                else contextlib.nullcontext("as started") as placement:
+            print(f"{title} ({placement}):", flush=True)
             await run_for(1.0, 8, lambda: one(session, gateway, stream=True))  # warm up
             for concurrency in (64, 256):
                 await throughput(session, direct, gateway, setup.pids["gateway"],
@@ -370,11 +357,13 @@ def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
         asyncio.run(measure(setup.db_url, setup.urls, setup.ports, setup.pids, seconds,
                             rounds))
     with gateways_in_front_of_upstream("gateway-pinned", {"gateway": True}) as setup:
-        asyncio.run(measure_pinned(setup, seconds, rounds))
+        asyncio.run(throughput_again(setup, seconds, rounds, "pinned", pinned=True))
     if chunk_delay_s > 0:
         with gateways_in_front_of_upstream("gateway-paced", {"gateway": True},
                                            "--chunk-delay-s", str(chunk_delay_s)) as setup:
-            asyncio.run(measure_paced(setup, seconds, rounds, chunk_delay_s))
+            asyncio.run(throughput_again(
+                setup, seconds, rounds, f"paced upstream ({chunk_delay_s * 1000:g} ms between "
+                "chunks, like a decoding engine; the machine is no longer CPU-bound)"))
 
 
 if __name__ == "__main__":

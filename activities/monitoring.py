@@ -118,8 +118,7 @@ class MonitorActivities:
             return c.AssessHealthResult(summary=f"{input.model_id} is not registered",
                                         interval_s=interval, keep_monitoring=False)
         thresholds = applied_thresholds(
-            self.settings, await self.store.get_threshold_overrides("*"),
-            await self.store.get_threshold_overrides(input.model_id))
+            self.settings, *await self.store.threshold_overrides(input.model_id))
         until = time.time()
         seen = await self._gateway_figures(input.model_id, until - input.window_s, until)
         resources: dict[str, list[EngineResources]] = {}

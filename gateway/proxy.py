@@ -142,7 +142,6 @@ class Proxy:
         refused or reset, connect timeout, a 5xx answer) is counted as that version's error
         and, once, retried on the model's stable version: the user gets an answer, the
         failing version still gets the blame. A started stream is never replayed."""
-        assert self.session is not None, "gateway app not started"
         version = backend.version
         headers = _upstream_headers(request)
         started = time.monotonic()
@@ -152,17 +151,13 @@ class Proxy:
         ttfb_s: float | None = None  # time to the first streamed byte, for the window
         fallback: Backend | None = None  # looked up only once the version has failed
         try:
-            async with self.session.post(backend.url.rstrip("/") + path,
-                                         data=json.dumps(body).encode(), headers=headers,
-                                         timeout=upstream_timeout()) as upstream:
-                if upstream.status >= 500:
-                    failure = "5xx"
+            async with self._post(backend, path, body, headers) as upstream:
+                failure = _status_failure(upstream.status)
+                if failure == "5xx":
                     fallback = self._fallback(model_id, version, may_fail_over)
                     if fallback is not None:
                         log.info("%s/%s answered %d; failing over to %s", model_id, version,
                                  upstream.status, fallback.version)
-                elif upstream.status >= 400:
-                    failure = "4xx"
                 content_type = upstream.headers.get("Content-Type", "application/json")
                 if failure != "5xx" or fallback is None:
                     if upstream.status == 200 and content_type.startswith("text/event-stream"):
@@ -171,10 +166,7 @@ class Proxy:
                         return response
                     payload = await upstream.read()
                     completed = True
-                    if upstream.status == 200:
-                        usage = _COMPLETION_TOKENS.search(payload)
-                        if usage:
-                            self.metrics.generated(model_id, version, int(usage.group(1)))
+                    self._plain_tokens(model_id, version, upstream.status, payload)
                     return web.Response(body=payload, status=upstream.status,
                                         headers={"Content-Type": content_type,
                                                  VERSION_HEADER: version})
@@ -301,20 +293,13 @@ class Proxy:
                                ) -> tuple[str | None, bool, float | None]:
         """POST the copy and read its answer to the end; returns (error class, completed,
         seconds to the first streamed byte or None)."""
-        assert self.session is not None, "gateway app not started"
         version = shadow.version
-        async with self.session.post(shadow.url.rstrip("/") + path,
-                                     data=json.dumps(body).encode(), headers=headers,
-                                     timeout=upstream_timeout()) as upstream:
+        async with self._post(shadow, path, body, headers) as upstream:
             failure = _status_failure(upstream.status)
             content_type = upstream.headers.get("Content-Type", "")
             if upstream.status == 200 and content_type.startswith("text/event-stream"):
                 return await self._drain(upstream, model_id, version, started)
-            payload = await upstream.read()
-            if upstream.status == 200:
-                usage = _COMPLETION_TOKENS.search(payload)
-                if usage:
-                    self.metrics.generated(model_id, version, int(usage.group(1)))
+            self._plain_tokens(model_id, version, upstream.status, await upstream.read())
             return failure, True, None
 
     async def _drain(self, upstream: aiohttp.ClientResponse, model_id: str, version: str,
@@ -331,6 +316,21 @@ class Proxy:
             return "stream_broken", False, None
         self._generated(model_id, version, meter)
         return None, True, meter.ttfb if meter.first_at else None
+
+    def _post(self, backend: Backend, path: str, body: dict[str, Any],
+              headers: dict[str, str]) -> Any:
+        """The upstream request of a served answer or of a shadow's copy."""
+        assert self.session is not None, "gateway app not started"
+        return self.session.post(backend.url.rstrip("/") + path,
+                                 data=json.dumps(body).encode(), headers=headers,
+                                 timeout=upstream_timeout())
+
+    def _plain_tokens(self, model_id: str, version: str, status: int, payload: bytes) -> None:
+        """Tokens of a plain (not streamed) answer, from its `usage`."""
+        if status == 200:
+            usage = _COMPLETION_TOKENS.search(payload)
+            if usage:
+                self.metrics.generated(model_id, version, int(usage.group(1)))
 
     def _generated(self, model_id: str, version: str, meter: _StreamMeter) -> None:
         self.metrics.generated(model_id, version, max(meter.events - 1, 0),  # minus [DONE]

@@ -26,10 +26,6 @@ from turnout.store import Store
 
 router = APIRouter(prefix="/health", tags=["health"], responses=ERROR_RESPONSES)
 
-# Every model's overrides are stored under this key, one model's under its id.
-ALL_MODELS = "*"
-
-
 class HealthReport(BaseModel):
     monitoring_enabled: bool
     interval_s: float
@@ -50,10 +46,7 @@ ThresholdsUpdate: type[BaseModel] = create_model(  # type: ignore[call-overload]
 
 async def thresholds_for(store: Store, settings: ModelSwitchingConfig,
                          model_id: str | None) -> MonitorThresholds:
-    overrides = [await store.get_threshold_overrides(ALL_MODELS)]
-    if model_id is not None:
-        overrides.append(await store.get_threshold_overrides(model_id))
-    return applied_thresholds(settings, *overrides)
+    return applied_thresholds(settings, *await store.threshold_overrides(model_id))
 
 
 async def _model_health(store: Store, settings: ModelSwitchingConfig,
@@ -113,7 +106,7 @@ async def put_thresholds(body: ThresholdsUpdate, store: StoreDep,  # type: ignor
         applied = current.updated(changes)
     except ValidationError as exc:
         raise FieldErrors(_field_errors(exc, current, changes)) from None
-    await store.set_threshold_overrides(model_id or ALL_MODELS, changes, requested_by)
+    await store.set_threshold_overrides(model_id, changes, requested_by)
     await store.audit(AuditEntry(actor=requested_by, action="thresholds_updated",
                                  model_id=model_id, details={"changes": changes}))
     return applied

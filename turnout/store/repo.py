@@ -65,6 +65,10 @@ class Conflict(StoreError):
     pass
 
 
+# The key under which threshold overrides for every model are stored.
+ALL_MODELS = "*"
+
+
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything we store is UTC."""
     if value is not None and value.tzinfo is None:
@@ -462,19 +466,24 @@ class Store:
 
     # ---------------------------------------------------------------- health monitoring
 
-    async def get_threshold_overrides(self, model_id: str = "*") -> dict[str, Any]:
-        """The threshold keys an operator set for `model_id` ("*": every model)."""
+    async def threshold_overrides(self, model_id: str | None = None) -> list[dict[str, Any]]:
+        """The threshold keys operators set, in the order they apply: every model's, then
+        `model_id`'s (when given). Layer them over the settings with
+        `turnout.monitoring.applied_thresholds(settings, *overrides)`."""
+        keys = [ALL_MODELS] if model_id is None else [ALL_MODELS, model_id]
         async with self._session() as session:
-            row = await session.get(ThresholdsRow, model_id)
-            return dict(row.overrides) if row is not None else {}
+            rows = [await session.get(ThresholdsRow, key) for key in keys]
+        return [dict(row.overrides) if row is not None else {} for row in rows]
 
-    async def set_threshold_overrides(self, model_id: str, overrides: dict[str, Any],
+    async def set_threshold_overrides(self, model_id: str | None, overrides: dict[str, Any],
                                       updated_by: str | None = None) -> dict[str, Any]:
-        """Merge `overrides` into the keys already set for `model_id`; returns them all."""
+        """Merge `overrides` into the keys already set for `model_id` (None: every model);
+        returns them all."""
+        key = ALL_MODELS if model_id is None else model_id
         async with self._session.begin() as session:
-            row = await session.get(ThresholdsRow, model_id)
+            row = await session.get(ThresholdsRow, key)
             if row is None:
-                row = ThresholdsRow(model_id=model_id, overrides=dict(overrides),
+                row = ThresholdsRow(model_id=key, overrides=dict(overrides),
                                     updated_by=updated_by, updated_at=utcnow())
                 session.add(row)
             else:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
 
 from turnout.domain import GatewayInfo
+
+log = logging.getLogger("turnout.gateway_admin")
 
 
 class GatewayAdmin:
@@ -44,3 +47,22 @@ class GatewayAdmin:
         response = await self._client.get(f"{gateway.admin_url}/admin/stats", params=params)
         response.raise_for_status()
         return response.json()
+
+    async def model_stats(self, gateways: list[GatewayInfo], model_id: str, since: float,
+                          until: float) -> tuple[list[dict[str, dict[str, Any]]], list[str]]:
+        """Each answering gateway's per-version stats of one model with their windows over
+        [since, until], and the ids of the gateways that did not answer (skipped with a
+        warning: their share of the traffic is missing, which can make a judgment less
+        sure, never healthier)."""
+        answered: list[dict[str, dict[str, Any]]] = []
+        skipped: list[str] = []
+        for gateway in gateways:
+            try:
+                body = await self.stats(gateway, since, until, model_id=model_id)
+            except Exception as exc:
+                log.warning("gateway %s unreachable for the stats of %s, skipped: %r",
+                            gateway.gateway_id, model_id, exc)
+                skipped.append(gateway.gateway_id)
+                continue
+            answered.append(body.get("stats", {}).get(model_id, {}))
+        return answered, skipped

@@ -79,26 +79,13 @@ class HealthActivities:
         target = analysis.Sample(input.target_version)
         stable = analysis.Sample(input.stable_version) if input.stable_version else None
         gateways = await self.store.live_gateways(self.settings.gateway_live_after_s)
-        answered: list[str] = []
-        skipped: list[str] = []
-        for gateway in gateways:
-            try:
-                body = await self.admin.stats(gateway, since, until, model_id=input.model_id)
-            except Exception as exc:
-                activity.logger.warning("gateway %s unreachable for health stats, skipped: %r",
-                                        gateway.gateway_id, exc)
-                skipped.append(gateway.gateway_id)
-                continue
-            answered.append(gateway.gateway_id)
-            versions = body.get("stats", {}).get(input.model_id, {})
+        stats, skipped = await self.admin.model_stats(gateways, input.model_id, since, until)
+        for versions in stats:
             for sample in (target, stable):
                 window = versions.get(sample.version, {}).get("window") if sample else None
                 if sample is not None and window:
-                    # `ttft_ms` is absent from gateways older than time-to-first-token
-                    # windows: their share then simply adds no TTFT samples.
-                    sample.add(int(window["requests"]), int(window["errors"]),
-                               [float(x) for x in window["latencies_ms"]],
-                               [float(x) for x in window.get("ttft_ms", ())])
+                    sample.add_window(window)
+        answered = [g.gateway_id for g in gateways if g.gateway_id not in skipped]
         verdict = analysis.judge(target, stable, input.thresholds, compare=input.compare)
         verdict.window_start, verdict.window_end = since, until
         verdict.analysis["gateways"] = {"answered": answered, "skipped": skipped}

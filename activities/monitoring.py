@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,25 +36,18 @@ from turnout.monitoring import (
 from turnout.store import NotFound, Store
 
 
-@dataclass
 class _Seen:
     """One version's traffic over the window, summed over gateways."""
 
-    requests: int = 0
-    errors: int = 0
-    inflight: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    ttft_ms: list[float] = field(default_factory=list)
-    # (median, sample count) per gateway, for a count-weighted mean of medians.
-    itl_ms: list[tuple[float, int]] = field(default_factory=list)
-    tokens_per_s: list[tuple[float, int]] = field(default_factory=list)
+    def __init__(self, version: str) -> None:
+        self.window = analysis.Sample(version)
+        self.inflight = 0
+        # (median, sample count) per gateway, for a count-weighted mean of medians.
+        self.itl_ms: list[tuple[float, int]] = []
+        self.tokens_per_s: list[tuple[float, int]] = []
 
     def add(self, entry: dict[str, Any]) -> None:
-        window = entry.get("window") or {}
-        self.requests += int(window.get("requests", 0))
-        self.errors += int(window.get("errors", 0))
-        self.latencies_ms += [float(x) for x in window.get("latencies_ms", [])]
-        self.ttft_ms += [float(x) for x in window.get("ttft_ms", [])]
+        self.window.add_window(entry.get("window") or {})
         self.inflight += int(entry.get("inflight", 0))
         for name, into in (("itl_ms", self.itl_ms), ("tokens_per_s", self.tokens_per_s)):
             summary = entry.get(name) or {}
@@ -69,27 +61,26 @@ def _weighted(pairs: list[tuple[float, int]]) -> float | None:
 
 
 def _figures(seen: _Seen, engines: list[EngineResources]) -> HealthFigures:
+    def present(name: str) -> list[float]:
+        return [getattr(e, name) for e in engines if getattr(e, name) is not None]
+
     def worst(name: str) -> float | None:
-        values = [getattr(e, name) for e in engines if getattr(e, name) is not None]
-        return max(values) if values else None
+        return max(present(name), default=None)
 
     def total(name: str) -> float | None:
-        values = [getattr(e, name) for e in engines if getattr(e, name) is not None]
-        return sum(values) if values else None
+        return sum(present(name)) if present(name) else None
 
-    lat, ttft = sorted(seen.latencies_ms), sorted(seen.ttft_ms)
+    window = seen.window.figures()
     return HealthFigures(
-        requests=seen.requests, errors=seen.errors,
-        error_rate=seen.errors / seen.requests if seen.requests else None,
-        latency_p50_ms=analysis.quantile(lat, 0.5), latency_p95_ms=analysis.quantile(lat, 0.95),
-        latency_p99_ms=analysis.quantile(lat, 0.99),
-        ttft_p50_ms=analysis.quantile(ttft, 0.5), ttft_p95_ms=analysis.quantile(ttft, 0.95),
-        time_per_output_token_ms=_weighted(seen.itl_ms),
+        requests=window.requests, errors=window.errors, error_rate=window.error_rate,
+        latency_p50_ms=window.p50_ms, latency_p95_ms=window.p95_ms,
+        latency_p99_ms=window.p99_ms, ttft_p50_ms=window.ttft_p50_ms,
+        ttft_p95_ms=window.ttft_p95_ms, time_per_output_token_ms=_weighted(seen.itl_ms),
         output_tokens_per_s=_weighted(seen.tokens_per_s), inflight=seen.inflight,
         queued=total("queued_requests"), memory_mb=total("memory_mb"),
         # Levels are per engine: the most loaded engine of the version is the one at risk.
         memory_percent=worst("memory_percent"), cpu_percent=worst("cpu_percent"),
-        kv_cache_usage=worst("kv_cache_usage"), gpu_memory_mb=total("gpu_memory_mb"))
+        kv_cache_usage=worst("kv_cache_usage"))
 
 
 class MonitorActivities:
@@ -129,7 +120,7 @@ class MonitorActivities:
         versions = []
         for version, role in (await self._monitored(model)).items():
             engines = resources.get(version, [])
-            health = evaluate(_figures(seen.get(version, _Seen()), engines), thresholds)
+            health = evaluate(_figures(seen.get(version, _Seen(version)), engines), thresholds)
             versions.append(health.model_copy(update={"version": version, "role": role,
                                                       "engines": engines}))
         await self._update_alerts(model.model_id, versions, thresholds)
@@ -159,16 +150,12 @@ class MonitorActivities:
 
     async def _gateway_figures(self, model_id: str, since: float,
                                until: float) -> dict[str, _Seen]:
+        gateways = await self.store.live_gateways(self.settings.gateway_live_after_s)
+        stats, _ = await self.admin.model_stats(gateways, model_id, since, until)
         seen: dict[str, _Seen] = {}
-        for gateway in await self.store.live_gateways(self.settings.gateway_live_after_s):
-            try:
-                body = await self.admin.stats(gateway, since, until, model_id=model_id)
-            except Exception as exc:
-                activity.logger.warning("gateway %s unreachable for monitoring, skipped: %r",
-                                        gateway.gateway_id, exc)
-                continue
-            for version, entry in body.get("stats", {}).get(model_id, {}).items():
-                seen.setdefault(version, _Seen()).add(entry)
+        for versions in stats:
+            for version, entry in versions.items():
+                seen.setdefault(version, _Seen(version)).add(entry)
         return seen
 
     async def _update_alerts(self, model_id: str, versions: list[VersionHealth],

@@ -3,8 +3,8 @@
 Runs where the engines run, because only that host can read their processes. Memory and
 CPU come from the process tree (vLLM serves from an API process plus an engine-core child,
 so a parent-only figure would miss most of the model); queue length and KV-cache use come
-from vLLM's own `/metrics` where the engine exports them (GPU memory too, when a GPU
-engine reports it).
+from vLLM's own `/metrics` where the engine exports them. vLLM exports no GPU memory
+figure of its own; its KV-cache use is the measure of how full a GPU engine is.
 """
 
 from __future__ import annotations

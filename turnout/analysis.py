@@ -74,6 +74,13 @@ class Sample:
         self.latencies_ms.extend(latencies_ms)
         self.ttft_ms.extend(ttft_ms)
 
+    def add_window(self, window: dict[str, Any]) -> None:
+        """Merge one gateway's `window` as `/admin/stats` sends it (`ttft_ms` is absent
+        from gateways older than time-to-first-token windows: they add no TTFT samples)."""
+        self.add(int(window.get("requests", 0)), int(window.get("errors", 0)),
+                 [float(x) for x in window.get("latencies_ms", ())],
+                 [float(x) for x in window.get("ttft_ms", ())])
+
     def values(self, source: str) -> list[float]:
         """The raw samples a quantile metric is computed from (`latency` or `ttft`)."""
         return self.ttft_ms if source == "ttft" else self.latencies_ms

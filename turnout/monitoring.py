@@ -142,7 +142,6 @@ class EngineResources(BaseModel):
     running_requests: float | None = None
     queued_requests: float | None = None
     kv_cache_usage: float | None = Field(None, description="fraction 0..1")
-    gpu_memory_mb: float | None = None
 
 
 class HealthFigures(BaseModel):
@@ -164,7 +163,6 @@ class HealthFigures(BaseModel):
     memory_percent: float | None = None
     cpu_percent: float | None = None
     kv_cache_usage: float | None = None
-    gpu_memory_mb: float | None = None
     custom: dict[str, float] = Field(default_factory=dict)
 
 

@@ -14,38 +14,12 @@ import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
-
-_STORE_CALL = {
-    "start_to_close_timeout": timedelta(seconds=30),
-    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
-                                maximum_interval=timedelta(seconds=30), maximum_attempts=20),
-}
-# As for a switch's target: big weights load for minutes; the heartbeat notices a dead worker.
-_LOAD = {
-    "start_to_close_timeout": timedelta(minutes=30),
-    "heartbeat_timeout": timedelta(seconds=60),
-    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=5), maximum_attempts=3,
-                                non_retryable_error_types=["ModelLoadError"]),
-    "cancellation_type": ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-}
-# Route changes wait for every gateway to confirm; a gateway restart can take a while.
-_MIRROR = {
-    "start_to_close_timeout": timedelta(minutes=3),
-    "heartbeat_timeout": timedelta(seconds=30),
-    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
-                                maximum_interval=timedelta(seconds=20), maximum_attempts=10,
-                                non_retryable_error_types=["InvalidRoute"]),
-}
-_DRAIN = {"start_to_close_timeout": timedelta(minutes=10),
-          "heartbeat_timeout": timedelta(seconds=30)}
-_UNLOAD = {"start_to_close_timeout": timedelta(minutes=2)}
-
+    from workflows import options as call
 
 @workflow.defn(name=c.SHADOW_WORKFLOW)
 class ShadowWorkflow:
@@ -82,7 +56,10 @@ class ShadowWorkflow:
         load = asyncio.ensure_future(workflow.execute_activity(
             c.LOAD_VERSION, c.LoadVersionInput(model_id=input.model_id, version=input.version),
             result_type=c.LoadVersionResult, task_queue=input.engine_task_queue,
-            summary=f"load {input.version}", **_LOAD))  # type: ignore[arg-type]
+            start_to_close_timeout=call.LOAD_TIMEOUT,
+            heartbeat_timeout=call.LOAD_HEARTBEAT, retry_policy=call.LOAD_RETRY,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"load {input.version}"))
         await workflow.wait_condition(lambda: load.done() or self._stop_reason is not None)
         if not load.done():
             load.cancel()
@@ -96,8 +73,10 @@ class ShadowWorkflow:
             c.SetMirrorInput(model_id=input.model_id, version=input.version, percent=percent,
                              change_key=f"{info.workflow_id}/{info.run_id}/mirror-{key}"),
             result_type=c.SetTrafficResult,
+            start_to_close_timeout=call.TRAFFIC_TIMEOUT,
+            heartbeat_timeout=call.HEARTBEAT, retry_policy=call.TRAFFIC_RETRY,
             summary=f"mirror {percent:g}% to {input.version}" if percent
-            else f"stop mirroring to {input.version}", **_MIRROR)  # type: ignore[arg-type]
+            else f"stop mirroring to {input.version}")
 
     async def _wait(self, input: c.ShadowInput) -> None:
         self._status.phase = "mirroring"
@@ -120,7 +99,7 @@ class ShadowWorkflow:
             c.DESCRIBE_MODEL, c.DescribeModelInput(model_id=input.model_id,
                                                    target_version=input.version),
             result_type=c.ModelSnapshot, summary=f"is {input.version} serving now",
-            **_STORE_CALL)  # type: ignore[arg-type]
+            **call.STORE_CALL)  # type: ignore[arg-type]
         if input.version == snapshot.live_version or \
                 input.version in snapshot.serving_versions:
             return
@@ -128,12 +107,14 @@ class ShadowWorkflow:
             c.DRAIN_VERSION, c.DrainVersionInput(model_id=input.model_id,
                                                  version=input.version),
             result_type=c.DrainVersionResult, summary=f"drain {input.version}",
-            **_DRAIN)  # type: ignore[arg-type]
+            start_to_close_timeout=call.DRAIN_TIMEOUT, heartbeat_timeout=call.HEARTBEAT,
+            retry_policy=call.HEALTH_RETRY)
         await workflow.execute_activity(
             c.UNLOAD_VERSION, c.UnloadVersionInput(model_id=input.model_id,
                                                    version=input.version),
             task_queue=input.engine_task_queue, summary=f"unload {input.version}",
-            **_UNLOAD)  # type: ignore[arg-type]
+            start_to_close_timeout=call.UNLOAD_TIMEOUT, heartbeat_timeout=call.HEARTBEAT,
+            retry_policy=call.HEALTH_RETRY)
 
     def _details(self, text: str) -> None:
         workflow.set_current_details(text)

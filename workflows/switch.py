@@ -12,7 +12,7 @@ import asyncio
 from datetime import datetime, timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.workflow import ActivityCancellationType
 
@@ -34,29 +34,8 @@ with workflow.unsafe.imports_passed_through():
         plan_switch,
         validate_strategy_config,
     )
+    from workflows import options as call
 
-# Store writes are small and idempotent: retry them patiently.
-_STORE_CALL = {
-    "start_to_close_timeout": timedelta(seconds=30),
-    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
-                                maximum_interval=timedelta(seconds=30), maximum_attempts=20),
-}
-# Loading a model can take many minutes on big weights; the heartbeat notices a dead worker.
-_LOAD_TIMEOUT = timedelta(minutes=30)
-_LOAD_HEARTBEAT = timedelta(seconds=60)
-_LOAD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), maximum_attempts=3,
-                          non_retryable_error_types=["ModelLoadError"])
-# Traffic changes wait for every gateway to confirm; a gateway restart can take a while.
-_TRAFFIC_TIMEOUT = timedelta(minutes=3)
-_TRAFFIC_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1),
-                             maximum_interval=timedelta(seconds=20), maximum_attempts=10,
-                             non_retryable_error_types=["InvalidRoute"])
-_HEALTH_TIMEOUT = timedelta(seconds=60)
-_HEALTH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=3)
-_JUDGE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=5)
-_DRAIN_TIMEOUT = timedelta(minutes=10)
-_UNLOAD_TIMEOUT = timedelta(minutes=2)
-_HEARTBEAT = timedelta(seconds=30)
 _MAX_EXTENSIONS = MAX_INCONCLUSIVE_EXTENSIONS
 
 # The patch that brought health judgment, operator controls and search attributes: runs
@@ -195,7 +174,7 @@ class SwitchWorkflow:
         snapshot: c.ModelSnapshot = await workflow.execute_activity(
             c.DESCRIBE_MODEL,
             c.DescribeModelInput(model_id=input.model_id, target_version=input.target_version),
-            result_type=c.ModelSnapshot, summary="read model", **_STORE_CALL)
+            result_type=c.ModelSnapshot, summary="read model", **call.STORE_CALL)
         self._stable = snapshot.live_version \
             if snapshot.live_version != input.target_version else None
         self._status.from_version = self._stable
@@ -236,7 +215,7 @@ class SwitchWorkflow:
             c.MARK_LIVE, c.MarkLiveInput(model_id=self._input.model_id,
                                          version=self._input.target_version,
                                          operation_id=self._input.operation_id),
-            summary=f"mark {self._input.target_version} live", **_STORE_CALL)
+            summary=f"mark {self._input.target_version} live", **call.STORE_CALL)
         if self._stable:
             await self._retire(self._stable)
         await self._finish(OperationStatus.COMPLETED, Outcome.PROMOTED, self._promoted_by)
@@ -247,8 +226,8 @@ class SwitchWorkflow:
         load = asyncio.ensure_future(workflow.execute_activity(
             c.LOAD_VERSION, c.LoadVersionInput(model_id=self._input.model_id, version=target),
             result_type=c.LoadVersionResult, task_queue=self._input.engine_task_queue,
-            start_to_close_timeout=_LOAD_TIMEOUT, heartbeat_timeout=_LOAD_HEARTBEAT,
-            retry_policy=_LOAD_RETRY, summary=f"load {target}",
+            start_to_close_timeout=call.LOAD_TIMEOUT, heartbeat_timeout=call.LOAD_HEARTBEAT,
+            retry_policy=call.LOAD_RETRY, summary=f"load {target}",
             # On a rollback mid-load, wait until the engine worker has killed the
             # half-started engine, so the release that follows finds nothing running.
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
@@ -341,8 +320,8 @@ class SwitchWorkflow:
                                window_start=window_start.timestamp(),
                                window_end=workflow.now().timestamp(),
                                thresholds=thresholds, compare=step.decide),
-            result_type=Verdict, start_to_close_timeout=_HEALTH_TIMEOUT,
-            retry_policy=_JUDGE_RETRY, summary=f"judge {target} at {step.target_percent:g}%")
+            result_type=Verdict, start_to_close_timeout=call.HEALTH_TIMEOUT,
+            retry_policy=call.JUDGE_RETRY, summary=f"judge {target} at {step.target_percent:g}%")
         self._status.last_verdict = verdict
         self._status.verdicts.append(verdict)
         return verdict
@@ -433,23 +412,23 @@ class SwitchWorkflow:
                         f"{'rolled back automatically' if automatic else outcome.value}",
                   message=reason, operation_id=s.operation_id,
                   figures=verdict.model_dump(mode="json") if verdict else {}),
-            result_type=Alert, summary="raise rollback alert", **_STORE_CALL)
+            result_type=Alert, summary="raise rollback alert", **call.STORE_CALL)
 
     async def _check_target(self) -> c.HealthVerdict:
         target = self._input.target_version
         self._set_phase("checking", f"checking that {target} answers")
         return await workflow.execute_activity(
             c.CHECK_HEALTH, c.CheckHealthInput(model_id=self._input.model_id, version=target),
-            result_type=c.HealthVerdict, start_to_close_timeout=_HEALTH_TIMEOUT,
-            retry_policy=_HEALTH_RETRY, summary=f"check {target} answers")
+            result_type=c.HealthVerdict, start_to_close_timeout=call.HEALTH_TIMEOUT,
+            retry_policy=call.HEALTH_RETRY, summary=f"check {target} answers")
 
     async def _retire(self, version: str) -> None:
         """Drain the old version at every gateway, then stop its engine."""
         self._set_phase("draining", f"draining {version}")
         drained: c.DrainVersionResult = await workflow.execute_activity(
             c.DRAIN_VERSION, c.DrainVersionInput(model_id=self._input.model_id, version=version),
-            result_type=c.DrainVersionResult, start_to_close_timeout=_DRAIN_TIMEOUT,
-            heartbeat_timeout=_HEARTBEAT, retry_policy=_HEALTH_RETRY,
+            result_type=c.DrainVersionResult, start_to_close_timeout=call.DRAIN_TIMEOUT,
+            heartbeat_timeout=call.HEARTBEAT, retry_policy=call.HEALTH_RETRY,
             summary=f"drain {version}")
         if not drained.drained:
             workflow.logger.warning("drain of %s hit its deadline with %d requests in flight",
@@ -468,8 +447,8 @@ class SwitchWorkflow:
     async def _unload(self, version: str) -> None:
         await workflow.execute_activity(
             c.UNLOAD_VERSION, c.UnloadVersionInput(model_id=self._input.model_id, version=version),
-            task_queue=self._input.engine_task_queue, start_to_close_timeout=_UNLOAD_TIMEOUT,
-            heartbeat_timeout=_HEARTBEAT, retry_policy=_HEALTH_RETRY,
+            task_queue=self._input.engine_task_queue, start_to_close_timeout=call.UNLOAD_TIMEOUT,
+            heartbeat_timeout=call.HEARTBEAT, retry_policy=call.HEALTH_RETRY,
             summary=f"unload {version}")
 
     async def _set_traffic(self, weights: dict[str, float], key: str, *, summary: str) -> None:
@@ -477,8 +456,9 @@ class SwitchWorkflow:
             c.SET_TRAFFIC,
             c.SetTrafficInput(model_id=self._input.model_id, weights=weights,
                               change_key=f"{self._input.operation_id}/{key}"),
-            result_type=c.SetTrafficResult, start_to_close_timeout=_TRAFFIC_TIMEOUT,
-            heartbeat_timeout=_HEARTBEAT, retry_policy=_TRAFFIC_RETRY, summary=summary)
+            result_type=c.SetTrafficResult, start_to_close_timeout=call.TRAFFIC_TIMEOUT,
+            heartbeat_timeout=call.HEARTBEAT, retry_policy=call.TRAFFIC_RETRY,
+            summary=summary)
         assert self._status is not None
         self._status.weights = dict(weights)
         if self._controls:
@@ -548,7 +528,7 @@ class SwitchWorkflow:
                 outcome=s.outcome, reason=reason or s.reason,
                 actor=actor or self._input.requested_by, audit=audit,
                 details={"from_version": s.from_version, "weights": s.weights}),
-            summary=event.replace("_", " "), **_STORE_CALL)
+            summary=event.replace("_", " "), **call.STORE_CALL)
 
 
 def _cause(err: BaseException) -> str:

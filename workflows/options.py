@@ -1,0 +1,34 @@
+"""Timeouts and retry policies of the activities the workflows call, chosen once.
+
+Every workflow that loads a version, shifts traffic, drains or unloads uses the same
+options, so a shadow's load behaves like a switch's.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy
+
+# Store writes are small and idempotent: retry them patiently.
+STORE_CALL = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
+                                maximum_interval=timedelta(seconds=30), maximum_attempts=20),
+}
+# Loading a model can take many minutes on big weights; the heartbeat notices a dead worker.
+LOAD_TIMEOUT = timedelta(minutes=30)
+LOAD_HEARTBEAT = timedelta(seconds=60)
+LOAD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), maximum_attempts=3,
+                         non_retryable_error_types=["ModelLoadError"])
+# Traffic changes wait for every gateway to confirm; a gateway restart can take a while.
+TRAFFIC_TIMEOUT = timedelta(minutes=3)
+TRAFFIC_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1),
+                            maximum_interval=timedelta(seconds=20), maximum_attempts=10,
+                            non_retryable_error_types=["InvalidRoute"])
+HEALTH_TIMEOUT = timedelta(seconds=60)
+HEALTH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=3)
+JUDGE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=5)
+DRAIN_TIMEOUT = timedelta(minutes=10)
+UNLOAD_TIMEOUT = timedelta(minutes=2)
+HEARTBEAT = timedelta(seconds=30)

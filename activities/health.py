@@ -32,6 +32,9 @@ class HealthActivities:
         self.settings = settings or ModelSwitchingConfig()
         self._admin = admin
         self._owns_admin = admin is None
+        # One client for every probe: making one per call builds a TLS context each time,
+        # which was the control worker's largest single cost with hundreds of canaries.
+        self._engines: httpx.AsyncClient | None = None
 
     @property
     def admin(self) -> GatewayAdmin:
@@ -39,8 +42,17 @@ class HealthActivities:
             self._admin = GatewayAdmin(self.settings.gateway_admin_token)
         return self._admin
 
+    @property
+    def engines(self) -> httpx.AsyncClient:
+        if self._engines is None:
+            self._engines = httpx.AsyncClient(timeout=self.timeout_s)
+        return self._engines
+
     async def close(self) -> None:
-        """Close the admin client if this object made it."""
+        """Close the engine client, and the admin client if this object made it."""
+        if self._engines is not None:
+            await self._engines.aclose()
+            self._engines = None
         if self._owns_admin and self._admin is not None:
             await self._admin.close()
             self._admin = None
@@ -57,8 +69,7 @@ class HealthActivities:
         body = {"model": engine.served_model_name, "prompt": "Hello", "max_tokens": 4}
         started = time.monotonic()
         try:
-            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-                response = await client.post(f"{engine.url}/v1/completions", json=body)
+            response = await self.engines.post(f"{engine.url}/v1/completions", json=body)
         except httpx.HTTPError as exc:
             return c.HealthVerdict(healthy=False, reason=f"{engine.url} unreachable: {exc!r}")
         latency_ms = (time.monotonic() - started) * 1000

@@ -28,10 +28,12 @@ log = logging.getLogger("turnout.worker.control")
 
 
 def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
-                 admin: GatewayAdmin, *, task_queue: str | None = None) -> Worker:
+                 admin: GatewayAdmin, *, task_queue: str | None = None,
+                 health: HealthActivities | None = None) -> Worker:
+    """`health` is made here unless given; whoever makes it closes it."""
     registry = RegistryActivities(store)
     traffic = TrafficActivities(settings, store, admin)
-    health = HealthActivities(store, settings=settings, admin=admin)
+    health = health or HealthActivities(store, settings=settings, admin=admin)
     monitor = MonitorActivities(settings, store, admin)
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
@@ -47,13 +49,15 @@ async def main() -> None:
     store = Store.from_url(settings.database_url)
     admin = GatewayAdmin(settings.gateway_admin_token)
     client = await connect_temporal(settings)
-    worker = build_worker(client, settings, store, admin)
+    health = HealthActivities(store, settings=settings, admin=admin)
+    worker = build_worker(client, settings, store, admin, health=health)
     stop = stop_event()
     log.info("control worker on task queue %s", settings.control_task_queue)
     async with worker:
         await keep_monitors(client, settings, store, stop)
         await stop.wait()
         log.info("control worker stopping")
+    await health.close()
     await admin.close()
     await store.close()
 

@@ -25,6 +25,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.engines import EngineActivities
 from activities.gateway_admin import GatewayAdmin
+from activities.health import HealthActivities
 from api.app import create_app
 from gateway.app import start_gateway
 from tests.integration.upstream import FakeUpstream
@@ -93,7 +94,8 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
     upstreams = {v: await FakeUpstream(v, f"served-{v}").start() for v in versions}
     admin = GatewayAdmin(None)
     gateway = await start_gateway(settings, store, "it-gateway")
-    workers = [control.build_worker(env.client, settings, store, admin),
+    health = HealthActivities(store, settings=settings, admin=admin)
+    workers = [control.build_worker(env.client, settings, store, admin, health=health),
                engine.build_worker(env.client, settings, EngineActivities(settings, store))]
     tasks = [asyncio.create_task(w.run()) for w in workers]
     stop_monitors = asyncio.Event()
@@ -114,6 +116,7 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
         await gateway.stop()
         for upstream in upstreams.values():
             await upstream.stop()
+        await health.close()
         await admin.close()
         await env.shutdown()
         await store.close()
@@ -168,7 +171,7 @@ async def traffic(gateway_url: str, model_id: str) -> AsyncIterator[dict[str, in
 
 HISTORIES = Path(__file__).parents[1] / "replay" / "histories"
 # Bump when SwitchWorkflow changes in a way that needs a new patch: old files stay.
-WORKFLOW_VERSION = "v2"
+WORKFLOW_VERSION = "v3"
 
 
 async def record_history(plane: ControlPlane, operation_id: str, scenario: str) -> None:

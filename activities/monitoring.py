@@ -35,6 +35,10 @@ from turnout.monitoring import (
 )
 from turnout.store import NotFound, Store
 
+# How much later than its interval a host's measurement may land (CPU sampling, a busy
+# store) before it counts as stale.
+_MEASURE_SLACK_S = 10.0
+
 
 class _Seen:
     """One version's traffic over the window, summed over gateways."""
@@ -112,11 +116,7 @@ class MonitorActivities:
             self.settings, *await self.store.threshold_overrides(input.model_id))
         until = time.time()
         seen = await self._gateway_figures(input.model_id, until - input.window_s, until)
-        resources: dict[str, list[EngineResources]] = {}
-        for host_result in input.resources:
-            for version, engines in host_result.engines.items():
-                resources.setdefault(version, []).extend(
-                    EngineResources.model_validate(e) for e in engines)
+        resources = await self._resources(input, until)
         versions = []
         for version, role in (await self._monitored(model)).items():
             engines = resources.get(version, [])
@@ -132,6 +132,22 @@ class MonitorActivities:
         activity.logger.info("health: %s", summary)
         return c.AssessHealthResult(summary=summary, interval_s=interval,
                                     states={v.version: v.state.value for v in versions})
+
+    async def _resources(self, input: c.AssessHealthInput, now: float
+                         ) -> dict[str, list[EngineResources]]:
+        """Each version's engine figures: the hosts' latest (a host measures once per
+        interval; one that stopped for two intervals is left out), or those the monitor
+        collected itself."""
+        if input.measured_by_hosts:
+            stale = 2 * self.settings.monitoring_interval_s + _MEASURE_SLACK_S
+            return await self.store.engine_resources(
+                input.model_id, datetime.fromtimestamp(now - stale, UTC))
+        resources: dict[str, list[EngineResources]] = {}
+        for host_result in input.resources:
+            for version, engines in host_result.engines.items():
+                resources.setdefault(version, []).extend(
+                    EngineResources.model_validate(e) for e in engines)
+        return resources
 
     async def _monitored(self, model: ModelInfo) -> dict[str, str]:
         """Versions to look at, with their role: the live one, those the route sends

@@ -220,6 +220,9 @@ class AssessHealthInput(BaseModel):
     # The window judged ends now and lasts this long (the previous interval).
     window_s: float = 30
     resources: list[MeasureEnginesResult] = Field(default_factory=list)
+    # True: the engine figures are read from the store, where every engine host records
+    # them each interval; `resources` is then empty.
+    measured_by_hosts: bool = False
 
 
 class AssessHealthResult(BaseModel):

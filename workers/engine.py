@@ -1,4 +1,5 @@
-"""Engine worker: one per serving host; starts and stops the vLLM servers of that host.
+"""Engine worker: one per serving host; starts and stops the vLLM servers of that host and
+measures them every monitoring interval.
 
 Run with `python -m workers.engine`. On start it re-adopts the engines it left running.
 """
@@ -6,6 +7,7 @@ Run with `python -m workers.engine`. On start it re-adopts the engines it left r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 
@@ -23,12 +25,27 @@ log = logging.getLogger("turnout.worker.engine")
 
 
 def build_worker(client: Client, settings: ModelSwitchingConfig, engines: EngineActivities,
-                 *, task_queue: str | None = None) -> Worker:
-    resources = ResourceActivities(settings, engines.store)
+                 *, task_queue: str | None = None,
+                 resources: ResourceActivities | None = None) -> Worker:
+    resources = resources or ResourceActivities(settings, engines.store)
     return Worker(client, task_queue=task_queue or settings.engine_task_queue,
                   activities=[engines.load_version, engines.unload_version,
                               resources.measure_engines],
                   max_concurrent_activities=4)
+
+
+async def keep_measuring(resources: ResourceActivities, settings: ModelSwitchingConfig,
+                         stop: asyncio.Event) -> None:
+    """Record this host's engine figures every monitoring interval until `stop` is set; the
+    monitors judge memory, CPU and queues from the latest of them."""
+    while not stop.is_set():
+        if settings.enable_health_monitoring:
+            try:
+                await resources.record_host()
+            except Exception:  # a store hiccup costs one interval's figures, not the loop
+                log.exception("measuring the engines of %s failed", settings.engine_host)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.monitoring_interval_s)
 
 
 async def main() -> None:
@@ -41,8 +58,11 @@ async def main() -> None:
     client = await connect_temporal(settings)
     stop = stop_event()
     log.info("engine worker on task queue %s", settings.engine_task_queue)
-    async with build_worker(client, settings, engines):
+    resources = ResourceActivities(settings, store)
+    async with build_worker(client, settings, engines, resources=resources):
+        measuring = asyncio.create_task(keep_measuring(resources, settings, stop))
         await stop.wait()
+        await measuring
         log.info("engine worker stopping; engines keep running for re-adoption")
     await store.close()
 

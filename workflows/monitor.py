@@ -1,8 +1,15 @@
 """MonitorWorkflow: one model's versions looked at every interval, for as long as it lives.
 
-Each look measures the engines on their hosts, then assesses the model (gateway figures of
-the last interval + engine resources against the thresholds), which raises, updates or
-resolves alerts and keeps the latest look for `GET /health/models`. The workflow continues
+Each look is one local activity that assesses the model (gateway figures of the last
+interval + the engine figures each engine host records in the store every interval,
+against the thresholds), which raises, updates or resolves alerts and keeps the latest
+look for `GET /health/models`. Local, because a look is short, runs on this worker and
+repeats for every model all the time: as a regular activity it cost the server an activity
+task and a workflow task per look, and with hundreds of models that load delayed the
+rollouts' own steps (measured by `bench.concurrent_canaries`).
+
+Runs started before that change (no `_PATCH_ONE_LOOK` marker) keep their old look: list
+the model's hosts, measure its engines on each host's queue, then assess. The workflow continues
 as new every `looks_per_run` looks (or when Temporal suggests it), so a monitor that runs
 for months keeps a short history.
 """
@@ -29,6 +36,7 @@ _HOSTS = {
 # An engine host that is down must not hold the look up: one try, bounded in queue time
 # too (`MonitorInput.measure_timeout_s`), and its engines are simply left unmeasured.
 _MEASURE_RETRY = RetryPolicy(maximum_attempts=1)
+_PATCH_ONE_LOOK = "monitor-one-local-look"
 # Assessing reads every gateway (each bounded by its own timeout) and writes the store.
 _ASSESS = {
     "start_to_close_timeout": timedelta(seconds=60),
@@ -66,6 +74,12 @@ class MonitorWorkflow:
 
     async def _look(self, input: c.MonitorInput, window_s: float) -> c.AssessHealthResult:
         model_id = input.model_id
+        if workflow.patched(_PATCH_ONE_LOOK):
+            return await workflow.execute_local_activity(
+                c.ASSESS_HEALTH,
+                c.AssessHealthInput(model_id=model_id, window_s=window_s,
+                                    measured_by_hosts=True),
+                result_type=c.AssessHealthResult, summary=f"assess {model_id}", **_ASSESS)
         hosts: list[str] = await workflow.execute_activity(
             c.LIST_ENGINE_HOSTS, c.ModelHostsInput(model_id=model_id), result_type=list[str],
             summary=f"find the hosts serving {model_id}", **_HOSTS)

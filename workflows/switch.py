@@ -43,6 +43,10 @@ _MAX_EXTENSIONS = MAX_INCONCLUSIVE_EXTENSIONS
 _PATCH_CONTROLS = "health-judgment-and-controls"
 # The patch that made rollbacks and aborts raise an alert record.
 _PATCH_ALERTS = "rollback-alerts"
+# The health judgment runs as a local activity: it only reads the gateways' windows, and a
+# regular activity cost every step a round trip through the server (an activity task and
+# one more workflow task) between the timer and the traffic shift it decides.
+_PATCH_LOCAL_JUDGE = "judge-health-locally"
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -313,15 +317,17 @@ class SwitchWorkflow:
         thresholds = self._input.thresholds
         if isinstance(options, ABTestOptions):
             thresholds = thresholds.model_copy(update={"confidence": options.confidence})
-        verdict: Verdict = await workflow.execute_activity(
-            c.JUDGE_HEALTH,
-            c.JudgeHealthInput(model_id=self._input.model_id, target_version=target,
-                               stable_version=self._stable,
-                               window_start=window_start.timestamp(),
-                               window_end=workflow.now().timestamp(),
-                               thresholds=thresholds, compare=step.decide),
-            result_type=Verdict, start_to_close_timeout=call.HEALTH_TIMEOUT,
-            retry_policy=call.JUDGE_RETRY, summary=f"judge {target} at {step.target_percent:g}%")
+        judge = c.JudgeHealthInput(
+            model_id=self._input.model_id, target_version=target, stable_version=self._stable,
+            window_start=window_start.timestamp(), window_end=workflow.now().timestamp(),
+            thresholds=thresholds, compare=step.decide)
+        how = {"result_type": Verdict, "start_to_close_timeout": call.HEALTH_TIMEOUT,
+               "retry_policy": call.JUDGE_RETRY,
+               "summary": f"judge {target} at {step.target_percent:g}%"}
+        verdict: Verdict = await (
+            workflow.execute_local_activity(c.JUDGE_HEALTH, judge, **how)
+            if workflow.patched(_PATCH_LOCAL_JUDGE)
+            else workflow.execute_activity(c.JUDGE_HEALTH, judge, **how))
         self._status.last_verdict = verdict
         self._status.verdicts.append(verdict)
         return verdict

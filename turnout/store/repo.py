@@ -33,13 +33,14 @@ from turnout.domain import (
     SwitchingStrategyType,
     VersionInfo,
 )
-from turnout.monitoring import ModelHealth
+from turnout.monitoring import EngineResources, ModelHealth
 from turnout.rules import ModelRules, RoutingRules
 from turnout.store.db import create_engine
 from turnout.store.schema import (
     AlertRow,
     AliasRow,
     AuditRow,
+    EngineResourcesRow,
     EngineRow,
     GatewayRow,
     HealthSnapshotRow,
@@ -290,6 +291,43 @@ class Store:
             await session.execute(delete(EngineRow).where(
                 EngineRow.model_id == model_id, EngineRow.version == version,
                 EngineRow.host == host))
+
+    async def save_engine_resources(
+            self, host: str, measured: dict[tuple[str, str], EngineResources]) -> None:
+        """Replace a host's measurements with these, keyed by (model_id, version): the
+        rows of engines the host no longer measures go."""
+        now = utcnow()
+        async with self._session.begin() as session:
+            rows = {(r.model_id, r.version): r for r in (await session.scalars(
+                select(EngineResourcesRow).where(EngineResourcesRow.host == host))).all()}
+            for key, row in rows.items():
+                if key not in measured:
+                    await session.delete(row)
+            for (model_id, version), resources in measured.items():
+                figures = resources.model_dump(mode="json")
+                row = rows.get((model_id, version))
+                if row is None:
+                    session.add(EngineResourcesRow(model_id=model_id, version=version,
+                                                   host=host, figures=figures,
+                                                   measured_at=now))
+                else:
+                    row.figures, row.measured_at = figures, now
+
+    async def engine_resources(self, model_id: str, since: datetime
+                               ) -> dict[str, list[EngineResources]]:
+        """Per version, the latest measurement of each of its engines taken since `since`
+        (an older one is from a host that stopped measuring: left out, not trusted)."""
+        query = select(EngineResourcesRow).where(EngineResourcesRow.model_id == model_id) \
+            .order_by(EngineResourcesRow.version, EngineResourcesRow.host)
+        found: dict[str, list[EngineResources]] = {}
+        async with self._session() as session:
+            for row in (await session.scalars(query)).all():
+                # Compared here, not in SQL: SQLite keeps no time zone with the value.
+                if (_aware(row.measured_at) or since) < since:
+                    continue
+                found.setdefault(row.version, []).append(
+                    EngineResources.model_validate(row.figures))
+        return found
 
     # ---------------------------------------------------------------- gateways
 

@@ -154,6 +154,19 @@ class ThresholdsRow(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class EngineResourcesRow(Base):
+    """An engine host's latest measurement of one of its engines
+    (`turnout.monitoring.EngineResources` as JSON); written only by that host."""
+
+    __tablename__ = "engine_resources"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(256), primary_key=True)
+    figures: Mapped[dict[str, Any]]
+    measured_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class HealthSnapshotRow(Base):
     """The monitor's latest look at a model (`turnout.monitoring.ModelHealth` as JSON)."""
 

@@ -22,7 +22,7 @@ from turnout import analysis
 from turnout import contracts as c
 from turnout.alerting import AlertSystem, handlers_from_settings
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Alert, AlertState, EngineState, ModelInfo
+from turnout.domain import Alert, AlertState, EngineState
 from turnout.monitoring import (
     EngineResources,
     HealthFigures,
@@ -107,28 +107,29 @@ class MonitorActivities:
         if not self.settings.enable_health_monitoring:
             return c.AssessHealthResult(summary="monitoring is switched off",
                                         interval_s=interval, keep_monitoring=False)
+        model_id = input.model_id
         try:
-            model = await self.store.get_model(input.model_id)
+            live_version = await self.store.live_version(model_id)
         except NotFound:
-            return c.AssessHealthResult(summary=f"{input.model_id} is not registered",
+            return c.AssessHealthResult(summary=f"{model_id} is not registered",
                                         interval_s=interval, keep_monitoring=False)
         thresholds = applied_thresholds(
-            self.settings, *await self.store.threshold_overrides(input.model_id))
+            self.settings, *await self.store.threshold_overrides(model_id))
         until = time.time()
-        seen = await self._gateway_figures(input.model_id, until - input.window_s, until)
+        seen = await self._gateway_figures(model_id, until - input.window_s, until)
         resources = await self._resources(input, until)
         versions = []
-        for version, role in (await self._monitored(model)).items():
+        for version, role in (await self._monitored(model_id, live_version)).items():
             engines = resources.get(version, [])
             health = evaluate(_figures(seen.get(version, _Seen(version)), engines), thresholds)
             versions.append(health.model_copy(update={"version": version, "role": role,
                                                       "engines": engines}))
-        await self._update_alerts(model.model_id, versions, thresholds)
+        await self._update_alerts(model_id, versions, thresholds)
         await self.store.save_health(ModelHealth(
-            model_id=model.model_id, live_version=model.live_version,
+            model_id=model_id, live_version=live_version,
             checked_at=datetime.fromtimestamp(until, UTC), interval_s=input.window_s,
             versions=versions, thresholds=thresholds))
-        summary = summarize(model.model_id, versions)
+        summary = summarize(model_id, versions)
         activity.logger.info("health: %s", summary)
         return c.AssessHealthResult(summary=summary, interval_s=interval,
                                     states={v.version: v.state.value for v in versions})
@@ -149,17 +150,17 @@ class MonitorActivities:
                     EngineResources.model_validate(e) for e in engines)
         return resources
 
-    async def _monitored(self, model: ModelInfo) -> dict[str, str]:
+    async def _monitored(self, model_id: str, live_version: str | None) -> dict[str, str]:
         """Versions to look at, with their role: the live one, those the route sends
         traffic to (candidates of a rollout) or copies traffic to (a shadow), and those
         with a ready engine (cached)."""
         roles: dict[str, str] = {}
-        if model.live_version:
-            roles[model.live_version] = "live"
-        route = await self.store.get_route(model.model_id)
+        if live_version:
+            roles[live_version] = "live"
+        route = await self.store.get_route(model_id)
         for backend in route.backends if route else []:
             roles.setdefault(backend.version, "shadow" if backend.is_shadow else "candidate")
-        for engine in await self.store.list_engines(model_id=model.model_id):
+        for engine in await self.store.list_engines(model_id=model_id):
             if engine.state is EngineState.READY:
                 roles.setdefault(engine.version, "cached")
         return roles

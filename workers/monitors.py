@@ -39,11 +39,12 @@ async def keep_monitors(client: Client, settings: ModelSwitchingConfig, store: S
     started: set[str] = set()
     while not stop.is_set():
         try:
-            for model in await store.list_models():
-                if model.model_id not in started:
-                    await start_monitor(client, settings, model.model_id)
-                    started.add(model.model_id)
-                    log.info("monitoring %s every %g s", model.model_id,
+            # Model ids only: one query, however many models (their versions are not needed).
+            for model_id in await store.live_versions():
+                if model_id not in started:
+                    await start_monitor(client, settings, model_id)
+                    started.add(model_id)
+                    log.info("monitoring %s every %g s", model_id,
                              settings.monitoring_interval_s)
         except Exception as exc:  # Temporal or the store briefly away: try again later.
             log.warning("could not make sure every model is monitored: %r", exc)

@@ -37,6 +37,7 @@ _HOSTS = {
 # too (`MonitorInput.measure_timeout_s`), and its engines are simply left unmeasured.
 _MEASURE_RETRY = RetryPolicy(maximum_attempts=1)
 _PATCH_ONE_LOOK = "monitor-one-local-look"
+_PATCH_SPREAD = "monitor-spread-looks"
 # Assessing reads every gateway (each bounded by its own timeout) and writes the store.
 _ASSESS = {
     "start_to_close_timeout": timedelta(seconds=60),
@@ -62,7 +63,7 @@ class MonitorWorkflow:
             if not self._last.keep_monitoring:
                 return f"stopped: {self._last.summary}"
             # The next window covers exactly the time since this look.
-            interval = self._last.interval_s
+            interval = self._spread(self._last.interval_s)
             with contextlib.suppress(asyncio.TimeoutError):
                 await workflow.wait_condition(lambda: self._stopped,
                                               timeout=timedelta(seconds=interval),
@@ -71,6 +72,16 @@ class MonitorWorkflow:
                     workflow.info().is_continue_as_new_suggested():
                 workflow.continue_as_new(input)
         return "stopped by signal"
+
+    def _spread(self, interval: float) -> float:
+        """The pause before the next look. After a new monitor's first look it is a random
+        share of the interval, so that monitors started together (every model, when a
+        control worker starts) look at different moments rather than all at once: a burst
+        of hundreds of looks held up the rollouts' steps by seconds."""
+        if self._looks != 1 or workflow.info().continued_run_id is not None \
+                or not workflow.patched(_PATCH_SPREAD):
+            return interval
+        return interval * max(0.1, workflow.random().random())
 
     async def _look(self, input: c.MonitorInput, window_s: float) -> c.AssessHealthResult:
         model_id = input.model_id

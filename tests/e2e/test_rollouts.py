@@ -121,7 +121,9 @@ async def wait_end(stack: Stack, operation_id: str, timeout_s: float = 600) -> d
 
 
 async def wait_phase(stack: Stack, operation_id: str, phase: str,
-                     timeout_s: float = 300) -> dict[str, Any]:
+                     timeout_s: float = 600) -> dict[str, Any]:
+    """Wait for a phase; the first one may follow a vLLM engine's start, measured at
+    40 s to over 5 minutes on a 2-core machine already serving the live version."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         s = await status(stack, operation_id)

@@ -75,9 +75,14 @@ async def test_looks_every_interval_with_one_local_assessment(
     assert fake.local == [True] * 4
     assert all(look.measured_by_hosts and not look.resources for look in fake.looks)
     gaps = [b - a for a, b in zip(fake.times, fake.times[1:], strict=False)]
-    assert all(60 <= gap < 90 for gap in gaps), gaps
+    # The first pause is a random share of the interval, so that monitors started together
+    # spread their looks; then one look per interval.
+    assert 6 <= gaps[0] < 60 + 30, gaps
+    assert all(60 <= gap < 90 for gap in gaps[1:]), gaps
     # Each look judges the interval since the previous one.
-    assert [look.window_s for look in fake.looks[1:]] == [60, 60, 60]
+    first_pause = fake.looks[1].window_s
+    assert 6 <= first_pause <= 60
+    assert [look.window_s for look in fake.looks[2:]] == [60, 60]
 
 
 async def test_continues_as_new_and_keeps_looking(time_env: WorkflowEnvironment) -> None:
@@ -95,3 +100,23 @@ async def test_a_stop_signal_ends_it(time_env: WorkflowEnvironment) -> None:
                                   run_for=timedelta(minutes=3), stop=True)
     assert result == "stopped by signal"
     assert 3 <= len(fake.looks) <= 5
+
+
+async def test_monitors_started_together_look_at_different_moments(
+        time_env: WorkflowEnvironment) -> None:
+    fake = FakeMonitoring(interval_s=60, stop_after=None)
+    fake.env = time_env
+    queue = f"control-{uuid.uuid4()}"
+    async with Worker(time_env.client, task_queue=queue, workflows=WORKFLOWS,
+                      activities=fake.control_activities()):
+        handles = [await time_env.client.start_workflow(
+            MonitorWorkflow.run, c.MonitorInput(model_id=f"m{i}"), id=f"monitor-{uuid.uuid4()}",
+            task_queue=queue) for i in range(8)]
+        await time_env.sleep(100)
+        for handle in handles:
+            await handle.terminate()
+    first_pauses = sorted(look.window_s for look in fake.looks
+                          if look.window_s not in (30, 60))
+    # Every monitor's second look came after its own random share of the interval.
+    assert len(first_pauses) >= 8, first_pauses
+    assert first_pauses[-1] - first_pauses[0] > 20, first_pauses

@@ -142,6 +142,15 @@ class Store:
             rows = await session.execute(select(ModelRow.model_id, ModelRow.live_version))
             return {model_id: live for model_id, live in rows.all()}
 
+    async def live_version(self, model_id: str) -> str | None:
+        """One model's live version (None before its first switch), in one query: the
+        monitor asks every interval for every model. `NotFound` if not registered."""
+        async with self._session() as session:
+            row = await session.get(ModelRow, model_id)
+            if row is None:
+                raise NotFound(f"model {model_id!r} is not registered")
+            return row.live_version
+
     async def get_version(self, model_id: str, version: str) -> VersionInfo:
         async with self._session() as session:
             row = await session.get(VersionRow, (model_id, version))

@@ -123,11 +123,16 @@ async def client_load(gateway_url: str, model_ids: list[str], rate: float
     async def run() -> None:
         async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as gateway:
             pending: set[asyncio.Task[None]] = set()
-            for model_id in itertools.cycle(model_ids):
-                task = asyncio.create_task(send(gateway, model_id))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                await asyncio.sleep(1 / rate)
+            try:
+                for model_id in itertools.cycle(model_ids):
+                    task = asyncio.create_task(send(gateway, model_id))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    await asyncio.sleep(1 / rate)
+            finally:
+                # Let the requests in flight finish before the client closes under them
+                # (closing first failed them with a ReadError, counted as a failure).
+                await asyncio.gather(*pending, return_exceptions=True)
 
     task = asyncio.create_task(run())
     try:

@@ -171,7 +171,7 @@ async def traffic(gateway_url: str, model_id: str) -> AsyncIterator[dict[str, in
 
 HISTORIES = Path(__file__).parents[1] / "replay" / "histories"
 # Bump when SwitchWorkflow changes in a way that needs a new patch: old files stay.
-WORKFLOW_VERSION = "v3"
+WORKFLOW_VERSION = "v4"
 
 
 async def record_history(plane: ControlPlane, operation_id: str, scenario: str) -> None:

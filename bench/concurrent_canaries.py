@@ -15,10 +15,12 @@ activity scheduled (decided: the judgment ran), the activity's wait for a worker
 (queued) and its run (shift).
 
     python -m bench.concurrent_canaries [--levels 50,100,200,300] [--period-s 30]
-                                        [--no-monitoring]
+                                        [--no-monitoring | --monitor-worker]
 
-With monitoring on (the default, as deployed) the control worker also runs one monitor
-workflow per model, looking every 30 s; `--no-monitoring` measures the canaries alone.
+With monitoring on (the default) the control worker also runs one monitor workflow per
+model, looking every 30 s; `--monitor-worker` gives the monitors their own worker process
+(`VLLM_MODEL_SWITCHING_MONITOR_TASK_QUEUE`), on the same cores; `--no-monitoring` measures
+the canaries alone.
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ async def level(api: httpx.AsyncClient, temporal: Client, stack: Stack,
     # About 8 requests per model per evaluation period: enough for each version's window.
     rate = max(5.0, 8 * n / period_s)
     pids = {name: stack.processes[name].popen.pid  # type: ignore[union-attr]
-            for name in ("control-worker", "temporal", "gateway")}
+            for name in ("control-worker", "monitor-worker", "temporal", "gateway")
+            if name in stack.processes}
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     started = time.monotonic()
     async with client_load(gateway_url, model_ids, rate) as counts:
@@ -197,12 +200,14 @@ async def level(api: httpx.AsyncClient, temporal: Client, stack: Stack,
     return steps
 
 
-async def main(levels: list[int], period_s: float, monitoring: bool) -> None:
+async def main(levels: list[int], period_s: float, monitoring: bool,
+               monitor_worker: bool) -> None:
     # One request per version is enough to judge: the benchmark measures the control
     # plane, not the statistics. The wide tolerance keeps scheduling noise from failing
     # a canary (a rolled-back canary has no further steps to measure).
     stack = bench_stack("canaries", min_requests=1, latency_tolerance=100.0,
-                        enable_health_monitoring=monitoring)
+                        enable_health_monitoring=monitoring,
+                        monitor_task_queue="turnout-monitors" if monitor_worker else None)
     fakes = [await FakeUpstream(v, v).start() for v in ("a", "b")]
     await stack.start()
     rows = []
@@ -226,7 +231,8 @@ async def main(levels: list[int], period_s: float, monitoring: bool) -> None:
         await stack.stop()
         for fake in fakes:
             await fake.stop()
-    print(f"\nmonitoring {'on' if monitoring else 'off'}")
+    where = "on a worker of its own" if monitor_worker else "on the control worker"
+    print(f"\nmonitoring {f'on, {where}' if monitoring else 'off'}")
     print("concurrent canaries | steps | p50 | p95 | max | p95 of: picked | decided | "
           "queued | shift  (goal: p95 <= 1000 ms at 200)")
     for n, count, p50, p95, worst, picked, decided, queued, shift in rows:
@@ -248,6 +254,8 @@ if __name__ == "__main__":
                         help="evaluation period of each canary step, in seconds")
     parser.add_argument("--no-monitoring", action="store_true",
                         help="no monitor workflows: the canaries' cost alone")
+    parser.add_argument("--monitor-worker", action="store_true",
+                        help="the monitors on a worker process of their own")
     args = parser.parse_args()
     asyncio.run(main([int(n) for n in args.levels.split(",")], args.period_s,
-                     not args.no_monitoring))
+                     not args.no_monitoring, args.monitor_worker))

@@ -94,6 +94,10 @@ class ModelSwitchingConfig(BaseModel):
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     control_task_queue: str = "turnout-control"
+    # The monitors' task queue; unset, the control worker runs them. Set it and run
+    # `python -m workers.monitor` to give monitoring a worker of its own, so that the looks
+    # of a large fleet never queue ahead of a rollout's steps on the control worker.
+    monitor_task_queue: str | None = None
     database_url: str = "sqlite+aiosqlite:///.turnout/turnout.db"
     state_dir: str = ".turnout"
 
@@ -128,6 +132,14 @@ class ModelSwitchingConfig(BaseModel):
     @property
     def engine_task_queue(self) -> str:
         return engine_task_queue(self.engine_host)
+
+    @property
+    def resolved_monitor_task_queue(self) -> str:
+        return self.monitor_task_queue or self.control_task_queue
+
+    @property
+    def monitors_on_control_worker(self) -> bool:
+        return self.resolved_monitor_task_queue == self.control_task_queue
 
     @property
     def resolved_api_url(self) -> str:

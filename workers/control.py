@@ -54,7 +54,10 @@ async def main() -> None:
     stop = stop_event()
     log.info("control worker on task queue %s", settings.control_task_queue)
     async with worker:
-        await keep_monitors(client, settings, store, stop)
+        # Monitors on a queue of their own are kept by their worker (`workers.monitor`).
+        # This worker still runs MonitorWorkflow for those started on its queue before.
+        if settings.monitors_on_control_worker:
+            await keep_monitors(client, settings, store, stop)
         await stop.wait()
         log.info("control worker stopping")
     await health.close()

@@ -1,4 +1,6 @@
-"""Keeps one `MonitorWorkflow` running per registered model, next to the control worker.
+"""Keeps one `MonitorWorkflow` running per registered model, next to the worker that runs
+the monitors (the control worker, or `python -m workers.monitor` when
+`VLLM_MODEL_SWITCHING_MONITOR_TASK_QUEUE` gives them a queue of their own).
 
 Starting is idempotent (the workflow id is the model's, and an already running monitor is
 kept), so several control workers may run this side by side, and a restarted one simply
@@ -24,7 +26,7 @@ log = logging.getLogger("turnout.worker.monitors")
 async def start_monitor(client: Client, settings: ModelSwitchingConfig, model_id: str) -> None:
     await client.start_workflow(
         c.MONITOR_WORKFLOW, c.MonitorInput(model_id=model_id),
-        id=c.monitor_workflow_id(model_id), task_queue=settings.control_task_queue,
+        id=c.monitor_workflow_id(model_id), task_queue=settings.resolved_monitor_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         static_summary=f"health monitor of {model_id}")

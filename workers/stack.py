@@ -117,6 +117,8 @@ class Stack:
             "gateway": [python, "-m", "gateway"],
             "api": [python, "-m", "api"],
         }
+        if not self.settings.monitors_on_control_worker:
+            commands["monitor-worker"] = [python, "-m", "workers.monitor"]
         self.processes = {name: Process(name, argv, self.log_dir / f"{name}.log")
                           for name, argv in commands.items()}
 
@@ -147,7 +149,8 @@ class Stack:
         await asyncio.to_thread(upgrade, self.settings.database_url)
         self.start_process("temporal")
         await self.wait_for_port(self.settings.temporal_address, "temporal")
-        for name in ("control-worker", "engine-worker", "gateway", "api"):
+        for name in ("control-worker", "engine-worker", "gateway", "api",
+                     *(["monitor-worker"] if "monitor-worker" in self.processes else [])):
             self.start_process(name)
         await self.wait_for_http(f"{self.gateway_url}/health", "gateway")
         await self.wait_for_http(f"{self.api_url}/healthz", "api")

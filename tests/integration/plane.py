@@ -33,7 +33,7 @@ from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import installed_binary
 from turnout.store import Store, upgrade
-from workers import control, engine
+from workers import control, engine, monitor
 from workers.monitors import keep_monitors
 from workers.stack import SEARCH_ATTRIBUTES
 
@@ -97,6 +97,8 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
     health = HealthActivities(store, settings=settings, admin=admin)
     workers = [control.build_worker(env.client, settings, store, admin, health=health),
                engine.build_worker(env.client, settings, EngineActivities(settings, store))]
+    if not settings.monitors_on_control_worker:  # as the stack runs `workers.monitor`
+        workers.append(monitor.build_worker(env.client, settings, store, admin))
     tasks = [asyncio.create_task(w.run()) for w in workers]
     stop_monitors = asyncio.Event()
     tasks.append(asyncio.create_task(

@@ -5,7 +5,9 @@ server, the real gateway's figures, the store's alerts, `GET /health/models`,
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -203,3 +205,24 @@ async def test_thresholds_are_validated_and_applied(plane: ControlPlane) -> None
         audit = (await client.get("/audit", params={"model_id": MODEL})).json()
         assert any(e["action"] == "thresholds_updated" for e in audit)
 
+
+
+async def test_monitors_run_on_a_worker_of_their_own_when_given_a_queue(
+        tmp_path: Path) -> None:
+    queue = f"monitors-{uuid.uuid4()}"
+    async with control_plane(tmp_path, monitoring_interval_s=1,
+                             monitor_task_queue=queue) as plane:
+        async with plane.http() as client:
+            await register_upstreams(plane, client, ARCH, STAGE)
+            started = await client.post("/switch", json={
+                "model_id": MODEL, "target_version": "v1", "strategy": "immediate"})
+            assert (await wait_switch(client, started.json()["operation_id"]))["status"] \
+                == "completed"
+            async with traffic(plane.gateway_url, MODEL):
+                async def looked() -> dict[str, Any] | None:
+                    v1 = version_health((await client.get("/health/models")).json(), "v1")
+                    return v1 if v1 and v1["figures"]["requests"] > 0 else None
+
+                await eventually(looked, "a look with figures, made on the monitor queue")
+        handle = plane.env.client.get_workflow_handle(monitor_workflow_id(MODEL))
+        assert (await handle.describe()).task_queue == queue

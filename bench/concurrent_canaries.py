@@ -1,8 +1,8 @@
 """How many concurrent canaries does one control worker drive?
 
-On the real stack (Temporal dev server, one control worker, engine worker, gateway, API;
-versions are fast external OpenAI servers, so no engine competes for the CPU), for each
-level N: N models, each with a live version, then N canaries started at once-per-period
+On a fresh real stack per level (Temporal dev server, one control worker, engine worker,
+gateway, API; versions are fast external OpenAI servers, so no engine competes for the
+CPU): N models, each with a live version, then N canaries started at once-per-period
 intervals (independent rollouts, not a synchronized burst), while a light client load
 keeps every model's windows judgeable. Each canary steps 50% → 75% → 100% with an
 evaluation period of `--period-s`.
@@ -200,8 +200,10 @@ async def level(api: httpx.AsyncClient, temporal: Client, stack: Stack,
     return steps
 
 
-async def main(levels: list[int], period_s: float, monitoring: bool,
-               monitor_worker: bool) -> None:
+async def run_level(n: int, period_s: float, monitoring: bool,
+                    monitor_worker: bool) -> list[Step]:
+    """One level on a fresh stack, so that a level's monitors are its own N models' and not
+    also those of the levels before it."""
     # One request per version is enough to judge: the benchmark measures the control
     # plane, not the statistics. The wide tolerance keeps scheduling noise from failing
     # a canary (a rolled-back canary has no further steps to measure).
@@ -210,27 +212,32 @@ async def main(levels: list[int], period_s: float, monitoring: bool,
                         monitor_task_queue="turnout-monitors" if monitor_worker else None)
     fakes = [await FakeUpstream(v, v).start() for v in ("a", "b")]
     await stack.start()
-    rows = []
     try:
         temporal = await connect_temporal(stack.settings)
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=120) as api:
-            for n in levels:
-                steps = await level(api, temporal, stack, fakes, n, period_s)
-                total = [x.total for x in steps]
-                row = (n, len(steps), quantile(total, 0.5), quantile(total, 0.95),
-                       max(total, default=None),
-                       *(quantile([getattr(x, part) for x in steps], 0.95)
-                         for part in ("picked", "decided", "queued", "shift")))
-                rows.append(row)
-                print(f"N={n:4d}: {len(steps)} steps, timer fired → traffic done: "
-                      f"p50 {_ms(row[2])}, p95 {_ms(row[3])}, max {_ms(row[4])}; p95 of "
-                      f"timer → workflow task started {_ms(row[5])}, timer → shift "
-                      f"scheduled {_ms(row[6])}, shift waiting for a worker {_ms(row[7])}, "
-                      f"shift running {_ms(row[8])}", flush=True)
+            return await level(api, temporal, stack, fakes, n, period_s)
     finally:
         await stack.stop()
         for fake in fakes:
             await fake.stop()
+
+
+async def main(levels: list[int], period_s: float, monitoring: bool,
+               monitor_worker: bool) -> None:
+    rows = []
+    for n in levels:
+        steps = await run_level(n, period_s, monitoring, monitor_worker)
+        total = [x.total for x in steps]
+        row = (n, len(steps), quantile(total, 0.5), quantile(total, 0.95),
+               max(total, default=None),
+               *(quantile([getattr(x, part) for x in steps], 0.95)
+                 for part in ("picked", "decided", "queued", "shift")))
+        rows.append(row)
+        print(f"N={n:4d}: {len(steps)} steps, timer fired → traffic done: "
+              f"p50 {_ms(row[2])}, p95 {_ms(row[3])}, max {_ms(row[4])}; p95 of "
+              f"timer → workflow task started {_ms(row[5])}, timer → shift "
+              f"scheduled {_ms(row[6])}, shift waiting for a worker {_ms(row[7])}, "
+              f"shift running {_ms(row[8])}", flush=True)
     where = "on a worker of its own" if monitor_worker else "on the control worker"
     print(f"\nmonitoring {f'on, {where}' if monitoring else 'off'}")
     print("concurrent canaries | steps | p50 | p95 | max | p95 of: picked | decided | "

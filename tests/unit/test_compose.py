@@ -15,7 +15,8 @@ from turnout.cli import build_parser
 from turnout.config import ENV_PREFIX, ModelSwitchingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-TURNOUT_SERVICES = ("migrate", "api", "control-worker", "engine-worker", "gateway")
+TURNOUT_SERVICES = ("migrate", "api", "control-worker", "monitor-worker", "engine-worker",
+                    "gateway")
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,8 @@ def _figures(seen: _Seen, engines: list[EngineResources]) -> HealthFigures:
         return max(present(name), default=None)
 
     def total(name: str) -> float | None:
-        return sum(present(name)) if present(name) else None
+        values = present(name)
+        return sum(values) if values else None
 
     window = seen.window.figures()
     return HealthFigures(

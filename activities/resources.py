@@ -73,7 +73,7 @@ class ResourceActivities:
         self.settings = settings
         self.store = store
 
-    async def record_host(self, cpu_sample_s: float = 0.5) -> int:
+    async def record_host(self, cpu_sample_s: float = c.CPU_SAMPLE_S) -> int:
         """Measure every engine of this host and keep the figures in the store, where the
         monitors read them; returns how many engines were measured.
 

@@ -204,10 +204,14 @@ class ModelHostsInput(BaseModel):
     model_id: str = ""
 
 
+# Seconds over which an engine's CPU use is sampled (each host's measurement and the old
+# monitors' `measure_engines`).
+CPU_SAMPLE_S = 0.5
+
+
 class MeasureEnginesInput(BaseModel):
     model_id: str = ""
-    # Seconds over which each engine's CPU use is sampled.
-    cpu_sample_s: float = 0.5
+    cpu_sample_s: float = CPU_SAMPLE_S
 
 
 class MeasureEnginesResult(BaseModel):

@@ -149,9 +149,9 @@ class Stack:
         await asyncio.to_thread(upgrade, self.settings.database_url)
         self.start_process("temporal")
         await self.wait_for_port(self.settings.temporal_address, "temporal")
-        for name in ("control-worker", "engine-worker", "gateway", "api",
-                     *(["monitor-worker"] if "monitor-worker" in self.processes else [])):
-            self.start_process(name)
+        for name in ("control-worker", "monitor-worker", "engine-worker", "gateway", "api"):
+            if name in self.processes:  # a monitor worker only with a queue of its own
+                self.start_process(name)
         await self.wait_for_http(f"{self.gateway_url}/health", "gateway")
         await self.wait_for_http(f"{self.api_url}/healthz", "api")
 

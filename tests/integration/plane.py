@@ -172,7 +172,8 @@ async def traffic(gateway_url: str, model_id: str) -> AsyncIterator[dict[str, in
 
 
 HISTORIES = Path(__file__).parents[1] / "replay" / "histories"
-# Bump when SwitchWorkflow changes in a way that needs a new patch: old files stay.
+# Bump when a workflow changes in a way that needs a new patch, then record the histories
+# of the tests that take the new path: old files stay.
 WORKFLOW_VERSION = "v4"
 
 

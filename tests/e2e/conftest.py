@@ -25,10 +25,11 @@ E2E_SETTINGS = {
     # kill-during-a-shift test freezes a replica so that a traffic shift is in flight).
     "gateway_live_after_s": 30,
     # Two engines on a 2-core machine share it with the whole stack and the test client:
-    # identical versions differ in p95 by up to ~110% depending on their core's neighbours
-    # (measured: 73 ms vs 35 ms at equal p50). Latency comparison is unit-tested and
+    # identical versions differ in p95 by 110% to 250% and more depending on their core's
+    # neighbours (measured: 73 vs 35 ms, 121 vs 35 ms), so the canary between two engines
+    # guards the median, not the tail. Latency comparison is unit-tested and
     # integration-tested on fakes (tests/integration/test_health.py); here a target may be
-    # 4x slower at p95 before the comparison fails it. The absolute limits still apply.
+    # 4x slower before the comparison fails it. The absolute limits still apply.
     "latency_tolerance": 3.0,
     # Several looks of the health monitor fit in one short canary step.
     "monitoring_interval_s": 4,

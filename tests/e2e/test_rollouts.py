@@ -92,10 +92,11 @@ async def api(stack: Stack, method: str, path: str, **kwargs: Any) -> httpx.Resp
         return await client.request(method, path, **kwargs)
 
 
-async def start(stack: Stack, version: str, strategy: str, config: dict[str, Any]) -> str:
+async def start(stack: Stack, version: str, strategy: str, config: dict[str, Any],
+                **request: Any) -> str:
     r = await api(stack, "POST", "/switch", json={
         "model_id": MODEL_ID, "target_version": version, "strategy": strategy,
-        "strategy_config": config})
+        "strategy_config": config, **request})
     assert r.status_code == 202, r.text
     return r.json()["operation_id"]
 
@@ -209,15 +210,20 @@ async def openai_answers_during(stack: Stack) -> set[str]:
 
 async def test_a_healthy_canary_promotes_under_load(stack: Stack) -> None:
     async with load(stack) as client:
+        # Two identical CPU engines compared tail to tail measure which of the 2 cores each
+        # shares with what (measured here: p95 121 vs 35 ms, and a CI run whose ratio
+        # passed the 4x tolerance), so this canary guards the error rate and the median.
         operation_id = await start(stack, "v2", "canary", {
             "initial_percentage": 50, "step_percentage": 50,
-            "evaluation_period_minutes": 0.4})
+            "evaluation_period_minutes": 0.4}, analysis={"guarded_metrics": [
+                {"metric": "error_rate"}, {"metric": "latency_p50"}]})
         await wait_phase(stack, operation_id, "evaluating")
         # 12 keyed users on a 50/50 split: both versions answer (all on one: p < 0.001).
         assert await openai_answers_during(stack) == {"v1", "v2"}
         s = await wait_end(stack, operation_id)
-    assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
+    assert (s["status"], s["outcome"]) == ("completed", "promoted"), explain(s)
     assert s["verdicts"] and s["verdicts"][0]["outcome"] == "healthy", s["verdicts"]
+    assert set(s["verdicts"][0]["analysis"]["metrics"]) == {"error_rate", "latency_p50"}
     assert client.failures == []
     assert {"v1", "v2"} <= set(client.served)
 
@@ -230,7 +236,7 @@ async def test_an_erroring_target_is_rolled_back_automatically(stack: Stack) -> 
         s = await wait_end(stack, operation_id)
         after = len(client.served)
         await asyncio.sleep(2)
-    assert (s["status"], s["outcome"]) == ("failed", "rolled_back"), s
+    assert (s["status"], s["outcome"]) == ("failed", "rolled_back"), explain(s)
     assert "error rate" in s["reason"] and "automatic rollback" in s["reason"]
     assert s["weights"] == {"v2": 100.0}
     alerts = (await api(stack, "GET", "/alerts", params={"model_id": MODEL_ID})).json()
@@ -266,10 +272,18 @@ async def test_an_operator_rollback_mid_canary(stack: Stack) -> None:
         s = await wait_end(stack, operation_id)
         after = len(client.served)
         await asyncio.sleep(1)
-    assert (s["status"], s["outcome"]) == ("failed", "rolled_back"), s
+    assert (s["status"], s["outcome"]) == ("failed", "rolled_back"), explain(s)
     assert "dashboards look odd" in s["reason"]
     assert client.failures == []
     assert "v4" in client.served and set(client.served[after:]) == {"v2"}
+
+
+def explain(status: dict[str, Any]) -> str:
+    """An operation's end in a few lines: pytest cuts a long status dict before the reason."""
+    verdicts = "\n".join(f"  {v['outcome']}: {v['reason']}; target {v['target']}; "
+                         f"stable {v['stable']}" for v in status.get("verdicts", []))
+    return (f"{status['status']}/{status.get('outcome')}: {status.get('reason')}\n"
+            f"verdicts:\n{verdicts}\nweights: {status.get('weights')}")
 
 
 def judged(status: dict[str, Any]) -> list[str]:
@@ -292,7 +306,7 @@ async def test_a_canary_survives_sigkill_of_workers_and_temporal(stack: Stack) -
         s = await wait_end(stack, operation_id)
         generations.append((await store.get_route(MODEL_ID)).generation)
     await store.close()
-    assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
+    assert (s["status"], s["outcome"]) == ("completed", "promoted"), explain(s)
     # 25, 50, 75, 100: four shifts after the one seen before the kill, none done twice.
     assert generations[1] - generations[0] == 3
     assert judged(s) == ["healthy"] * 3, s["verdicts"]
@@ -333,7 +347,7 @@ async def test_a_canary_survives_sigkill_in_the_middle_of_a_traffic_shift(
             last = (await store.get_route(MODEL_ID)).generation
     finally:
         await store.close()
-    assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
+    assert (s["status"], s["outcome"]) == ("completed", "promoted"), explain(s)
     # 50 (in flight at the kill, applied once), 75, 100: three generations after 25%.
     assert last - first == 3
     assert judged(s) == ["healthy"] * 3, s["verdicts"]

@@ -16,7 +16,8 @@ Printed, each measured side by side in one run:
 - throughput and time to first token at concurrency 64 and 256 again with the gateway on a
   core of its own (upstream and client on the others), as it runs in production;
 - throughput at concurrency 64 and 256 again behind an upstream that paces its 64 chunks
-  like a decoding engine (10 ms apart by default), where the machine is not CPU-bound.
+  like a decoding engine (due 10 ms apart on the stream's own clock by default), where the
+  machine has CPU to spare (each line prints how busy the machine was).
 
 On a 2-core machine the client, the upstream and the gateway share the cores, so the
 throughput ratio includes the gateway's CPU competing with the other two.
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import cpu_seconds
+from bench.common import busy_share, cpu_seconds, machine_cpu
 from tests.support import free_port
 from turnout.analysis import quantile
 from turnout.domain import Backend, RegisterModelRequest
@@ -112,12 +113,14 @@ async def throughput(session: aiohttp.ClientSession, direct: Target, gateway: Ta
                      gateway_pid: int, concurrency: int, seconds: float, rounds: int) -> None:
     rates: dict[str, list[float]] = {"direct": [], "gateway": []}
     ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
+    busy: dict[str, list[float]] = {"direct": [], "gateway": []}
     cpu = streams = 0.0
     for _ in range(rounds):
         for target in (direct, gateway):
-            before = cpu_seconds(gateway_pid)
+            before, machine_before = cpu_seconds(gateway_pid), machine_cpu()
             done, ttft = await run_for(seconds, concurrency,
                                        lambda t=target: one(session, t, stream=True))
+            busy[target.name].append(busy_share(machine_before, machine_cpu()))
             if target is gateway:
                 cpu += cpu_seconds(gateway_pid) - before
                 streams += done
@@ -129,7 +132,9 @@ async def throughput(session: aiohttp.ClientSession, direct: Target, gateway: Ta
     print(f"concurrency {concurrency}, 64-chunk streams: direct {d:.0f}/s, gateway {g:.0f}/s,"
           f" ratio {g / d:.3f} (goal >= 0.97); TTFT p99 direct {d99 * 1000:.1f} ms, gateway "
           f"{g99 * 1000:.1f} ms, overhead {(g99 - d99) * 1000:.1f} ms (goal <= 10); gateway "
-          f"CPU {cpu / max(streams, 1) * 1000:.2f} ms per stream", flush=True)
+          f"CPU {cpu / max(streams, 1) * 1000:.2f} ms per stream; machine busy "
+          f"{statistics.mean(busy['direct']) * 100:.0f}% direct, "
+          f"{statistics.mean(busy['gateway']) * 100:.0f}% through the gateway", flush=True)
 
 
 async def cpu_per_request(session: aiohttp.ClientSession, gateway: Target,
@@ -361,9 +366,8 @@ def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
     if chunk_delay_s > 0:
         with gateways_in_front_of_upstream("gateway-paced", {"gateway": True},
                                            "--chunk-delay-s", str(chunk_delay_s)) as setup:
-            asyncio.run(throughput_again(
-                setup, seconds, rounds, f"paced upstream ({chunk_delay_s * 1000:g} ms between "
-                "chunks, like a decoding engine; the machine is no longer CPU-bound)"))
+            title = f"paced upstream (chunks {chunk_delay_s * 1000:g} ms apart, like an engine)"
+            asyncio.run(throughput_again(setup, seconds, rounds, title))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,11 @@ class FakeUpstream:
         pieces = [" ".join(words[: i + 1]) for i in range(len(words))]
         deltas = [pieces[0]] + [" " + w for w in words[1:]]
         deltas = (deltas + [""] * self.chunks)[: max(self.chunks, len(deltas))]
+        # Chunks come due on the stream's own clock, as tokens do from an engine decoding at
+        # a steady step: a late wake-up (a busy event loop) does not push every later chunk
+        # back, so the pace does not depend on how loaded this process's machine is.
+        clock = asyncio.get_running_loop().time
+        started = clock()
         for i, delta in enumerate(deltas):
             last = i == len(deltas) - 1
             if chat:
@@ -139,7 +144,7 @@ class FakeUpstream:
                               "finish_reason": "stop" if last else None}]}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if self.chunk_delay_s:
-                await asyncio.sleep(self.chunk_delay_s)
+                await asyncio.sleep(max(0.0, started + (i + 1) * self.chunk_delay_s - clock()))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

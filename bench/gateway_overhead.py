@@ -16,8 +16,10 @@ Printed, each measured side by side in one run:
 - throughput and time to first token at concurrency 64 and 256 again with the gateway on a
   core of its own (upstream and client on the others), as it runs in production;
 - throughput at concurrency 64 and 256 again behind an upstream that paces its 64 chunks
-  like a decoding engine (due 10 ms apart on the stream's own clock by default), where the
-  machine has CPU to spare (each line prints how busy the machine was).
+  like a decoding engine (due 10 ms apart on the stream's own clock by default), with the
+  client's loops starting spread over one answer's length, as independent users arrive;
+  then the same with the gateway on a core of its own: the production-like placement
+  (each line prints how busy the machine was).
 
 On a 2-core machine the client, the upstream and the gateway share the cores, so the
 throughput ratio includes the gateway's CPU competing with the other two.
@@ -50,6 +52,7 @@ from turnout.domain import Backend, RegisterModelRequest
 from turnout.store import Store, upgrade
 
 MODEL_ID = "Bench_gw"
+CHUNKS = 64  # per streamed answer: `bench.upstream_server`'s default
 class Target:
     """Where requests go: an upstream directly (its served name) or the gateway (model id)."""
 
@@ -77,20 +80,26 @@ async def one(session: aiohttp.ClientSession, target: Target, *, stream: bool,
 
 
 async def run_for(seconds: float, concurrency: int,
-                  call: Callable[[], Awaitable[tuple[float, float, str | None]]]
-                  ) -> tuple[int, list[float]]:
-    """Completed calls and their times to first chunk, `concurrency` loops for `seconds`."""
+                  call: Callable[[], Awaitable[tuple[float, float, str | None]]],
+                  spread_s: float = 0.0) -> tuple[int, list[float]]:
+    """Completed calls and their times to first chunk, `concurrency` loops for `seconds`.
+
+    The loops start `spread_s / concurrency` apart: behind a paced upstream every answer
+    takes the same time, so loops started together would stay in lockstep and send all
+    their requests at once, each round, unlike independent users.
+    """
     deadline = time.perf_counter() + seconds
     ttft: list[float] = []
 
-    async def loop() -> int:
+    async def loop(index: int) -> int:
+        await asyncio.sleep(spread_s * index / concurrency)
         n = 0
         while time.perf_counter() < deadline:
             ttft.append((await call())[1])
             n += 1
         return n
 
-    return sum(await asyncio.gather(*(loop() for _ in range(concurrency)))), ttft
+    return sum(await asyncio.gather(*(loop(i) for i in range(concurrency)))), ttft
 
 
 async def latency(session: aiohttp.ClientSession, direct: Target, gateway: Target,
@@ -110,7 +119,8 @@ async def latency(session: aiohttp.ClientSession, direct: Target, gateway: Targe
 
 
 async def throughput(session: aiohttp.ClientSession, direct: Target, gateway: Target,
-                     gateway_pid: int, concurrency: int, seconds: float, rounds: int) -> None:
+                     gateway_pid: int, concurrency: int, seconds: float, rounds: int,
+                     spread_s: float = 0.0) -> None:
     rates: dict[str, list[float]] = {"direct": [], "gateway": []}
     ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
     busy: dict[str, list[float]] = {"direct": [], "gateway": []}
@@ -119,7 +129,8 @@ async def throughput(session: aiohttp.ClientSession, direct: Target, gateway: Ta
         for target in (direct, gateway):
             before, machine_before = cpu_seconds(gateway_pid), machine_cpu()
             done, ttft = await run_for(seconds, concurrency,
-                                       lambda t=target: one(session, t, stream=True))
+                                       lambda t=target: one(session, t, stream=True),
+                                       spread_s)
             busy[target.name].append(busy_share(machine_before, machine_cpu()))
             if target is gateway:
                 cpu += cpu_seconds(gateway_pid) - before
@@ -338,9 +349,9 @@ def gateway_on_its_own_core(setup: Setup) -> Iterator[str]:
 
 
 async def throughput_again(setup: Setup, seconds: float, rounds: int, title: str,
-                           pinned: bool = False) -> None:
+                           pinned: bool = False, spread_s: float = 0.0) -> None:
     """Throughput and time to first token at concurrency 64 and 256 on another setup
-    (an upstream pacing its chunks, or the gateway pinned to a core of its own)."""
+    (an upstream pacing its chunks, the gateway pinned to a core of its own, or both)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                      timeout=aiohttp.ClientTimeout(total=60)) as session:
         gateway_url = f"http://127.0.0.1:{setup.ports['gateway'][0]}"
@@ -353,7 +364,7 @@ async def throughput_again(setup: Setup, seconds: float, rounds: int, title: str
             await run_for(1.0, 8, lambda: one(session, gateway, stream=True))  # warm up
             for concurrency in (64, 256):
                 await throughput(session, direct, gateway, setup.pids["gateway"],
-                                 concurrency, seconds, rounds)
+                                 concurrency, seconds, rounds, spread_s)
 
 
 def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
@@ -364,10 +375,16 @@ def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
     with gateways_in_front_of_upstream("gateway-pinned", {"gateway": True}) as setup:
         asyncio.run(throughput_again(setup, seconds, rounds, "pinned", pinned=True))
     if chunk_delay_s > 0:
+        paced = f"paced upstream (chunks {chunk_delay_s * 1000:g} ms apart, like an engine)"
+        # One answer's length: the loops' starts spread over it (see `run_for`).
+        spread_s = CHUNKS * chunk_delay_s
         with gateways_in_front_of_upstream("gateway-paced", {"gateway": True},
                                            "--chunk-delay-s", str(chunk_delay_s)) as setup:
-            title = f"paced upstream (chunks {chunk_delay_s * 1000:g} ms apart, like an engine)"
-            asyncio.run(throughput_again(setup, seconds, rounds, title))
+            asyncio.run(throughput_again(setup, seconds, rounds, paced, spread_s=spread_s))
+        with gateways_in_front_of_upstream("gateway-paced-pinned", {"gateway": True},
+                                           "--chunk-delay-s", str(chunk_delay_s)) as setup:
+            asyncio.run(throughput_again(setup, seconds, rounds, f"{paced}, pinned",
+                                         pinned=True, spread_s=spread_s))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
 from workers.stack import Stack
@@ -44,14 +42,3 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, summed over its cores."""
-    times = psutil.cpu_times()
-    return times.user + times.nice + times.system + times.irq + times.softirq, sum(times)
-
-
-def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
-    """Share of the machine's CPU capacity used between two `machine_cpu()` readings."""
-    return (after[0] - before[0]) / max(after[1] - before[1], 1e-9)

@@ -14,6 +14,8 @@ import json
 
 from tests.integration.upstream import FakeUpstream
 
+CHUNKS = 64  # per streamed answer, unless --chunks says otherwise
+
 
 async def main(chunks: int, delay_s: float, chunk_delay_s: float) -> None:
     upstreams = [await FakeUpstream(v, v, chunks=chunks, delay_s=delay_s,
@@ -25,7 +27,7 @@ async def main(chunks: int, delay_s: float, chunk_delay_s: float) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--chunks", type=int, default=64)
+    parser.add_argument("--chunks", type=int, default=CHUNKS)
     parser.add_argument("--delay-s", type=float, default=0.0)
     parser.add_argument("--chunk-delay-s", type=float, default=0.0)
     args = parser.parse_args()

@@ -188,19 +188,26 @@ async def test_thresholds_are_validated_and_applied(plane: ControlPlane) -> None
             "error_rate_warning": 0.03, "latency_p95_warning": 3000})
         assert every.status_code == 200, every.text
         one = await client.put("/health/thresholds",
-                               json={"model_id": MODEL, "latency_p95_warning": 0.5})
+                               json={"model_id": MODEL, "latency_p95_warning": 5})
         assert one.json()["error_rate_warning"] == 0.03
         applied = (await client.get("/health/thresholds", params={"model_id": MODEL})).json()
-        assert (applied["error_rate_warning"], applied["latency_p95_warning"]) == (0.03, 0.5)
+        assert (applied["error_rate_warning"], applied["latency_p95_warning"]) == (0.03, 5)
         assert (await client.get("/health/thresholds")).json()["latency_p95_warning"] == 3000
 
-        # Every answer now takes longer than 0.5 ms: a latency warning fires.
-        async with traffic(plane.gateway_url, MODEL):
-            async def latency_alert() -> list[dict[str, Any]]:
-                alerts = (await client.get("/alerts", params={"model_id": MODEL})).json()
-                return [a for a in alerts if a["type"] == "latency"]
+        # The fake now waits 20 ms before every answer (a sleep is never shorter than asked,
+        # however fast the machine), so every answer is slower than the 5 ms level: a
+        # latency warning fires.
+        upstream = plane.upstreams["v1"]
+        upstream.delay_s = 0.02
+        try:
+            async with traffic(plane.gateway_url, MODEL):
+                async def latency_alert() -> list[dict[str, Any]]:
+                    alerts = (await client.get("/alerts", params={"model_id": MODEL})).json()
+                    return [a for a in alerts if a["type"] == "latency"]
 
-            [alert] = await eventually(latency_alert, "a latency alert")
+                [alert] = await eventually(latency_alert, "a latency alert")
+        finally:
+            upstream.delay_s = 0.0
         assert alert["severity"] == "warning" and "latency_p95_ms" in alert["title"]
         audit = (await client.get("/audit", params={"model_id": MODEL})).json()
         assert any(e["action"] == "thresholds_updated" for e in audit)

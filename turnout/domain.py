@@ -141,6 +141,11 @@ class EngineInfo(BaseModel):
     external: bool = False
     started_at: datetime | None = None
     log_path: str | None = None
+    # What the engine needs, as its host estimated when it loaded (weights, KV cache,
+    # runtime); when it last served a request's share; whether it sleeps (vLLM sleep mode).
+    memory_bytes: int | None = None
+    last_used_at: datetime | None = None
+    sleeping: bool = False
 
 
 class SwitchingStrategyType(StrEnum):

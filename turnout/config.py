@@ -112,6 +112,20 @@ class ModelSwitchingConfig(BaseModel):
     engine_python: str | None = None
     engine_kv_cache_gib: float = Field(1, gt=0)
 
+    # The engine fleet. Each engine worker claims its `engine_host` id in the store and
+    # heartbeats; a host silent for `engine_host_live_after_s` is left out of placement.
+    engine_host_live_after_s: float = Field(20, ge=2, le=3600)
+    # Memory engines may fill on this host; unset: `engine_memory_fraction` of the host's
+    # memory (GPU memory on CUDA hosts).
+    engine_memory_gib: float | None = Field(None, gt=0)
+    engine_memory_fraction: float = Field(0.8, gt=0, le=1)
+    # What one engine needs beside its weights and KV cache: Python, torch and the API
+    # server (measured here: a tiny model's CPU engine holds 1.9 GiB besides a 1 GiB cache).
+    engine_overhead_gib: float = Field(2, ge=0)
+    # After a switch the previous live version stays loaded this long, so a rollback is a
+    # route change, not a cold start (0: stop it as soon as it is drained).
+    standby_minutes: float = Field(30, ge=0, le=7 * 24 * 60)
+
     # How switches behave.
     gateway_live_after_s: float = Field(15, gt=0)
     route_sync_timeout_s: float = Field(60, gt=0)

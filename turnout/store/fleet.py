@@ -75,13 +75,6 @@ class FleetStore:
             row.last_seen = utcnow()
             return True
 
-    async def leave_host(self, host_id: str, instance_id: str) -> None:
-        """A worker stopping cleanly: its heartbeat ends now (its engines keep running)."""
-        async with self._session.begin() as session:
-            row = await session.get(EngineHostRow, host_id)
-            if row is not None and row.instance_id == instance_id:
-                row.last_seen = datetime.fromtimestamp(0, UTC)
-
     async def list_hosts(self) -> list[EngineHost]:
         async with self._session() as session:
             rows = (await session.scalars(select(EngineHostRow)

@@ -26,6 +26,8 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
+from turnout.domain import EngineInfo
+
 GIB = 1024**3
 
 
@@ -360,3 +362,130 @@ def cache_overflow(host: HostView, engines: Iterable[EngineView]) -> list[Engine
         excess_count -= 1
         excess_memory -= engine.memory_bytes
     return stop
+
+
+# ---------------------------------------------------------------------- the fleet as stored
+
+
+class EngineReport(BaseModel):
+    """One engine in `GET /engines`."""
+
+    model_id: str
+    version: str
+    host: str
+    port: int | None = None
+    role: EngineRole
+    state: str
+    memory_bytes: int = 0
+    since: datetime | None = None
+    last_used_at: datetime | None = None
+    priority: int = 0
+    held_by: list[str] = Field(default_factory=list)  # "switch:<op>", "standby:<op>", ...
+    sleeping: bool = False
+    external: bool = False
+
+
+class HostReport(BaseModel):
+    """One engine host in `GET /engines`: its capacity, what is used, what is free."""
+
+    host_id: str
+    task_queue: str
+    live: bool
+    last_seen: datetime | None = None
+    capacity: HostCapacity
+    used_bytes: int = 0
+    free_bytes: int = 0
+    engines: int = 0
+    cached: int = 0
+
+
+class FleetReport(BaseModel):
+    hosts: list[HostReport] = Field(default_factory=list)
+    engines: list[EngineReport] = Field(default_factory=list)
+
+
+@dataclass
+class FleetState:
+    """Everything placement and `GET /engines` need, as read from the store at one moment.
+
+    `serving` maps each model to the versions its route gives a share (and its live
+    version), `shadows` to the version its route mirrors to; `measured` holds the latest
+    resident memory each host measured of its engines, by (model, version, host).
+    """
+
+    hosts: list[EngineHost]
+    engines: list[EngineInfo]
+    holders: list[Holder]
+    serving: dict[str, set[str]]
+    shadows: dict[str, str]
+    weights: dict[tuple[str, str], int]  # (model, version) -> weights size, where known
+    measured: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def live_host_ids(self, now: datetime, live_after_s: float) -> set[str]:
+        return {h.host_id for h in self.hosts
+                if h.last_seen is not None
+                and (now - h.last_seen).total_seconds() <= live_after_s}
+
+    def holders_of(self, model_id: str, version: str) -> list[Holder]:
+        return [h for h in self.holders if (h.model_id, h.version) == (model_id, version)]
+
+    def role(self, model_id: str, version: str) -> EngineRole:
+        return engine_role((h.kind for h in self.holders_of(model_id, version)),
+                           serving=version in self.serving.get(model_id, set()),
+                           shadow=self.shadows.get(model_id) == version)
+
+    def held(self, model_id: str, version: str) -> bool:
+        """Whether anything keeps the version loaded (a holder, or the route)."""
+        return self.role(model_id, version) is not EngineRole.IDLE
+
+    def engine_memory(self, engine: EngineInfo) -> int:
+        """What an engine takes: the larger of its host's estimate and what was measured."""
+        host = next((h for h in self.hosts if h.host_id == engine.host), None)
+        estimate = engine.memory_bytes if engine.memory_bytes is not None else (
+            self.weights.get((engine.model_id, engine.version), 0)
+            + (host.capacity.engine_extra_bytes if host else 0))
+        return max(estimate, self.measured.get(
+            (engine.model_id, engine.version, engine.host), 0))
+
+    def views(self) -> list[EngineView]:
+        """The engines placement reasons about (external endpoints take no host memory)."""
+        views = []
+        for e in self.engines:
+            if e.external:
+                continue
+            holders = self.holders_of(e.model_id, e.version)
+            used = e.last_used_at or e.started_at
+            views.append(EngineView(
+                e.model_id, e.version, e.host, self.engine_memory(e),
+                self.role(e.model_id, e.version), max((h.priority for h in holders), default=0),
+                used.timestamp() if used else 0.0, ready=e.state.value == "ready"))
+        return views
+
+    def host_views(self, now: datetime, live_after_s: float) -> list[HostView]:
+        live = self.live_host_ids(now, live_after_s)
+        return [h.view(live=h.host_id in live) for h in self.hosts]
+
+    def report(self, now: datetime, live_after_s: float) -> FleetReport:
+        live = self.live_host_ids(now, live_after_s)
+        views = {(v.model_id, v.version, v.host_id): v for v in self.views()}
+        engines = []
+        for e in sorted(self.engines, key=lambda e: (e.model_id, e.version, e.host)):
+            view = views.get((e.model_id, e.version, e.host))
+            engines.append(EngineReport(
+                model_id=e.model_id, version=e.version, host=e.host, port=e.port,
+                role=self.role(e.model_id, e.version), state=e.state.value,
+                memory_bytes=view.memory_bytes if view else 0, since=e.started_at,
+                last_used_at=e.last_used_at, priority=view.priority if view else 0,
+                held_by=[f"{h.kind.value}:{h.holder_id}"
+                         for h in self.holders_of(e.model_id, e.version)],
+                sleeping=e.sleeping, external=e.external))
+        hosts = []
+        for h in self.hosts:
+            on_host = [v for v in views.values() if v.host_id == h.host_id]
+            used = sum(v.memory_bytes for v in on_host)
+            hosts.append(HostReport(
+                host_id=h.host_id, task_queue=h.task_queue, live=h.host_id in live,
+                last_seen=h.last_seen, capacity=h.capacity, used_bytes=used,
+                free_bytes=max(0, h.capacity.memory_bytes - used), engines=len(on_host),
+                cached=sum(v.cached for v in on_host)))
+        return FleetReport(hosts=hosts, engines=engines)

@@ -2,8 +2,10 @@
 
 from workflows.monitor import MonitorWorkflow
 from workflows.shadow import ShadowWorkflow
+from workflows.standby import StandbyWorkflow
 from workflows.switch import SwitchWorkflow
 
-WORKFLOWS = [SwitchWorkflow, MonitorWorkflow, ShadowWorkflow]
+WORKFLOWS = [SwitchWorkflow, MonitorWorkflow, ShadowWorkflow, StandbyWorkflow]
 
-__all__ = ["WORKFLOWS", "MonitorWorkflow", "ShadowWorkflow", "SwitchWorkflow"]
+__all__ = ["WORKFLOWS", "MonitorWorkflow", "ShadowWorkflow", "StandbyWorkflow",
+           "SwitchWorkflow"]

@@ -9,14 +9,23 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from turnout.fleet import EngineHost, Holder, HolderKind, HostCapacity
-from turnout.store.schema import EngineHolderRow, EngineHostRow, utcnow
+from turnout.fleet import EngineHost, FleetState, Holder, HolderKind, HostCapacity
+from turnout.store.schema import (
+    EngineHolderRow,
+    EngineHostRow,
+    EngineResourcesRow,
+    EngineRow,
+    VersionRow,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+    from turnout.store.repo import Store
 
 
 class HostClaimed(Exception):
@@ -109,6 +118,15 @@ class FleetStore:
         async with self._session.begin() as session:
             return (await session.execute(query)).rowcount or 0  # type: ignore[attr-defined]
 
+    async def release_serving_except(self, model_id: str, keep: set[str]) -> None:
+        """Only the live version serves (and the one it replaces, until it is retired):
+        a serving holder of any other version is a leftover, and would keep it forever."""
+        async with self._session.begin() as session:
+            await session.execute(delete(EngineHolderRow).where(
+                EngineHolderRow.model_id == model_id,
+                EngineHolderRow.kind == HolderKind.SERVING.value,
+                EngineHolderRow.version.not_in(keep)))
+
     async def holders(self, *, model_id: str | None = None,
                       version: str | None = None) -> list[Holder]:
         query = select(EngineHolderRow)
@@ -120,6 +138,52 @@ class FleetStore:
             rows = (await session.scalars(query.order_by(
                 EngineHolderRow.model_id, EngineHolderRow.version, EngineHolderRow.since))).all()
             return [_holder(row) for row in rows]
+
+
+    async def mark_engines_used(self, model_id: str, version: str) -> None:
+        """The version served until now: its engines are the most recently used cached."""
+        async with self._session.begin() as session:
+            await session.execute(update(EngineRow).where(
+                EngineRow.model_id == model_id, EngineRow.version == version)
+                .values(last_used_at=utcnow()))
+
+    # ---------------------------------------------------------------- sizes
+
+    async def set_weights_bytes(self, model_id: str, version: str, size: int) -> None:
+        """Record the size of a version's weights, as an engine host read it from the files."""
+        async with self._session.begin() as session:
+            row = await session.get(VersionRow, (model_id, version))
+            if row is not None and row.weights_bytes != size:
+                row.weights_bytes = size
+
+    async def weights_sizes(self) -> dict[tuple[str, str], int]:
+        async with self._session() as session:
+            rows = await session.execute(select(VersionRow.model_id, VersionRow.version,
+                                                VersionRow.weights_bytes)
+                                         .where(VersionRow.weights_bytes.is_not(None)))
+            return {(m, v): int(size) for m, v, size in rows.all()}
+
+    async def measured_memory(self) -> dict[tuple[str, str, str], int]:
+        """The resident memory each host last measured of each of its engines, in bytes."""
+        async with self._session() as session:
+            rows = (await session.scalars(select(EngineResourcesRow))).all()
+            return {(r.model_id, r.version, r.host): int(r.figures["memory_mb"] * 2**20)
+                    for r in rows if r.figures.get("memory_mb") is not None}
+
+
+async def read_fleet(store: Store) -> FleetState:
+    """The fleet as the store holds it now (a few reads, no transaction: placement checks
+    again on the host, where it loads)."""
+    routes = await store.list_routes()
+    serving = {r.model_id: {v for v, w in r.weights().items() if w > 0} for r in routes}
+    for model_id, live in (await store.live_versions()).items():
+        if live is not None:
+            serving.setdefault(model_id, set()).add(live)
+    shadows = {r.model_id: shadow.version for r in routes if (shadow := r.shadow())}
+    return FleetState(hosts=await store.list_hosts(), engines=await store.list_engines(),
+                      holders=await store.holders(), serving=serving, shadows=shadows,
+                      weights=await store.weights_sizes(),
+                      measured=await store.measured_memory())
 
 
 def _host(row: EngineHostRow) -> EngineHost:

@@ -73,9 +73,10 @@ class Stack:
     temporal_ui_port: int = 8233
     headless: bool = False
     # Added to every process's environment, as given (no filtering: the caller decides).
-    extra_env: Mapping[str, str] = field(default_factory=dict)
+    extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # The environment the processes inherit from (filtered per process); None: os.environ.
-    base_env: Mapping[str, str] | None = None
+    # Out of the repr, like the settings' secrets: it may hold credentials.
+    base_env: Mapping[str, str] | None = field(default=None, repr=False)
     processes: dict[str, Process] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,7 +154,7 @@ class Stack:
             if name in self.processes:  # a monitor worker only with a queue of its own
                 self.start_process(name)
         await self.wait_for_http(f"{self.gateway_url}/health", "gateway")
-        await self.wait_for_http(f"{self.api_url}/healthz", "api")
+        await self.wait_for_http(f"{self.api_url}/healthz", "api", headers=self._api_headers)
 
     def start_process(self, name: str) -> None:
         process = self.processes[name]
@@ -239,9 +240,17 @@ class Stack:
                                        f"see {self.processes[name].log_path}") from None
                 await asyncio.sleep(0.2)
 
-    async def wait_for_http(self, url: str, name: str, timeout_s: float = 90) -> None:
+    @property
+    def _api_headers(self) -> dict[str, str]:
+        """The key to the API when authentication is on (the launcher holds every setting)."""
+        s = self.settings
+        return {"Authorization": f"Bearer {s.api_key}"} \
+            if s.enable_authentication and s.api_key else {}
+
+    async def wait_for_http(self, url: str, name: str, timeout_s: float = 90,
+                            headers: Mapping[str, str] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=2) as client:
+        async with httpx.AsyncClient(timeout=2, headers=headers) as client:
             while True:
                 self._check_alive(name)
                 with contextlib.suppress(httpx.HTTPError):

@@ -191,3 +191,14 @@ def test_a_generated_admin_token_reaches_only_its_holders(tmp_path: Path) -> Non
     assert oct(stack.admin_token_path.stat().st_mode & 0o777) == "0o600"
     holds = {name for name in stack.processes if token in _values(stack.environment(name))}
     assert holds == {"gateway", "control-worker"}  # monitors run on the control worker
+
+
+def test_the_stacks_repr_shows_no_secret(tmp_path: Path) -> None:
+    stack = Stack(settings=_settings().model_copy(update={"state_dir": str(tmp_path)}),
+                  temporal_db=tmp_path / "t.db", log_dir=tmp_path / "logs", base_env=PARENT,
+                  extra_env={"X_TOKEN": "extra-secret-9f9f"})
+    text = repr(stack)
+    for value in (*[v for v in SECRETS.values() if isinstance(v, str)],
+                  SECRETS["alert_webhook_urls"][0], CREDENTIAL, "extra-secret-9f9f"):
+        assert value not in text
+    assert "postgresql+asyncpg://turnout:***@db:5432/turnout" in text

@@ -46,6 +46,7 @@ from turnout.contracts import (
     UnloadVersionInput,
 )
 from turnout.domain import EngineInfo, EngineState, VersionInfo
+from turnout.environments import engine_environment
 from turnout.fleet import CACHED_ROLES, GIB, EngineRole, HolderKind, HostCapacity
 from turnout.store import NotFound, Store
 from turnout.store.fleet import read_fleet
@@ -437,12 +438,9 @@ class EngineActivities:
         s = self.settings
         log_path = self._log_path(version.model_id, version.version)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", _gib(s.engine_kv_cache_gib))
-        env.setdefault("PYTHONUNBUFFERED", "1")
         async with self._spawn_lock:
             port = await self._free_port()
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", await self._cpu_core())
+            env = self._engine_env(await self._cpu_core())
             argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
                     "--model", model_dir, "--served-model-name", name,
                     "--host", s.engine_bind_host, "--port", str(port),
@@ -470,6 +468,15 @@ class EngineActivities:
         _logger().info("started engine %s:%s pid=%s port=%s log=%s", version.model_id,
                        version.version, proc.pid, port, log_path)
         return engine, log_path
+
+    def _engine_env(self, core: str) -> dict[str, str]:
+        """An engine's environment: the allowlisted part of this worker's (no turnout
+        setting, no credential), and what turnout sets unless the operator did."""
+        s = self.settings
+        return engine_environment(
+            os.environ, {"VLLM_CPU_KVCACHE_SPACE": _gib(s.engine_kv_cache_gib),
+                         "PYTHONUNBUFFERED": "1", "VLLM_CPU_OMP_THREADS_BIND": core},
+            passthrough=s.engine_env_passthrough, denied=s.endpoint_credential_envs)
 
     async def _finish_start(self, engine: EngineInfo, log_path: Path) -> EngineInfo:
         """Wait for /health, warm up, mark READY; on any failure or cancel, kill and forget."""

@@ -9,8 +9,10 @@ what it says.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -98,7 +100,9 @@ class ModelSwitchingConfig(BaseModel):
     # `python -m workers.monitor` to give monitoring a worker of its own, so that the looks
     # of a large fleet never queue ahead of a rollout's steps on the control worker.
     monitor_task_queue: str | None = None
-    database_url: str = "sqlite+aiosqlite:///.turnout/turnout.db"
+    # A PostgreSQL URL may carry a password: hidden from the default repr, shown masked
+    # (`redact_url`) in the settings' repr and str.
+    database_url: str = Field("sqlite+aiosqlite:///.turnout/turnout.db", repr=False)
     state_dir: str = ".turnout"
 
     # Engines on this host.
@@ -111,6 +115,17 @@ class ModelSwitchingConfig(BaseModel):
     engine_startup_timeout_s: float = Field(900, gt=0)
     engine_python: str | None = None
     engine_kv_cache_gib: float = Field(1, gt=0)
+    # Engines get an allowlisted environment (`turnout.environments.engine_environment`):
+    # what Python, torch and vLLM read, never turnout's settings nor the worker's other
+    # variables. Extra names to pass on (a trailing `*` passes every name with that
+    # prefix), e.g. `RAY_*` for a setup that needs them (comma-separated).
+    engine_env_passthrough: list[str] = Field(default_factory=list, max_length=64)
+
+    # Secrets beyond turnout's own settings: names of environment variables that hold the
+    # credentials of external endpoints (what versions name in `api_key_env`). The local
+    # stack (`make run`) hands these variables to the gateway and the control worker only,
+    # the two processes that call external endpoints (comma-separated).
+    endpoint_credential_envs: list[str] = Field(default_factory=list, max_length=64)
 
     # The engine fleet. Each engine worker claims its `engine_host` id in the store and
     # heartbeats; a host silent for `engine_host_live_after_s` is left out of placement.
@@ -131,12 +146,32 @@ class ModelSwitchingConfig(BaseModel):
     route_sync_timeout_s: float = Field(60, gt=0)
     drain_timeout_s: float = Field(120, gt=0)
 
-    @field_validator("alert_webhook_urls", mode="before")
+    @field_validator("alert_webhook_urls", "engine_env_passthrough",
+                     "endpoint_credential_envs", mode="before")
     @classmethod
-    def _split_urls(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [url.strip() for url in value.split(",") if url.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("engine_env_passthrough", "endpoint_credential_envs")
+    @classmethod
+    def _variable_names(cls, names: list[str], info: Any) -> list[str]:
+        prefix_ok = info.field_name == "engine_env_passthrough"
+        for name in names:
+            pattern = _ENV_PATTERN if prefix_ok else _ENV_NAME
+            if not pattern.fullmatch(name):
+                raise ValueError(f"{name[:80]!r} is not an environment variable name")
+            if name.rstrip("*").startswith(ENV_PREFIX):
+                # turnout's settings hold its own secrets: they go where turnout sends them.
+                raise ValueError(f"{name!r} names turnout's own settings")
+        return names
+
+    def __repr_args__(self) -> Any:
+        """The repr and str: secrets left out, the database URL shown with its password
+        masked (where the store is is worth seeing; its password never is)."""
+        yield from super().__repr_args__()
+        yield "database_url", redact_url(self.database_url)
 
     @property
     def max_cache_size(self) -> int:
@@ -182,6 +217,36 @@ class ModelSwitchingConfig(BaseModel):
                 f"{cls.env_name(str(err['loc'][0]))}: {err['msg']}" for err in exc.errors()
             )
             raise ConfigError(f"invalid turnout settings: {problems}") from None
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_ENV_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\*?")
+_SECRET_QUERY_KEY = re.compile(r"pass|secret|token|key", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password, and the values of password-like query parameters, masked.
+
+    `postgresql+asyncpg://turnout:pw@db/turnout` → `postgresql+asyncpg://turnout:***@db/turnout`;
+    libpq also takes `?password=...`. Anything that does not parse is masked whole.
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        return REDACTED
+    masked = [(k, REDACTED if _SECRET_QUERY_KEY.search(k) else v) for k, v in query]
+    if password is None and masked == query:
+        return url
+    netloc = parts.netloc
+    if password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{hostport}"
+    query_text = urlencode(masked, safe="*") if masked != query else parts.query
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query_text}" if query_text else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def engine_task_queue(host: str) -> str:

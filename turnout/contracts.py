@@ -374,3 +374,45 @@ class StandbyInput(BaseModel):
     version: str = ""
     holder_id: str = ""
     until: datetime | None = None
+
+
+# ---------------------------------------------------------------------- preloads
+
+PRELOAD_WORKFLOW = "PreloadWorkflow"
+# Signal: let go of the preloaded engines (they stop unless something else holds them).
+RELEASE_PRELOAD = "release"
+# Signal: a load of a higher priority evicted the preloaded engine; the preload ends.
+EVICTED_PRELOAD = "evicted"
+# Highest preload priority: eviction compares priorities, so they are bounded and small.
+MAX_PRELOAD_PRIORITY = 1000
+
+
+def preload_workflow_id(model_id: str, version: str) -> str:
+    return f"preload-{model_id}-{version}"
+
+
+class PreloadInput(BaseModel):
+    """Load `version` without traffic and keep it loaded until released (or evicted by a
+    load of a higher priority)."""
+
+    model_id: str = ""
+    version: str = ""
+    priority: int = Field(0, ge=0, le=MAX_PRELOAD_PRIORITY)
+    replicas: int | None = None
+    requested_by: str | None = None
+
+
+class PreloadStatus(BaseModel):
+    """What `GET /models/{model_id}/versions/{version}/preload` returns."""
+
+    model_id: str = ""
+    version: str = ""
+    priority: int = 0
+    # loading, ready, released, evicted, failed
+    phase: str = "loading"
+    reason: str | None = None
+    hosts: list[str] = Field(default_factory=list)
+    warm: bool = False  # the version was loaded already when the preload began
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
+    finished_at: datetime | None = None

@@ -53,7 +53,8 @@ async def release_version(model_id: str, version: str, kind: HolderKind,
 async def stop_engines(slots: list[c.EngineSlot],
                        when: Literal["unheld", "cached"]) -> None:
     """Stop each engine on its host; `when` is checked again there, so an engine that was
-    taken meanwhile (held again, or serving) is left running."""
+    taken meanwhile (held again, or serving) is left running. A preload whose engine was
+    evicted is told so, and ends."""
     await asyncio.gather(*(workflow.execute_activity(
         c.UNLOAD_VERSION,
         c.UnloadVersionInput(model_id=slot.model_id, version=slot.version, when=when),
@@ -61,3 +62,13 @@ async def stop_engines(slots: list[c.EngineSlot],
         heartbeat_timeout=call.HEARTBEAT, retry_policy=call.HEALTH_RETRY,
         summary=f"{'evict' if when == 'cached' else 'unload'} {slot.version} on "
                 f"{slot.host_id}") for slot in slots))
+    if when != "cached":
+        return
+    for slot in slots:
+        preload = workflow.get_external_workflow_handle(
+            c.preload_workflow_id(slot.model_id, slot.version))
+        try:
+            await preload.signal(c.EVICTED_PRELOAD, f"evicted from {slot.host_id} to make "
+                                                    f"room for {workflow.info().workflow_id}")
+        except Exception:  # noqa: BLE001 - no preload of that version is running
+            pass

@@ -1,11 +1,14 @@
 """Client keys of the data plane: `Authorization: Bearer <key>`, as vLLM's `--api-key`.
 
 With `GATEWAY_API_KEYS` set, every path of the client listener but `/health` needs one of
-the keys; without it nothing changes and no middleware runs. Keys are held as SHA-256
-digests and a presented key is hashed and looked up in that set: the cost is one hash of
-the header, whatever the number of keys, and the lookup's timing depends only on digests,
-which tell nothing about any key (a timing attack would need SHA-256 preimages). The
-key is never logged and never forwarded to an engine (see `proxy._FORWARDED_HEADERS`).
+the keys; without it nothing changes and no middleware runs. Keys are held as
+BLAKE2s-256 digests and a presented key is hashed and looked up in that set: the cost is
+one hash of the header, whatever the number of keys, and the lookup's timing depends only
+on digests, which tell nothing about any key (a timing attack would need preimages of a
+cryptographic hash). BLAKE2s rather than SHA-256: both are such hashes, and measured
+inside the gateway between requests (cold caches) OpenSSL's SHA-256 cost 4.5 us per
+check, Python's built-in BLAKE2s 1.5 us. The key is never logged and never forwarded to
+an engine (see `proxy._FORWARDED_HEADERS`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ OPEN_PATHS = frozenset({"/health"})
 
 def _digest(key: str) -> bytes:
     # surrogatepass: any str encodes, so a header holding odd bytes is a wrong key, not a 500
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return hashlib.blake2s(key.encode("utf-8", "surrogatepass")).digest()
 
 
 class ClientKeys:

@@ -28,6 +28,11 @@ _ENV_NAMES: dict[str, str] = {
 }
 
 
+# Bounds of a client key of the gateway (`gateway_api_keys`).
+MIN_KEY_CHARS = 16
+MAX_KEY_CHARS = 256
+
+
 class ConfigError(ValueError):
     """An environment variable holds a value its setting cannot take."""
 
@@ -35,7 +40,9 @@ class ConfigError(ValueError):
 class ModelSwitchingConfig(BaseModel):
     """Settings of a turnout deployment; field names follow the user guide."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # hide_input_in_errors: a refused value may be a secret (a key, a token, a URL).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              hide_input_in_errors=True)
 
     # The guide's fields.
     enable_dynamic_registry: bool = True
@@ -93,6 +100,24 @@ class ModelSwitchingConfig(BaseModel):
     # pile up tasks and sockets without bound. Beyond the cap a copy is skipped and counted
     # (`turnout_gateway_mirror_skipped_total`), never queued.
     gateway_mirror_max_inflight: int = Field(64, ge=1)
+    # How long a gateway keeps the stats (windows, Prometheus series) of a version that is
+    # in no route and has nothing in flight; then they are dropped, so memory stays bounded
+    # over any number of rollouts. Verdicts and monitor looks read windows ending about
+    # when they ask, but a window can start before a version leaves (the stable version
+    # during a canary's last step, at 0%), so a version is kept for the longest window
+    # anyone asks for: a canary's evaluation period is at most a day.
+    gateway_stats_retention_s: float = Field(24 * 3600, ge=1, le=30 * 24 * 3600)
+    # Most connections one gateway opens to one upstream (an engine's host:port); more
+    # requests wait for a free one (and count as in flight). A bound on what one gateway
+    # can pile onto an engine; high enough not to limit a 256-stream benchmark.
+    gateway_upstream_max_connections: int = Field(1024, ge=1, le=65536)
+    # Keys clients must send as `Authorization: Bearer <key>` to every gateway path but
+    # `/health` (comma-separated in the environment; empty: no key needed, as before).
+    # Secret: never logged, never forwarded to engines.
+    gateway_api_keys: list[str] = Field(default_factory=list, repr=False, max_length=1000)
+    # Serve `/metrics` on the client listener too (it is always on the admin listener,
+    # behind the admin token). With client keys set, it needs a client key there.
+    gateway_metrics_on_client: bool = True
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     control_task_queue: str = "turnout-control"
@@ -147,7 +172,7 @@ class ModelSwitchingConfig(BaseModel):
     drain_timeout_s: float = Field(120, gt=0)
 
     @field_validator("alert_webhook_urls", "engine_env_passthrough",
-                     "endpoint_credential_envs", mode="before")
+                     "endpoint_credential_envs", "gateway_api_keys", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -172,6 +197,21 @@ class ModelSwitchingConfig(BaseModel):
         masked (where the store is is worth seeing; its password never is)."""
         yield from super().__repr_args__()
         yield "database_url", redact_url(self.database_url)
+
+    @field_validator("gateway_api_keys")
+    @classmethod
+    def _strong_keys(cls, keys: list[str]) -> list[str]:
+        """Keys are printable ASCII (they travel in a header) and long enough not to be
+        guessed. The message names the key by position, never by value."""
+        for index, key in enumerate(keys):
+            if not (MIN_KEY_CHARS <= len(key) <= MAX_KEY_CHARS) or \
+                    not all("!" <= char <= "~" and char != "," for char in key):
+                raise ValueError(
+                    f"key {index + 1} of {len(keys)} is not {MIN_KEY_CHARS} to "
+                    f"{MAX_KEY_CHARS} printable ASCII characters without spaces or commas "
+                    f"(make one with: python -c 'import secrets; "
+                    f"print(secrets.token_urlsafe(32))')")
+        return keys
 
     @property
     def max_cache_size(self) -> int:

@@ -48,6 +48,7 @@ SECRET_HOLDERS: dict[str, frozenset[str]] = {
     "api_key": frozenset({API}),
     "gateway_admin_token": frozenset({GATEWAY, CONTROL_WORKER, MONITOR_WORKER}),
     "alert_webhook_urls": frozenset({CONTROL_WORKER, MONITOR_WORKER}),
+    "gateway_api_keys": frozenset({GATEWAY}),
     "database_url": frozenset({API, GATEWAY, CONTROL_WORKER, MONITOR_WORKER, ENGINE_WORKER}),
 }
 # The processes that call external endpoints: the gateway proxies to them, the control

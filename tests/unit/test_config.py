@@ -112,3 +112,23 @@ def test_secret_variable_lists_are_names() -> None:
 def test_bad_secret_variable_lists_name_the_setting(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=f"VLLM_MODEL_SWITCHING_{name}"):
         ModelSwitchingConfig.from_env({f"VLLM_MODEL_SWITCHING_{name}": value})
+
+
+def test_gateway_client_keys_are_comma_separated_secret_and_strong() -> None:
+    keys = ["k3y-0123456789abcdef", "second_key-ABCDEFGHIJ"]
+    settings = ModelSwitchingConfig.from_env(
+        {"VLLM_MODEL_SWITCHING_GATEWAY_API_KEYS": f" {keys[0]}, {keys[1]},"})
+    assert settings.gateway_api_keys == keys
+    assert keys[0] not in repr(settings) and keys[1] not in str(settings)
+    assert ModelSwitchingConfig.from_env({}).gateway_api_keys == []
+    from workers.stack import settings_env
+
+    assert ModelSwitchingConfig.from_env(settings_env(settings)) == settings
+    for bad in ("short-s3cret", "has space in it 0123", "non-ascii-ключ-0123456789"):
+        with pytest.raises(ConfigError, match="VLLM_MODEL_SWITCHING_GATEWAY_API_KEYS") as err:
+            ModelSwitchingConfig.from_env(
+                {"VLLM_MODEL_SWITCHING_GATEWAY_API_KEYS": f"{keys[0]},{bad}"})
+        assert "key 2 of 2" in str(err.value) and bad not in str(err.value)
+        with pytest.raises(ValueError) as direct:  # pydantic's own message hides it too
+            ModelSwitchingConfig(gateway_api_keys=[bad])
+        assert bad not in str(direct.value)

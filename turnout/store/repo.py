@@ -34,6 +34,7 @@ from turnout.domain import (
     VersionInfo,
 )
 from turnout.monitoring import EngineResources, ModelHealth
+from turnout.rules import STORED as STORED_RULES
 from turnout.rules import ModelRules, RoutingRules
 from turnout.store.db import create_engine
 from turnout.store.fleet import FleetStore
@@ -580,8 +581,11 @@ def _route(row: RouteRow) -> Route:
 
 
 def _rules(row: RulesRow) -> ModelRules:
-    return ModelRules(model_id=row.model_id, rules=row.rules, updated_by=row.updated_by,
-                      updated_at=_aware(row.updated_at))
+    # STORED: a rule saved under older checks is loaded (and disabled if it must be), not
+    # refused, so it cannot stop gateways from reading every model's rules.
+    return ModelRules.model_validate(
+        {"model_id": row.model_id, "rules": row.rules, "updated_by": row.updated_by,
+         "updated_at": _aware(row.updated_at)}, context=STORED_RULES)
 
 
 def _engine(row: EngineRow) -> EngineInfo:

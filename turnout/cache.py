@@ -70,6 +70,7 @@ class ModelCache:
         self.refresh_interval_s = refresh_interval_s
         self._entries: dict[str, CacheEntry] = {}
         self._report = FleetReport()
+        self._registered = 0
         self._refreshed_at: float | None = None
         self._refreshes = 0
         self._failures = 0
@@ -85,20 +86,31 @@ class ModelCache:
         (`phase` `loading`, or `ready` when it was loaded already). Cached engines of a
         lower `priority` may be evicted to make room; raises `TurnoutAPIError` (409) when
         it cannot fit, naming what would have to go."""
-        model_id, version = self._resolve(key)
+        return self.preload(*self._resolve(key), priority=priority,
+                            requested_by=requested_by)
+
+    def release_model(self, key: str, *, requested_by: str | None = None) -> dict[str, Any]:
+        """Let go of a preload: its engines stop unless something else holds them."""
+        return self.release(*self._resolve(key), requested_by=requested_by)
+
+    def preload(self, model_id: str, version: str, *, priority: int = 0,
+                requested_by: str | None = None) -> dict[str, Any]:
+        """`preload_model` by model id and version."""
         return self._client.request(
             "POST", f"/models/{model_id}/versions/{version}/preload",
             json={"priority": priority, "requested_by": requested_by})
 
-    def release_model(self, key: str, *, requested_by: str | None = None) -> dict[str, Any]:
-        """Let go of a preload: its engines stop unless something else holds them."""
-        model_id, version = self._resolve(key)
+    def release(self, model_id: str, version: str, *,
+                requested_by: str | None = None) -> dict[str, Any]:
         return self._client.request("DELETE", f"/models/{model_id}/versions/{version}/preload",
                                     json={"requested_by": requested_by})
 
-    def preload_status(self, key: str) -> dict[str, Any]:
-        model_id, version = self._resolve(key)
+    def preload_status(self, model_id: str, version: str) -> dict[str, Any]:
         return self._client.request("GET", f"/models/{model_id}/versions/{version}/preload")
+
+    def fleet(self) -> dict[str, Any]:
+        """`GET /engines`: hosts with capacity and free memory, every engine with its role."""
+        return self._client.request("GET", "/engines")
 
     def loaded(self) -> list[str]:
         """Keys of the versions with a ready engine, as last read."""
@@ -119,6 +131,7 @@ class ModelCache:
             "max_cache_size": self.max_cache_size,
             "loaded": len(self._entries),
             "cached": sum(e.cached for e in self._entries.values()),
+            "registered_versions": self._registered,
             "hosts": hosts,
             "entries": [asdict(e) for e in self.entries()],
             "refreshed_at": self._refreshed_at,
@@ -134,6 +147,7 @@ class ModelCache:
         """Read the stack's fleet now; raises if the API cannot be reached."""
         report = FleetReport.model_validate(
             await self._client.arequest("GET", "/engines", timeout=REQUEST_TIMEOUT_S))
+        models = await self._client.arequest("GET", "/models", timeout=REQUEST_TIMEOUT_S)
         entries: dict[str, CacheEntry] = {}
         for engine in report.engines:
             if engine.state != "ready":
@@ -146,6 +160,7 @@ class ModelCache:
                 (seen.memory_bytes if seen else 0) + engine.memory_bytes)
         self._entries = entries
         self._report = report
+        self._registered = sum(len(m["versions"]) for m in models)
         self._refreshed_at = time.time()
         self._refreshes += 1
         return self.entries()

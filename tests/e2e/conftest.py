@@ -33,6 +33,9 @@ E2E_SETTINGS = {
     "latency_tolerance": 3.0,
     # Several looks of the health monitor fit in one short canary step.
     "monitoring_interval_s": 4,
+    # These modules test rollouts with the replaced version stopped at once (the old
+    # behaviour, kept by STANDBY_MINUTES=0); standby engines are tested in test_fleet.py.
+    "standby_minutes": 0,
 }
 
 

@@ -8,8 +8,10 @@ twice refreshes the holder, releasing twice finds nothing to release.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
+import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -31,13 +33,21 @@ from turnout.store.schema import utcnow
 
 # ApplicationError type of a load no host can take (non-retryable: the fleet decides).
 PLACEMENT_FAILED = "PlacementFailed"
+# No engine host heartbeats (retried: workers may be starting).
+NO_LIVE_HOST = "NoLiveEngineHost"
 EXTERNAL_HOST = "external"
+# How long a loaded engine may take to answer `/health` and still count as warm.
+HEALTH_PROBE_S = 2.0
 
 
 class FleetActivities:
     def __init__(self, settings: ModelSwitchingConfig, store: Store) -> None:
         self.settings = settings
         self.store = store
+        self._http = httpx.AsyncClient(timeout=HEALTH_PROBE_S)
+
+    async def close(self) -> None:
+        await self._http.aclose()
 
     @activity.defn(name=c.PLACE_VERSION)
     async def place_version(self, input: c.PlaceVersionInput) -> c.PlaceVersionResult:
@@ -55,16 +65,24 @@ class FleetActivities:
             replicas=input.replicas or 1,
             priority=input.holder.priority
             if input.holder and input.holder.kind is HolderKind.PRELOAD else None)
+        hosts = state.host_views(utcnow(), self._live_after())
+        if not any(h.live for h in hosts):
+            # Engine workers starting (or restarting): worth waiting for, within the
+            # activity's retries, rather than failing the switch.
+            raise ApplicationError(
+                f"no engine host is live to load {input.version} "
+                f"({len(hosts)} known, none heartbeating within "
+                f"{self._live_after():g} s)", type=NO_LIVE_HOST)
         try:
-            placement = place(request, state.host_views(utcnow(), self._live_after()),
-                              state.views())
+            placement = place(request, hosts, state.views())
         except PlacementError as exc:
             raise ApplicationError(str(exc), type=PLACEMENT_FAILED, non_retryable=True) \
                 from None
         queues = {h.host_id: h.task_queue for h in state.hosts}
-        ready = {e.host for e in state.engines
-                 if (e.model_id, e.version) == (input.model_id, input.version)
-                 and e.state is EngineState.READY}
+        ready = await self._answering(
+            [e for e in state.engines
+             if (e.model_id, e.version) == (input.model_id, input.version)
+             and e.state is EngineState.READY and not e.external])
         activity.logger.info("placing %s %s on %s%s", input.model_id, input.version,
                              ", ".join(r.host_id + (" (loaded)" if r.reuse else "")
                                        for r in placement.replicas),
@@ -114,6 +132,18 @@ class FleetActivities:
         return c.RetireVersionResult(standby_until=until, evict=evict)
 
     # ------------------------------------------------------------------ helpers
+
+    async def _answering(self, engines: list[EngineInfo]) -> set[str]:
+        """Hosts whose ready engine answers `/health` now: a switch to them needs no load.
+        (One that does not answer is loaded again by its host, which restarts it.)"""
+        async def answers(engine: EngineInfo) -> bool:
+            try:
+                return (await self._http.get(f"{engine.url}/health")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        healthy = await asyncio.gather(*(answers(e) for e in engines))
+        return {e.host for e, ok in zip(engines, healthy, strict=True) if ok}
 
     def _live_after(self) -> float:
         return self.settings.engine_host_live_after_s

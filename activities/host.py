@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,12 @@ HEARTBEAT_S = 5.0
 
 
 def cuda_devices() -> list[GpuDevice]:
-    """The CUDA devices torch sees here; none on a CPU-only host (or without torch)."""
+    """The CUDA devices torch sees here; none on a CPU-only host (or without torch).
+
+    Importing torch takes seconds: hosts without NVIDIA's driver are known CPU-only
+    without it."""
+    if not Path("/proc/driver/nvidia/gpus").is_dir() and not shutil.which("nvidia-smi"):
+        return []
     try:
         import torch
     except ImportError:

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ class Stack:
     # Out of the repr, like the settings' secrets: it may hold credentials.
     base_env: Mapping[str, str] | None = field(default=None, repr=False)
     processes: dict[str, Process] = field(default_factory=dict)
+    _started_at: datetime = field(default_factory=lambda: datetime.now(UTC), init=False,
+                                  repr=False)
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +149,7 @@ class Stack:
         return f"http://{host}:{self.settings.gateway_port}"
 
     async def start(self) -> None:
+        self._started_at = datetime.now(UTC)
         self.temporal_db.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(upgrade, self.settings.database_url)
         self.start_process("temporal")
@@ -155,6 +159,28 @@ class Stack:
                 self.start_process(name)
         await self.wait_for_http(f"{self.gateway_url}/health", "gateway")
         await self.wait_for_http(f"{self.api_url}/healthz", "api", headers=self._api_headers)
+        await self.wait_for_engine_host()
+
+    async def wait_for_engine_host(self, timeout_s: float = 90) -> None:
+        """Until the engine worker has claimed its host and heartbeats: before that, a
+        switch would find no host to load on."""
+        deadline = time.monotonic() + timeout_s
+        store = Store.from_url(self.settings.database_url)
+        try:
+            while True:
+                self._check_alive("engine-worker")
+                hosts = {h.host_id: h for h in await store.list_hosts()}
+                host = hosts.get(self.settings.engine_host)
+                if host is not None and host.started_at is not None and host.last_seen and \
+                        host.last_seen >= self._started_at:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the engine worker did not claim host {self.settings.engine_host} "
+                        f"in {timeout_s:g}s; see {self.processes['engine-worker'].log_path}")
+                await asyncio.sleep(0.2)
+        finally:
+            await store.close()
 
     def start_process(self, name: str) -> None:
         process = self.processes[name]

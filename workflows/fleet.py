@@ -26,7 +26,7 @@ async def place_version(holder: Holder, replicas: int | None = None) -> c.PlaceV
         c.PlaceVersionInput(model_id=holder.model_id, version=holder.version,
                             replicas=replicas, holder=holder),
         result_type=c.PlaceVersionResult, summary=f"place {holder.version}",
-        **call.STORE_CALL)
+        **call.PLACE_CALL)
     await stop_engines(placed.evict, "cached")
     return placed
 

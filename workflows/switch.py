@@ -181,12 +181,15 @@ class SwitchWorkflow:
                 MODEL_ID.value_set(input.model_id),
                 TARGET_VERSION.value_set(input.target_version),
                 STRATEGY.value_set(input.strategy.value)])
-        await self._record("switch_started")
-
-        snapshot: c.ModelSnapshot = await workflow.execute_activity(
+        describe = workflow.execute_activity(
             c.DESCRIBE_MODEL,
             c.DescribeModelInput(model_id=input.model_id, target_version=input.target_version),
             result_type=c.ModelSnapshot, summary="read model", **call.STORE_CALL)
+        if self._fleet:  # recorded while the model is read: an emergency rollback is waiting
+            _, snapshot = await asyncio.gather(self._record("switch_started"), describe)
+        else:
+            await self._record("switch_started")
+            snapshot = await describe
         self._stable = snapshot.live_version \
             if snapshot.live_version != input.target_version else None
         self._status.from_version = self._stable
@@ -243,7 +246,8 @@ class SwitchWorkflow:
                 Holder(model_id=self._input.model_id, version=target, kind=HolderKind.SWITCH,
                        holder_id=self._input.operation_id), self._input.replicas)
             self._current().warm_start = placed.warm
-            queues = [slot.task_queue for slot in placed.replicas]
+            # Warm: every replica is a ready engine that answered just now; nothing to load.
+            queues = [] if placed.warm else [slot.task_queue for slot in placed.replicas]
         loads = [asyncio.ensure_future(workflow.execute_activity(
             c.LOAD_VERSION, c.LoadVersionInput(model_id=self._input.model_id, version=target),
             result_type=c.LoadVersionResult, task_queue=queue,

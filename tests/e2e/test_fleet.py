@@ -32,14 +32,16 @@ STANDBY_MINUTES = 1.0
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("fleet")
+    # Fixed ports below the kernel's ephemeral range (32768+), where vLLM's own sockets
+    # land, and apart from the other e2e modules' and `make run`'s.
     settings = ModelSwitchingConfig.from_env(
         {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        temporal_address="127.0.0.1:37233", api_port=38001, gateway_port=38000,
-        gateway_admin_port=38002, engine_port_start=38100, engine_port_end=38119,
+        temporal_address="127.0.0.1:23233", api_port=23001, gateway_port=23000,
+        gateway_admin_port=23002, engine_port_start=23100, engine_port_end=23119,
         engine_host="e2e-fleet", standby_minutes=STANDBY_MINUTES, max_cached_models=1,
         monitoring_interval_s=4)
     stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
-                  temporal_ui_port=38233, headless=True,
+                  temporal_ui_port=23234, headless=True,
                   extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
                       "VLLM_CPU_KVCACHE_SPACE", "1")})
     try:
@@ -69,7 +71,8 @@ async def switch(stack: Stack, version: str) -> dict[str, Any]:
         "model_id": MODEL_ID, "target_version": version, "strategy": "immediate"})
     assert r.status_code == 202, r.text
     status = await wait_end(stack, r.json()["operation_id"])
-    assert (status["status"], status["outcome"]) == ("completed", "promoted"), status
+    assert (status["status"], status["outcome"]) == ("completed", "promoted"), \
+        status["reason"]
     return status
 
 

@@ -9,12 +9,15 @@ what it says.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "VLLM_MODEL_SWITCHING_"
+# What a credential's environment variable may be called (`api_key_env`).
+ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
 
 # Fields whose environment name is not simply the upper-cased field name (the guide's names).
 _ENV_NAMES: dict[str, str] = {
@@ -117,12 +120,61 @@ class ModelSwitchingConfig(BaseModel):
     route_sync_timeout_s: float = Field(60, gt=0)
     drain_timeout_s: float = Field(120, gt=0)
 
-    @field_validator("alert_webhook_urls", mode="before")
+    # What a registration may point at (checked by the API, and again by the engine worker
+    # and the control worker when they load or route to a version).
+    # Directories local model versions must lie under (comma-separated in the
+    # environment); empty: `<state_dir>/models`, where `make run` puts its tiny models.
+    # A relative root is taken from the process's working directory.
+    model_roots: list[str] = Field(default_factory=list, max_length=32)
+    # vLLM's `trust_remote_code` runs Python code shipped with a model: refused in
+    # `engine_args` unless an operator turns this on (on the API and the engine workers).
+    allow_trust_remote_code: bool = False
+    # External endpoints on loopback or private addresses (127/8, 10/8, 192.168/16, ...,
+    # `localhost`) are refused unless this is on: from inside a network those reach
+    # services no prompt should go to. Link-local and metadata addresses are always refused.
+    allow_private_endpoints: bool = False
+    # If set, external endpoints may only name these hosts (comma-separated; `*.domain`
+    # for any name under a domain). The only guard against DNS rebinding: recommended
+    # wherever versions route to external endpoints.
+    endpoint_hosts: list[str] = Field(default_factory=list, max_length=256)
+    # How long the API waits for an endpoint's host name to resolve at registration.
+    endpoint_resolve_timeout_s: float = Field(2, gt=0, le=30)
+    # Environment variables a version's `api_key_env` may name (comma-separated). The
+    # gateway and health probe send that variable's value as a bearer token to the
+    # version's endpoint, so naming any variable would let a registration send any secret
+    # of those processes to a host of its choice: only the listed ones are accepted.
+    endpoint_key_envs: list[str] = Field(default_factory=list, max_length=256)
+
+    @field_validator("alert_webhook_urls", "model_roots", "endpoint_hosts",
+                     "endpoint_key_envs", mode="before")
     @classmethod
     def _split_urls(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [url.strip() for url in value.split(",") if url.strip()]
         return value
+
+    @field_validator("model_roots")
+    @classmethod
+    def _roots_are_paths(cls, value: list[str]) -> list[str]:
+        for root in value:
+            if len(root) > 1024 or "\x00" in root:
+                raise ValueError(f"not a directory path: {root[:80]!r}")
+        return value
+
+    @field_validator("endpoint_key_envs")
+    @classmethod
+    def _key_envs_are_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(ENV_NAME_PATTERN, name) or name.startswith(ENV_PREFIX):
+                raise ValueError(f"{name!r} is not an environment variable name turnout "
+                                 f"may send as a credential")
+        return value
+
+    @property
+    def resolved_model_roots(self) -> list[str]:
+        """The model roots as absolute, normalised paths (symlinks kept)."""
+        roots = self.model_roots or [os.path.join(self.state_dir, "models")]
+        return [os.path.normpath(os.path.abspath(os.path.expanduser(r))) for r in roots]
 
     @property
     def max_cache_size(self) -> int:

@@ -37,11 +37,15 @@ E2E_SETTINGS = {
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+async def stack(tmp_path_factory: pytest.TempPathFactory,
+                tiny_models: dict[str, Path]) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     settings = ModelSwitchingConfig.from_env(
         {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        **E2E_SETTINGS)
+        # The tiny models live in their own temporary directory; the fake engines some
+        # tests register as external endpoints listen on 127.0.0.1.
+        model_roots=sorted({str(path.parent) for path in tiny_models.values()}),
+        allow_private_endpoints=True, **E2E_SETTINGS)
     stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
                   temporal_ui_port=18233, headless=True,
                   extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get(

@@ -1,8 +1,8 @@
 """A fake OpenAI-compatible engine for gateway tests: a real aiohttp server on a free port.
 
 It answers `/v1/completions` and `/v1/chat/completions` (plain JSON or SSE stream) with text
-naming its version, records what it received, can be slowed down or made to fail, and
-counts requests that were cancelled because the caller went away.
+naming its version, records what it received (bodies and headers), can be slowed down or
+made to fail, and counts requests that were cancelled because the caller went away.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class FakeUpstream:
         self.host = host
         self.port = 0
         self.received: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # of each request, beside its body
         self.record = record  # keep every body (tests); off for benchmarks
         self.cancelled = 0
         self.completed = 0
@@ -76,6 +77,7 @@ class FakeUpstream:
         body = await request.json()
         if self.record:
             self.received.append(body)
+            self.headers.append(dict(request.headers))
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)

@@ -42,9 +42,11 @@ async def stack(tmp_path_factory: pytest.TempPathFactory,
     root = tmp_path_factory.mktemp("stack")
     settings = ModelSwitchingConfig.from_env(
         {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        # The tiny models live in their own temporary directory; the fake engines some
-        # tests register as external endpoints listen on 127.0.0.1.
-        model_roots=sorted({str(path.parent) for path in tiny_models.values()}),
+        # Models are the tiny ones (in their own temporary directory, or
+        # TURNOUT_TEST_MODELS_DIR) and broken copies tests make under their tmp_path; the
+        # fake engines some tests register as external endpoints listen on 127.0.0.1.
+        model_roots=sorted({str(tmp_path_factory.getbasetemp()),
+                            *(str(path.parent) for path in tiny_models.values())}),
         allow_private_endpoints=True, **E2E_SETTINGS)
     stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
                   temporal_ui_port=18233, headless=True,

@@ -14,6 +14,7 @@ from turnout.config import ModelSwitchingConfig
 from turnout.domain import OmniModelConfig, RegisterModelRequest, SwitchRequest
 from turnout.limits import MAX_JSON_BYTES
 from turnout.registration import check_registration, model_dir_problem
+from turnout.sdk import local_model_path
 
 ROOT = "/srv/models"
 
@@ -161,3 +162,13 @@ async def test_credential_variables_must_be_listed() -> None:
     errors = await _errors(request, resolve=resolve)
     assert "VLLM_MODEL_SWITCHING_ENDPOINT_KEY_ENVS" in errors[("body", "api_key_env")]
     assert await _errors(request, resolve=resolve, endpoint_key_envs=["OPENAI_KEY"]) == {}
+
+
+def test_the_sdk_sends_a_local_directory_as_its_absolute_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert local_model_path("models/tiny") == str(tmp_path / "models" / "tiny")
+    assert local_model_path("./models/tiny") == str(tmp_path / "models" / "tiny")
+    assert local_model_path("org/not-here") == "org/not-here"  # a hub id stays one
+    assert local_model_path("/srv/models/x") == "/srv/models/x"  # only the engine host has it

@@ -47,7 +47,7 @@ from turnout.contracts import (
 from turnout.domain import SERVED_NAME_PATTERN, EngineInfo, EngineState, VersionInfo
 from turnout.engine_args import TRUST_REMOTE_CODE_SETTING, EngineArgsError, engine_argv
 from turnout.redaction import answer_summary
-from turnout.registration import is_hub_id, model_dir_problem
+from turnout.registration import is_hub_id, model_dir_problem, stored_endpoint_problem
 from turnout.store import NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,10 @@ class EngineActivities:
         config = version.config
         name = config.served_model_name or f"{input.model_id}:{input.version}"
         if config.endpoint:
+            problem = stored_endpoint_problem(config.endpoint, self.settings)
+            if problem:
+                raise ApplicationError(f"endpoint of {input.model_id}:{input.version} refused: "
+                                       f"{problem}", non_retryable=True, type=MODEL_LOAD_ERROR)
             existing = await self.store.get_engine(input.model_id, input.version, self.host)
             engine = EngineInfo(model_id=input.model_id, version=input.version, host=self.host,
                                 url=config.endpoint.rstrip("/"),

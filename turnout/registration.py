@@ -26,7 +26,7 @@ from typing import Any
 from turnout import engine_args as catalogue
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import RegisterModelRequest
-from turnout.endpoints import endpoint_problems, parse_endpoint, resolve_host
+from turnout.endpoints import EndpointError, endpoint_problems, parse_endpoint, resolve_host
 
 Resolver = Callable[[str, int, float], Awaitable[list[str] | None]]
 
@@ -71,6 +71,22 @@ def model_dir_problem(model: str, roots: Iterable[str], *, resolve: bool = False
         if any(_within(real, os.path.realpath(root)) for root in roots):
             return None
     return outside
+
+
+def stored_endpoint_problem(url: str, settings: ModelSwitchingConfig) -> str | None:
+    """Why a stored endpoint may not be routed to under `settings` (None: it may), for the
+    engine worker before it records an external version: the shape and literal-address
+    rules, private addresses and the host allowlist. Names are not resolved here (that is
+    the registration's check); a registration stored by an older release that points at
+    a metadata address or carries a query fails its load instead of being routed to."""
+    try:
+        endpoint = parse_endpoint(url)
+    except EndpointError as exc:
+        return str(exc)
+    problems = endpoint_problems(endpoint, allow_private=settings.allow_private_endpoints,
+                                 allowed_hosts=settings.endpoint_hosts,
+                                 resolved=None if endpoint.address is not None else [])
+    return "; ".join(problems) or None
 
 
 async def check_registration(request: RegisterModelRequest, settings: ModelSwitchingConfig,

@@ -245,6 +245,12 @@ async def test_cancel_while_starting_kills_the_engine(store: Store,
 async def test_external_endpoint_is_only_recorded(store: Store,
                                                   settings: ModelSwitchingConfig) -> None:
     await _register(store, "someone/else", "ext", endpoint="http://10.0.0.9:9000/")
+    refused = EngineActivities(settings, store)  # a private address, not allowed here
+    with pytest.raises(ApplicationError, match="ALLOW_PRIVATE_ENDPOINTS") as err:
+        await _env().run(refused.load_version, LoadVersionInput(model_id=MODEL_ID,
+                                                                version="ext"))
+    assert err.value.non_retryable and await store.list_engines() == []
+    settings = settings.model_copy(update={"allow_private_endpoints": True})
     acts = EngineActivities(settings, store)
     result = await _env().run(acts.load_version, LoadVersionInput(model_id=MODEL_ID,
                                                                   version="ext"))
@@ -280,6 +286,8 @@ async def _stored(store: Store, model: Path | str, version: str, **config: Any) 
 
 
 @pytest.mark.parametrize(("config", "needle"), [
+    ({"endpoint": "http://169.254.169.254/latest#"}, "fragment"),
+    ({"endpoint": "http://169.254.169.254/latest"}, "link-local"),
     ({"engine_args": {"max_model_len": ["256", "--host", "0.0.0.0"]}}, "max_model_len"),
     ({"engine_args": {"port": 9}}, "port"),
     ({"engine_args": {"trust_remote_code": True}}, "allow_trust_remote_code"),

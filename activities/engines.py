@@ -36,6 +36,7 @@ import psutil
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.host import detect_capacity
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import (
     LOAD_VERSION,
@@ -46,9 +47,12 @@ from turnout.contracts import (
 )
 from turnout.domain import SERVED_NAME_PATTERN, EngineInfo, EngineState, VersionInfo
 from turnout.engine_args import TRUST_REMOTE_CODE_SETTING, EngineArgsError, engine_argv
+from turnout.environments import engine_environment
+from turnout.fleet import CACHED_ROLES, GIB, EngineRole, HolderKind, HostCapacity
 from turnout.redaction import answer_summary
 from turnout.registration import is_hub_id, model_dir_problem, stored_endpoint_problem
 from turnout.store import NotFound, Store
+from turnout.store.fleet import read_fleet
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,9 @@ ENGINE_EXITED = "EngineExitedError"  # vLLM exited before it became ready
 ENGINE_START_TIMEOUT = "EngineStartTimeout"  # not ready within engine_startup_timeout_s
 ENGINE_WARMUP_FAILED = "EngineWarmupError"  # /health OK but the first completion failed
 NO_FREE_PORT = "NoFreePort"  # every port of [engine_port_start, engine_port_end] is taken
+INSUFFICIENT_MEMORY = "InsufficientMemory"  # the engine would not fit in this host's memory
+# Files that hold a model's weights (what an engine loads into memory).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 POLL_INTERVAL_S = 0.5
@@ -149,6 +156,20 @@ def validate_model_dir(model: str, roots: Iterable[str] | None = None) -> str:
     return str(path.resolve())
 
 
+def weights_bytes(model: str) -> int:
+    """Size of a model's weight files: a local directory, or a hub id's cache entry."""
+    path = Path(model).expanduser()
+    root = path if path.is_dir() else hub_cache_dir(model)
+    if root is None:
+        return 0
+    total = 0
+    for file in root.rglob("*"):
+        if file.suffix in _WEIGHT_SUFFIXES:
+            with contextlib.suppress(OSError):
+                total += file.stat().st_size  # follows the cache's links to its blobs
+    return total
+
+
 def log_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
     """The most telling line of a failed engine's log: its last exception, else last line."""
     try:
@@ -209,6 +230,7 @@ class EngineActivities:
         # Port choice + spawn + first store write happen under this lock so that two loads
         # in this worker never pick the same port.
         self._spawn_lock = asyncio.Lock()
+        self._capacity: HostCapacity | None = None  # detected at the first load
 
     # ------------------------------------------------------------------ activities
 
@@ -239,19 +261,37 @@ class EngineActivities:
 
     @activity.defn(name=UNLOAD_VERSION)
     async def unload_version(self, input: UnloadVersionInput) -> None:
-        """Stop the version's engine on this host (SIGTERM, then SIGKILL) and forget it."""
+        """Stop the version's engine on this host (SIGTERM, then SIGKILL) and forget it.
+
+        Unless `input.when` says it may still go: decided on the control worker, it is
+        checked again here, under the same lock as loads, so an engine a new switch or
+        shadow has taken since is left running.
+        """
         async with self._locked(input.model_id, input.version):
             engine = await self.store.get_engine(input.model_id, input.version, self.host)
             if engine is None:
                 _logger().info("unload %s:%s: nothing loaded on %s", input.model_id,
                                input.version, self.host)
                 return
+            if input.when != "always":
+                state = await read_fleet(self.store)
+                role = state.role(input.model_id, input.version)
+                if role not in CACHED_ROLES or (input.when == "unheld"
+                                                and role is not EngineRole.IDLE):
+                    _logger().info("%s:%s is %s now: left running", input.model_id,
+                                   input.version, role.value)
+                    return
             if not engine.external and engine.pid:
                 await self.store.save_engine(engine.model_copy(
                     update={"state": EngineState.STOPPING}))
                 await self._stop(engine.pid, engine.port, grace_s=STOP_GRACE_S)
             await self.store.delete_engine(input.model_id, input.version, self.host)
             _logger().info("unloaded %s:%s (pid %s)", input.model_id, input.version, engine.pid)
+            if input.when == "cached" and not await self.store.list_engines(
+                    model_id=input.model_id, version=input.version):
+                # Evicted everywhere: a standby or preload of it holds nothing any more.
+                for kind in (HolderKind.STANDBY, HolderKind.PRELOAD):
+                    await self.store.release(input.model_id, input.version, kind)
 
     # ------------------------------------------------------------------ worker start
 
@@ -344,8 +384,10 @@ class EngineActivities:
 
         model_dir = validate_model_dir(version.config.model, self.settings.resolved_model_roots)
         flags = self._checked_flags(version, name)
+        need = await self._check_room(version, model_dir)
         engine, log_path = await self._spawn(version, model_dir, name, flags)
-        engine = await self._finish_start(engine, log_path)
+        engine = await self._finish_start(engine.model_copy(update={"memory_bytes": need}),
+                                          log_path)
         return LoadVersionResult(engine=engine, already_running=False)
 
     def _checked_flags(self, version: VersionInfo, name: str) -> list[str]:
@@ -372,6 +414,26 @@ class EngineActivities:
                 raise ApplicationError(f"tokenizer of {what}: {problem}", non_retryable=True,
                                        type=MODEL_LOAD_ERROR)
         return flags
+
+    async def _check_room(self, version: VersionInfo, model_dir: str) -> int:
+        """What the new engine needs (weights from the model's files, plus what this host
+        gives every engine); fail at once, before spawning, if this host has not got it."""
+        if self._capacity is None:
+            self._capacity = await asyncio.to_thread(detect_capacity, self.settings)
+        weights = await asyncio.to_thread(weights_bytes, model_dir)
+        await self.store.set_weights_bytes(version.model_id, version.version, weights)
+        need = weights + self._capacity.engine_extra_bytes
+        state = await read_fleet(self.store)
+        used = sum(state.engine_memory(e) for e in state.engines
+                   if e.host == self.host and not e.external
+                   and (e.model_id, e.version) != (version.model_id, version.version))
+        free = self._capacity.memory_bytes - used
+        if need > free:
+            raise ApplicationError(
+                f"{version.model_id} {version.version} needs about {need / GIB:.1f} GiB; "
+                f"the largest free is {max(0, free) / GIB:.1f} GiB on host {self.host}",
+                non_retryable=True, type=INSUFFICIENT_MEMORY)
+        return need
 
     def _process_from_heartbeat(self) -> tuple[int, int] | None:
         if not activity.in_activity():
@@ -406,12 +468,9 @@ class EngineActivities:
         s = self.settings
         log_path = self._log_path(version.model_id, version.version)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", _gib(s.engine_kv_cache_gib))
-        env.setdefault("PYTHONUNBUFFERED", "1")
         async with self._spawn_lock:
             port = await self._free_port()
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", await self._cpu_core())
+            env = self._engine_env(await self._cpu_core())
             argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
                     "--model", model_dir, "--served-model-name", name,
                     "--host", s.engine_bind_host, "--port", str(port), *flags]
@@ -438,6 +497,15 @@ class EngineActivities:
         _logger().info("started engine %s:%s pid=%s port=%s log=%s", version.model_id,
                        version.version, proc.pid, port, log_path)
         return engine, log_path
+
+    def _engine_env(self, core: str) -> dict[str, str]:
+        """An engine's environment: the allowlisted part of this worker's (no turnout
+        setting, no credential), and what turnout sets unless the operator did."""
+        s = self.settings
+        return engine_environment(
+            os.environ, {"VLLM_CPU_KVCACHE_SPACE": _gib(s.engine_kv_cache_gib),
+                         "PYTHONUNBUFFERED": "1", "VLLM_CPU_OMP_THREADS_BIND": core},
+            passthrough=s.engine_env_passthrough, denied=s.endpoint_credential_envs)
 
     async def _finish_start(self, engine: EngineInfo, log_path: Path) -> EngineInfo:
         """Wait for /health, warm up, mark READY; on any failure or cancel, kill and forget."""

@@ -10,7 +10,7 @@ from temporalio.client import Client
 
 from api import errors
 from api.deps import require_api_key
-from api.routers import alerts, audit, health, models, rules, shadow, switch
+from api.routers import alerts, audit, engines, health, models, rules, shadow, switch
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal
 from turnout.store import Store
@@ -41,6 +41,7 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
     app.include_router(audit.router)
     app.include_router(alerts.router)
     app.include_router(health.router)
+    app.include_router(engines.router)
 
     @app.get("/healthz", tags=["meta"])
     async def healthz() -> dict[str, str]:

@@ -42,6 +42,15 @@ UPSTREAM_READ_TIMEOUT_S = 600.0
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 # Request headers worth passing on; the client's Authorization is for the gateway, not engines.
 _FORWARDED_HEADERS = ("Accept", "X-Request-Id", "OpenAI-Organization")
+# Deepest nesting of a request body. OpenAI bodies nest a few levels (messages, content
+# parts; tool and response-format schemas a few dozen at most). Python's JSON parser and
+# serializer recurse once per level and raise RecursionError near 1,000 levels, so deeper
+# bodies are refused with a 400 before anything else touches them.
+MAX_JSON_DEPTH = 100
+# From this many items, `json_depth_exceeds` first asks whether an array or object holds
+# any container at all with one C-level pass (`set(map(type, ...))`), which costs a
+# 100,000-id prompt half of what a Python loop over it would.
+_SCAN_IN_C_FROM = 32
 
 
 def upstream_timeout() -> aiohttp.ClientTimeout:
@@ -186,10 +195,10 @@ class Proxy:
             failure = "connect"
             log.warning("upstream %s of %s/%s failed: %r", backend.url, model_id, version, exc)
             fallback = self._fallback(model_id, version, may_fail_over)
-            if fallback is None:
-                return error_response(502, f"upstream of version {version!r} failed: {exc}",
-                                      type="upstream_error", code="bad_gateway",
-                                      headers={VERSION_HEADER: version})
+            if fallback is None:  # the logged detail names the upstream; clients never see it
+                return error_response(502, f"version {version!r} of the model could not be "
+                                           f"reached", type="upstream_error",
+                                      code="bad_gateway", headers={VERSION_HEADER: version})
         finally:
             self.metrics.finished(model_id, version, time.monotonic() - started,
                                   failure=failure, completed=completed, ttfb_s=ttfb_s)
@@ -399,12 +408,46 @@ async def _parse_body(request: web.Request, limit: int
         return None, error_response(413, f"the request body is larger than the gateway's "
                                          f"limit of {limit} bytes",
                                     type="invalid_request_error", code="request_too_large")
+    too_deep = False
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None, error_response(400, "the request body is not valid JSON",
                                     type="invalid_request_error", code="invalid_json")
+    except RecursionError:  # Python's parser gives up near 1,000 levels
+        too_deep = True
+    if too_deep or json_depth_exceeds(body, MAX_JSON_DEPTH):
+        return None, error_response(400, f"the request body nests deeper than "
+                                         f"{MAX_JSON_DEPTH} levels",
+                                    type="invalid_request_error", code="json_too_deep")
     if not isinstance(body, dict):
         return None, error_response(400, "the request body must be a JSON object",
                                     type="invalid_request_error", code="invalid_json")
     return body, None
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether the parsed JSON `value` nests arrays and objects deeper than `limit`.
+
+    Walks the containers level by level, never the text: the cost is the number of items
+    in arrays and objects, so the common large bodies (long prompts, base64 images) cost
+    as little as small ones (a few microseconds) where a scan of the bytes would cost
+    about as much as parsing them. Long arrays of scalars (token-id prompts) are checked
+    for containers in one C-level pass.
+    """
+    level = [value] if type(value) is dict or type(value) is list else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for container in level:
+            items = container.values() if type(container) is dict else container
+            if len(items) > _SCAN_IN_C_FROM:
+                kinds = set(map(type, items))
+                if dict not in kinds and list not in kinds:
+                    continue
+            below.extend(item for item in items if type(item) is dict or type(item) is list)
+        level = below
+    return False

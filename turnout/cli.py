@@ -1,6 +1,7 @@
 """The `turnout` command: run the stack, make tiny models, register, switch, watch, and
 steer running switches (rollback, pause, resume, promote, abort, emergency-rollback);
-read health and alerts, change monitoring thresholds, mirror traffic to a shadow."""
+read health and alerts, change monitoring thresholds, mirror traffic to a shadow; list
+the engine fleet and preload versions."""
 
 from __future__ import annotations
 
@@ -159,6 +160,27 @@ def _shadow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engines(args: argparse.Namespace) -> int:
+    from turnout.cache import ModelCache
+
+    _print(ModelCache().fleet())
+    return 0
+
+
+def _preload(args: argparse.Namespace) -> int:
+    from turnout.cache import ModelCache
+
+    cache, user = ModelCache(), os.environ.get("USER")
+    if args.release:
+        _print(cache.release(args.model_id, args.version, requested_by=user))
+    elif args.status:
+        _print(cache.preload_status(args.model_id, args.version))
+    else:
+        _print(cache.preload(args.model_id, args.version, priority=args.priority,
+                             requested_by=user))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     shadow.add_argument("--stop", action="store_true", help="stop mirroring")
     shadow.add_argument("--reason")
     shadow.set_defaults(func=_shadow)
+
+    engines = sub.add_parser("engines", help="engine hosts and every engine with its role "
+                                             "(GET /engines)")
+    engines.set_defaults(func=_engines)
+
+    preload = sub.add_parser("preload", help="load a version without traffic so a switch "
+                                             "to it needs no cold start")
+    preload.add_argument("model_id")
+    preload.add_argument("version")
+    preload.add_argument("--priority", type=int, default=0,
+                         help="cached engines of a lower priority may be evicted for it")
+    preload.add_argument("--release", action="store_true", help="let go of the preload")
+    preload.add_argument("--status", action="store_true", help="show the preload")
+    preload.set_defaults(func=_preload)
     return parser
 
 

@@ -263,6 +263,11 @@ class EngineInfo(BaseModel):
     external: bool = False
     started_at: datetime | None = None
     log_path: str | None = None
+    # What the engine needs, as its host estimated when it loaded (weights, KV cache,
+    # runtime); when it last served a request's share; whether it sleeps (vLLM sleep mode).
+    memory_bytes: int | None = None
+    last_used_at: datetime | None = None
+    sleeping: bool = False
 
 
 class SwitchingStrategyType(StrEnum):
@@ -448,6 +453,8 @@ class SwitchInput(BaseModel):
     requested_by: str | None = None
     reason: str | None = None
     thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
+    # Engines of the target (None: as many as the version was registered with).
+    replicas: int | None = None
 
 
 class SwitchStatus(BaseModel):
@@ -470,6 +477,9 @@ class SwitchStatus(BaseModel):
     next_check_at: datetime | None = None
     last_verdict: Verdict | None = None
     verdicts: list[Verdict] = Field(default_factory=list)
+    # Whether the target's engines were already loaded (a standby or preloaded version),
+    # so the switch needed no cold start; None until it is known.
+    warm_start: bool | None = None
     started_at: datetime | None = None
     updated_at: datetime | None = None
     finished_at: datetime | None = None

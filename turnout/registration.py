@@ -11,7 +11,7 @@ catalogue, sizes). `check_registration` adds, with the API's settings:
 - a gated engine argument (`trust_remote_code`) is allowed by its setting;
 - an external endpoint is allowed where it points (private addresses, host allowlist,
   what its name resolves to: `turnout.endpoints`);
-- a credential variable (`api_key_env`) is one the operator listed (`ENDPOINT_KEY_ENVS`).
+- a credential variable (`api_key_env`) is one the operator listed (`ENDPOINT_CREDENTIAL_ENVS`).
 
 Every problem comes back at once, located like pydantic's (`loc` = ("body", field, ...)),
 so the API answers one 422 naming each field and writes nothing.
@@ -124,9 +124,9 @@ async def check_registration(request: RegisterModelRequest, settings: ModelSwitc
                                      resolved=resolved):
         refuse(("endpoint",), "endpoint_refused", problem)
     if request.api_key_env is not None and \
-            request.api_key_env not in settings.endpoint_key_envs:
+            request.api_key_env not in settings.endpoint_credential_envs:
         refuse(("api_key_env",), "key_env_not_allowed",
                f"{request.api_key_env} is not in "
-               f"{ModelSwitchingConfig.env_name('endpoint_key_envs')} (the variables the "
+               f"{ModelSwitchingConfig.env_name('endpoint_credential_envs')} (the variables the "
                f"gateways may send as an endpoint's credential)")
     return errors

@@ -12,6 +12,7 @@ import os
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.fleet import FleetActivities
 from activities.gateway_admin import GatewayAdmin
 from activities.health import HealthActivities
 from activities.monitoring import MonitorActivities
@@ -35,12 +36,14 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
     traffic = TrafficActivities(settings, store, admin)
     health = health or HealthActivities(store, settings=settings, admin=admin)
     monitor = MonitorActivities(settings, store, admin)
+    fleet = FleetActivities(settings, store)
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
         activities=[registry.describe_model, registry.mark_live, registry.record_operation,
                     registry.raise_alert, traffic.set_traffic, traffic.set_mirror,
                     traffic.drain_version, health.check_health, health.judge_health,
-                    monitor.list_engine_hosts, monitor.assess_health])
+                    monitor.list_engine_hosts, monitor.assess_health, fleet.place_version,
+                    fleet.release_version, fleet.retire_version])
 
 
 async def main() -> None:

@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 
-from turnout.config import ModelSwitchingConfig
+from turnout.config import ModelSwitchingConfig, redact_url
+from turnout.environments import TEMPORAL, process_environment, role_of, settings_environment
 from turnout.runtime import installed_binary, setup_logging
 from turnout.store import Store, upgrade
 
@@ -39,19 +40,8 @@ SEARCH_ATTRIBUTES = {
 
 
 def settings_env(settings: ModelSwitchingConfig) -> dict[str, str]:
-    """The environment that gives another process exactly these settings."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, list):
-            text = ",".join(str(item) for item in value)
-        else:
-            text = str(value)
-        env[ModelSwitchingConfig.env_name(name)] = text
-    return env
+    """The environment that gives another process exactly these settings (all of them)."""
+    return settings_environment(settings)
 
 
 @dataclass
@@ -59,6 +49,9 @@ class Process:
     name: str
     argv: list[str]
     log_path: Path
+    # What kind of process it is (`turnout.environments.ROLES`): decides which secrets its
+    # environment holds. None: an unknown command, given no secret.
+    role: str | None = None
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,7 +72,11 @@ class Stack:
     log_dir: Path
     temporal_ui_port: int = 8233
     headless: bool = False
-    extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Added to every process's environment, as given (no filtering: the caller decides).
+    extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The environment the processes inherit from (filtered per process); None: os.environ.
+    # Out of the repr, like the settings' secrets: it may hold credentials.
+    base_env: Mapping[str, str] | None = field(default=None, repr=False)
     processes: dict[str, Process] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,12 +116,16 @@ class Stack:
         }
         if not self.settings.monitors_on_control_worker:
             commands["monitor-worker"] = [python, "-m", "workers.monitor"]
-        self.processes = {name: Process(name, argv, self.log_dir / f"{name}.log")
+        self.processes = {name: Process(name, argv, self.log_dir / f"{name}.log",
+                                        role=TEMPORAL if name == "temporal" else name)
                           for name, argv in commands.items()}
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {**os.environ, **settings_env(self.settings), **self.extra_env}
+    def environment(self, name: str) -> dict[str, str]:
+        """The environment process `name` starts with: only the secrets its role needs
+        (`turnout.environments.process_environment`), then `extra_env`."""
+        parent = os.environ if self.base_env is None else self.base_env
+        role = self.processes[name].role
+        return {**process_environment(role or "", parent, self.settings), **self.extra_env}
 
     @property
     def admin_token_path(self) -> Path:
@@ -153,22 +154,27 @@ class Stack:
             if name in self.processes:  # a monitor worker only with a queue of its own
                 self.start_process(name)
         await self.wait_for_http(f"{self.gateway_url}/health", "gateway")
-        await self.wait_for_http(f"{self.api_url}/healthz", "api")
+        await self.wait_for_http(f"{self.api_url}/healthz", "api", headers=self._api_headers)
 
     def start_process(self, name: str) -> None:
         process = self.processes[name]
         if process.running:
             return
         logfile = process.log_path.open("ab")
-        process.popen = subprocess.Popen(process.argv, env=self.env, stdout=logfile,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+        process.popen = subprocess.Popen(process.argv, env=self.environment(name),
+                                         stdout=logfile, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         logfile.close()
         log.info("started %s (pid %d), log %s", name, process.popen.pid, process.log_path)
 
-    def add_process(self, name: str, argv: list[str]) -> None:
-        """Another process of this deployment (a second gateway, say); `stop` ends it too."""
-        self.processes[name] = Process(name, argv, self.log_dir / f"{name}.log")
+    def add_process(self, name: str, argv: list[str], role: str | None = None) -> None:
+        """Another process of this deployment (a second gateway, say); `stop` ends it too.
+
+        Its environment is that of its `role`, by default the role of the `python -m`
+        module it runs (a second gateway gets what the gateway gets).
+        """
+        self.processes[name] = Process(name, argv, self.log_dir / f"{name}.log",
+                                       role=role or role_of(argv))
 
     def signal_process(self, name: str, sig: int) -> None:
         """Send a signal to one process group without waiting (SIGSTOP/SIGCONT freeze it)."""
@@ -234,9 +240,17 @@ class Stack:
                                        f"see {self.processes[name].log_path}") from None
                 await asyncio.sleep(0.2)
 
-    async def wait_for_http(self, url: str, name: str, timeout_s: float = 90) -> None:
+    @property
+    def _api_headers(self) -> dict[str, str]:
+        """The key to the API when authentication is on (the launcher holds every setting)."""
+        s = self.settings
+        return {"Authorization": f"Bearer {s.api_key}"} \
+            if s.enable_authentication and s.api_key else {}
+
+    async def wait_for_http(self, url: str, name: str, timeout_s: float = 90,
+                            headers: Mapping[str, str] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=2) as client:
+        async with httpx.AsyncClient(timeout=2, headers=headers) as client:
             while True:
                 self._check_alive(name)
                 with contextlib.suppress(httpx.HTTPError):
@@ -292,6 +306,10 @@ async def _run(args: argparse.Namespace) -> None:
 def _print_banner(stack: Stack, models: dict[str, Path]) -> None:
     api, gw = stack.api_url, stack.gateway_url
     v1, v2 = models.get("tiny-v1"), models.get("tiny-v2")
+    # The key's variable, never its value: the banner ends up in terminals and logs.
+    auth = ("\n  authentication   on: add -H \"Authorization: Bearer "
+            "$VLLM_MODEL_SWITCHING_API_KEY\" to the API calls below"
+            if stack.settings.enable_authentication else "")
     print(f"""
 turnout is running (Ctrl-C stops everything)
   REST API         {api}   (OpenAPI docs: {api}/docs)
@@ -299,7 +317,8 @@ turnout is running (Ctrl-C stops everything)
   gateway admin    {stack.gateway_admin_url}/admin/state
                    (bearer token: {stack.admin_token_path})
   Temporal Web UI  http://localhost:{stack.temporal_ui_port}
-  logs             {stack.log_dir}
+  store            {redact_url(stack.settings.database_url)}
+  logs             {stack.log_dir}{auth}
 
 Try it with the two tiny model versions made for you:
   curl -X POST {api}/models -H 'Content-Type: application/json' \\

@@ -220,7 +220,7 @@ async def test_an_endpoint_credential_is_sent_by_name_and_never_shown(
     monkeypatch.setenv(variable, secret)
     upstream = plane.upstreams["v1"]
     port = free_port()
-    settings = plane.settings.model_copy(update={"endpoint_key_envs": [variable],
+    settings = plane.settings.model_copy(update={"endpoint_credential_envs": [variable],
                                                  "api_port": port})
     server, task = await serve_api(create_app(settings, store=plane.store,
                                               temporal=plane.env.client), port)
@@ -230,7 +230,7 @@ async def test_an_endpoint_credential_is_sent_by_name_and_never_shown(
             refused = await keyed.post("/models", json={
                 "model": "m", "model_arch": "Keyed", "model_stage": "chat", "version": "v1",
                 "endpoint": upstream.url, "api_key_env": "OTHER_SECRET"})
-            assert refused.status_code == 422 and "ENDPOINT_KEY_ENVS" in refused.text
+            assert refused.status_code == 422 and "ENDPOINT_CREDENTIAL_ENVS" in refused.text
             created = await keyed.post("/models", json={
                 "model": "m", "model_arch": "Keyed", "model_stage": "chat", "version": "v1",
                 "endpoint": upstream.url, "served_model_name": upstream.served_model_name,

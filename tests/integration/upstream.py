@@ -1,8 +1,8 @@
 """A fake OpenAI-compatible engine for gateway tests: a real aiohttp server on a free port.
 
 It answers `/v1/completions` and `/v1/chat/completions` (plain JSON or SSE stream) with text
-naming its version, records what it received (bodies and headers), can be slowed down or
-made to fail, and counts requests that were cancelled because the caller went away.
+naming its version, records what it received, can be slowed down or made to fail, and
+counts requests that were cancelled because the caller went away.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ class FakeUpstream:
         self.host = host
         self.port = 0
         self.received: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []  # of each request, beside its body
         self.record = record  # keep every body (tests); off for benchmarks
         self.cancelled = 0
         self.completed = 0
+        self.headers: list[dict[str, str]] = []  # of each request, when recording
+        self.active = 0  # requests being answered now, and the most at once
+        self.max_active = 0
         self._runner: web.AppRunner | None = None
 
     @property
@@ -78,6 +80,8 @@ class FakeUpstream:
         if self.record:
             self.received.append(body)
             self.headers.append(dict(request.headers))
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
@@ -104,6 +108,8 @@ class FakeUpstream:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+        finally:
+            self.active -= 1
 
     def _text(self) -> str:
         return f"hello from {self.version}"

@@ -160,8 +160,8 @@ async def test_credential_variables_must_be_listed() -> None:
                        api_key_env="OPENAI_KEY")
     resolve = _resolver(["93.184.216.34"])
     errors = await _errors(request, resolve=resolve)
-    assert "VLLM_MODEL_SWITCHING_ENDPOINT_KEY_ENVS" in errors[("body", "api_key_env")]
-    assert await _errors(request, resolve=resolve, endpoint_key_envs=["OPENAI_KEY"]) == {}
+    assert "VLLM_MODEL_SWITCHING_ENDPOINT_CREDENTIAL_ENVS" in errors[("body", "api_key_env")]
+    assert await _errors(request, resolve=resolve, endpoint_credential_envs=["OPENAI_KEY"]) == {}
 
 
 def test_the_sdk_sends_a_local_directory_as_its_absolute_path(

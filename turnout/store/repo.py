@@ -43,8 +43,10 @@ from turnout.limits import (
     fit,
 )
 from turnout.monitoring import EngineResources, ModelHealth
+from turnout.rules import STORED as STORED_RULES
 from turnout.rules import ModelRules, RoutingRules
 from turnout.store.db import create_engine
+from turnout.store.fleet import FleetStore
 from turnout.store.schema import (
     AlertRow,
     AliasRow,
@@ -86,7 +88,7 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-class Store:
+class Store(FleetStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._session = async_sessionmaker(engine, expire_on_commit=False)
@@ -597,15 +599,20 @@ def _route(row: RouteRow) -> Route:
 
 
 def _rules(row: RulesRow) -> ModelRules:
-    return ModelRules(model_id=row.model_id, rules=row.rules, updated_by=row.updated_by,
-                      updated_at=_aware(row.updated_at))
+    # STORED: a rule saved under older checks is loaded (and disabled if it must be), not
+    # refused, so it cannot stop gateways from reading every model's rules.
+    return ModelRules.model_validate(
+        {"model_id": row.model_id, "rules": row.rules, "updated_by": row.updated_by,
+         "updated_at": _aware(row.updated_at)}, context=STORED_RULES)
 
 
 def _engine(row: EngineRow) -> EngineInfo:
     return EngineInfo(model_id=row.model_id, version=row.version, host=row.host, url=row.url,
                       served_model_name=row.served_model_name, port=row.port, pid=row.pid,
                       state=EngineState(row.state), external=row.external,
-                      log_path=row.log_path, started_at=_aware(row.started_at))
+                      log_path=row.log_path, started_at=_aware(row.started_at),
+                      memory_bytes=row.memory_bytes, last_used_at=_aware(row.last_used_at),
+                      sleeping=bool(row.sleeping))
 
 
 def _operation(row: OperationRow) -> OperationRecord:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,12 @@ from turnout.contracts import (
     LoadVersionResult,
     UnloadVersionInput,
 )
-from turnout.domain import EngineInfo, EngineState, VersionInfo
+from turnout.domain import SERVED_NAME_PATTERN, EngineInfo, EngineState, VersionInfo
+from turnout.engine_args import TRUST_REMOTE_CODE_SETTING, EngineArgsError, engine_argv
 from turnout.environments import engine_environment
 from turnout.fleet import CACHED_ROLES, GIB, EngineRole, HolderKind, HostCapacity
+from turnout.redaction import answer_summary
+from turnout.registration import is_hub_id, model_dir_problem, stored_endpoint_problem
 from turnout.store import NotFound, Store
 from turnout.store.fleet import read_fleet
 
@@ -68,11 +71,10 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 POLL_INTERVAL_S = 0.5
 STOP_GRACE_S = 20.0
-# Flags turnout itself decides; engine_args may not override them.
-_MANAGED_FLAGS = {"model", "served-model-name", "host", "port"}
+# Options every engine gets unless its version's engine_args change them (None drops one).
 # An access-log line per request fills the engine's log for nothing: the gateway counts.
-_DEFAULT_FLAGS: dict[str, Any] = {"dtype": "float32", "max-model-len": 256,
-                                  "enforce-eager": True, "disable-uvicorn-access-log": True}
+_DEFAULT_FLAGS: dict[str, Any] = {"dtype": "float32", "max_model_len": 256,
+                                  "enforce_eager": True, "disable_uvicorn_access_log": True}
 _EXC_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception|Exit)\b\s*:")
 
 
@@ -86,34 +88,19 @@ def _heartbeat(details: Mapping[str, Any]) -> None:
         activity.heartbeat(dict(details))
 
 
-def engine_flags(engine_args: Mapping[str, Any]) -> list[str]:
+def engine_flags(engine_args: Mapping[str, Any], *,
+                 allow_trust_remote_code: bool = False) -> list[str]:
     """Turn the defaults plus a version's `engine_args` into vLLM command-line flags.
 
-    `{"max_model_len": 512}` → `--max-model-len 512`; `True` → a bare flag; `False`/`None`
-    drop the flag (also a default one, e.g. `{"enforce_eager": False}`). engine_args win
-    over the defaults and never produce a flag twice.
+    Only options of turnout's catalogue (`turnout.engine_args`) become flags, each with a
+    value of its type: `{"max_model_len": 512}` → `--max-model-len 512`; `True` → a bare
+    flag; `False` → `--no-<flag>` (or nothing for a plain flag); `None` drops the flag
+    (also a default one, e.g. `{"enforce_eager": None}`). engine_args win over the
+    defaults and never produce a flag twice. Anything else (an unknown or reserved key, a
+    list smuggling more flags) raises `EngineArgsError`: nothing is passed through.
     """
-    merged: dict[str, Any] = dict(_DEFAULT_FLAGS)
-    for key, value in engine_args.items():
-        name = key.strip("-").replace("_", "-")
-        if name in _MANAGED_FLAGS:
-            _logger().warning("engine argument %r is managed by turnout; ignored", key)
-            continue
-        merged[name] = value
-    flags: list[str] = []
-    for name, value in merged.items():
-        if value is None or value is False:
-            continue
-        flags.append(f"--{name}")
-        if value is True:
-            continue
-        if isinstance(value, dict):
-            flags.append(json.dumps(value))
-        elif isinstance(value, list | tuple):
-            flags.extend(str(v) for v in value)
-        else:
-            flags.append(str(value))
-    return flags
+    return engine_argv(engine_args, defaults=_DEFAULT_FLAGS,
+                       allowed={TRUST_REMOTE_CODE_SETTING: allow_trust_remote_code})
 
 
 def hub_cache_dir(model: str) -> Path | None:
@@ -130,11 +117,24 @@ def hub_cache_dir(model: str) -> Path | None:
     return entry if entry.is_dir() else None
 
 
-def validate_model_dir(model: str) -> str:
-    """Fail fast, before spawning anything, on a model dir vLLM could never load.
+def validate_model_dir(model: str, roots: Iterable[str] | None = None) -> str:
+    """Fail fast, before spawning anything, on a model dir vLLM could never load, or may
+    not: with `roots` (the engine worker's model roots) a directory must lie under one of
+    them once symlinks are resolved, whatever the registration said.
 
     Returns what to pass as `--model`: the resolved directory, or a cached hub id as is.
     """
+    if roots is not None:
+        if is_hub_id(model) and Path(model).exists():
+            # vLLM would load this relative directory, not the hub model it looks like.
+            raise ApplicationError(
+                f"{model} names a hub model but is also a directory relative to the engine "
+                f"worker's working directory; register the directory by its absolute path",
+                non_retryable=True, type=MODEL_LOAD_ERROR)
+        problem = model_dir_problem(model, roots, resolve=True)
+        if problem:
+            raise ApplicationError(f"model {problem}", non_retryable=True,
+                                   type=MODEL_LOAD_ERROR)
     path = Path(model).expanduser()
     if not path.is_dir():
         if hub_cache_dir(model) is not None:
@@ -241,6 +241,10 @@ class EngineActivities:
         config = version.config
         name = config.served_model_name or f"{input.model_id}:{input.version}"
         if config.endpoint:
+            problem = stored_endpoint_problem(config.endpoint, self.settings)
+            if problem:
+                raise ApplicationError(f"endpoint of {input.model_id}:{input.version} refused: "
+                                       f"{problem}", non_retryable=True, type=MODEL_LOAD_ERROR)
             existing = await self.store.get_engine(input.model_id, input.version, self.host)
             engine = EngineInfo(model_id=input.model_id, version=input.version, host=self.host,
                                 url=config.endpoint.rstrip("/"),
@@ -378,12 +382,38 @@ class EngineActivities:
                            existing.pid)
             await self.store.delete_engine(model_id, ver, self.host)
 
-        model_dir = validate_model_dir(version.config.model)
+        model_dir = validate_model_dir(version.config.model, self.settings.resolved_model_roots)
+        flags = self._checked_flags(version, name)
         need = await self._check_room(version, model_dir)
-        engine, log_path = await self._spawn(version, model_dir, name)
+        engine, log_path = await self._spawn(version, model_dir, name, flags)
         engine = await self._finish_start(engine.model_copy(update={"memory_bytes": need}),
                                           log_path)
         return LoadVersionResult(engine=engine, already_running=False)
+
+    def _checked_flags(self, version: VersionInfo, name: str) -> list[str]:
+        """The version's vLLM flags, or a non-retryable `ModelLoadError`: a registration
+        stored by an older release may hold engine arguments (or a served name) that
+        turnout no longer passes to vLLM; it fails its load, saying which."""
+        config = version.config
+        what = f"{version.model_id}:{version.version}"
+        if not re.fullmatch(SERVED_NAME_PATTERN, name):
+            raise ApplicationError(f"served model name of {what} is not usable on a vLLM "
+                                   f"command line: {name[:80]!r}", non_retryable=True,
+                                   type=MODEL_LOAD_ERROR)
+        try:
+            flags = engine_flags(config.engine_args,
+                                 allow_trust_remote_code=self.settings.allow_trust_remote_code)
+        except EngineArgsError as exc:
+            raise ApplicationError(f"engine_args of {what} refused: {exc}", non_retryable=True,
+                                   type=MODEL_LOAD_ERROR) from None
+        tokenizer = config.engine_args.get("tokenizer")
+        if isinstance(tokenizer, str):
+            problem = model_dir_problem(tokenizer, self.settings.resolved_model_roots,
+                                        resolve=True)
+            if problem:
+                raise ApplicationError(f"tokenizer of {what}: {problem}", non_retryable=True,
+                                       type=MODEL_LOAD_ERROR)
+        return flags
 
     async def _check_room(self, version: VersionInfo, model_dir: str) -> int:
         """What the new engine needs (weights from the model's files, plus what this host
@@ -432,8 +462,8 @@ class EngineActivities:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
         return Path(self.settings.state_dir).expanduser() / "engines" / f"{safe}.log"
 
-    async def _spawn(self, version: VersionInfo, model_dir: str, name: str
-                     ) -> tuple[EngineInfo, Path]:
+    async def _spawn(self, version: VersionInfo, model_dir: str, name: str,
+                     flags: list[str]) -> tuple[EngineInfo, Path]:
         """Start a vLLM server in a new session and record it as STARTING."""
         s = self.settings
         log_path = self._log_path(version.model_id, version.version)
@@ -443,8 +473,7 @@ class EngineActivities:
             env = self._engine_env(await self._cpu_core())
             argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
                     "--model", model_dir, "--served-model-name", name,
-                    "--host", s.engine_bind_host, "--port", str(port),
-                    *engine_flags(version.config.engine_args)]
+                    "--host", s.engine_bind_host, "--port", str(port), *flags]
             with log_path.open("ab") as log_file:
                 log_file.write(f"\n=== {datetime.now(UTC).isoformat()} turnout starts: "
                                f"{' '.join(argv)}\n".encode())
@@ -548,8 +577,9 @@ class EngineActivities:
                                    non_retryable=True, type=ENGINE_WARMUP_FAILED) from None
         if resp.status_code != 200:
             raise ApplicationError(
-                f"warm-up request to {engine.url} answered {resp.status_code}: "
-                f"{resp.text[:300]}", non_retryable=True, type=ENGINE_WARMUP_FAILED)
+                f"warm-up request to {engine.url} answered "
+                f"{answer_summary(resp.status_code, resp.headers.get('content-type'), resp.text)}",
+                non_retryable=True, type=ENGINE_WARMUP_FAILED)
 
     async def _free_port(self) -> int:
         s = self.settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from activities.gateway_admin import GatewayAdmin
 from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Backend, EngineState, GatewayInfo
-from turnout.store import Store
+from turnout.store import NotFound, Store
 
 _POLL_S = 0.25
 
@@ -47,10 +48,9 @@ class TrafficActivities:
                                    type="InvalidRoute", non_retryable=True)
         backends = [b for b in current.backends if not b.is_shadow]
         if input.percent > 0 and input.version not in current.weights():
-            url, served_model_name = await self._endpoint(input.model_id, input.version)
-            backends.append(Backend(version=input.version, weight=0, url=url,
-                                    served_model_name=served_model_name,
-                                    mirror_percent=input.percent))
+            backend = await self._endpoint(input.model_id, input.version)
+            backends.append(backend.model_copy(update={"weight": 0,
+                                                       "mirror_percent": input.percent}))
         return await self._publish(input.model_id, backends, input.change_key)
 
     async def _publish(self, model_id: str, backends: list[Backend],
@@ -103,19 +103,26 @@ class TrafficActivities:
         for version, weight in sorted(input.weights.items()):
             if weight <= 0:
                 continue
-            url, served_model_name = await self._endpoint(input.model_id, version)
-            backends.append(Backend(version=version, weight=weight, url=url,
-                                    served_model_name=served_model_name))
+            backend = await self._endpoint(input.model_id, version)
+            backends.append(backend.model_copy(update={"weight": weight}))
         return backends
 
-    async def _endpoint(self, model_id: str, version: str) -> tuple[str, str]:
-        """Where a version is served: its ready engine's URL and served model name."""
+    async def _endpoint(self, model_id: str, version: str) -> Backend:
+        """Where a version is served: its ready engine's URL and served model name, and for
+        an external endpoint the name of its credential variable (read by the gateways from
+        their own environment; the value never enters the route)."""
         engine = next((e for e in await self.store.list_engines(
             model_id=model_id, version=version) if e.state is EngineState.READY), None)
         if engine is None:
             raise ApplicationError(f"{model_id} {version} has no ready engine",
                                    type="InvalidRoute", non_retryable=True)
-        return engine.url, engine.served_model_name
+        api_key_env = None
+        if engine.external:
+            with contextlib.suppress(NotFound):  # a version removed under its engine
+                api_key_env = (await self.store.get_version(model_id, version)
+                               ).config.api_key_env
+        return Backend(version=version, weight=0, url=engine.url,
+                       served_model_name=engine.served_model_name, api_key_env=api_key_env)
 
     async def _live_gateways(self) -> list[GatewayInfo]:
         return await self.store.live_gateways(self.settings.gateway_live_after_s)

@@ -237,7 +237,8 @@ async def prepare_store(db_url: str, urls: dict[str, str]) -> None:
     try:
         for version in ("a", "b"):
             await store.register_version(RegisterModelRequest(
-                model=version, model_arch="Bench", model_stage="gw", version=version))
+                model=f"bench/{version}", model_arch="Bench", model_stage="gw",
+                version=version))
         await store.write_route(MODEL_ID, [Backend(version="a", weight=100, url=urls["a"],
                                                    served_model_name="a")], "all-on-a")
     finally:

@@ -27,6 +27,7 @@ from aiohttp import web
 from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics
 from turnout.domain import Backend
+from turnout.endpoints import bearer_header
 from turnout.transitions import TransitionManager
 
 log = logging.getLogger("gateway.proxy")
@@ -328,8 +329,16 @@ class Proxy:
 
     def _post(self, backend: Backend, path: str, body: dict[str, Any],
               headers: dict[str, str]) -> Any:
-        """The upstream request of a served answer or of a shadow's copy."""
+        """The upstream request of a served answer or of a shadow's copy.
+
+        An external endpoint's credential is read from this process's environment (the
+        route holds only the variable's name). Without it, `MissingCredential` is raised
+        before connecting and handled like a refused connection: counted as the
+        version's error, failed over to the stable version, else a 502.
+        """
         assert self.session is not None, "gateway app not started"
+        if backend.api_key_env:
+            headers = {**headers, **_credential(backend)}
         return self.session.post(backend.url.rstrip("/") + path,
                                  data=json.dumps(body).encode(), headers=headers,
                                  timeout=upstream_timeout())
@@ -353,6 +362,26 @@ class Proxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class MissingCredential(aiohttp.ClientConnectionError):
+    """A backend's credential variable is not set in the gateway's environment."""
+
+
+_missing_credentials: set[str] = set()  # variables already logged as missing
+
+
+def _credential(backend: Backend) -> dict[str, str]:
+    try:
+        return bearer_header(backend.api_key_env)
+    except LookupError:
+        name = backend.api_key_env or ""
+        if name not in _missing_credentials:
+            _missing_credentials.add(name)
+            log.error("credential variable %s of version %s is not set in the gateway's "
+                      "environment: its requests fail (and fail over)", name, backend.version)
+        raise MissingCredential(f"the gateway has no credential for version "
+                                f"{backend.version!r} ({name} is not set)") from None
 
 
 def _upstream_headers(request: web.Request) -> dict[str, str]:

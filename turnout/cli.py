@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(func=_db_upgrade)
 
     reg = sub.add_parser("register", help="register a model version (POST /models)")
-    reg.add_argument("--model", required=True, help="local model directory")
+    reg.add_argument("--model", required=True,
+                     help="model directory (under the API's model roots) or hub id org/name")
     reg.add_argument("--arch", required=True, help="model_arch")
     reg.add_argument("--stage", default="default", help="model_stage")
     reg.add_argument("--version", required=True)

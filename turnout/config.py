@@ -17,6 +17,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "VLLM_MODEL_SWITCHING_"
+# What a credential's environment variable may be called (`api_key_env`).
+ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
 
 # Fields whose environment name is not simply the upper-cased field name (the guide's names).
 _ENV_NAMES: dict[str, str] = {
@@ -149,7 +151,10 @@ class ModelSwitchingConfig(BaseModel):
     # Secrets beyond turnout's own settings: names of environment variables that hold the
     # credentials of external endpoints (what versions name in `api_key_env`). The local
     # stack (`make run`) hands these variables to the gateway and the control worker only,
-    # the two processes that call external endpoints (comma-separated).
+    # the two processes that call external endpoints (comma-separated). A registration's
+    # `api_key_env` must be one of them: the gateway sends that variable's value to the
+    # version's endpoint, so naming any variable would let a registration send any secret
+    # of those processes to a host of its choice.
     endpoint_credential_envs: list[str] = Field(default_factory=list, max_length=64)
 
     # The engine fleet. Each engine worker claims its `engine_host` id in the store and
@@ -171,13 +176,48 @@ class ModelSwitchingConfig(BaseModel):
     route_sync_timeout_s: float = Field(60, gt=0)
     drain_timeout_s: float = Field(120, gt=0)
 
+    # What a registration may point at (checked by the API, and again by the engine worker
+    # and the control worker when they load or route to a version).
+    # Directories local model versions must lie under (comma-separated in the
+    # environment); empty: `<state_dir>/models`, where `make run` puts its tiny models.
+    # A relative root is taken from the process's working directory.
+    model_roots: list[str] = Field(default_factory=list, max_length=32)
+    # vLLM's `trust_remote_code` runs Python code shipped with a model: refused in
+    # `engine_args` unless an operator turns this on (on the API and the engine workers).
+    allow_trust_remote_code: bool = False
+    # External endpoints on loopback or private addresses (127/8, 10/8, 192.168/16, ...,
+    # `localhost`) are refused unless this is on: from inside a network those reach
+    # services no prompt should go to. Link-local and metadata addresses are always refused.
+    allow_private_endpoints: bool = False
+    # If set, external endpoints may only name these hosts (comma-separated; `*.domain`
+    # for any name under a domain). The only guard against DNS rebinding: recommended
+    # wherever versions route to external endpoints.
+    endpoint_hosts: list[str] = Field(default_factory=list, max_length=256)
+    # How long the API waits for an endpoint's host name to resolve at registration.
+    endpoint_resolve_timeout_s: float = Field(2, gt=0, le=30)
+
     @field_validator("alert_webhook_urls", "engine_env_passthrough",
-                     "endpoint_credential_envs", "gateway_api_keys", mode="before")
+                     "endpoint_credential_envs", "gateway_api_keys", "model_roots",
+                     "endpoint_hosts", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("model_roots")
+    @classmethod
+    def _roots_are_paths(cls, value: list[str]) -> list[str]:
+        for root in value:
+            if len(root) > 1024 or "\x00" in root:
+                raise ValueError(f"not a directory path: {root[:80]!r}")
+        return value
+
+    @property
+    def resolved_model_roots(self) -> list[str]:
+        """The model roots as absolute, normalised paths (symlinks kept)."""
+        roots = self.model_roots or [os.path.join(self.state_dir, "models")]
+        return [os.path.normpath(os.path.abspath(os.path.expanduser(r))) for r in roots]
 
     @field_validator("engine_env_passthrough", "endpoint_credential_envs")
     @classmethod

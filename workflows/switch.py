@@ -195,7 +195,8 @@ class SwitchWorkflow:
         self._status.from_version = self._stable
         if self._stable:
             self._status.weights = {self._stable: 100.0}
-        plan = plan_switch(input.strategy, input.strategy_config)
+        # Recorded options: see turnout.strategies (a replay must plan what was accepted).
+        plan = plan_switch(input.strategy, input.strategy_config, recorded=True)
         self._status.total_steps = len(plan)
         try:
             await self._switch(plan)
@@ -339,7 +340,8 @@ class SwitchWorkflow:
         assert self._status is not None
         target = self._input.target_version
         self._set_phase("judging", f"judging {target} at {step.target_percent:g}%")
-        options = validate_strategy_config(self._input.strategy, self._input.strategy_config)
+        options = validate_strategy_config(self._input.strategy, self._input.strategy_config,
+                                           recorded=True)
         thresholds = self._input.thresholds
         if isinstance(options, ABTestOptions):
             thresholds = thresholds.model_copy(update={"confidence": options.confidence})
@@ -360,7 +362,8 @@ class SwitchWorkflow:
 
     async def _decide(self, verdict: Verdict) -> str | None:
         """The end of an A/B test: promote automatically, or wait for an operator."""
-        options = validate_strategy_config(self._input.strategy, self._input.strategy_config)
+        options = validate_strategy_config(self._input.strategy, self._input.strategy_config,
+                                           recorded=True)
         assert isinstance(options, ABTestOptions)
         if options.decision == "auto" and verdict.outcome == "healthy":
             self._action = (c.PROMOTE, c.ControlRequest(

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from api.deps import SettingsDep, StoreDep
 from api.errors import ERROR_RESPONSES, FieldErrors
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import AuditEntry
+from turnout.domain import MODEL_ID_PATTERN, AuditEntry
+from turnout.limits import ACTOR_MAX
 from turnout.monitoring import (
     ModelHealth,
     MonitorThresholds,
@@ -37,8 +38,8 @@ ThresholdsUpdate: type[BaseModel] = create_model(  # type: ignore[call-overload]
     __config__=ConfigDict(extra="forbid"),
     __doc__="Levels to change (the others keep their value), for one model or, without "
             "`model_id`, for every model.",
-    model_id=(str | None, None),
-    requested_by=(str | None, None),
+    model_id=(str | None, Field(None, pattern=MODEL_ID_PATTERN)),
+    requested_by=(str | None, Field(None, max_length=ACTOR_MAX)),
     **{name: (field.annotation | None, None)
        for name, field in MonitorThresholds.model_fields.items()},
 )

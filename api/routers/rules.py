@@ -8,10 +8,12 @@ interval (one second).
 from __future__ import annotations
 
 from fastapi import APIRouter
+from pydantic import Field
 
 from api.deps import StoreDep
 from api.errors import ERROR_RESPONSES, FieldErrors
 from turnout.domain import AuditEntry
+from turnout.limits import ACTOR_MAX
 from turnout.rules import ModelRules, RoutingRules
 
 router = APIRouter(prefix="/models", tags=["routing rules"], responses=ERROR_RESPONSES)
@@ -20,7 +22,7 @@ router = APIRouter(prefix="/models", tags=["routing rules"], responses=ERROR_RES
 class RulesUpdate(RoutingRules):
     """The new rules (replacing the old ones; `[]` removes them) and who set them."""
 
-    requested_by: str | None = None
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX)
 
 
 @router.get("/{model_id}/rules", response_model=ModelRules)

@@ -18,7 +18,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.deps import SettingsDep, StoreDep, TemporalDep
 from api.errors import ERROR_RESPONSES
 from turnout import contracts as c
-from turnout.domain import AuditEntry
+from turnout.domain import NAME_PATTERN, AuditEntry
+from turnout.limits import ACTOR_MAX, REASON_MAX
 
 router = APIRouter(prefix="/models", tags=["shadow"], responses=ERROR_RESPONSES)
 
@@ -26,18 +27,18 @@ router = APIRouter(prefix="/models", tags=["shadow"], responses=ERROR_RESPONSES)
 class ShadowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: str = Field(description="A registered version that is not live")
+    version: str = Field(pattern=NAME_PATTERN, description="A registered version that is not live")
     percentage: float = Field(100.0, gt=0, le=100,
                               description="Share of the model's requests copied to it")
     duration_minutes: float | None = Field(
         None, gt=0, le=60 * 24 * 30, description="How long to mirror (default: until stopped)")
-    requested_by: str | None = None
-    reason: str | None = None
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX)
+    reason: str | None = Field(None, max_length=REASON_MAX)
 
 
 class StopShadow(BaseModel):
-    requested_by: str | None = None
-    reason: str | None = None
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX)
+    reason: str | None = Field(None, max_length=REASON_MAX)
 
 
 def _handle(client: TemporalDep, model_id: str) -> WorkflowHandle:

@@ -30,12 +30,14 @@ STANDBY_MINUTES = 1.0
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+async def stack(tmp_path_factory: pytest.TempPathFactory,
+                model_roots: list[str]) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("fleet")
     # Fixed ports below the kernel's ephemeral range (32768+), where vLLM's own sockets
     # land, and apart from the other e2e modules' and `make run`'s.
     settings = ModelSwitchingConfig.from_env(
         {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
+        model_roots=model_roots,
         temporal_address="127.0.0.1:23233", api_port=23001, gateway_port=23000,
         gateway_admin_port=23002, engine_port_start=23100, engine_port_end=23119,
         engine_host="e2e-fleet", standby_minutes=STANDBY_MINUTES, max_cached_models=1,

@@ -90,8 +90,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory,
-                receiver: Receiver) -> AsyncIterator[Stack]:
+async def stack(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver,
+                model_roots: list[str]) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("secrets-stack")
     webhook = f"http://127.0.0.1:{receiver.port}/services/T0/B0/{SECRET['webhook_token']}"
     settings = ModelSwitchingConfig.from_env(
@@ -102,7 +102,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory,
         enable_authentication=True, api_key=SECRET["api_key"],
         gateway_admin_token=SECRET["admin_token"], alert_webhook_urls=[webhook],
         alert_webhook_retries=1, alert_webhook_timeout_s=2,
-        endpoint_credential_envs=[CREDENTIAL_ENV])
+        endpoint_credential_envs=[CREDENTIAL_ENV], model_roots=model_roots)
     stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
                   temporal_ui_port=28233, headless=True,
                   base_env={**os.environ, CREDENTIAL_ENV: SECRET["credential"]},

@@ -33,6 +33,15 @@ from turnout.domain import (
     SwitchingStrategyType,
     VersionInfo,
 )
+from turnout.limits import (
+    ACTOR_MAX,
+    ALERT_TITLE_MAX,
+    ALERT_TYPE_MAX,
+    AUDIT_ACTION_MAX,
+    VERSION_MAX,
+    WORKFLOW_ID_MAX,
+    fit,
+)
 from turnout.monitoring import EngineResources, ModelHealth
 from turnout.rules import STORED as STORED_RULES
 from turnout.rules import ModelRules, RoutingRules
@@ -236,6 +245,7 @@ class Store(FleetStore):
     async def set_rules(self, model_id: str, rules: RoutingRules,
                         updated_by: str | None = None) -> ModelRules:
         """Replace a model's rules as a whole (an empty list removes them)."""
+        updated_by = fit(updated_by, ACTOR_MAX)
         async with self._session.begin() as session:
             if await session.get(ModelRow, model_id) is None:
                 raise NotFound(f"model {model_id!r} is not registered")
@@ -374,6 +384,8 @@ class Store(FleetStore):
                 if await session.get(OperationRow, record.operation_id) is not None:
                     return
                 values = record.model_dump(mode="json", exclude={"created_at", "finished_at"})
+                values["requested_by"] = fit(values["requested_by"], ACTOR_MAX)
+                values["workflow_id"] = fit(values["workflow_id"], WORKFLOW_ID_MAX)
                 session.add(OperationRow(**values, created_at=record.created_at or utcnow()))
         except IntegrityError:
             return
@@ -420,7 +432,8 @@ class Store(FleetStore):
 
     async def audit(self, entry: AuditEntry) -> AuditEntry:
         async with self._session.begin() as session:
-            row = AuditRow(actor=entry.actor, action=entry.action, model_id=entry.model_id,
+            row = AuditRow(actor=fit(entry.actor, ACTOR_MAX),
+                           action=fit(entry.action, AUDIT_ACTION_MAX), model_id=entry.model_id,
                            operation_id=entry.operation_id, details=entry.details,
                            at=entry.at or utcnow())
             session.add(row)
@@ -453,13 +466,17 @@ class Store(FleetStore):
         look (same time) refreshes the alert without counting the breach twice.
         """
         seen = alert.last_seen or utcnow()
+        # Titles are built from a model id and a version (and more): cut, never refused.
+        title = fit(alert.title, ALERT_TITLE_MAX) or ""
+        alert = alert.model_copy(update={"version": fit(alert.version, VERSION_MAX),
+                                         "type": fit(alert.type, ALERT_TYPE_MAX) or ""})
         async with self._session.begin() as session:
             row = await session.scalar(select(AlertRow).where(
                 AlertRow.model_id == alert.model_id, AlertRow.version == alert.version,
                 AlertRow.type == alert.type, AlertRow.state == AlertState.FIRING.value))
             if row is None:
                 row = AlertRow(model_id=alert.model_id, version=alert.version, type=alert.type,
-                               severity=alert.severity.value, title=alert.title,
+                               severity=alert.severity.value, title=title,
                                message=alert.message, figures=alert.figures,
                                operation_id=alert.operation_id, state=AlertState.FIRING.value,
                                count=1, first_seen=seen, last_seen=seen)
@@ -468,7 +485,7 @@ class Store(FleetStore):
                 return _alert(row)  # this look was already counted (a retried activity)
             else:
                 row.count += 1
-                row.severity, row.title, row.message = (alert.severity.value, alert.title,
+                row.severity, row.title, row.message = (alert.severity.value, title,
                                                         alert.message)
                 row.figures, row.operation_id = alert.figures, alert.operation_id
                 row.last_seen = seen
@@ -509,7 +526,7 @@ class Store(FleetStore):
             row = await session.get(AlertRow, alert_id)
             if row is None:
                 raise NotFound(f"alert {alert_id} does not exist")
-            row.acknowledged_by = by or "operator"
+            row.acknowledged_by = fit(by, ACTOR_MAX) or "operator"
             return _alert(row)
 
 
@@ -529,6 +546,7 @@ class Store(FleetStore):
         """Merge `overrides` into the keys already set for `model_id` (None: every model);
         returns them all."""
         key = ALL_MODELS if model_id is None else model_id
+        updated_by = fit(updated_by, ACTOR_MAX)
         async with self._session.begin() as session:
             row = await session.get(ThresholdsRow, key)
             if row is None:

@@ -88,7 +88,8 @@ class TrafficActivities:
                     activity.logger.warning("gateway %s unreachable while draining: %s",
                                             gateway.gateway_id, exc)
                     continue
-                if not input.replica:
+                if not input.replica or "replicas" not in state:
+                    # A gateway from before replicas counts the whole version: wait for it.
                     left += int(state.get("inflight", {}).get(input.model_id, {})
                                 .get(input.version, 0))
                     continue

@@ -167,6 +167,9 @@ class ReplicaBalancer:
         # The engines' records as last read from the store; None until a first read, and
         # until then no replica is judged.
         self._engines: dict[EngineKey, EngineReplica] | None = None
+        # The URL of every usable engine (ready, on a live host), as judged at the last
+        # `sync`: a replica takes requests when its engine is here at its URL.
+        self._usable: dict[EngineKey, str] | None = None
 
     # ---------------------------------------------------------------- request path
 
@@ -175,14 +178,15 @@ class ReplicaBalancer:
         found = self._sets.get((model_id, backend.version))
         if found is None or found.backend is not backend:
             found = self._sets[(model_id, backend.version)] = self._build(
-                model_id, backend, self._clock(), found)
+                model_id, backend, found)
         return found
 
     # ---------------------------------------------------------------- reconcile loop
 
     def set_engines(self, engines: Iterable[EngineReplica], *,
                     model_id: str | None = None) -> None:
-        """Take the store's engine records: all of them, or (with `model_id`) one model's."""
+        """Take the store's engine records: all of them, or (with `model_id`) one model's.
+        They are judged at the next `sync`."""
         fresh = {e.key: e for e in engines}
         if model_id is None or self._engines is None:
             self._engines = fresh
@@ -191,10 +195,12 @@ class ReplicaBalancer:
             self._engines = {**kept, **fresh}
 
     def sync(self, routes: Iterable[Route]) -> list[tuple[int, str]]:
-        """Rebuild every replica set from `routes` (the routes held) and the engine records
-        and heartbeats held now; forget replicas no route names and nothing is in flight
-        to. Returns what changed as (logging level, words), for the caller to log."""
+        """Judge the engine records held (states, heartbeats) now, and rebuild the replica
+        sets of `routes` (the routes held) whose active replicas changed; forget replicas
+        no route names and nothing is in flight to. Returns what changed as (logging
+        level, words), for the caller to log."""
         now = self._clock()
+        self._usable = None if self._engines is None else self._judge(now)
         sets: dict[tuple[str, str], ReplicaSet] = {}
         changes: list[tuple[int, str]] = []
         for route in routes:
@@ -203,8 +209,9 @@ class ReplicaBalancer:
                     continue
                 key = (route.model_id, backend.version)
                 held = self._sets.get(key)
-                built = sets[key] = self._build(route.model_id, backend, now, held)
-                changes.extend(self._changes(route.model_id, backend, held, built, now))
+                built = sets[key] = self._build(route.model_id, backend, held)
+                if built is not held:
+                    changes.extend(self._changes(route.model_id, backend, held, built, now))
         self._sets = sets
         routed = {id(slot) for built in sets.values() for slot in built.active}
         named = {id(slot) for built in sets.values() for slot in built.every}
@@ -214,27 +221,52 @@ class ReplicaBalancer:
                 del self._slots[key]
         return changes
 
-    def _build(self, model_id: str, backend: Backend, now: datetime,
-               held: ReplicaSet | None) -> ReplicaSet:
-        endpoints = backend.endpoints()
-        every = [self._slot(model_id, backend.version, r) for r in endpoints]
-        if self._engines is None or len(every) == 1:
+    def _judge(self, now: datetime) -> dict[EngineKey, str]:
+        """The URL of each engine that may take requests (`replica_out`'s rules, with each
+        host's heartbeat judged once)."""
+        hosts: dict[str, bool] = {}
+        usable: dict[EngineKey, str] = {}
+        for key, engine in (self._engines or {}).items():
+            if engine.state is not EngineState.READY:
+                continue
+            live = hosts.get(engine.host)
+            if live is None:
+                live = hosts[engine.host] = host_is_live(engine.host_last_seen, now,
+                                                         self.live_after_s)
+            if live:
+                usable[key] = engine.url
+        return usable
+
+    def _build(self, model_id: str, backend: Backend, held: ReplicaSet | None) -> ReplicaSet:
+        """`backend`'s replica set; `held` itself when nothing about it changed."""
+        same_backend = held is not None and held.backend is backend
+        if held is not None and same_backend:
+            every = held.every
+        else:
+            every = [self._slot(model_id, backend.version, r) for r in backend.endpoints()]
+        usable = self._usable
+        if usable is None or len(every) == 1:
             # Nothing to judge by, or nothing to choose from (the one replica is kept
             # whatever its state: the never-empty rule).
             active, kept_all = every, False
         else:
-            active = [slot for slot, replica in zip(every, endpoints, strict=True)
-                      if self._out(model_id, backend.version, replica, now) is None]
+            version = backend.version
+            active = [slot for slot in every
+                      if not slot.host or usable.get((model_id, version, slot.host)) == slot.url]
             kept_all = not active
             active = active or every
+        if held is not None and same_backend and held.kept_all == kept_all and \
+                len(held.active) == len(active) and \
+                all(a is b for a, b in zip(held.active, active, strict=True)):
+            return held
         for slot in every:
             slot.routed = slot in active
         return ReplicaSet(backend, active, every, kept_all=kept_all,
                           turn=held._turn if held is not None else 0)
 
-    def _out(self, model_id: str, version: str, replica: Replica, now: datetime) -> str | None:
-        engines = self._engines or {}
-        return replica_out(replica, engines.get((model_id, version, replica.host)), now,
+    def _out(self, model_id: str, version: str, slot: ReplicaSlot, now: datetime) -> str | None:
+        engine = (self._engines or {}).get((model_id, version, slot.host))
+        return replica_out(Replica(url=slot.url, host=slot.host), engine, now,
                            self.live_after_s)
 
     def _slot(self, model_id: str, version: str, replica: Replica) -> ReplicaSlot:
@@ -249,31 +281,30 @@ class ReplicaBalancer:
     def _changes(self, model_id: str, backend: Backend, held: ReplicaSet | None,
                  built: ReplicaSet, now: datetime) -> list[tuple[int, str]]:
         """What a rebuild changed about which of the version's replicas take requests."""
-        before = {id(s) for s in held.active} if held is not None else None
-        after = {id(s) for s in built.active}
         name = f"{model_id} {backend.version}"
         changes: list[tuple[int, str]] = []
         if built.kept_all and (held is None or not held.kept_all):
-            reasons = "; ".join(
-                f"{r.url}: {self._out(model_id, backend.version, r, now)}"
-                for r in backend.endpoints())
+            reasons = "; ".join(f"{s.url}: {self._out(model_id, backend.version, s, now)}"
+                                for s in built.every)
             changes.append((logging.WARNING,
                             f"every replica of {name} is out ({reasons}); keeping them all "
                             f"in its route, failover does the rest"))
-        if before is None or built.kept_all:
+        if held is None or built.kept_all:
             return changes
-        for slot, replica in zip(built.every, backend.endpoints(), strict=True):
+        before = {id(s) for s in held.active}
+        after = {id(s) for s in built.active}
+        was_named = {id(s) for s in held.every}
+        for slot in built.every:
             if id(slot) in before and id(slot) not in after:
-                reason = self._out(model_id, backend.version, replica, now)
+                reason = self._out(model_id, backend.version, slot, now)
                 # A silent host is news; an engine stopping or gone was planned.
-                engine = (self._engines or {}).get((model_id, backend.version, replica.host))
+                engine = (self._engines or {}).get((model_id, backend.version, slot.host))
                 silent = engine is not None and not host_is_live(
                     engine.host_last_seen, now, self.live_after_s)
                 changes.append((logging.WARNING if silent else logging.INFO,
                                 f"replica {slot.url} (host {slot.host}) of {name} left out: "
                                 f"{reason}"))
-            elif id(slot) not in before and id(slot) in after and held is not None and \
-                    any(s is slot for s in held.every):
+            elif id(slot) not in before and id(slot) in after and id(slot) in was_named:
                 changes.append((logging.INFO,
                                 f"replica {slot.url} (host {slot.host}) of {name} back in"))
         return changes

@@ -31,6 +31,7 @@ from gateway.errors import Handler, error_response, openai_errors
 from gateway.metrics import GatewayMetrics, UnrecordedMetrics
 from gateway.proxy import Proxy
 from turnout.config import ModelSwitchingConfig
+from turnout.replicas import ReplicaBalancer
 from turnout.store import Store
 from turnout.transitions import TransitionManager
 
@@ -59,8 +60,12 @@ class Gateway:
         self.table = self.transitions.table
         self.metrics = GatewayMetrics(retention_s=settings.gateway_stats_retention_s) \
             if settings.gateway_request_metrics else UnrecordedMetrics()
+        # A version's replicas, and which of them take requests: fed by the reconcile
+        # loop from the engines' states and their hosts' heartbeats.
+        self.replicas = ReplicaBalancer(settings.engine_host_live_after_s)
         self.proxy = Proxy(self.transitions, self.metrics, settings.gateway_max_body_bytes,
-                           mirror_max_inflight=settings.gateway_mirror_max_inflight)
+                           mirror_max_inflight=settings.gateway_mirror_max_inflight,
+                           replicas=self.replicas)
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._store_ok = True
@@ -115,15 +120,25 @@ class Gateway:
 
     async def reconcile(self, model_id: str | None = None) -> None:
         """Read routes, rules, aliases and model ids from the store; apply only newer routes.
+        Then read the engines' states and their hosts' heartbeats (one query), and route
+        each version only to its replicas on live hosts with ready engines.
 
         With `model_id` (a push after one model's route changed), read just that model's
-        route and rules: with hundreds of models, a full read on every push is the cost.
+        route, rules and engines: with hundreds of models, a full read on every push is
+        the cost.
         """
         async with self._reconcile_lock:
-            if model_id is None:
-                applied = await self.transitions.reconcile(self.store)
-            else:
-                applied = await self.transitions.reconcile_model(self.store, model_id)
+            try:
+                if model_id is None:
+                    applied = await self.transitions.reconcile(self.store)
+                else:
+                    applied = await self.transitions.reconcile_model(self.store, model_id)
+                # After the routes: any engine a route names was recorded before it.
+                self.replicas.set_engines(
+                    await self.store.engine_replicas(model_id=model_id), model_id=model_id)
+            finally:  # with the held engine records if the store failed us
+                for level, change in self.replicas.sync(self.table.routes.values()):
+                    log.log(level, "%s", change)
             for route in applied:
                 self.metrics.generation.labels(route.model_id).set(route.generation)
                 log.info("applied route of %s generation %d: %s", route.model_id,
@@ -154,7 +169,8 @@ class Gateway:
 
     def state(self) -> dict[str, Any]:
         return {"gateway_id": self.gateway_id, "generations": self.table.generations(),
-                "inflight": self.metrics.inflight_by_model()}
+                "inflight": self.metrics.inflight_by_model(),
+                "replicas": self.replicas.inflight()}
 
     def stats(self, since: float | None = None, until: float | None = None, *,
               model_id: str | None = None) -> dict[str, Any]:

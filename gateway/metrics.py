@@ -243,9 +243,10 @@ class GatewayMetrics:
             "turnout_gateway_upstream_errors", "Upstream failures by class (connect, "
             "timeout, 5xx, stream_broken, 4xx)", (*labels, "class"), registry=self.registry)
         self.failovers = Counter("turnout_gateway_failovers",
-                                 "Requests retried on the stable version after the version "
-                                 "failed before the first byte", ("model_id", "version", "to"),
-                                 registry=self.registry)
+                                 "Requests retried after a replica of the version failed "
+                                 "before the first byte: on another replica of it (to is "
+                                 "the version itself) or on the stable version",
+                                 ("model_id", "version", "to"), registry=self.registry)
         self.mirrored = Counter("turnout_gateway_mirrored",
                                 "Requests copied to a model's shadow version (their answers "
                                 "are measured, never returned)", labels, registry=self.registry)

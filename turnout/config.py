@@ -158,7 +158,8 @@ class ModelSwitchingConfig(BaseModel):
     endpoint_credential_envs: list[str] = Field(default_factory=list, max_length=64)
 
     # The engine fleet. Each engine worker claims its `engine_host` id in the store and
-    # heartbeats; a host silent for `engine_host_live_after_s` is left out of placement.
+    # heartbeats; a host silent for `engine_host_live_after_s` is left out of placement,
+    # and its engines out of routes (the gateways judge it every reconcile).
     engine_host_live_after_s: float = Field(20, ge=2, le=3600)
     # Memory engines may fill on this host; unset: `engine_memory_fraction` of the host's
     # memory (GPU memory on CUDA hosts).

@@ -96,17 +96,26 @@ class SetTrafficResult(BaseModel):
 
 
 class DrainVersionInput(BaseModel):
-    """Wait until no live gateway has a request in flight to a version."""
+    """Wait until no live gateway has a request in flight to a version.
+
+    With `replica` (a replica's URL, or the id of the host its engine runs on), wait for
+    that replica only, while the version's other replicas keep serving: until no live
+    gateway sends it requests (its engine is no longer ready, or the route no longer
+    names it) and none has a request in flight to it. Empty: the whole version.
+    """
 
     model_id: str = ""
     version: str = ""
     timeout_s: float = 120
+    replica: str = ""
 
 
 class DrainVersionResult(BaseModel):
     drained: bool = True
     inflight_left: int = 0
     waited_s: float = 0
+    # Draining one replica: the gateways that still sent it requests at the end.
+    routed_at: list[str] = Field(default_factory=list)
 
 
 class CheckHealthInput(BaseModel):

@@ -201,8 +201,23 @@ class ModelInfo(BaseModel):
         return next((v for v in self.versions if v.version == version), None)
 
 
+class Replica(BaseModel):
+    """One engine of a version a route sends requests to: where it answers, on which host.
+
+    `host` is the engine host's id (`"external"` for an endpoint someone else runs); empty
+    when the route was written without one, and then nothing is known to judge it by.
+    """
+
+    url: str
+    host: str = ""
+
+
 class Backend(BaseModel):
     """One version's share of a model's traffic and where to send it.
+
+    `replicas` are the version's engines: the gateway spreads the version's share over
+    them (least requests in flight). Routes written before replicas existed have none;
+    then `url` is the one engine. `url` is always the first replica's, for older readers.
 
     A backend with `weight` 0 and a `mirror_percent` is a shadow: that share of the
     model's requests is copied to it, its answers are measured like any version's and
@@ -217,10 +232,15 @@ class Backend(BaseModel):
     # An external endpoint's credential: the name of the environment variable whose
     # value the gateway sends as `Authorization: Bearer` (never the value itself).
     api_key_env: str | None = None
+    replicas: list[Replica] = Field(default_factory=list)
 
     @property
     def is_shadow(self) -> bool:
         return self.weight == 0 and self.mirror_percent > 0
+
+    def endpoints(self) -> list[Replica]:
+        """Every replica of the version: `replicas`, or the one `url` of an older route."""
+        return self.replicas or [Replica(url=self.url)]
 
 
 class Route(BaseModel):

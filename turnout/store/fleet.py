@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
+from turnout.domain import EngineState
 from turnout.fleet import EngineHost, FleetState, Holder, HolderKind, HostCapacity
+from turnout.replicas import EngineReplica
 from turnout.store.schema import (
     EngineHolderRow,
     EngineHostRow,
@@ -169,6 +171,22 @@ class FleetStore:
             rows = (await session.scalars(select(EngineResourcesRow))).all()
             return {(r.model_id, r.version, r.host): int(r.figures["memory_mb"] * 2**20)
                     for r in rows if r.figures.get("memory_mb") is not None}
+
+    # ---------------------------------------------------------------- replicas
+
+    async def engine_replicas(self, *, model_id: str | None = None) -> list[EngineReplica]:
+        """Every engine (or one model's) with its state and its host's last heartbeat, in
+        one query: what each gateway's reconcile loop judges replicas by."""
+        query = select(EngineRow.model_id, EngineRow.version, EngineRow.host, EngineRow.url,
+                       EngineRow.state, EngineHostRow.last_seen).outerjoin(
+            EngineHostRow, EngineHostRow.host_id == EngineRow.host)
+        if model_id is not None:
+            query = query.where(EngineRow.model_id == model_id)
+        async with self._session() as session:
+            rows = (await session.execute(query)).all()
+        return [EngineReplica(model_id=m, version=v, host=h, url=url, state=EngineState(state),
+                              host_last_seen=_aware(seen) if seen is not None else None)
+                for m, v, h, url, state, seen in rows]
 
 
 async def read_fleet(store: Store) -> FleetState:

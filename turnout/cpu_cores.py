@@ -8,9 +8,9 @@ server, engine core and worker threads all run there (see `activities/engines.py
 Why: vLLM's CPU backend binds only its worker's OpenMP threads; its API server and engine
 core run wherever the kernel lets them. Measured on a 2-core host: a new engine started
 beside an engine that serves a client without pause was not ready after 5 minutes when
-its processes could run on every core, and ready in about 50 s when each engine's
-processes were confined to a core of their own (and in about 70 s when both engines were
-confined to the same core: sharing is slow, it does not hang).
+its processes could run on every core (3 runs), and ready in 45-100 s when each engine's
+processes were confined to a core of their own (and in 70-100 s when both engines were
+confined to the same core: sharing is slower, it does not hang).
 
 The rules:
 

@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +44,15 @@ from turnout.contracts import (
     LoadVersionResult,
     UnloadVersionInput,
 )
+from turnout.cpu_cores import (
+    EngineCores,
+    cores_per_engine,
+    format_cpu_list,
+    omp_threads_bind,
+    parse_cpu_list,
+    pick_cores,
+    worker_ranks,
+)
 from turnout.domain import SERVED_NAME_PATTERN, EngineInfo, EngineState, VersionInfo
 from turnout.engine_args import TRUST_REMOTE_CODE_SETTING, EngineArgsError, engine_argv
 from turnout.environments import engine_environment
@@ -62,6 +70,7 @@ MODEL_LOAD_ERROR = "ModelLoadError"  # model dir missing / no or unreadable conf
 VERSION_NOT_FOUND = "VersionNotFound"  # version not registered in the store
 ENGINE_EXITED = "EngineExitedError"  # vLLM exited before it became ready
 ENGINE_START_TIMEOUT = "EngineStartTimeout"  # not ready within engine_startup_timeout_s
+ENGINE_STALLED = "EngineStalled"  # no log line, no /health answer for engine_stall_timeout_s
 ENGINE_WARMUP_FAILED = "EngineWarmupError"  # /health OK but the first completion failed
 NO_FREE_PORT = "NoFreePort"  # every port of [engine_port_start, engine_port_end] is taken
 INSUFFICIENT_MEMORY = "InsufficientMemory"  # the engine would not fit in this host's memory
@@ -75,6 +84,8 @@ STOP_GRACE_S = 20.0
 # An access-log line per request fills the engine's log for nothing: the gateway counts.
 _DEFAULT_FLAGS: dict[str, Any] = {"dtype": "float32", "max_model_len": 256,
                                   "enforce_eager": True, "disable_uvicorn_access_log": True}
+# Set in the engine worker's environment, the operator binds engines' threads: no partition.
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _EXC_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception|Exit)\b\s*:")
 
 
@@ -170,16 +181,24 @@ def weights_bytes(model: str) -> int:
     return total
 
 
-def log_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
-    """The most telling line of a failed engine's log: its last exception, else last line."""
+def _log_lines(log_path: Path, max_bytes: int) -> list[str] | None:
+    """The non-empty lines of the end of an engine's log (None: no log). Progress bars'
+    carriage returns count as line ends, so a bar's last state is one line."""
     try:
         with log_path.open("rb") as fh:
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - max_bytes))
             lines = fh.read().decode("utf-8", "replace").splitlines()
     except OSError:
+        return None
+    return [line.strip() for line in lines if line.strip()]
+
+
+def log_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
+    """The most telling line of a failed engine's log: its last exception, else last line."""
+    lines = _log_lines(log_path, max_bytes)
+    if lines is None:
         return "(no engine log)"
-    lines = [line.strip() for line in lines if line.strip()]
     for i in range(len(lines) - 1, -1, -1):
         if _EXC_LINE.search(lines[i]) and not lines[i].startswith("File "):
             # The exception line plus its continuation (pydantic puts the reason below it).
@@ -189,6 +208,56 @@ def log_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
         if "ERROR" in line:
             return line[-500:]
     return lines[-1][-500:] if lines else "(engine log is empty)"
+
+
+def log_last_lines(log_path: Path, count: int = 5, max_chars: int = 1000) -> str:
+    """The last `count` lines of an engine's log, joined with ` | `: where a start that
+    stopped making progress was when it stopped."""
+    lines = _log_lines(log_path, 16_000)
+    if lines is None:
+        return "(no engine log)"
+    if not lines:
+        return "(engine log is empty)"
+    return " | ".join(_shorten(line) for line in lines[-count:])[-max_chars:]
+
+
+def _shorten(line: str, limit: int = 300) -> str:
+    """A long line's start (who logged it, when) and end (what it says)."""
+    return line if len(line) <= limit else f"{line[:100]} … {line[-(limit - 103):]}"
+
+
+def log_size(log_path: Path) -> int:
+    """How much an engine has logged so far (0 before its log exists)."""
+    try:
+        return log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+class StallWatch:
+    """Whether a starting engine still makes progress: its log grows or /health answers.
+
+    A start can stop making progress without exiting (measured on a 2-core host: an engine
+    whose processes shared a core with a busy engine's worker logged nothing for minutes);
+    `timeout_s` without either sign is a stall. Pure: the caller passes what it saw and
+    when, so the rule is tested without waiting.
+    """
+
+    def __init__(self, timeout_s: float, *, now: float, log_size: int) -> None:
+        self.timeout_s = timeout_s
+        self._size = log_size
+        self._progress_at = now
+
+    def observe(self, now: float, *, log_size: int, answered: bool = False) -> bool:
+        """Record one look (the log's size, whether /health answered at all); True once
+        `timeout_s` has passed since the last progress."""
+        if answered or log_size != self._size:
+            self._size = log_size
+            self._progress_at = now
+        return self.silent_for(now) >= self.timeout_s
+
+    def silent_for(self, now: float) -> float:
+        return max(0.0, now - self._progress_at)
 
 
 def is_engine_process(pid: int | None, port: int | None = None) -> bool:
@@ -446,17 +515,42 @@ class EngineActivities:
             return pid, port
         return None
 
-    async def _cpu_core(self) -> str:
-        """The CPU core a new CPU engine's threads are bound to: the least used one.
+    async def _engine_cores(self, version: VersionInfo) -> frozenset[int] | None:
+        """The cores a new engine of `version` runs on; None leaves the placement to vLLM.
 
-        vLLM's automatic binding puts every engine of a host on the same core, so a new
-        version loading beside a busy live one starves (measured: not ready after 10 min
-        on 2 cores). The cores of running engines are read back from their environment.
+        On CPU hosts every process of an engine runs on cores of its own (why and how the
+        cores are chosen: `turnout.cpu_cores`), picked from this worker's cores beside the
+        cores the host's running engines are allowed on, read back from their processes.
+        GPU hosts, and an operator who binds engines with VLLM_CPU_OMP_THREADS_BIND, get
+        no partition.
         """
-        used = Counter(_bound_core(e.pid) for e in await self.store.list_engines(host=self.host)
-                       if not e.external and e.pid)
-        cores = range(os.cpu_count() or 1)
-        return str(min(cores, key=lambda core: (used[str(core)], core)))
+        if self._capacity is None:
+            self._capacity = await asyncio.to_thread(detect_capacity, self.settings)
+        if self._capacity.gpus or OMP_BIND_ENV in os.environ:
+            return None
+        host_cores = os.sched_getaffinity(0)
+        state = await read_fleet(self.store)
+        engines: list[EngineCores] = []
+        for e in state.engines:
+            if e.host != self.host or e.external or not self._alive(e.pid, e.port):
+                continue
+            cores = await asyncio.to_thread(engine_cpus, e.pid)  # type: ignore[arg-type]
+            if cores is None:
+                continue
+            # A starting engine loads as hard as a serving one works; cached ones idle.
+            busy = (e.state is not EngineState.READY
+                    or state.role(e.model_id, e.version) not in CACHED_ROLES)
+            engines.append(EngineCores(cores, busy))
+        pick = pick_cores(host_cores, engines, want=cores_per_engine(
+            len(host_cores), self.settings.engine_cpu_cores))
+        if pick.shared:
+            _logger().warning(
+                "%s:%s shares cpus %s with a busy engine: host %s has %d cores, and busy "
+                "engines use cpus %s (set engine_cpu_cores to give engines fewer cores)",
+                version.model_id, version.version, format_cpu_list(pick.shared), self.host,
+                len(host_cores), format_cpu_list(
+                    core for e in engines if e.busy for core in e.cores))
+        return pick.cores
 
     def _log_path(self, model_id: str, version: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
@@ -470,18 +564,21 @@ class EngineActivities:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         async with self._spawn_lock:
             port = await self._free_port()
-            env = self._engine_env(await self._cpu_core())
+            cores = await self._engine_cores(version)
+            env = self._engine_env(omp_threads_bind(
+                cores, worker_ranks(version.config.engine_args)) if cores else None)
+            on_cpus = f" on cpus {format_cpu_list(cores)}" if cores else ""
             argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
                     "--model", model_dir, "--served-model-name", name,
                     "--host", s.engine_bind_host, "--port", str(port), *flags]
             with log_path.open("ab") as log_file:
-                log_file.write(f"\n=== {datetime.now(UTC).isoformat()} turnout starts: "
-                               f"{' '.join(argv)}\n".encode())
+                log_file.write(f"\n=== {datetime.now(UTC).isoformat()} turnout starts"
+                               f"{on_cpus}: {' '.join(argv)}\n".encode())
                 log_file.flush()
                 # fork/exec off the event loop; a new session so we can kill the group
                 # and so the engine outlives this worker.
                 proc = await asyncio.to_thread(
-                    subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                    _popen_on_cores, cores, argv, stdin=subprocess.DEVNULL, stdout=log_file,
                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self._children[proc.pid] = proc
             engine = EngineInfo(model_id=version.model_id, version=version.version,
@@ -494,18 +591,26 @@ class EngineActivities:
             except BaseException:
                 await self._stop(proc.pid, port, grace_s=0)
                 raise
-        _logger().info("started engine %s:%s pid=%s port=%s log=%s", version.model_id,
-                       version.version, proc.pid, port, log_path)
+        _logger().info("started engine %s:%s pid=%s port=%s cpus=%s log=%s",
+                       version.model_id, version.version, proc.pid, port,
+                       format_cpu_list(cores) if cores else "any", log_path)
         return engine, log_path
 
-    def _engine_env(self, core: str) -> dict[str, str]:
+    def _engine_env(self, omp_bind: str | None = None) -> dict[str, str]:
         """An engine's environment: the allowlisted part of this worker's (no turnout
-        setting, no credential), and what turnout sets unless the operator did."""
+        setting, no credential), and what turnout sets unless the operator did.
+
+        `omp_bind` (an engine's own cores, on CPU hosts) keeps vLLM's OpenMP threads on
+        the cores the engine was started on: vLLM would otherwise bind them by itself,
+        every engine of a host from the same first cores.
+        """
         s = self.settings
-        return engine_environment(
-            os.environ, {"VLLM_CPU_KVCACHE_SPACE": _gib(s.engine_kv_cache_gib),
-                         "PYTHONUNBUFFERED": "1", "VLLM_CPU_OMP_THREADS_BIND": core},
-            passthrough=s.engine_env_passthrough, denied=s.endpoint_credential_envs)
+        defaults = {"VLLM_CPU_KVCACHE_SPACE": _gib(s.engine_kv_cache_gib),
+                    "PYTHONUNBUFFERED": "1"}
+        if omp_bind is not None:
+            defaults[OMP_BIND_ENV] = omp_bind
+        return engine_environment(os.environ, defaults, passthrough=s.engine_env_passthrough,
+                                  denied=s.endpoint_credential_envs)
 
     async def _finish_start(self, engine: EngineInfo, log_path: Path) -> EngineInfo:
         """Wait for /health, warm up, mark READY; on any failure or cancel, kill and forget."""
@@ -529,8 +634,14 @@ class EngineActivities:
         await self.store.delete_engine(engine.model_id, engine.version, self.host)
 
     async def _wait_ready(self, engine: EngineInfo, log_path: Path) -> None:
+        """Poll /health until it answers 200; fail at once if the engine exits, when it
+        stops making progress (`engine_stall_timeout_s`: no new log line, no /health
+        answer), and at `engine_startup_timeout_s` in any case."""
+        s = self.settings
         started = time.monotonic()
-        deadline = started + self.settings.engine_startup_timeout_s
+        deadline = started + s.engine_startup_timeout_s
+        watch = StallWatch(s.engine_stall_timeout_s, now=started,
+                           log_size=await asyncio.to_thread(log_size, log_path))
         details = {"pid": engine.pid, "port": engine.port, "phase": "starting"}
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:
@@ -541,14 +652,26 @@ class EngineActivities:
                         f"ready (exit code {code}): {log_error_line(log_path)} "
                         f"[log: {log_path}]",
                         non_retryable=True, type=ENGINE_EXITED)
+                answered = False
                 try:
-                    if (await client.get(f"{engine.url}/health")).status_code == 200:
+                    status = (await client.get(f"{engine.url}/health")).status_code
+                    if status == 200:
                         _logger().info("engine %s:%s healthy after %.1f s", engine.model_id,
                                        engine.version, time.monotonic() - started)
                         return
+                    answered = True
                 except httpx.HTTPError:
                     pass
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if watch.observe(now, log_size=await asyncio.to_thread(log_size, log_path),
+                                 answered=answered):
+                    raise ApplicationError(
+                        f"engine for {engine.model_id}:{engine.version} made no progress for "
+                        f"{watch.silent_for(now):.0f} s (no new log line, no /health answer) "
+                        f"after {now - started:.0f} s of starting; its log ends: "
+                        f"{log_last_lines(log_path)} [log: {log_path}]",
+                        non_retryable=True, type=ENGINE_STALLED)
+                if now > deadline:
                     raise ApplicationError(
                         f"engine for {engine.model_id}:{engine.version} not ready after "
                         f"{self.settings.engine_startup_timeout_s:.0f} s [log: {log_path}]",
@@ -659,16 +782,64 @@ class EngineActivities:
             lock.release()
 
 
-def _bound_core(pid: int) -> str | None:
-    """The core an engine we started was bound to (from its environment), if readable."""
+def engine_cpus(pid: int) -> frozenset[int] | None:
+    """The cores an engine's processes may run on, read back from the kernel: the union of
+    `Cpus_allowed_list` over every thread of the API server and of its children (vLLM's
+    engine core and workers). None if the process is gone."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
+        root = psutil.Process(pid)
+        pids = [pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.Error:
         return None
-    for item in environ:
-        if item.startswith(b"VLLM_CPU_OMP_THREADS_BIND="):
-            return item.split(b"=", 1)[1].decode()
-    return None
+    cores: set[int] = set()
+    for each in pids:
+        cores |= process_cpus(each)
+    return frozenset(cores) or None
+
+
+def process_cpus(pid: int) -> frozenset[int]:
+    """The cores any thread of one process may run on (empty if it is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return frozenset()
+    cores: set[int] = set()
+    for tid in tasks:
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        for line in status.splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                with contextlib.suppress(ValueError):
+                    cores |= parse_cpu_list(line.split(":", 1)[1])
+                break
+    return frozenset(cores)
+
+
+def _popen_on_cores(cores: frozenset[int] | None, argv: list[str],
+                    **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start `argv` with its CPU affinity set to `cores`, as `taskset` would.
+
+    The calling thread (one of asyncio's worker threads) narrows its own affinity, forks,
+    and restores it: the child, and every process and thread it starts, inherits the mask
+    from the first instruction on. (A `preexec_fn` would do it in the child, which is not
+    safe in a process with threads; setting it after the start would race with the
+    threads the child starts.)
+    """
+    if not cores:
+        return subprocess.Popen(argv, **kwargs)
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError as exc:
+        _logger().warning("cannot set CPU affinity %s (%s): starting unpinned",
+                          format_cpu_list(cores), exc)
+        return subprocess.Popen(argv, **kwargs)
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _gib(value: float) -> str:

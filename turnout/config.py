@@ -140,6 +140,19 @@ class ModelSwitchingConfig(BaseModel):
     engine_port_start: int = Field(8100, ge=1024, le=65000)
     engine_port_end: int = Field(8199, ge=1024, le=65535)
     engine_startup_timeout_s: float = Field(900, gt=0)
+    # A starting engine that writes no new log line and does not answer /health for this
+    # long is failed (`EngineStalled`, with its log's last lines) instead of waiting out
+    # `engine_startup_timeout_s`. vLLM logs every phase of a start (config, engine core,
+    # each weight shard, KV cache, warm-up); its longest silent phases are reading one
+    # large shard from slow storage and compiling a big model's graphs, a minute or two:
+    # 5 minutes leaves room for both.
+    engine_stall_timeout_s: float = Field(300, gt=0, le=86_400)
+    # Cores per engine on a CPU host: each engine's processes (API server, engine core,
+    # worker threads) run on cores of their own, so a new engine never waits behind a busy
+    # one (`turnout/cpu_cores.py`). 0: half the host's cores (at least one), so the two
+    # engines of a switch never share. Ignored on GPU hosts, and where the worker's
+    # environment sets VLLM_CPU_OMP_THREADS_BIND (the operator binds engines then).
+    engine_cpu_cores: int = Field(0, ge=0, le=4096)
     engine_python: str | None = None
     engine_kv_cache_gib: float = Field(1, gt=0)
     # Engines get an allowlisted environment (`turnout.environments.engine_environment`):

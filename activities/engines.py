@@ -40,8 +40,10 @@ from turnout.config import ModelSwitchingConfig
 from turnout.contracts import (
     LOAD_VERSION,
     UNLOAD_VERSION,
+    EngineSlot,
     LoadVersionInput,
     LoadVersionResult,
+    ReplaceEngineInput,
     UnloadVersionInput,
 )
 from turnout.cpu_cores import (
@@ -386,6 +388,11 @@ class EngineActivities:
                 log.info("re-adopted engine %s:%s pid=%s at %s", engine.model_id,
                          engine.version, engine.pid, engine.url)
                 continue
+            if not alive and engine.state is EngineState.READY:
+                # It died while this worker was away: `find_dead` has it replaced.
+                log.warning("engine %s:%s pid=%s died while the worker was away",
+                            engine.model_id, engine.version, engine.pid)
+                continue
             if alive:
                 log.warning("engine %s:%s pid=%s is alive but not healthy: stopping it",
                             engine.model_id, engine.version, engine.pid)
@@ -395,6 +402,33 @@ class EngineActivities:
                          engine.version, engine.pid)
             await self.store.delete_engine(engine.model_id, engine.version, self.host)
         return kept
+
+    async def find_dead(self) -> list[ReplaceEngineInput]:
+        """Loaded engines of this host whose process has gone, each marked failed at once
+        (gateways then route around it within a second), with its role and how it ended:
+        what `ReplaceEngineWorkflow` needs to replace it or drop it from the cache."""
+        dead = []
+        state = None
+        for engine in await self.store.list_engines(host=self.host):
+            if engine.external or engine.state is not EngineState.READY or not engine.pid:
+                continue
+            lock = self._locks.get((engine.model_id, engine.version))
+            if (lock is not None and lock.locked()) or self._alive(engine.pid, engine.port):
+                continue  # a load or unload of it is under way: that one decides
+            code = self._exit_code(engine.pid)
+            self._children.pop(engine.pid, None)
+            await self.store.save_engine(engine.model_copy(update={"state": EngineState.FAILED}))
+            state = state or await read_fleet(self.store)
+            role = state.role(engine.model_id, engine.version)
+            how = ("process gone" if code is None else f"killed by signal {-code}"
+                   if code < 0 else f"exit code {code}")
+            log.error("engine %s:%s pid=%s on %s died (%s) as %s", engine.model_id,
+                      engine.version, engine.pid, self.host, how, role.value)
+            dead.append(ReplaceEngineInput(
+                slot=EngineSlot(model_id=engine.model_id, version=engine.version,
+                                  host_id=self.host, task_queue=self.settings.engine_task_queue),
+                role=role.value, pid=engine.pid, exit=how))
+        return dead
 
     async def stop_all(self) -> list[EngineInfo]:
         """Stop every engine of this host and forget it: the local stack's clean shutdown."""
@@ -553,7 +587,8 @@ class EngineActivities:
         return pick.cores
 
     def _log_path(self, model_id: str, version: str) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
+        # The host too: engine workers of several hosts may share a state dir (tests).
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}-{self.host}")
         return Path(self.settings.state_dir).expanduser() / "engines" / f"{safe}.log"
 
     async def _spawn(self, version: VersionInfo, model_dir: str, name: str,

@@ -62,7 +62,7 @@ class FleetActivities:
         request = LoadRequest(
             input.model_id, input.version,
             weights_bytes=state.weights.get((input.model_id, input.version), 0),
-            replicas=input.replicas or 1,
+            replicas=input.replicas or version.config.replicas,
             priority=input.holder.priority
             if input.holder and input.holder.kind is HolderKind.PRELOAD else None)
         hosts = state.host_views(utcnow(), self._live_after())

@@ -50,6 +50,15 @@ class RegistryActivities:
                                 stored.version or "", stored.title)
         return stored
 
+    @activity.defn(name=c.RESOLVE_ALERT)
+    async def resolve_alert(self, input: c.ResolveAlertInput) -> Alert | None:
+        """Resolve the alert firing for (model, version, type), if one is."""
+        resolved = await self.store.resolve_alert(input.model_id, input.version, input.type)
+        if resolved is not None:
+            activity.logger.info("alert resolved on %s %s: %s", resolved.model_id,
+                                 resolved.version or "", resolved.title)
+        return resolved
+
     @activity.defn(name=c.RECORD_OPERATION)
     async def record_operation(self, input: c.RecordOperationInput) -> None:
         """Keep the operations table and the audit log in step with the workflow.

@@ -54,6 +54,23 @@ class TrafficActivities:
             backends.append(backend.model_copy(update={"mirror_percent": input.percent}))
         return await self._publish(input.model_id, backends, input.change_key)
 
+    @activity.defn(name=c.REFRESH_ROUTE)
+    async def refresh_route(self, input: c.RefreshRouteInput) -> c.SetTrafficResult:
+        """The same split, written again from the engines as they are now: a replaced
+        engine listens at a new address, and every gateway must route to it."""
+        current = await self.store.get_route(input.model_id)
+        if current is None or not current.backends:
+            return c.SetTrafficResult(generation=current.generation if current else 0)
+        backends = []
+        for backend in current.backends:
+            try:
+                fresh = await self._backend(input.model_id, backend.version, backend.weight)
+            except ApplicationError:  # no ready engine of it right now: keep what was there
+                backends.append(backend)
+                continue
+            backends.append(fresh.model_copy(update={"mirror_percent": backend.mirror_percent}))
+        return await self._publish(input.model_id, backends, input.change_key)
+
     async def _publish(self, model_id: str, backends: list[Backend],
                        change_key: str) -> c.SetTrafficResult:
         """Write the route (idempotent by change key), then wait for every gateway."""

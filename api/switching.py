@@ -100,6 +100,14 @@ async def check_switch(store: Store, request: SwitchRequest) -> list[FieldError]
     if model.live_version is not None and model.live_version == request.target_version:
         errors.append(FieldError(field="target_version", status_code=409,
                                  message=f"{request.target_version!r} is already live"))
+    target = model.version(request.target_version)
+    if target is not None and not target.config.endpoint:
+        replicas = request.replicas or target.config.replicas
+        hosts = len(await store.list_hosts())
+        if replicas > max(1, hosts):
+            errors.append(FieldError(
+                field="replicas", message=f"{replicas} replicas need {replicas} engine hosts "
+                                          f"(one engine per host); the fleet has {hosts}"))
     return errors
 
 
@@ -161,7 +169,7 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
         target_version=request.target_version, strategy=request.strategy,
         strategy_config=request.strategy_config, engine_task_queue=settings.engine_task_queue,
         requested_by=request.requested_by, reason=request.reason,
-        thresholds=switch_thresholds(settings, request))
+        thresholds=switch_thresholds(settings, request), replicas=request.replicas)
     for attempt in range(2):
         try:
             handle = await client.start_workflow(

@@ -425,3 +425,38 @@ class PreloadStatus(BaseModel):
     started_at: datetime | None = None
     ready_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+# ---------------------------------------------------------------------- engine crashes
+
+REPLACE_ENGINE_WORKFLOW = "ReplaceEngineWorkflow"
+REFRESH_ROUTE = "refresh_route"
+RESOLVE_ALERT = "resolve_alert"
+
+
+def replace_engine_workflow_id(model_id: str, version: str, host_id: str) -> str:
+    return f"replace-engine-{model_id}-{version}-{host_id}"
+
+
+class ReplaceEngineInput(BaseModel):
+    """An engine process died on its host: replace it (serving, candidate, shadow) or drop
+    it from the cache (standby, preloaded, idle)."""
+
+    slot: EngineSlot = Field(default_factory=EngineSlot)
+    role: str = "idle"
+    pid: int | None = None
+    exit: str = ""  # how it ended, as the host saw it (exit code or signal)
+
+
+class RefreshRouteInput(BaseModel):
+    """Write the model's route again with the same weights, from the engines as they are
+    now (a replaced engine's new address); idempotent by `change_key`."""
+
+    model_id: str = ""
+    change_key: str = ""
+
+
+class ResolveAlertInput(BaseModel):
+    model_id: str = ""
+    version: str | None = None
+    type: str = ""

@@ -26,6 +26,7 @@ from turnout.config import ENV_NAME_PATTERN, ENV_PREFIX
 from turnout.endpoints import EndpointError, parse_endpoint
 from turnout.limits import (
     ACTOR_MAX,
+    MAX_REPLICAS,
     MODEL_ID_MAX,
     REASON_MAX,
     SERVED_NAME_MAX,
@@ -67,6 +68,8 @@ class OmniModelConfig(BaseModel):
     endpoint: str | None = Field(None, pattern=r"^https?://")
     served_model_name: str | None = None
     api_key_env: str | None = Field(None, pattern=ENV_NAME_PATTERN)
+    # Engines of this version a switch loads, one per engine host (overridable per switch).
+    replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
 
     @property
     def model_id(self) -> str:
@@ -334,6 +337,8 @@ class SwitchRequest(BaseModel):
     reason: str | None = Field(None, max_length=REASON_MAX)
     # How this switch's steps are judged, over the settings' defaults (None: defaults).
     analysis: SwitchAnalysis | None = None
+    # Engines of the target, one per engine host (None: as many as it was registered with).
+    replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS)
 
 
 # Metrics a rollout can guard. Rates come from request counts (two-proportion test);

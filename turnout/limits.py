@@ -28,6 +28,9 @@ SERVED_NAME_MAX = 512
 REASON_MAX = 2000
 MODEL_SOURCE_MAX = 1024  # a model directory or hub id
 
+# Engines of one version: one per engine host (see turnout.fleet).
+MAX_REPLICAS = 64
+
 # Free-form JSON objects of a request: at most this many bytes once serialized and this
 # many levels of nesting (an object holding an object is depth 2).
 MAX_JSON_BYTES = 16 * 1024

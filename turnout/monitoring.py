@@ -35,6 +35,7 @@ class AlertType(StrEnum):
     RESOURCE = "resource"
     ROLLOUT = "rollout"
     CUSTOM = "custom"
+    ENGINE = "engine"  # an engine process died (raised and resolved by its replacement)
 
 
 class MetricLimit(BaseModel):

@@ -44,7 +44,8 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
                     registry.raise_alert, traffic.set_traffic, traffic.set_mirror,
                     traffic.drain_version, health.check_health, health.judge_health,
                     monitor.list_engine_hosts, monitor.assess_health, fleet.place_version,
-                    fleet.release_version, fleet.retire_version])
+                    fleet.release_version, fleet.retire_version, traffic.refresh_route,
+                    registry.resolve_alert])
 
 
 async def main() -> None:

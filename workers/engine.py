@@ -13,17 +13,21 @@ import os
 import sys
 
 from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.worker import Worker
 
 from activities.engines import EngineActivities
 from activities.host import HostMembership
 from activities.resources import ResourceActivities
+from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import HostClaimed, Store
 from workers.common import stop_event
 
 log = logging.getLogger("turnout.worker.engine")
+# How often this host looks for engines that died.
+WATCH_S = 2.0
 
 
 def build_worker(client: Client, settings: ModelSwitchingConfig, engines: EngineActivities,
@@ -48,6 +52,28 @@ async def keep_measuring(resources: ResourceActivities, settings: ModelSwitching
                 log.exception("measuring the engines of %s failed", settings.engine_host)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.monitoring_interval_s)
+
+
+async def keep_watching(engines: EngineActivities, client: Client,
+                        settings: ModelSwitchingConfig, stop: asyncio.Event) -> None:
+    """Every few seconds, look for loaded engines whose process died; have each replaced
+    (or dropped from the cache) by a `ReplaceEngineWorkflow`."""
+    while not stop.is_set():
+        try:
+            for dead in await engines.find_dead():
+                await client.start_workflow(
+                    c.REPLACE_ENGINE_WORKFLOW, dead,
+                    id=c.replace_engine_workflow_id(dead.slot.model_id, dead.slot.version,
+                                                    dead.slot.host_id),
+                    task_queue=settings.control_task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                    static_summary=f"replace the dead engine of {dead.slot.version} of "
+                                   f"{dead.slot.model_id} on {dead.slot.host_id}")
+        except Exception:  # the store or Temporal away for a moment: look again soon
+            log.exception("looking for dead engines on %s failed", settings.engine_host)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), WATCH_S)
 
 
 async def main() -> int:
@@ -78,12 +104,14 @@ async def _serve(settings: ModelSwitchingConfig, store: Store) -> int:
     async with build_worker(client, settings, engines, resources=resources):
         measuring = asyncio.create_task(keep_measuring(resources, settings, stop))
         beating = asyncio.create_task(membership.keep(stop))
+        watching = asyncio.create_task(keep_watching(engines, client, settings, stop))
         await asyncio.wait([asyncio.ensure_future(stop.wait()),
                             asyncio.ensure_future(membership.lost.wait())],
                            return_when=asyncio.FIRST_COMPLETED)
         stop.set()
         await measuring
         await beating
+        await watching
         log.info("engine worker stopping; engines keep running for re-adoption")
     return 3 if membership.lost.is_set() else 0
 

@@ -53,6 +53,8 @@ class Process:
     # What kind of process it is (`turnout.environments.ROLES`): decides which secrets its
     # environment holds. None: an unknown command, given no secret.
     role: str | None = None
+    # Variables of this process only, over the role's (a second engine worker's host id).
+    env: Mapping[str, str] = field(default_factory=dict)
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -127,8 +129,9 @@ class Stack:
         """The environment process `name` starts with: only the secrets its role needs
         (`turnout.environments.process_environment`), then `extra_env`."""
         parent = os.environ if self.base_env is None else self.base_env
-        role = self.processes[name].role
-        return {**process_environment(role or "", parent, self.settings), **self.extra_env}
+        process = self.processes[name]
+        return {**process_environment(process.role or "", parent, self.settings),
+                **self.extra_env, **process.env}
 
     @property
     def admin_token_path(self) -> Path:
@@ -193,14 +196,16 @@ class Stack:
         logfile.close()
         log.info("started %s (pid %d), log %s", name, process.popen.pid, process.log_path)
 
-    def add_process(self, name: str, argv: list[str], role: str | None = None) -> None:
+    def add_process(self, name: str, argv: list[str], role: str | None = None,
+                    env: Mapping[str, str] | None = None) -> None:
         """Another process of this deployment (a second gateway, say); `stop` ends it too.
 
         Its environment is that of its `role`, by default the role of the `python -m`
-        module it runs (a second gateway gets what the gateway gets).
+        module it runs (a second gateway gets what the gateway gets), with `env` over it
+        (a second engine worker's `VLLM_MODEL_SWITCHING_ENGINE_HOST`, say).
         """
         self.processes[name] = Process(name, argv, self.log_dir / f"{name}.log",
-                                       role=role or role_of(argv))
+                                       role=role or role_of(argv), env=dict(env or {}))
 
     def signal_process(self, name: str, sig: int) -> None:
         """Send a signal to one process group without waiting (SIGSTOP/SIGCONT freeze it)."""
@@ -230,9 +235,14 @@ class Stack:
 
         store = Store.from_url(self.settings.database_url)
         try:
-            stopped = await EngineActivities(self.settings, store).stop_all()
+            # Every host's: a local stack may run several engine workers on this machine.
+            hosts = {e.host for e in await store.list_engines() if not e.external}
+            stopped = 0
+            for host in sorted(hosts | {self.settings.engine_host}):
+                settings = self.settings.model_copy(update={"engine_host": host})
+                stopped += len(await EngineActivities(settings, store).stop_all())
             if stopped:
-                log.info("stopped %d engine(s)", len(stopped))
+                log.info("stopped %d engine(s)", stopped)
         finally:
             await store.close()
 

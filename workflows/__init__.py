@@ -2,12 +2,13 @@
 
 from workflows.monitor import MonitorWorkflow
 from workflows.preload import PreloadWorkflow
+from workflows.replace import ReplaceEngineWorkflow
 from workflows.shadow import ShadowWorkflow
 from workflows.standby import StandbyWorkflow
 from workflows.switch import SwitchWorkflow
 
 WORKFLOWS = [SwitchWorkflow, MonitorWorkflow, ShadowWorkflow, StandbyWorkflow,
-             PreloadWorkflow]
+             PreloadWorkflow, ReplaceEngineWorkflow]
 
-__all__ = ["WORKFLOWS", "MonitorWorkflow", "PreloadWorkflow", "ShadowWorkflow",
-           "StandbyWorkflow", "SwitchWorkflow"]
+__all__ = ["WORKFLOWS", "MonitorWorkflow", "PreloadWorkflow", "ReplaceEngineWorkflow",
+           "ShadowWorkflow", "StandbyWorkflow", "SwitchWorkflow"]

@@ -22,6 +22,7 @@ from api.errors import ERROR_RESPONSES, ErrorBody
 from turnout import contracts as c
 from turnout.domain import AuditEntry, EngineState
 from turnout.fleet import FleetReport, LoadRequest, PlacementError, place
+from turnout.limits import MAX_REPLICAS
 from turnout.store.fleet import read_fleet
 from turnout.store.schema import utcnow
 
@@ -34,7 +35,7 @@ class PreloadRequest(BaseModel):
     priority: int = Field(0, ge=0, le=c.MAX_PRELOAD_PRIORITY,
                           description="Cached engines of a lower priority may be evicted "
                                       "to make room; higher ones are kept")
-    replicas: int | None = Field(None, ge=1, le=64,
+    replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS,
                                  description="Engines to load (default: the version's)")
     requested_by: str | None = Field(None, max_length=256)
 
@@ -101,7 +102,8 @@ async def preload(model_id: str, version: str, client: TemporalDep, store: Store
     if not loaded:
         try:
             place(LoadRequest(model_id, version, state.weights.get((model_id, version), 0),
-                              replicas=body.replicas or 1, priority=body.priority),
+                              replicas=body.replicas or info.config.replicas,
+                              priority=body.priority),
                   state.host_views(utcnow(), settings.engine_host_live_after_s),
                   state.views())
         except PlacementError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +22,8 @@ import pytest
 import pytest_asyncio
 
 from turnout.config import ModelSwitchingConfig
+from turnout.domain import EngineInfo
+from turnout.store import Store
 from workers.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
@@ -245,3 +249,92 @@ async def test_what_serves_or_mirrors_is_never_evicted(stack: Stack) -> None:
         return set(await engines(stack)) == {"v1"}
 
     await eventually(released, "the shadow's and the preload's engines stopped", 120)
+
+
+# ---------------------------------------------------------------------- two engine hosts
+
+SECOND_HOST = "e2e-fleet-2"
+
+
+async def engine_of(stack: Stack, version: str, host: str) -> EngineInfo | None:
+    store = Store.from_url(stack.settings.database_url)
+    try:
+        return await store.get_engine(MODEL_ID, version, host)
+    finally:
+        await store.close()
+
+
+async def served_by_engine(engine: EngineInfo) -> float:
+    """Requests the vLLM engine itself says it finished (its own /metrics)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        text = (await client.get(f"{engine.url}/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total"))
+
+
+async def test_a_version_with_two_replicas_runs_on_two_hosts(stack: Stack) -> None:
+    s = stack.settings
+    stack.add_process("engine-worker-2", [sys.executable, "-m", "workers.engine"], env={
+        s.env_name("engine_host"): SECOND_HOST, s.env_name("engine_port_start"): "23120",
+        s.env_name("engine_port_end"): "23139"})
+    stack.start_process("engine-worker-2")
+
+    async def two_live_hosts() -> bool:
+        hosts = (await call(stack, "GET", "/engines")).json()["hosts"]
+        return sum(h["live"] for h in hosts) == 2
+
+    await eventually(two_live_hosts, "the second engine host heartbeating", 90)
+    r = await call(stack, "POST", "/switch", json={
+        "model_id": MODEL_ID, "target_version": "v2", "strategy": "immediate",
+        "replicas": 2})
+    assert r.status_code == 202, r.text
+    status = await wait_end(stack, r.json()["operation_id"])
+    assert status["outcome"] == "promoted", status["reason"]
+    report = (await call(stack, "GET", "/engines")).json()
+    hosts = sorted(e["host"] for e in report["engines"]
+                   if e["model_id"] == MODEL_ID and e["version"] == "v2")
+    assert hosts == ["e2e-fleet", SECOND_HOST], report["engines"]
+    too_many = await call(stack, "POST", "/switch/validate", json={
+        "model_id": MODEL_ID, "target_version": "v1", "replicas": 3})
+    assert any("replicas" in e for e in too_many.json()["errors"]), too_many.text
+
+    client = Client(stack.gateway_url)
+    sender = asyncio.create_task(client.run())
+    try:
+        await eventually(lambda: asyncio.sleep(0, result=len(client.answers) > 40),
+                         "answers through the gateway", 60)
+        first = await engine_of(stack, "v2", "e2e-fleet")
+        second = await engine_of(stack, "v2", SECOND_HOST)
+        assert first is not None and second is not None
+        # The gateway spreads v2's share over both replicas.
+        assert await served_by_engine(first) > 5 and await served_by_engine(second) > 5
+
+        # A replica's engine is killed: the other serves every request meanwhile; the
+        # dead one is replaced, and its alert fires and resolves.
+        assert second.pid is not None
+        os.killpg(second.pid, signal.SIGKILL)
+
+        async def engine_alert(state: str) -> list[dict[str, Any]]:
+            alerts = (await call(stack, "GET", "/alerts",
+                                 params={"model_id": MODEL_ID, "state": state})).json()
+            return [a for a in alerts if a["type"] == "engine" and a["version"] == "v2"]
+
+        [alert] = await eventually(lambda: engine_alert("firing"), "an engine alert", 30)
+        assert alert["severity"] == "critical" and SECOND_HOST in alert["title"]
+
+        async def replaced() -> EngineInfo | None:
+            engine = await engine_of(stack, "v2", SECOND_HOST)
+            ready = engine is not None and engine.state.value == "ready" \
+                and engine.pid != second.pid
+            return engine if ready else None
+
+        renewed = await eventually(replaced, "the dead replica replaced", 600)
+        await eventually(lambda: engine_alert("resolved"), "the engine alert resolved", 60)
+        answers = len(client.answers)
+        await eventually(lambda: asyncio.sleep(0, result=len(client.answers) > answers + 40),
+                         "more answers", 60)
+        assert await served_by_engine(renewed) > 0, "the new replica is not routed to"
+    finally:
+        client._stop.set()
+        await sender
+    assert client.failures == [], client.failures[:5]

@@ -184,9 +184,23 @@ class FakeCluster:
         async def record_operation(input: c.RecordOperationInput) -> None:
             self.calls.append((c.RECORD_OPERATION, input))
 
+        @activity.defn(name=c.REFRESH_ROUTE)
+        async def refresh_route(input: c.RefreshRouteInput) -> c.SetTrafficResult:
+            self.calls.append((c.REFRESH_ROUTE, input))
+            return c.SetTrafficResult(generation=len(self.routes))
+
+        @activity.defn(name=c.RESOLVE_ALERT)
+        async def resolve_alert(input: c.ResolveAlertInput) -> Alert | None:
+            self.calls.append((c.RESOLVE_ALERT, input))
+            self.alerts = [a for a in self.alerts
+                           if (a.model_id, a.version, a.type) !=
+                           (input.model_id, input.version, input.type)]
+            return None
+
         return [describe_model, load_version, unload_version, set_traffic, set_mirror,
                 drain_version, check_health, judge_health, raise_alert, mark_live,
-                record_operation, place_version, release_version, retire_version]
+                record_operation, place_version, release_version, retire_version,
+                refresh_route, resolve_alert]
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]

@@ -23,12 +23,22 @@ class ErrorBody(BaseModel):
     active_operation_id: str | None = None
 
 
+# What any call may answer when authentication is on.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing, malformed or unknown API key"},
+    403: {"model": ErrorBody, "description": "The key's role does not allow this call; "
+                                             "`detail` names the role needed"},
+}
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or wrong API key"},
+    **AUTH_RESPONSES,
+    400: {"model": ErrorBody, "description": "The body cannot be read (e.g. not UTF-8)"},
     404: {"model": ErrorBody, "description": "Unknown model, version or operation"},
     409: {"model": ErrorBody, "description": "Conflicts with the current state"},
     422: {"model": ErrorBody, "description": "Invalid body or strategy options; `detail` "
                                              "lists each field at fault with its `loc`"},
+    413: {"model": ErrorBody, "description": "The body is larger than "
+                                             "`VLLM_MODEL_SWITCHING_API_MAX_BODY_BYTES`"},
     503: {"model": ErrorBody, "description": "Temporal is not reachable"},
 }
 

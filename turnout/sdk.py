@@ -36,7 +36,15 @@ class TurnoutAPIError(RuntimeError):
     def __init__(self, status_code: int, detail: Any) -> None:
         self.status_code = status_code
         self.detail = detail
-        super().__init__(f"HTTP {status_code}: {detail}")
+        hint = _HINTS.get(status_code)
+        super().__init__(f"HTTP {status_code}: {detail}" + (f" ({hint})" if hint else ""))
+
+
+# What to do about a refused key, said once with the error.
+_HINTS = {
+    401: f"set {ModelSwitchingConfig.env_name('api_key')} to a key the API knows",
+    403: "ask an admin for a key with that role",
+}
 
 
 class SwitchResult(BaseModel):
@@ -58,6 +66,9 @@ class _Client:
         self.settings = ModelSwitchingConfig.from_env(**known)
         self.api_url = (api_url or self.settings.resolved_api_url).rstrip("/")
         key = api_key or self.settings.api_key
+        if key is not None and not (key.isascii() and key.isprintable() and " " not in key):
+            raise ValueError(f"the API key ({ModelSwitchingConfig.env_name('api_key')}) must "
+                             f"be printable ASCII without spaces")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -17,6 +17,7 @@ from temporalio.client import Client
 from api import errors
 from api.auth import OPEN_PATHS, AuthenticationMiddleware, FailureAudit, Viewer, route_role
 from api.limits import BodyLimitMiddleware
+from api.params import single_query_values
 from api.routers import alerts, audit, health, meta, models, rules, shadow, switch
 from turnout.auth import KeyRing, keyring_from_settings
 from turnout.config import ModelSwitchingConfig
@@ -51,7 +52,8 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
 
     # The docs follow the API's rule (a key when authentication is on): served below.
     app = FastAPI(title=TITLE, version=VERSION, lifespan=lifespan, description=DESCRIPTION,
-                  openapi_url=None, docs_url=None, redoc_url=None)
+                  openapi_url=None, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(single_query_values)])
     app.state.auth_audit = FailureAudit(settings.api_auth_failures_audited_per_minute)
     errors.install(app)
     app.include_router(models.router)

@@ -6,8 +6,11 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from temporalio.service import RPCError
 
 from turnout.store import Conflict, NotFound
@@ -60,7 +63,26 @@ class ActiveSwitchConflict(Exception):
                          + (f": operation {operation_id}" if operation_id else ""))
 
 
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route of this path answers (Starlette's 405 names only those of
+    the first route whose path matched, though each method has a route of its own)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": ""})
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            allow = ", ".join(allowed_methods(app, request.scope))
+            return JSONResponse({"detail": "Method Not Allowed"}, exc.status_code,
+                                headers={**(exc.headers or {}), "Allow": allow})
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status.HTTP_404_NOT_FOUND)

@@ -200,21 +200,29 @@ class KeyRing:
 
 def presented_key(authorization: Sequence[str], x_api_key: Sequence[str]
                   ) -> str | AuthFailure:
-    """The key a request presents, or why it presents none that could be checked."""
+    """The key a request presents, or why it presents none that could be checked.
+
+    An `Authorization` header of another scheme (a proxy's Basic credentials, say) is left
+    alone when an `X-API-Key` is given; without one it is malformed.
+    """
+    bearer = [value for value in authorization if _scheme(value) == "bearer"]
     if not authorization and not x_api_key:
         return AuthFailure(FailureReason.MISSING)
-    if len(authorization) + len(x_api_key) > 1:
+    if len(bearer) + len(x_api_key) > 1 or (not x_api_key and len(authorization) > 1):
         return AuthFailure(FailureReason.MALFORMED)
-    if authorization:
-        scheme, _, token = authorization[0].strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return AuthFailure(FailureReason.MALFORMED)
-        key = token.strip()
-    else:
+    if bearer:
+        key = bearer[0].strip()[len("bearer"):].strip()
+    elif x_api_key:
         key = x_api_key[0].strip()
+    else:
+        return AuthFailure(FailureReason.MALFORMED)  # only another scheme
     if not _well_formed(key):
         return AuthFailure(FailureReason.MALFORMED)
     return key
+
+
+def _scheme(value: str) -> str:
+    return value.strip().partition(" ")[0].lower()
 
 
 def load_key_file(path: str | Path) -> list[ApiKey]:

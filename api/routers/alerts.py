@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Path, Query
 from api.auth import Operator, Viewer
 from api.deps import StoreDep
 from api.errors import ERROR_RESPONSES
-from api.params import MAX_ROW_ID
+from api.params import MAX_ROW_ID, DateTimeQuery
 from turnout.contracts import ControlRequest
 from turnout.domain import Alert, AlertSeverity, AlertState, AuditEntry
 
@@ -22,7 +21,7 @@ async def list_alerts(principal: Viewer, store: StoreDep,
                       model_id: str | None = Query(None, max_length=300),
                       severity: AlertSeverity | None = None,
                       state: AlertState | None = AlertState.FIRING,
-                      since: datetime | None = None,
+                      since: DateTimeQuery | None = None,
                       limit: int = Query(500, ge=1, le=5000)) -> list[Alert]:
     """Active (firing) alerts by default; `state=resolved` for past ones."""
     return await store.list_alerts(model_id=model_id, severity=severity, state=state,

@@ -7,7 +7,6 @@ the same query with `before=<the last id of this page>`.
 
 from __future__ import annotations
 
-from datetime import datetime
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
@@ -15,7 +14,7 @@ from fastapi import APIRouter, Query, Request, Response
 from api.auth import Viewer
 from api.deps import StoreDep
 from api.errors import ERROR_RESPONSES
-from api.params import MAX_ROW_ID
+from api.params import MAX_ROW_ID, DateTimeQuery
 from turnout.domain import AuditEntry
 
 router = APIRouter(prefix="/audit", tags=["audit"], responses=ERROR_RESPONSES)
@@ -35,8 +34,8 @@ async def list_audit(request: Request, response: Response, principal: Viewer,
                      action: str | None = Query(None, max_length=64,
                                                 description="e.g. `switch_requested`, "
                                                             "`auth_failed`"),
-                     since: datetime | None = Query(None, description="At or after this "
-                                                                      "time"),
+                     since: DateTimeQuery | None = Query(None, description="At or after "
+                                                                           "this time"),
                      before: int | None = Query(None, ge=1, le=MAX_ROW_ID,
                                                 description="Only entries older than this "
                                                             "id (the next page's cursor)"),

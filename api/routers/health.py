@@ -7,10 +7,11 @@ reads them, so it never calls a gateway or an engine itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
 from api.auth import Operator, Viewer, check_role
 from api.deps import SettingsDep, StoreDep
@@ -35,6 +36,15 @@ class HealthReport(BaseModel):
     models: list[ModelHealth]
 
 
+def _bounded(field: FieldInfo) -> Any:
+    """A field's type with its bounds (`gt`, `le`, ...), to make it optional and keep them.
+    Numbers are strict: `true` or `"5"` is not a level."""
+    strict = [Strict()] if field.annotation in (int, float) else []
+    if not field.metadata and not strict:
+        return field.annotation
+    return Annotated[(field.annotation, *field.metadata, *strict)]  # type: ignore[valid-type]
+
+
 ThresholdsUpdate: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "ThresholdsUpdate",
     __config__=ConfigDict(extra="forbid"),
@@ -43,7 +53,9 @@ ThresholdsUpdate: type[BaseModel] = create_model(  # type: ignore[call-overload]
     model_id=(str | None, Field(None, max_length=300)),
     requested_by=(str | None, Field(None, max_length=256,
                                     description="A free note for the audit log")),
-    **{name: (field.annotation | None, None)
+    # Each level keeps its bounds (documented in the schema, checked before anything
+    # is changed); None or absent leaves it as it is.
+    **{name: (_bounded(field) | None, Field(None, description=field.description))
        for name, field in MonitorThresholds.model_fields.items()},
 )
 

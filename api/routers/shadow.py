@@ -28,11 +28,13 @@ router = APIRouter(prefix="/models", tags=["shadow"], responses=ERROR_RESPONSES)
 class ShadowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: str = Field(description="A registered version that is not live")
-    percentage: float = Field(100.0, gt=0, le=100,
+    version: str = Field(min_length=1, max_length=128,
+                         description="A registered version that is not live")
+    percentage: float = Field(100.0, gt=0, le=100, strict=True,
                               description="Share of the model's requests copied to it")
     duration_minutes: float | None = Field(
-        None, gt=0, le=60 * 24 * 30, description="How long to mirror (default: until stopped)")
+        None, gt=0, le=60 * 24 * 30, strict=True,
+        description="How long to mirror (default: until stopped)")
     requested_by: str | None = Field(None, max_length=256,
                                      description="A free note for the audit log")
     reason: str | None = Field(None, max_length=2000)

@@ -16,9 +16,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
+        # The rest of the body is not read: the connection is closed after the answer.
         super().__init__(status.HTTP_413_CONTENT_TOO_LARGE,
                          f"the request body is larger than the API's limit of {limit} bytes "
-                         f"(VLLM_MODEL_SWITCHING_API_MAX_BODY_BYTES)")
+                         f"(VLLM_MODEL_SWITCHING_API_MAX_BODY_BYTES)",
+                         headers={"Connection": "close"})
 
 
 class BodyLimitMiddleware:
@@ -63,5 +65,5 @@ class BodyLimitMiddleware:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = BodyTooLarge(self.limit)
         response = JSONResponse({"detail": error.detail}, error.status_code,
-                                headers={"Connection": "close"})
+                                headers=error.headers)
         await response(scope, receive, send)

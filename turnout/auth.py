@@ -278,7 +278,7 @@ def keyring_from_settings(settings: ModelSwitchingConfig) -> KeyRing | None:
     keys: list[ApiKey] = []
     if settings.api_keys_file:
         keys += load_key_file(os.path.expanduser(settings.api_keys_file))
-    if settings.api_key is not None:
+    if settings.api_key:  # an empty variable (compose's `${VAR:-}`) is no key
         env = ModelSwitchingConfig.env_name("api_key")
         if not _well_formed(settings.api_key):
             raise AuthConfigError(f"{env} must be printable ASCII without spaces, at most "

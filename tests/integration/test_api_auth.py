@@ -164,6 +164,18 @@ async def test_bad_keys_are_401_and_audited_without_the_secret(
         assert hashlib.sha256(secret.encode()).hexdigest() not in written
 
 
+async def audited(client: httpx.AsyncClient, operation_id: str,
+                  action: str) -> list[dict[str, Any]]:
+    """The operation's entries once `action` is among them (a workflow writes its records
+    a moment after its status shows the step)."""
+    for _ in range(100):
+        entries = await audit(client, operation_id=operation_id)
+        if any(e["action"] == action for e in entries):
+            return entries
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no {action} in the audit log of {operation_id}: {entries}")
+
+
 async def newest_id(client: httpx.AsyncClient, **filters: Any) -> int:
     entries = await audit(client, limit=1, **filters)
     return entries[0]["id"] if entries else 0
@@ -223,7 +235,7 @@ async def test_operator_switches_and_the_audit_names_the_key(plane: ControlPlane
         assert status["status"] == "completed", status
         [record] = (await client.get("/switch/operations", headers=as_(VIEWER_KEY))).json()
         assert record["requested_by"] == "ci-bot"
-        entries = await audit(client, operation_id=operation_id)
+        entries = await audited(client, operation_id, "switch_completed")
     by_action = {e["action"]: e for e in entries}
     # What the API wrote and what the workflow wrote both name the key.
     assert by_action["switch_requested"]["actor"] == "ci-bot"
@@ -290,7 +302,7 @@ async def test_operator_controls_and_acknowledges_as_itself(plane: ControlPlane)
                                     headers=as_(OPERATOR_KEY),
                                     json={"reason": "drill", "requested_by": "bob"})
         assert aborted.status_code == 200, aborted.text
-        entries = await audit(client, operation_id=operation_id)
+        entries = await audited(client, operation_id, "abort_applied")
     [abort] = [e for e in entries if e["action"] == "operator_abort"]
     assert abort["actor"] == "ci-bot" and abort["details"]["requested_by"] == "bob"
     # The workflow records the actor the API passed it, not the body's note.

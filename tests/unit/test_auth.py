@@ -156,11 +156,15 @@ def test_authentication_off_needs_no_key() -> None:
     assert keyring_from_settings(ModelSwitchingConfig()) is None
 
 
-def test_authentication_on_without_a_key_refuses_naming_the_variables() -> None:
+@pytest.mark.parametrize("empty", [None, ""])
+def test_authentication_on_without_a_key_refuses_naming_the_variables(empty: str | None
+                                                                      ) -> None:
     with pytest.raises(AuthConfigError) as error:
-        keyring_from_settings(ModelSwitchingConfig(enable_authentication=True))
+        keyring_from_settings(ModelSwitchingConfig(enable_authentication=True,
+                                                   api_key=empty, api_keys_file=empty))
     for name in ("ENABLE_AUTHENTICATION", "API_KEYS_FILE", "API_KEY"):
         assert f"VLLM_MODEL_SWITCHING_{name}" in str(error.value)
+    assert "no API key is configured" in str(error.value)
 
 
 def test_the_guides_api_key_is_the_admin_key_named_default(tmp_path: Path) -> None:

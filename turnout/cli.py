@@ -182,19 +182,18 @@ def _make_key(args: argparse.Namespace) -> int:
 
 
 def _whoami(args: argparse.Namespace) -> int:
-    from turnout.sdk import DynamicModelRegistry
+    from turnout.sdk import ModelSwitcher
 
-    _print(DynamicModelRegistry()._client.request("GET", "/auth/whoami"))
+    _print(ModelSwitcher().whoami())
     return 0
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from turnout.sdk import DynamicModelRegistry
+    from turnout.sdk import ModelSwitcher
 
-    params = {"model_id": args.model, "actor": args.actor, "action": args.action,
-              "since": args.since, "before": args.before, "limit": args.limit}
-    _print(DynamicModelRegistry()._client.request(
-        "GET", "/audit", params={k: v for k, v in params.items() if v is not None}))
+    _print(ModelSwitcher().list_audit(model_id=args.model, actor=args.actor,
+                                      action=args.action, since=args.since,
+                                      before=args.before, limit=args.limit))
     return 0
 
 

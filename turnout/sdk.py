@@ -295,6 +295,20 @@ class ModelSwitcher:
         return self._client.request("GET", "/switch/operations",
                                     params={k: v for k, v in params.items() if v is not None})
 
+    def list_audit(self, *, model_id: str | None = None, actor: str | None = None,
+                   action: str | None = None, since: str | None = None,
+                   before: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Audit entries, newest first (`GET /audit`); pass the last entry's `id` as
+        `before` for the page after it."""
+        params = {"model_id": model_id, "actor": actor, "action": action, "since": since,
+                  "before": before, "limit": limit}
+        return self._client.request("GET", "/audit",
+                                    params={k: v for k, v in params.items() if v is not None})
+
+    def whoami(self) -> dict[str, Any]:
+        """The name (the actor in the audit log) and role of the key this client sends."""
+        return self._client.request("GET", "/auth/whoami")
+
     def _control(self, operation_id: str, action: str, reason: str | None,
                  requested_by: str | None) -> dict[str, Any]:
         return self._client.request("POST", f"/switch/operations/{operation_id}/{action}",

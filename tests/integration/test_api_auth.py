@@ -364,6 +364,10 @@ async def test_sdk_and_cli_send_their_key(plane: ControlPlane) -> None:
     with pytest.raises(TurnoutAPIError) as refused:
         await asyncio.to_thread(switcher.pause, "whatever")
     assert refused.value.status_code == 403 and "operator" in str(refused.value)
+    assert (await asyncio.to_thread(switcher.whoami))["name"] == "dashboard"
+    page = await asyncio.to_thread(switcher.list_audit, action="access_denied", limit=1)
+    assert [(e["actor"], e["details"]["path"]) for e in page] == \
+        [("dashboard", "/switch/operations/whatever/pause")]
 
     code, who, err = await cli(plane, "whoami", api_key=OPERATOR_KEY)
     assert code == 0, err

@@ -25,8 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import psutil
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.host import detect_capacity
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import (
     LOAD_VERSION,
@@ -44,8 +44,23 @@ from turnout.contracts import (
     LoadVersionResult,
     UnloadVersionInput,
 )
-from turnout.domain import EngineInfo, EngineState, VersionInfo
+from turnout.cpu_cores import (
+    EngineCores,
+    cores_per_engine,
+    format_cpu_list,
+    omp_threads_bind,
+    parse_cpu_list,
+    pick_cores,
+    worker_ranks,
+)
+from turnout.domain import SERVED_NAME_PATTERN, EngineInfo, EngineState, VersionInfo
+from turnout.engine_args import TRUST_REMOTE_CODE_SETTING, EngineArgsError, engine_argv
+from turnout.environments import engine_environment
+from turnout.fleet import CACHED_ROLES, GIB, EngineRole, HolderKind, HostCapacity
+from turnout.redaction import answer_summary
+from turnout.registration import is_hub_id, model_dir_problem, stored_endpoint_problem
 from turnout.store import NotFound, Store
+from turnout.store.fleet import read_fleet
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +70,22 @@ MODEL_LOAD_ERROR = "ModelLoadError"  # model dir missing / no or unreadable conf
 VERSION_NOT_FOUND = "VersionNotFound"  # version not registered in the store
 ENGINE_EXITED = "EngineExitedError"  # vLLM exited before it became ready
 ENGINE_START_TIMEOUT = "EngineStartTimeout"  # not ready within engine_startup_timeout_s
+ENGINE_STALLED = "EngineStalled"  # no log line, no /health answer for engine_stall_timeout_s
 ENGINE_WARMUP_FAILED = "EngineWarmupError"  # /health OK but the first completion failed
 NO_FREE_PORT = "NoFreePort"  # every port of [engine_port_start, engine_port_end] is taken
+INSUFFICIENT_MEMORY = "InsufficientMemory"  # the engine would not fit in this host's memory
+# Files that hold a model's weights (what an engine loads into memory).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 POLL_INTERVAL_S = 0.5
 STOP_GRACE_S = 20.0
-# Flags turnout itself decides; engine_args may not override them.
-_MANAGED_FLAGS = {"model", "served-model-name", "host", "port"}
+# Options every engine gets unless its version's engine_args change them (None drops one).
 # An access-log line per request fills the engine's log for nothing: the gateway counts.
-_DEFAULT_FLAGS: dict[str, Any] = {"dtype": "float32", "max-model-len": 256,
-                                  "enforce-eager": True, "disable-uvicorn-access-log": True}
+_DEFAULT_FLAGS: dict[str, Any] = {"dtype": "float32", "max_model_len": 256,
+                                  "enforce_eager": True, "disable_uvicorn_access_log": True}
+# Set in the engine worker's environment, the operator binds engines' threads: no partition.
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _EXC_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception|Exit)\b\s*:")
 
 
@@ -79,34 +99,19 @@ def _heartbeat(details: Mapping[str, Any]) -> None:
         activity.heartbeat(dict(details))
 
 
-def engine_flags(engine_args: Mapping[str, Any]) -> list[str]:
+def engine_flags(engine_args: Mapping[str, Any], *,
+                 allow_trust_remote_code: bool = False) -> list[str]:
     """Turn the defaults plus a version's `engine_args` into vLLM command-line flags.
 
-    `{"max_model_len": 512}` → `--max-model-len 512`; `True` → a bare flag; `False`/`None`
-    drop the flag (also a default one, e.g. `{"enforce_eager": False}`). engine_args win
-    over the defaults and never produce a flag twice.
+    Only options of turnout's catalogue (`turnout.engine_args`) become flags, each with a
+    value of its type: `{"max_model_len": 512}` → `--max-model-len 512`; `True` → a bare
+    flag; `False` → `--no-<flag>` (or nothing for a plain flag); `None` drops the flag
+    (also a default one, e.g. `{"enforce_eager": None}`). engine_args win over the
+    defaults and never produce a flag twice. Anything else (an unknown or reserved key, a
+    list smuggling more flags) raises `EngineArgsError`: nothing is passed through.
     """
-    merged: dict[str, Any] = dict(_DEFAULT_FLAGS)
-    for key, value in engine_args.items():
-        name = key.strip("-").replace("_", "-")
-        if name in _MANAGED_FLAGS:
-            _logger().warning("engine argument %r is managed by turnout; ignored", key)
-            continue
-        merged[name] = value
-    flags: list[str] = []
-    for name, value in merged.items():
-        if value is None or value is False:
-            continue
-        flags.append(f"--{name}")
-        if value is True:
-            continue
-        if isinstance(value, dict):
-            flags.append(json.dumps(value))
-        elif isinstance(value, list | tuple):
-            flags.extend(str(v) for v in value)
-        else:
-            flags.append(str(value))
-    return flags
+    return engine_argv(engine_args, defaults=_DEFAULT_FLAGS,
+                       allowed={TRUST_REMOTE_CODE_SETTING: allow_trust_remote_code})
 
 
 def hub_cache_dir(model: str) -> Path | None:
@@ -123,11 +128,24 @@ def hub_cache_dir(model: str) -> Path | None:
     return entry if entry.is_dir() else None
 
 
-def validate_model_dir(model: str) -> str:
-    """Fail fast, before spawning anything, on a model dir vLLM could never load.
+def validate_model_dir(model: str, roots: Iterable[str] | None = None) -> str:
+    """Fail fast, before spawning anything, on a model dir vLLM could never load, or may
+    not: with `roots` (the engine worker's model roots) a directory must lie under one of
+    them once symlinks are resolved, whatever the registration said.
 
     Returns what to pass as `--model`: the resolved directory, or a cached hub id as is.
     """
+    if roots is not None:
+        if is_hub_id(model) and Path(model).exists():
+            # vLLM would load this relative directory, not the hub model it looks like.
+            raise ApplicationError(
+                f"{model} names a hub model but is also a directory relative to the engine "
+                f"worker's working directory; register the directory by its absolute path",
+                non_retryable=True, type=MODEL_LOAD_ERROR)
+        problem = model_dir_problem(model, roots, resolve=True)
+        if problem:
+            raise ApplicationError(f"model {problem}", non_retryable=True,
+                                   type=MODEL_LOAD_ERROR)
     path = Path(model).expanduser()
     if not path.is_dir():
         if hub_cache_dir(model) is not None:
@@ -149,16 +167,38 @@ def validate_model_dir(model: str) -> str:
     return str(path.resolve())
 
 
-def log_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
-    """The most telling line of a failed engine's log: its last exception, else last line."""
+def weights_bytes(model: str) -> int:
+    """Size of a model's weight files: a local directory, or a hub id's cache entry."""
+    path = Path(model).expanduser()
+    root = path if path.is_dir() else hub_cache_dir(model)
+    if root is None:
+        return 0
+    total = 0
+    for file in root.rglob("*"):
+        if file.suffix in _WEIGHT_SUFFIXES:
+            with contextlib.suppress(OSError):
+                total += file.stat().st_size  # follows the cache's links to its blobs
+    return total
+
+
+def _log_lines(log_path: Path, max_bytes: int) -> list[str] | None:
+    """The non-empty lines of the end of an engine's log (None: no log). Progress bars'
+    carriage returns count as line ends, so a bar's last state is one line."""
     try:
         with log_path.open("rb") as fh:
             fh.seek(0, os.SEEK_END)
             fh.seek(max(0, fh.tell() - max_bytes))
             lines = fh.read().decode("utf-8", "replace").splitlines()
     except OSError:
+        return None
+    return [line.strip() for line in lines if line.strip()]
+
+
+def log_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
+    """The most telling line of a failed engine's log: its last exception, else last line."""
+    lines = _log_lines(log_path, max_bytes)
+    if lines is None:
         return "(no engine log)"
-    lines = [line.strip() for line in lines if line.strip()]
     for i in range(len(lines) - 1, -1, -1):
         if _EXC_LINE.search(lines[i]) and not lines[i].startswith("File "):
             # The exception line plus its continuation (pydantic puts the reason below it).
@@ -168,6 +208,56 @@ def log_error_line(log_path: Path, max_bytes: int = 64_000) -> str:
         if "ERROR" in line:
             return line[-500:]
     return lines[-1][-500:] if lines else "(engine log is empty)"
+
+
+def log_last_lines(log_path: Path, count: int = 5, max_chars: int = 1000) -> str:
+    """The last `count` lines of an engine's log, joined with ` | `: where a start that
+    stopped making progress was when it stopped."""
+    lines = _log_lines(log_path, 16_000)
+    if lines is None:
+        return "(no engine log)"
+    if not lines:
+        return "(engine log is empty)"
+    return " | ".join(_shorten(line) for line in lines[-count:])[-max_chars:]
+
+
+def _shorten(line: str, limit: int = 300) -> str:
+    """A long line's start (who logged it, when) and end (what it says)."""
+    return line if len(line) <= limit else f"{line[:100]} … {line[-(limit - 103):]}"
+
+
+def log_size(log_path: Path) -> int:
+    """How much an engine has logged so far (0 before its log exists)."""
+    try:
+        return log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+class StallWatch:
+    """Whether a starting engine still makes progress: its log grows or /health answers.
+
+    A start can stop making progress without exiting (measured on a 2-core host: an engine
+    whose processes shared a core with a busy engine's worker logged nothing for minutes);
+    `timeout_s` without either sign is a stall. Pure: the caller passes what it saw and
+    when, so the rule is tested without waiting.
+    """
+
+    def __init__(self, timeout_s: float, *, now: float, log_size: int) -> None:
+        self.timeout_s = timeout_s
+        self._size = log_size
+        self._progress_at = now
+
+    def observe(self, now: float, *, log_size: int, answered: bool = False) -> bool:
+        """Record one look (the log's size, whether /health answered at all); True once
+        `timeout_s` has passed since the last progress."""
+        if answered or log_size != self._size:
+            self._size = log_size
+            self._progress_at = now
+        return self.silent_for(now) >= self.timeout_s
+
+    def silent_for(self, now: float) -> float:
+        return max(0.0, now - self._progress_at)
 
 
 def is_engine_process(pid: int | None, port: int | None = None) -> bool:
@@ -209,6 +299,7 @@ class EngineActivities:
         # Port choice + spawn + first store write happen under this lock so that two loads
         # in this worker never pick the same port.
         self._spawn_lock = asyncio.Lock()
+        self._capacity: HostCapacity | None = None  # detected at the first load
 
     # ------------------------------------------------------------------ activities
 
@@ -219,6 +310,10 @@ class EngineActivities:
         config = version.config
         name = config.served_model_name or f"{input.model_id}:{input.version}"
         if config.endpoint:
+            problem = stored_endpoint_problem(config.endpoint, self.settings)
+            if problem:
+                raise ApplicationError(f"endpoint of {input.model_id}:{input.version} refused: "
+                                       f"{problem}", non_retryable=True, type=MODEL_LOAD_ERROR)
             existing = await self.store.get_engine(input.model_id, input.version, self.host)
             engine = EngineInfo(model_id=input.model_id, version=input.version, host=self.host,
                                 url=config.endpoint.rstrip("/"),
@@ -235,19 +330,37 @@ class EngineActivities:
 
     @activity.defn(name=UNLOAD_VERSION)
     async def unload_version(self, input: UnloadVersionInput) -> None:
-        """Stop the version's engine on this host (SIGTERM, then SIGKILL) and forget it."""
+        """Stop the version's engine on this host (SIGTERM, then SIGKILL) and forget it.
+
+        Unless `input.when` says it may still go: decided on the control worker, it is
+        checked again here, under the same lock as loads, so an engine a new switch or
+        shadow has taken since is left running.
+        """
         async with self._locked(input.model_id, input.version):
             engine = await self.store.get_engine(input.model_id, input.version, self.host)
             if engine is None:
                 _logger().info("unload %s:%s: nothing loaded on %s", input.model_id,
                                input.version, self.host)
                 return
+            if input.when != "always":
+                state = await read_fleet(self.store)
+                role = state.role(input.model_id, input.version)
+                if role not in CACHED_ROLES or (input.when == "unheld"
+                                                and role is not EngineRole.IDLE):
+                    _logger().info("%s:%s is %s now: left running", input.model_id,
+                                   input.version, role.value)
+                    return
             if not engine.external and engine.pid:
                 await self.store.save_engine(engine.model_copy(
                     update={"state": EngineState.STOPPING}))
                 await self._stop(engine.pid, engine.port, grace_s=STOP_GRACE_S)
             await self.store.delete_engine(input.model_id, input.version, self.host)
             _logger().info("unloaded %s:%s (pid %s)", input.model_id, input.version, engine.pid)
+            if input.when == "cached" and not await self.store.list_engines(
+                    model_id=input.model_id, version=input.version):
+                # Evicted everywhere: a standby or preload of it holds nothing any more.
+                for kind in (HolderKind.STANDBY, HolderKind.PRELOAD):
+                    await self.store.release(input.model_id, input.version, kind)
 
     # ------------------------------------------------------------------ worker start
 
@@ -338,10 +451,58 @@ class EngineActivities:
                            existing.pid)
             await self.store.delete_engine(model_id, ver, self.host)
 
-        model_dir = validate_model_dir(version.config.model)
-        engine, log_path = await self._spawn(version, model_dir, name)
-        engine = await self._finish_start(engine, log_path)
+        model_dir = validate_model_dir(version.config.model, self.settings.resolved_model_roots)
+        flags = self._checked_flags(version, name)
+        need = await self._check_room(version, model_dir)
+        engine, log_path = await self._spawn(version, model_dir, name, flags)
+        engine = await self._finish_start(engine.model_copy(update={"memory_bytes": need}),
+                                          log_path)
         return LoadVersionResult(engine=engine, already_running=False)
+
+    def _checked_flags(self, version: VersionInfo, name: str) -> list[str]:
+        """The version's vLLM flags, or a non-retryable `ModelLoadError`: a registration
+        stored by an older release may hold engine arguments (or a served name) that
+        turnout no longer passes to vLLM; it fails its load, saying which."""
+        config = version.config
+        what = f"{version.model_id}:{version.version}"
+        if not re.fullmatch(SERVED_NAME_PATTERN, name):
+            raise ApplicationError(f"served model name of {what} is not usable on a vLLM "
+                                   f"command line: {name[:80]!r}", non_retryable=True,
+                                   type=MODEL_LOAD_ERROR)
+        try:
+            flags = engine_flags(config.engine_args,
+                                 allow_trust_remote_code=self.settings.allow_trust_remote_code)
+        except EngineArgsError as exc:
+            raise ApplicationError(f"engine_args of {what} refused: {exc}", non_retryable=True,
+                                   type=MODEL_LOAD_ERROR) from None
+        tokenizer = config.engine_args.get("tokenizer")
+        if isinstance(tokenizer, str):
+            problem = model_dir_problem(tokenizer, self.settings.resolved_model_roots,
+                                        resolve=True)
+            if problem:
+                raise ApplicationError(f"tokenizer of {what}: {problem}", non_retryable=True,
+                                       type=MODEL_LOAD_ERROR)
+        return flags
+
+    async def _check_room(self, version: VersionInfo, model_dir: str) -> int:
+        """What the new engine needs (weights from the model's files, plus what this host
+        gives every engine); fail at once, before spawning, if this host has not got it."""
+        if self._capacity is None:
+            self._capacity = await asyncio.to_thread(detect_capacity, self.settings)
+        weights = await asyncio.to_thread(weights_bytes, model_dir)
+        await self.store.set_weights_bytes(version.model_id, version.version, weights)
+        need = weights + self._capacity.engine_extra_bytes
+        state = await read_fleet(self.store)
+        used = sum(state.engine_memory(e) for e in state.engines
+                   if e.host == self.host and not e.external
+                   and (e.model_id, e.version) != (version.model_id, version.version))
+        free = self._capacity.memory_bytes - used
+        if need > free:
+            raise ApplicationError(
+                f"{version.model_id} {version.version} needs about {need / GIB:.1f} GiB; "
+                f"the largest free is {max(0, free) / GIB:.1f} GiB on host {self.host}",
+                non_retryable=True, type=INSUFFICIENT_MEMORY)
+        return need
 
     def _process_from_heartbeat(self) -> tuple[int, int] | None:
         if not activity.in_activity():
@@ -354,46 +515,70 @@ class EngineActivities:
             return pid, port
         return None
 
-    async def _cpu_core(self) -> str:
-        """The CPU core a new CPU engine's threads are bound to: the least used one.
+    async def _engine_cores(self, version: VersionInfo) -> frozenset[int] | None:
+        """The cores a new engine of `version` runs on; None leaves the placement to vLLM.
 
-        vLLM's automatic binding puts every engine of a host on the same core, so a new
-        version loading beside a busy live one starves (measured: not ready after 10 min
-        on 2 cores). The cores of running engines are read back from their environment.
+        On CPU hosts every process of an engine runs on cores of its own (why and how the
+        cores are chosen: `turnout.cpu_cores`), picked from this worker's cores beside the
+        cores the host's running engines are allowed on, read back from their processes.
+        GPU hosts, and an operator who binds engines with VLLM_CPU_OMP_THREADS_BIND, get
+        no partition.
         """
-        used = Counter(_bound_core(e.pid) for e in await self.store.list_engines(host=self.host)
-                       if not e.external and e.pid)
-        cores = range(os.cpu_count() or 1)
-        return str(min(cores, key=lambda core: (used[str(core)], core)))
+        if self._capacity is None:
+            self._capacity = await asyncio.to_thread(detect_capacity, self.settings)
+        if self._capacity.gpus or OMP_BIND_ENV in os.environ:
+            return None
+        host_cores = os.sched_getaffinity(0)
+        state = await read_fleet(self.store)
+        engines: list[EngineCores] = []
+        for e in state.engines:
+            if e.host != self.host or e.external or not self._alive(e.pid, e.port):
+                continue
+            cores = await asyncio.to_thread(engine_cpus, e.pid)  # type: ignore[arg-type]
+            if cores is None:
+                continue
+            # A starting engine loads as hard as a serving one works; cached ones idle.
+            busy = (e.state is not EngineState.READY
+                    or state.role(e.model_id, e.version) not in CACHED_ROLES)
+            engines.append(EngineCores(cores, busy))
+        pick = pick_cores(host_cores, engines, want=cores_per_engine(
+            len(host_cores), self.settings.engine_cpu_cores))
+        if pick.shared:
+            _logger().warning(
+                "%s:%s shares cpus %s with a busy engine: host %s has %d cores, and busy "
+                "engines use cpus %s (set engine_cpu_cores to give engines fewer cores)",
+                version.model_id, version.version, format_cpu_list(pick.shared), self.host,
+                len(host_cores), format_cpu_list(
+                    core for e in engines if e.busy for core in e.cores))
+        return pick.cores
 
     def _log_path(self, model_id: str, version: str) -> Path:
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", f"{model_id}-{version}")
         return Path(self.settings.state_dir).expanduser() / "engines" / f"{safe}.log"
 
-    async def _spawn(self, version: VersionInfo, model_dir: str, name: str
-                     ) -> tuple[EngineInfo, Path]:
+    async def _spawn(self, version: VersionInfo, model_dir: str, name: str,
+                     flags: list[str]) -> tuple[EngineInfo, Path]:
         """Start a vLLM server in a new session and record it as STARTING."""
         s = self.settings
         log_path = self._log_path(version.model_id, version.version)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", _gib(s.engine_kv_cache_gib))
-        env.setdefault("PYTHONUNBUFFERED", "1")
         async with self._spawn_lock:
             port = await self._free_port()
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", await self._cpu_core())
+            cores = await self._engine_cores(version)
+            env = self._engine_env(omp_threads_bind(
+                cores, worker_ranks(version.config.engine_args)) if cores else None)
+            on_cpus = f" on cpus {format_cpu_list(cores)}" if cores else ""
             argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
                     "--model", model_dir, "--served-model-name", name,
-                    "--host", s.engine_bind_host, "--port", str(port),
-                    *engine_flags(version.config.engine_args)]
+                    "--host", s.engine_bind_host, "--port", str(port), *flags]
             with log_path.open("ab") as log_file:
-                log_file.write(f"\n=== {datetime.now(UTC).isoformat()} turnout starts: "
-                               f"{' '.join(argv)}\n".encode())
+                log_file.write(f"\n=== {datetime.now(UTC).isoformat()} turnout starts"
+                               f"{on_cpus}: {' '.join(argv)}\n".encode())
                 log_file.flush()
                 # fork/exec off the event loop; a new session so we can kill the group
                 # and so the engine outlives this worker.
                 proc = await asyncio.to_thread(
-                    subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                    _popen_on_cores, cores, argv, stdin=subprocess.DEVNULL, stdout=log_file,
                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self._children[proc.pid] = proc
             engine = EngineInfo(model_id=version.model_id, version=version.version,
@@ -406,9 +591,26 @@ class EngineActivities:
             except BaseException:
                 await self._stop(proc.pid, port, grace_s=0)
                 raise
-        _logger().info("started engine %s:%s pid=%s port=%s log=%s", version.model_id,
-                       version.version, proc.pid, port, log_path)
+        _logger().info("started engine %s:%s pid=%s port=%s cpus=%s log=%s",
+                       version.model_id, version.version, proc.pid, port,
+                       format_cpu_list(cores) if cores else "any", log_path)
         return engine, log_path
+
+    def _engine_env(self, omp_bind: str | None = None) -> dict[str, str]:
+        """An engine's environment: the allowlisted part of this worker's (no turnout
+        setting, no credential), and what turnout sets unless the operator did.
+
+        `omp_bind` (an engine's own cores, on CPU hosts) keeps vLLM's OpenMP threads on
+        the cores the engine was started on: vLLM would otherwise bind them by itself,
+        every engine of a host from the same first cores.
+        """
+        s = self.settings
+        defaults = {"VLLM_CPU_KVCACHE_SPACE": _gib(s.engine_kv_cache_gib),
+                    "PYTHONUNBUFFERED": "1"}
+        if omp_bind is not None:
+            defaults[OMP_BIND_ENV] = omp_bind
+        return engine_environment(os.environ, defaults, passthrough=s.engine_env_passthrough,
+                                  denied=s.endpoint_credential_envs)
 
     async def _finish_start(self, engine: EngineInfo, log_path: Path) -> EngineInfo:
         """Wait for /health, warm up, mark READY; on any failure or cancel, kill and forget."""
@@ -432,8 +634,14 @@ class EngineActivities:
         await self.store.delete_engine(engine.model_id, engine.version, self.host)
 
     async def _wait_ready(self, engine: EngineInfo, log_path: Path) -> None:
+        """Poll /health until it answers 200; fail at once if the engine exits, when it
+        stops making progress (`engine_stall_timeout_s`: no new log line, no /health
+        answer), and at `engine_startup_timeout_s` in any case."""
+        s = self.settings
         started = time.monotonic()
-        deadline = started + self.settings.engine_startup_timeout_s
+        deadline = started + s.engine_startup_timeout_s
+        watch = StallWatch(s.engine_stall_timeout_s, now=started,
+                           log_size=await asyncio.to_thread(log_size, log_path))
         details = {"pid": engine.pid, "port": engine.port, "phase": "starting"}
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:
@@ -444,14 +652,26 @@ class EngineActivities:
                         f"ready (exit code {code}): {log_error_line(log_path)} "
                         f"[log: {log_path}]",
                         non_retryable=True, type=ENGINE_EXITED)
+                answered = False
                 try:
-                    if (await client.get(f"{engine.url}/health")).status_code == 200:
+                    status = (await client.get(f"{engine.url}/health")).status_code
+                    if status == 200:
                         _logger().info("engine %s:%s healthy after %.1f s", engine.model_id,
                                        engine.version, time.monotonic() - started)
                         return
+                    answered = True
                 except httpx.HTTPError:
                     pass
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if watch.observe(now, log_size=await asyncio.to_thread(log_size, log_path),
+                                 answered=answered):
+                    raise ApplicationError(
+                        f"engine for {engine.model_id}:{engine.version} made no progress for "
+                        f"{watch.silent_for(now):.0f} s (no new log line, no /health answer) "
+                        f"after {now - started:.0f} s of starting; its log ends: "
+                        f"{log_last_lines(log_path)} [log: {log_path}]",
+                        non_retryable=True, type=ENGINE_STALLED)
+                if now > deadline:
                     raise ApplicationError(
                         f"engine for {engine.model_id}:{engine.version} not ready after "
                         f"{self.settings.engine_startup_timeout_s:.0f} s [log: {log_path}]",
@@ -480,8 +700,9 @@ class EngineActivities:
                                    non_retryable=True, type=ENGINE_WARMUP_FAILED) from None
         if resp.status_code != 200:
             raise ApplicationError(
-                f"warm-up request to {engine.url} answered {resp.status_code}: "
-                f"{resp.text[:300]}", non_retryable=True, type=ENGINE_WARMUP_FAILED)
+                f"warm-up request to {engine.url} answered "
+                f"{answer_summary(resp.status_code, resp.headers.get('content-type'), resp.text)}",
+                non_retryable=True, type=ENGINE_WARMUP_FAILED)
 
     async def _free_port(self) -> int:
         s = self.settings
@@ -561,16 +782,64 @@ class EngineActivities:
             lock.release()
 
 
-def _bound_core(pid: int) -> str | None:
-    """The core an engine we started was bound to (from its environment), if readable."""
+def engine_cpus(pid: int) -> frozenset[int] | None:
+    """The cores an engine's processes may run on, read back from the kernel: the union of
+    `Cpus_allowed_list` over every thread of the API server and of its children (vLLM's
+    engine core and workers). None if the process is gone."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
+        root = psutil.Process(pid)
+        pids = [pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.Error:
         return None
-    for item in environ:
-        if item.startswith(b"VLLM_CPU_OMP_THREADS_BIND="):
-            return item.split(b"=", 1)[1].decode()
-    return None
+    cores: set[int] = set()
+    for each in pids:
+        cores |= process_cpus(each)
+    return frozenset(cores) or None
+
+
+def process_cpus(pid: int) -> frozenset[int]:
+    """The cores any thread of one process may run on (empty if it is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return frozenset()
+    cores: set[int] = set()
+    for tid in tasks:
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        for line in status.splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                with contextlib.suppress(ValueError):
+                    cores |= parse_cpu_list(line.split(":", 1)[1])
+                break
+    return frozenset(cores)
+
+
+def _popen_on_cores(cores: frozenset[int] | None, argv: list[str],
+                    **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start `argv` with its CPU affinity set to `cores`, as `taskset` would.
+
+    The calling thread (one of asyncio's worker threads) narrows its own affinity, forks,
+    and restores it: the child, and every process and thread it starts, inherits the mask
+    from the first instruction on. (A `preexec_fn` would do it in the child, which is not
+    safe in a process with threads; setting it after the start would race with the
+    threads the child starts.)
+    """
+    if not cores:
+        return subprocess.Popen(argv, **kwargs)
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError as exc:
+        _logger().warning("cannot set CPU affinity %s (%s): starting unpinned",
+                          format_cpu_list(cores), exc)
+        return subprocess.Popen(argv, **kwargs)
+    try:
+        return subprocess.Popen(argv, **kwargs)
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _gib(value: float) -> str:

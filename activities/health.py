@@ -17,7 +17,9 @@ from turnout import analysis
 from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import EngineState
-from turnout.store import Store
+from turnout.endpoints import MissingCredential, bearer_header
+from turnout.redaction import answer_summary, redact
+from turnout.store import NotFound, Store
 
 
 class HealthActivities:
@@ -67,15 +69,31 @@ class HealthActivities:
             return c.HealthVerdict(healthy=False, reason="no ready engine")
         engine = engines[0]
         body = {"model": engine.served_model_name, "prompt": "Hello", "max_tokens": 4}
+        headers: dict[str, str] = {}
+        if engine.external:  # an endpoint's credential, from this worker's environment
+            try:
+                version = await self.store.get_version(input.model_id, input.version)
+                headers = bearer_header(version.config.api_key_env)
+            except NotFound:
+                return c.HealthVerdict(healthy=False, reason="version is not registered")
+            except MissingCredential as exc:
+                return c.HealthVerdict(healthy=False,
+                                       reason=f"no credential for {engine.url}: {exc} on the "
+                                              f"control worker")
+        sent = [value.removeprefix("Bearer ") for value in headers.values()]
         started = time.monotonic()
         try:
-            response = await self.engines.post(f"{engine.url}/v1/completions", json=body)
+            response = await self.engines.post(f"{engine.url}/v1/completions", json=body,
+                                               headers=headers)
         except httpx.HTTPError as exc:
-            return c.HealthVerdict(healthy=False, reason=f"{engine.url} unreachable: {exc!r}")
+            return c.HealthVerdict(healthy=False, reason=f"{engine.url} unreachable: "
+                                                         f"{redact(repr(exc), sent)[:300]}")
         latency_ms = (time.monotonic() - started) * 1000
         if response.status_code != 200 or '"choices"' not in response.text:
-            return c.HealthVerdict(healthy=False, latency_ms=latency_ms,
-                                   reason=f"HTTP {response.status_code}: {response.text[:200]}")
+            # The answer of a server someone else runs: a short, redacted summary only.
+            reason = answer_summary(response.status_code, response.headers.get("content-type"),
+                                    response.text, secrets=sent)
+            return c.HealthVerdict(healthy=False, latency_ms=latency_ms, reason=reason)
         return c.HealthVerdict(healthy=True, reason="answered", latency_ms=latency_ms)
 
     @activity.defn(name=c.JUDGE_HEALTH)

@@ -7,6 +7,7 @@ from temporalio.exceptions import ApplicationError
 
 from turnout import contracts as c
 from turnout.domain import Alert, AuditEntry, OperationRecord, SwitchingStrategyType
+from turnout.fleet import Holder, HolderKind
 from turnout.store import NotFound, Store
 
 
@@ -29,7 +30,17 @@ class RegistryActivities:
 
     @activity.defn(name=c.MARK_LIVE)
     async def mark_live(self, input: c.MarkLiveInput) -> None:
+        """Make the target live; its engines are now held by the route as the serving
+        version, no longer by the switch, a standby window or a preload. (Idempotent.)"""
+        replaced = await self.store.live_version(input.model_id)
         await self.store.set_live_version(input.model_id, input.version)
+        # The replaced version keeps serving until the switch retires it (drained first).
+        await self.store.release_serving_except(
+            input.model_id, {input.version, replaced or input.version})
+        await self.store.hold(Holder(model_id=input.model_id, version=input.version,
+                                     kind=HolderKind.SERVING, holder_id=input.model_id))
+        for kind in (HolderKind.SWITCH, HolderKind.STANDBY, HolderKind.PRELOAD):
+            await self.store.release(input.model_id, input.version, kind)
 
     @activity.defn(name=c.RAISE_ALERT)
     async def raise_alert(self, alert: Alert) -> Alert:

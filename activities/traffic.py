@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity
@@ -13,8 +15,9 @@ from temporalio.exceptions import ApplicationError
 from activities.gateway_admin import GatewayAdmin
 from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Backend, EngineState, GatewayInfo
-from turnout.store import Store
+from turnout.domain import Backend, EngineState, GatewayInfo, Replica
+from turnout.replicas import route_engines
+from turnout.store import NotFound, Store
 
 _POLL_S = 0.25
 
@@ -47,10 +50,8 @@ class TrafficActivities:
                                    type="InvalidRoute", non_retryable=True)
         backends = [b for b in current.backends if not b.is_shadow]
         if input.percent > 0 and input.version not in current.weights():
-            url, served_model_name = await self._endpoint(input.model_id, input.version)
-            backends.append(Backend(version=input.version, weight=0, url=url,
-                                    served_model_name=served_model_name,
-                                    mirror_percent=input.percent))
+            backend = await self._backend(input.model_id, input.version, 0)
+            backends.append(backend.model_copy(update={"mirror_percent": input.percent}))
         return await self._publish(input.model_id, backends, input.change_key)
 
     async def _publish(self, model_id: str, backends: list[Backend],
@@ -69,29 +70,48 @@ class TrafficActivities:
 
     @activity.defn(name=c.DRAIN_VERSION)
     async def drain_version(self, input: c.DrainVersionInput) -> c.DrainVersionResult:
-        """Wait until no gateway has a request in flight to the version, up to a deadline."""
+        """Wait until no gateway has a request in flight to the version (or to one of its
+        replicas, see `DrainVersionInput.replica`), up to a deadline."""
         started = time.monotonic()
         deadline = started + min(input.timeout_s, self.settings.drain_timeout_s)
-        left = 0
+        what = f"{input.model_id}/{input.version}" + (
+            f" replica {input.replica}" if input.replica else "")
+        first = True
         while True:
-            left = 0
+            left, routed_at = 0, []
             for gateway in await self._live_gateways():
                 try:
-                    state = await self.admin.state(gateway)
+                    # One replica: first make each gateway re-read the model's engines, so
+                    # one that stopped being ready is out of its routes at once.
+                    state = await (self.admin.refresh(gateway, input.model_id)
+                                   if input.replica and first else self.admin.state(gateway))
                 except Exception as exc:  # an unreachable gateway has nothing we can wait for
                     activity.logger.warning("gateway %s unreachable while draining: %s",
                                             gateway.gateway_id, exc)
                     continue
-                left += int(state.get("inflight", {}).get(input.model_id, {})
-                            .get(input.version, 0))
+                if not input.replica or "replicas" not in state:
+                    # A gateway from before replicas counts the whole version: wait for it.
+                    left += int(state.get("inflight", {}).get(input.model_id, {})
+                                .get(input.version, 0))
+                    continue
+                replicas = state.get("replicas", {}).get(input.model_id, {}) \
+                    .get(input.version, [])
+                matching = [r for r in replicas
+                            if input.replica in (r.get("url"), r.get("host"))]
+                left += sum(int(r.get("inflight", 0)) for r in matching)
+                if any(r.get("routed") for r in matching):
+                    routed_at.append(gateway.gateway_id)
+            first = False
             waited = time.monotonic() - started
-            activity.heartbeat({"inflight": left})
-            if left == 0:
+            activity.heartbeat({"inflight": left, "routed_at": routed_at})
+            if left == 0 and not routed_at:
                 return c.DrainVersionResult(drained=True, waited_s=waited)
             if time.monotonic() >= deadline:
-                activity.logger.warning("drain of %s/%s hit its deadline: %d in flight",
-                                        input.model_id, input.version, left)
-                return c.DrainVersionResult(drained=False, inflight_left=left, waited_s=waited)
+                activity.logger.warning("drain of %s hit its deadline: %d in flight%s", what,
+                                        left, f", still routed at {routed_at}"
+                                        if routed_at else "")
+                return c.DrainVersionResult(drained=False, inflight_left=left, waited_s=waited,
+                                            routed_at=routed_at)
             await asyncio.sleep(_POLL_S)
 
     async def _backends(self, input: c.SetTrafficInput) -> list[Backend]:
@@ -103,19 +123,38 @@ class TrafficActivities:
         for version, weight in sorted(input.weights.items()):
             if weight <= 0:
                 continue
-            url, served_model_name = await self._endpoint(input.model_id, version)
-            backends.append(Backend(version=version, weight=weight, url=url,
-                                    served_model_name=served_model_name))
+            backends.append(await self._backend(input.model_id, version, weight))
         return backends
 
-    async def _endpoint(self, model_id: str, version: str) -> tuple[str, str]:
-        """Where a version is served: its ready engine's URL and served model name."""
-        engine = next((e for e in await self.store.list_engines(
-            model_id=model_id, version=version) if e.state is EngineState.READY), None)
-        if engine is None:
+    async def _backend(self, model_id: str, version: str, weight: float) -> Backend:
+        """A version's share and where it is served: every ready engine of the version
+        (external endpoints included), but those on hosts that stopped heartbeating,
+        unless that would leave none (then all, and the gateways' failover copes); for an
+        external endpoint the name of its credential variable (read by the gateways from
+        their own environment; the value never enters the route)."""
+        engines = await self.store.list_engines(model_id=model_id, version=version)
+        if not any(e.state is EngineState.READY for e in engines):
             raise ApplicationError(f"{model_id} {version} has no ready engine",
                                    type="InvalidRoute", non_retryable=True)
-        return engine.url, engine.served_model_name
+        last_seen = {h.host_id: h.last_seen for h in await self.store.list_hosts()
+                     if h.last_seen is not None}
+        named, silent = route_engines(engines, last_seen, datetime.now(UTC),
+                                      self.settings.engine_host_live_after_s)
+        if silent and named == silent:
+            activity.logger.warning("%s %s: every host with a ready engine of it is silent "
+                                    "(%s); routing to them all", model_id, version,
+                                    [e.host for e in named])
+        elif silent:
+            activity.logger.warning("%s %s: left the engines on silent hosts %s out of its "
+                                    "route", model_id, version, [e.host for e in silent])
+        api_key_env = None
+        if any(e.external for e in named):  # its credential is named, never carried
+            with contextlib.suppress(NotFound):  # a version removed under its engine
+                api_key_env = (await self.store.get_version(model_id, version)
+                               ).config.api_key_env
+        return Backend(version=version, weight=weight, url=named[0].url,
+                       served_model_name=named[0].served_model_name, api_key_env=api_key_env,
+                       replicas=[Replica(url=e.url, host=e.host) for e in named])
 
     async def _live_gateways(self) -> list[GatewayInfo]:
         return await self.store.live_gateways(self.settings.gateway_live_after_s)

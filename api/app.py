@@ -18,7 +18,7 @@ from api import errors
 from api.auth import OPEN_PATHS, AuthenticationMiddleware, FailureAudit, Viewer, route_role
 from api.limits import BodyLimitMiddleware
 from api.params import single_query_values
-from api.routers import alerts, audit, health, meta, models, rules, shadow, switch
+from api.routers import alerts, audit, engines, health, meta, models, rules, shadow, switch
 from turnout.auth import KeyRing, keyring_from_settings
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal
@@ -63,6 +63,7 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
     app.include_router(audit.router)
     app.include_router(alerts.router)
     app.include_router(health.router)
+    app.include_router(engines.router)
     app.include_router(meta.router)
     # The last added runs first: authenticate, then limit what is read of the body.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)

@@ -10,8 +10,11 @@ from fastapi import Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BeforeValidator
 
+from turnout.limits import MODEL_ID_MAX, VERSION_MAX
+
 # A model id is `{model_arch}_{model_stage}`, stored in 300 characters.
-ModelIdPath = Annotated[str, Path(min_length=1, max_length=300)]
+ModelIdPath = Annotated[str, Path(min_length=1, max_length=MODEL_ID_MAX)]
+VersionPath = Annotated[str, Path(min_length=1, max_length=VERSION_MAX)]
 # Operation ids are 32 hex digits; 64 is the column.
 OperationIdPath = Annotated[str, Path(min_length=1, max_length=64)]
 # Row ids are SQL integers: beyond 2**63 - 1 a database cannot even compare them.

@@ -11,6 +11,9 @@ Printed, each measured side by side in one run:
 - the gateway's CPU time per proxied request and per 64-chunk stream;
 - throughput with per-request metrics on versus off (a second gateway with
   `GATEWAY_REQUEST_METRICS=false`);
+- the cost of client keys: added latency at concurrency 1 and throughput at concurrency
+  64, a gateway with `GATEWAY_API_KEYS` set (the client sends its key) against one
+  without, alternated;
 - split accuracy over 10,000 requests at 90/10, stickiness of keyed users, and the share of
   users a 10-point weight change moves;
 - throughput and time to first token at concurrency 64 and 256 again with the gateway on a
@@ -54,13 +57,16 @@ from turnout.domain import Backend, RegisterModelRequest
 from turnout.store import Store, upgrade
 
 MODEL_ID = "Bench_gw"
+CLIENT_KEY = "bench-client-key-0123456789abcdef"
 
 
 class Target:
     """Where requests go: an upstream directly (its served name) or the gateway (model id)."""
 
-    def __init__(self, name: str, url: str, model: str) -> None:
+    def __init__(self, name: str, url: str, model: str,
+                 headers: dict[str, str] | None = None) -> None:
         self.name, self.url, self.model = name, url, model
+        self.headers = headers or {}
 
 
 async def one(session: aiohttp.ClientSession, target: Target, *, stream: bool,
@@ -71,7 +77,8 @@ async def one(session: aiohttp.ClientSession, target: Target, *, stream: bool,
     if user is not None:
         body["user"] = user
     started = time.perf_counter()
-    async with session.post(f"{target.url}/v1/completions", json=body) as response:
+    async with session.post(f"{target.url}/v1/completions", json=body,
+                            headers=target.headers) as response:
         if response.status != 200:
             raise RuntimeError(f"{target.name}: HTTP {response.status}")
         first = None
@@ -202,12 +209,14 @@ async def split(session: aiohttp.ClientSession, store: Store, gateway: Target,
 
 
 def start_gateway(root: Path, db_url: str, name: str, port: int, admin_port: int,
-                  metrics: bool = True) -> subprocess.Popen[bytes]:
-    """A gateway process (admin endpoints without a token: they listen on 127.0.0.1)."""
+                  metrics: bool = True, keyed: bool = False) -> subprocess.Popen[bytes]:
+    """A gateway process (admin endpoints without a token: they listen on 127.0.0.1);
+    `keyed`: it requires `CLIENT_KEY` from clients."""
     env = {**os.environ, "VLLM_MODEL_SWITCHING_DATABASE_URL": db_url,
            "VLLM_MODEL_SWITCHING_GATEWAY_PORT": str(port),
            "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_PORT": str(admin_port),
-           "VLLM_MODEL_SWITCHING_GATEWAY_REQUEST_METRICS": str(metrics).lower()}
+           "VLLM_MODEL_SWITCHING_GATEWAY_REQUEST_METRICS": str(metrics).lower(),
+           "VLLM_MODEL_SWITCHING_GATEWAY_API_KEYS": CLIENT_KEY if keyed else ""}
     with (root / f"{name}.log").open("w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", "--gateway-id", name, "--log-level", "WARNING"],
@@ -228,7 +237,8 @@ async def prepare_store(db_url: str, urls: dict[str, str]) -> None:
     try:
         for version in ("a", "b"):
             await store.register_version(RegisterModelRequest(
-                model=version, model_arch="Bench", model_stage="gw", version=version))
+                model=f"bench/{version}", model_arch="Bench", model_stage="gw",
+                version=version))
         await store.write_route(MODEL_ID, [Backend(version="a", weight=100, url=urls["a"],
                                                    served_model_name="a")], "all-on-a")
     finally:
@@ -260,6 +270,26 @@ async def metrics_cost(session: aiohttp.ClientSession, on: Target, off: Target,
           f"{rounds * 2} alternations): ratio {r_on / r_off:.3f} (goal >= 0.99)", flush=True)
 
 
+async def keys_cost(session: aiohttp.ClientSession, keyed: Target, open_: Target,
+                    seconds: float, rounds: int) -> None:
+    """Two gateways, client keys on and off: c=1 latency and c=64 streams, alternated."""
+    latencies: dict[str, list[float]] = {"keys on": [], "keys off": []}
+    rates: dict[str, list[float]] = {"keys on": [], "keys off": []}
+    for _ in range(rounds * 2):
+        for target in (keyed, open_):
+            for _ in range(150):
+                latencies[target.name].append((await one(session, target, stream=False))[0])
+            done, _ = await run_for(seconds, 64, lambda t=target: one(session, t, stream=True))
+            rates[target.name].append(done / seconds)
+    on50, off50 = quantile(latencies["keys on"], 0.5), quantile(latencies["keys off"], 0.5)
+    assert on50 is not None and off50 is not None
+    r_on, r_off = statistics.mean(rates["keys on"]), statistics.mean(rates["keys off"])
+    print(f"client keys on vs off: concurrency 1 p50 {on50 * 1000:.2f} vs {off50 * 1000:.2f} "
+          f"ms (added {(on50 - off50) * 1000:.3f} ms); concurrency 64, 64-chunk streams "
+          f"{r_on:.0f}/s vs {r_off:.0f}/s, ratio {r_on / r_off:.3f} ({rounds * 2} "
+          f"alternations)", flush=True)
+
+
 async def measure(db_url: str, urls: dict[str, str], ports: dict[str, tuple[int, int]],
                   pids: dict[str, int], seconds: float, rounds: int) -> None:
     store = Store.from_url(db_url)
@@ -283,6 +313,12 @@ async def measure(db_url: str, urls: dict[str, str], ports: dict[str, tuple[int,
             await cpu_per_request(session, gateway, pids["gateway"])
             await metrics_cost(session, Target("on", gateway_url, MODEL_ID), unrecorded,
                                seconds, rounds)
+            if "keyed" in ports:
+                keyed = Target("keys on", f"http://127.0.0.1:{ports['keyed'][0]}", MODEL_ID,
+                               {"Authorization": f"Bearer {CLIENT_KEY}"})
+                await run_for(1.0, 8, lambda: one(session, keyed, stream=True))  # warm up
+                await keys_cost(session, keyed, Target("keys off", gateway_url, MODEL_ID),
+                                seconds, rounds)
             await split(session, store, gateway, urls, admin_url)
     finally:
         await store.close()
@@ -303,7 +339,8 @@ class Setup:
 def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
                                   *upstream_args: str) -> Iterator[Setup]:
     """Start the upstream, write the model's route, start one gateway per entry of
-    `gateways` (name → per-request metrics on); stop them all at the end."""
+    `gateways` (name → per-request metrics on; the one named "keyed" requires client
+    keys); stop them all at the end."""
     root = Path(tempfile.mkdtemp(prefix=f"turnout-bench-{name}-"))
     db_url = f"sqlite+aiosqlite:///{root}/turnout.db"
     upgrade(db_url)
@@ -313,7 +350,7 @@ def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
         asyncio.run(prepare_store(db_url, urls))
         ports = {gateway: (free_port(), free_port()) for gateway in gateways}
         started = {gateway: start_gateway(root, db_url, gateway, *ports[gateway],
-                                          metrics=metrics)
+                                          metrics=metrics, keyed=gateway == "keyed")
                    for gateway, metrics in gateways.items()}
         processes.extend(started.values())
         yield Setup(db_url, urls, ports, {k: p.pid for k, p in started.items()},
@@ -372,8 +409,8 @@ async def throughput_again(setup: Setup, seconds: float, rounds: int, title: str
 
 
 def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
-    with gateways_in_front_of_upstream("gateway", {"gateway": True,
-                                                   "unrecorded": False}) as setup:
+    with gateways_in_front_of_upstream("gateway", {"gateway": True, "unrecorded": False,
+                                                   "keyed": True}) as setup:
         asyncio.run(measure(setup.db_url, setup.urls, setup.ports, setup.pids, seconds,
                             rounds))
     with gateways_in_front_of_upstream("gateway-pinned", {"gateway": True}) as setup:

@@ -5,6 +5,10 @@ are for dashboards; the in-memory window backs `/admin/stats` and `/admin/state`
 traffic and health activities read directly (in-flight counts for draining, latency
 percentiles for health verdicts) without needing a Prometheus server.
 
+Stats of a version that no longer takes traffic are forgotten after a retention period
+(`forget_unrouted`), so memory and the number of series stay bounded over any number of
+rollouts; see `GATEWAY_STATS_RETENTION_S` for why the default is a day.
+
 Health verdicts need exact figures over a time window, merged across gateways, so each
 version also keeps a timestamped outcome per finished request (`outcomes`): the health
 activity asks every gateway for `[since, until]` and concatenates the windows. Percentiles
@@ -15,11 +19,13 @@ streamed answer), so time to first token is a guarded metric like latency.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +37,10 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+log = logging.getLogger("gateway.metrics")
+
+VersionKey = tuple[str, str]  # (model id, version)
 
 # LLM requests run from tens of milliseconds (cache hit, tiny model) to minutes (long output).
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
@@ -49,6 +59,9 @@ WINDOW = 2048
 OUTCOMES = 200_000
 # How far before a window's start its backward scan goes on, for wall-clock steps back.
 CLOCK_SLACK_S = 60.0
+# How long the stats of a version that left every route (and has nothing in flight) are
+# kept, unless the gateway is told otherwise (`GATEWAY_STATS_RETENTION_S`).
+STATS_RETENTION_S = 24 * 3600.0
 # Failure classes that are the version's fault (its error rate); a 4xx is the request's.
 VERSION_FAULTS = frozenset({"connect", "timeout", "5xx", "stream_broken"})
 
@@ -212,18 +225,28 @@ class GatewayMetrics:
     generations) use ordinary series.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, retention_s: float = STATS_RETENTION_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._stats: dict[tuple[str, str], VersionStats] = {}
+        self.retention_s = retention_s
+        self._clock = clock
+        # Since when each version with stats has taken no traffic and had nothing in
+        # flight (clock seconds); a version that takes traffic has no entry.
+        self._idle_since: dict[VersionKey, float] = {}
+        # The labelled series of the rare-event counters that name each version, so that
+        # forgetting a version removes them too.
+        self._series: dict[VersionKey, set[tuple[Counter, tuple[str, ...]]]] = {}
         self.registry.register(VersionCollector(self._stats))
         labels = ("model_id", "version")
         self.errors_by_class = Counter(
             "turnout_gateway_upstream_errors", "Upstream failures by class (connect, "
             "timeout, 5xx, stream_broken, 4xx)", (*labels, "class"), registry=self.registry)
         self.failovers = Counter("turnout_gateway_failovers",
-                                 "Requests retried on the stable version after the version "
-                                 "failed before the first byte", ("model_id", "version", "to"),
-                                 registry=self.registry)
+                                 "Requests retried after a replica of the version failed "
+                                 "before the first byte: on another replica of it (to is "
+                                 "the version itself) or on the stable version",
+                                 ("model_id", "version", "to"), registry=self.registry)
         self.mirrored = Counter("turnout_gateway_mirrored",
                                 "Requests copied to a model's shadow version (their answers "
                                 "are measured, never returned)", labels, registry=self.registry)
@@ -286,7 +309,7 @@ class GatewayMetrics:
         stats.inflight -= 1
         error = failure is not None and failure in VERSION_FAULTS
         if failure is not None:
-            self.errors_by_class.labels(model_id, version, failure).inc()
+            self._count(self.errors_by_class, (model_id, version, failure), version)
         if error:
             stats.errors += 1
         if completed:
@@ -297,13 +320,50 @@ class GatewayMetrics:
                                    None if ttfb_s is None else ttfb_s * 1000.0))
 
     def failed_over(self, model_id: str, failed: str, to: str) -> None:
-        self.failovers.labels(model_id, failed, to).inc()
+        self._count(self.failovers, (model_id, failed, to), failed, to)
 
     def mirror_sent(self, model_id: str, shadow_version: str) -> None:
-        self.mirrored.labels(model_id, shadow_version).inc()
+        self._count(self.mirrored, (model_id, shadow_version), shadow_version)
 
     def mirror_skip(self, model_id: str, shadow_version: str) -> None:
-        self.mirror_skipped.labels(model_id, shadow_version).inc()
+        self._count(self.mirror_skipped, (model_id, shadow_version), shadow_version)
+
+    def _count(self, counter: Counter, labels: tuple[str, ...], *versions: str) -> None:
+        """Count a rare event in `counter`'s series `labels` (model id first), and remember
+        that the series names `versions`, so that it goes when any of their stats do."""
+        counter.labels(*labels).inc()
+        for version in versions:
+            key = (labels[0], version)
+            self._get(*key)  # every version a series names has stats to be forgotten with
+            self._series.setdefault(key, set()).add((counter, labels))
+
+    def forget_unrouted(self, routed: Collection[VersionKey]) -> list[VersionKey]:
+        """Forget the stats and series of versions idle for longer than `retention_s`.
+
+        Idle: the version is in no route (`routed`: every version with a share of a split
+        or mirrored copies) and has nothing in flight. A version idle for the whole
+        retention period is dropped from the windows, `/admin/stats`, `/admin/state` and
+        `/metrics`; one that comes back starts from zero (Prometheus reads that as a
+        counter reset). Called once a second by the gateway's reconcile loop, never on the
+        request path; returns the versions forgotten.
+        """
+        now = self._clock()
+        forgotten = []
+        for key, stats in list(self._stats.items()):
+            if key in routed or stats.inflight > 0:
+                self._idle_since.pop(key, None)
+                continue
+            idle_since = self._idle_since.setdefault(key, now)
+            if now - idle_since < self.retention_s:
+                continue
+            del self._stats[key], self._idle_since[key]
+            for counter, labels in self._series.pop(key, ()):
+                with contextlib.suppress(KeyError):  # already gone with the other version
+                    counter.remove(*labels)
+            forgotten.append(key)
+            log.info("forgot the stats of %s %s: in no route and idle for %.0f s", *key,
+                     now - idle_since)
+        return forgotten
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()

@@ -1,8 +1,9 @@
-"""The OpenAI-compatible data path: pick a version, forward, stream the answer back.
+"""The OpenAI-compatible data path: pick a version, then one of its replicas (the one with
+the fewest requests in flight, see `turnout.replicas`), forward, stream the answer back.
 
-The request path touches only memory (route table, metrics) and the shared upstream
-session: no store access and no INFO logging per request, so the gateway adds little
-latency and keeps serving when the store is down.
+The request path touches only memory (route table, replica sets, metrics) and the shared
+upstream session: no store access and no INFO logging per request, so the gateway adds
+little latency and keeps serving when the store is down.
 
 Traffic mirroring: when a model's route has a shadow backend, a share of its requests is
 also copied to the shadow in a background task. The copy is measured under the shadow's
@@ -27,6 +28,8 @@ from aiohttp import web
 from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics
 from turnout.domain import Backend
+from turnout.endpoints import bearer_header
+from turnout.replicas import ReplicaBalancer, ReplicaSet, ReplicaSlot
 from turnout.transitions import TransitionManager
 
 log = logging.getLogger("gateway.proxy")
@@ -41,6 +44,21 @@ UPSTREAM_READ_TIMEOUT_S = 600.0
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 # Request headers worth passing on; the client's Authorization is for the gateway, not engines.
 _FORWARDED_HEADERS = ("Accept", "X-Request-Id", "OpenAI-Organization")
+# Deepest nesting of a request body. OpenAI bodies nest a few levels (messages, content
+# parts; tool and response-format schemas a few dozen at most). Python's JSON parser and
+# serializer recurse once per level and raise RecursionError near 1,000 levels, so deeper
+# bodies are refused with a 400 before anything else touches them.
+MAX_JSON_DEPTH = 100
+# From this many items, `json_depth_exceeds` first asks whether an array or object holds
+# any container at all with one C-level pass (`set(map(type, ...))`), which costs a
+# 100,000-id prompt half of what a Python loop over it would.
+_SCAN_IN_C_FROM = 32
+# A balancer of its own (a Proxy built without the gateway's) judges no host: it never
+# reads the store, so this only has to be a valid age.
+DEFAULT_HOST_LIVE_AFTER_S = 20.0
+# Where a failed request goes next: (backend, replica, the replica of that version already
+# tried or None, whether it may still fail over to the stable version).
+_Retry = tuple[Backend, ReplicaSlot, ReplicaSlot | None, bool]
 
 
 def upstream_timeout() -> aiohttp.ClientTimeout:
@@ -78,8 +96,13 @@ class Proxy:
     """Handlers of `/v1/models`, `/v1/completions` and `/v1/chat/completions`."""
 
     def __init__(self, transitions: TransitionManager, metrics: GatewayMetrics,
-                 max_body_bytes: int, *, mirror_max_inflight: int = 64) -> None:
+                 max_body_bytes: int, *, mirror_max_inflight: int = 64,
+                 replicas: ReplicaBalancer | None = None) -> None:
         self.transitions = transitions
+        # Which replica of a version a request goes to (fed by the gateway's reconcile
+        # loop; without one, every replica a route names takes requests).
+        self.replicas = replicas if replicas is not None else ReplicaBalancer(
+            DEFAULT_HOST_LIVE_AFTER_S)
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None  # set when the app starts
@@ -137,29 +160,43 @@ class Proxy:
         return await self._send(request, path, model_id, choice.backend, body)
 
     async def _send(self, request: web.Request, path: str, model_id: str, backend: Backend,
-                    body: dict[str, Any], *, may_fail_over: bool = True) -> web.StreamResponse:
-        """Forward to one version. A failure before anything reached the client (connection
+                    body: dict[str, Any], replica: ReplicaSlot | None = None, *,
+                    tried: ReplicaSlot | None = None,
+                    may_fail_over: bool = True) -> web.StreamResponse:
+        """Forward to one replica of a version (`replica`, or the one with the fewest
+        requests in flight). A failure before anything reached the client (connection
         refused or reset, connect timeout, a 5xx answer) is counted as that version's error
-        and, once, retried on the model's stable version: the user gets an answer, the
-        failing version still gets the blame. A started stream is never replayed."""
+        and retried: first on another replica of the version, then on the model's stable
+        version (on up to two of its replicas too). The user gets an answer, the failing
+        version still gets the blame. A started stream is never replayed.
+
+        `tried` is the replica of this version already tried (None: this is the first);
+        `may_fail_over` is False once the request is on the stable version."""
         version = backend.version
+        replicas = self.replicas.replicas(model_id, backend)
+        if replica is None:
+            replica = replicas.pick()
+            assert replica is not None  # a set always has an active replica
         headers = _upstream_headers(request)
         started = time.monotonic()
         self.metrics.started(model_id, version)
+        replica.inflight += 1
         failure: str | None = None  # error class, see GatewayMetrics.finished
         completed = False
         ttfb_s: float | None = None  # time to the first streamed byte, for the window
-        fallback: Backend | None = None  # looked up only once the version has failed
+        retry: _Retry | None = None  # looked up only once the replica has failed
         try:
-            async with self._post(backend, path, body, headers) as upstream:
+            async with self._post(backend, replica, path, body, headers) as upstream:
                 failure = _status_failure(upstream.status)
                 if failure == "5xx":
-                    fallback = self._fallback(model_id, version, may_fail_over)
-                    if fallback is not None:
-                        log.info("%s/%s answered %d; failing over to %s", model_id, version,
-                                 upstream.status, fallback.version)
+                    retry = self._retry(model_id, backend, replicas, replica, tried,
+                                        may_fail_over)
+                    if retry is not None:
+                        log.info("%s/%s at %s answered %d; failing over to %s at %s",
+                                 model_id, version, replica.url, upstream.status,
+                                 retry[0].version, retry[1].url)
                 content_type = upstream.headers.get("Content-Type", "application/json")
-                if failure != "5xx" or fallback is None:
+                if failure != "5xx" or retry is None:
                     if upstream.status == 200 and content_type.startswith("text/event-stream"):
                         response, failure, completed, ttfb_s = await self._stream(
                             request, upstream, model_id, version, started)
@@ -172,33 +209,51 @@ class Proxy:
                                                  VERSION_HEADER: version})
         except (aiohttp.SocketTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
             failure = "timeout"
-            log.warning("upstream %s of %s/%s timed out: %r", backend.url, model_id, version,
+            log.warning("upstream %s of %s/%s timed out: %r", replica.url, model_id, version,
                         exc)
             # A read timeout comes after the request was sent: too late to replay it.
-            fallback = None if isinstance(exc, aiohttp.SocketTimeoutError) \
-                else self._fallback(model_id, version, may_fail_over)
-            if fallback is None:
+            retry = None if isinstance(exc, aiohttp.SocketTimeoutError) \
+                else self._retry(model_id, backend, replicas, replica, tried, may_fail_over)
+            if retry is None:
                 return error_response(504, f"upstream of version {version!r} timed out",
                                       type="upstream_error", code="gateway_timeout",
                                       headers={VERSION_HEADER: version})
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             failure = "connect"
-            log.warning("upstream %s of %s/%s failed: %r", backend.url, model_id, version, exc)
-            fallback = self._fallback(model_id, version, may_fail_over)
-            if fallback is None:
-                return error_response(502, f"upstream of version {version!r} failed: {exc}",
-                                      type="upstream_error", code="bad_gateway",
-                                      headers={VERSION_HEADER: version})
+            log.warning("upstream %s of %s/%s failed: %r", replica.url, model_id, version, exc)
+            retry = self._retry(model_id, backend, replicas, replica, tried, may_fail_over)
+            if retry is None:  # the logged detail names the upstream; clients never see it
+                return error_response(502, f"version {version!r} of the model could not be "
+                                           f"reached", type="upstream_error",
+                                      code="bad_gateway", headers={VERSION_HEADER: version})
         finally:
+            replica.inflight -= 1
             self.metrics.finished(model_id, version, time.monotonic() - started,
                                   failure=failure, completed=completed, ttfb_s=ttfb_s)
-        assert fallback is not None
-        self.metrics.failed_over(model_id, version, fallback.version)
-        body["model"] = fallback.served_model_name
-        return await self._send(request, path, model_id, fallback, body, may_fail_over=False)
+        assert retry is not None
+        to, to_replica, to_tried, to_may_fail_over = retry
+        self.metrics.failed_over(model_id, version, to.version)
+        body["model"] = to.served_model_name
+        return await self._send(request, path, model_id, to, body, to_replica, tried=to_tried,
+                                may_fail_over=to_may_fail_over)
 
-    def _fallback(self, model_id: str, version: str, may_fail_over: bool) -> Backend | None:
-        return self.transitions.fallback(model_id, version) if may_fail_over else None
+    def _retry(self, model_id: str, backend: Backend, replicas: ReplicaSet,
+               failed: ReplicaSlot, tried: ReplicaSlot | None,
+               may_fail_over: bool) -> _Retry | None:
+        """Where a request that `failed` failed before its first byte goes next: another
+        replica of the version if this was its first, else the stable version (once, and
+        not if it is the failing version), else nowhere."""
+        if tried is None:
+            other = replicas.pick(exclude=failed)
+            if other is not None:
+                return backend, other, failed, may_fail_over
+        if may_fail_over:
+            stable = self.transitions.fallback(model_id, backend.version)
+            if stable is not None:
+                replica = self.replicas.replicas(model_id, stable).pick()
+                assert replica is not None
+                return stable, replica, None, False
+        return None
 
     async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
                       model_id: str, version: str,
@@ -268,14 +323,17 @@ class Proxy:
         errors are already counted where health verdicts and alerts look for them.
         """
         version = shadow.version
+        replica = self.replicas.replicas(model_id, shadow).pick()
+        assert replica is not None
         started = time.monotonic()
         self.metrics.started(model_id, version)
+        replica.inflight += 1
         failure: str | None = None
         completed = False
         ttfb_s: float | None = None
         try:
             failure, completed, ttfb_s = await self._mirror_exchange(
-                path, model_id, shadow, body, headers, started)
+                path, model_id, shadow, replica, body, headers, started)
         except (aiohttp.SocketTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
             failure = "timeout"
             log.debug("shadow %s/%s timed out: %r", model_id, version, exc)
@@ -285,16 +343,18 @@ class Proxy:
         except Exception:  # a bug here must not surface as "Task exception never retrieved"
             log.exception("mirroring to %s/%s failed unexpectedly", model_id, version)
         finally:
+            replica.inflight -= 1
             self.metrics.finished(model_id, version, time.monotonic() - started,
                                   failure=failure, completed=completed, ttfb_s=ttfb_s)
 
     async def _mirror_exchange(self, path: str, model_id: str, shadow: Backend,
-                               body: dict[str, Any], headers: dict[str, str], started: float
+                               replica: ReplicaSlot, body: dict[str, Any],
+                               headers: dict[str, str], started: float
                                ) -> tuple[str | None, bool, float | None]:
         """POST the copy and read its answer to the end; returns (error class, completed,
         seconds to the first streamed byte or None)."""
         version = shadow.version
-        async with self._post(shadow, path, body, headers) as upstream:
+        async with self._post(shadow, replica, path, body, headers) as upstream:
             failure = _status_failure(upstream.status)
             content_type = upstream.headers.get("Content-Type", "")
             if upstream.status == 200 and content_type.startswith("text/event-stream"):
@@ -317,11 +377,20 @@ class Proxy:
         self._generated(model_id, version, meter)
         return None, True, meter.ttfb if meter.first_at else None
 
-    def _post(self, backend: Backend, path: str, body: dict[str, Any],
+    def _post(self, backend: Backend, replica: ReplicaSlot, path: str, body: dict[str, Any],
               headers: dict[str, str]) -> Any:
-        """The upstream request of a served answer or of a shadow's copy."""
+        """The upstream request of a served answer or of a shadow's copy, to one replica.
+
+        An external endpoint's credential is read from this process's environment (the
+        route holds only the variable's name). Without it, `MissingCredential` is raised
+        before connecting and handled like a refused connection: counted as the
+        version's error, failed over (another replica, then the stable version), else a
+        502.
+        """
         assert self.session is not None, "gateway app not started"
-        return self.session.post(backend.url.rstrip("/") + path,
+        if backend.api_key_env:
+            headers = {**headers, **_credential(backend)}
+        return self.session.post(replica.base + path,
                                  data=json.dumps(body).encode(), headers=headers,
                                  timeout=upstream_timeout())
 
@@ -344,6 +413,26 @@ class Proxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class MissingCredential(aiohttp.ClientConnectionError):
+    """A backend's credential variable is not set in the gateway's environment."""
+
+
+_missing_credentials: set[str] = set()  # variables already logged as missing
+
+
+def _credential(backend: Backend) -> dict[str, str]:
+    try:
+        return bearer_header(backend.api_key_env)
+    except LookupError:
+        name = backend.api_key_env or ""
+        if name not in _missing_credentials:
+            _missing_credentials.add(name)
+            log.error("credential variable %s of version %s is not set in the gateway's "
+                      "environment: its requests fail (and fail over)", name, backend.version)
+        raise MissingCredential(f"the gateway has no credential for version "
+                                f"{backend.version!r} ({name} is not set)") from None
 
 
 def _upstream_headers(request: web.Request) -> dict[str, str]:
@@ -370,12 +459,46 @@ async def _parse_body(request: web.Request, limit: int
         return None, error_response(413, f"the request body is larger than the gateway's "
                                          f"limit of {limit} bytes",
                                     type="invalid_request_error", code="request_too_large")
+    too_deep = False
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None, error_response(400, "the request body is not valid JSON",
                                     type="invalid_request_error", code="invalid_json")
+    except RecursionError:  # Python's parser gives up near 1,000 levels
+        too_deep = True
+    if too_deep or json_depth_exceeds(body, MAX_JSON_DEPTH):
+        return None, error_response(400, f"the request body nests deeper than "
+                                         f"{MAX_JSON_DEPTH} levels",
+                                    type="invalid_request_error", code="json_too_deep")
     if not isinstance(body, dict):
         return None, error_response(400, "the request body must be a JSON object",
                                     type="invalid_request_error", code="invalid_json")
     return body, None
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether the parsed JSON `value` nests arrays and objects deeper than `limit`.
+
+    Walks the containers level by level, never the text: the cost is the number of items
+    in arrays and objects, so the common large bodies (long prompts, base64 images) cost
+    as little as small ones (a few microseconds) where a scan of the bytes would cost
+    about as much as parsing them. Long arrays of scalars (token-id prompts) are checked
+    for containers in one C-level pass.
+    """
+    level = [value] if type(value) is dict or type(value) is list else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for container in level:
+            items = container.values() if type(container) is dict else container
+            if len(items) > _SCAN_IN_C_FROM:
+                kinds = set(map(type, items))
+                if dict not in kinds and list not in kinds:
+                    continue
+            below.extend(item for item in items if type(item) is dict or type(item) is list)
+        level = below
+    return False

@@ -1,7 +1,8 @@
 """The `turnout` command: run the stack, make tiny models, register, switch, watch, and
 steer running switches (rollback, pause, resume, promote, abort, emergency-rollback);
-read health and alerts, change monitoring thresholds, mirror traffic to a shadow; make API
-keys, say which key is in use, read the audit log."""
+read health and alerts, change monitoring thresholds, mirror traffic to a shadow; list
+the engine fleet and preload versions; make API keys, say which key is in use, read
+the audit log."""
 
 from __future__ import annotations
 
@@ -161,6 +162,27 @@ def _shadow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engines(args: argparse.Namespace) -> int:
+    from turnout.cache import ModelCache
+
+    _print(ModelCache().fleet())
+    return 0
+
+
+def _preload(args: argparse.Namespace) -> int:
+    from turnout.cache import ModelCache
+
+    cache, user = ModelCache(), os.environ.get("USER")
+    if args.release:
+        _print(cache.release(args.model_id, args.version, requested_by=user))
+    elif args.status:
+        _print(cache.preload_status(args.model_id, args.version))
+    else:
+        _print(cache.preload(args.model_id, args.version, priority=args.priority,
+                             requested_by=user))
+    return 0
+
+
 def _key_name(value: str) -> str:
     from turnout.auth import ANONYMOUS, KEY_NAME_PATTERN
 
@@ -213,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.set_defaults(func=_db_upgrade)
 
     reg = sub.add_parser("register", help="register a model version (POST /models)")
-    reg.add_argument("--model", required=True, help="local model directory")
+    reg.add_argument("--model", required=True,
+                     help="model directory (under the API's model roots) or hub id org/name")
     reg.add_argument("--arch", required=True, help="model_arch")
     reg.add_argument("--stage", default="default", help="model_stage")
     reg.add_argument("--version", required=True)
@@ -283,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     shadow.add_argument("--stop", action="store_true", help="stop mirroring")
     shadow.add_argument("--reason")
     shadow.set_defaults(func=_shadow)
+
+    engines = sub.add_parser("engines", help="engine hosts and every engine with its role "
+                                             "(GET /engines)")
+    engines.set_defaults(func=_engines)
+
+    preload = sub.add_parser("preload", help="load a version without traffic so a switch "
+                                             "to it needs no cold start")
+    preload.add_argument("model_id")
+    preload.add_argument("version")
+    preload.add_argument("--priority", type=int, default=0,
+                         help="cached engines of a lower priority may be evicted for it")
+    preload.add_argument("--release", action="store_true", help="let go of the preload")
+    preload.add_argument("--status", action="store_true", help="show the preload")
+    preload.set_defaults(func=_preload)
 
     key = sub.add_parser("make-key", help="make a new API key for the key file: prints the "
                                           "key (once) and its file entry")

@@ -7,7 +7,7 @@ the same names. Every model has defaults so fields can be added without breaking
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -19,6 +19,7 @@ from turnout.domain import (  # noqa: F401 - health models are part of this cont
     Verdict,
     VersionFigures,
 )
+from turnout.fleet import Holder, HolderKind
 
 # Activity names: the contract between workflows and workers.
 LOAD_VERSION = "load_version"
@@ -64,10 +65,17 @@ class LoadVersionResult(BaseModel):
 
 
 class UnloadVersionInput(BaseModel):
-    """Stop the engine of one version on this host; stopping a stopped engine is a no-op."""
+    """Stop the engine of one version on this host; stopping a stopped engine is a no-op.
+
+    `when` guards the stop against what happened since it was decided: `unheld` stops
+    only an engine nothing holds any more (another switch, a shadow or a preload may have
+    taken it meanwhile), `cached` only one that still serves nothing (an eviction).
+    `always` is what switches started before holders were recorded ask for.
+    """
 
     model_id: str = ""
     version: str = ""
+    when: Literal["always", "unheld", "cached"] = "always"
 
 
 class SetTrafficInput(BaseModel):
@@ -88,17 +96,26 @@ class SetTrafficResult(BaseModel):
 
 
 class DrainVersionInput(BaseModel):
-    """Wait until no live gateway has a request in flight to a version."""
+    """Wait until no live gateway has a request in flight to a version.
+
+    With `replica` (a replica's URL, or the id of the host its engine runs on), wait for
+    that replica only, while the version's other replicas keep serving: until no live
+    gateway sends it requests (its engine is no longer ready, or the route no longer
+    names it) and none has a request in flight to it. Empty: the whole version.
+    """
 
     model_id: str = ""
     version: str = ""
     timeout_s: float = 120
+    replica: str = ""
 
 
 class DrainVersionResult(BaseModel):
     drained: bool = True
     inflight_left: int = 0
     waited_s: float = 0
+    # Draining one replica: the gateways that still sent it requests at the end.
+    routed_at: list[str] = Field(default_factory=list)
 
 
 class CheckHealthInput(BaseModel):
@@ -261,6 +278,7 @@ class ShadowInput(BaseModel):
     duration_s: float = 0.0
     engine_task_queue: str = ""
     requested_by: str | None = None
+    replicas: int | None = None
 
 
 class ShadowStatus(BaseModel):
@@ -286,3 +304,124 @@ class SetMirrorInput(BaseModel):
     version: str = ""
     percent: float = 0.0
     change_key: str = ""
+
+
+# ---------------------------------------------------------------------- the engine fleet
+
+PLACE_VERSION = "place_version"
+RELEASE_VERSION = "release_version"
+RETIRE_VERSION = "retire_version"
+STANDBY_WORKFLOW = "StandbyWorkflow"
+
+
+class EngineSlot(BaseModel):
+    """One host's engine of a version: where to load or stop it."""
+
+    model_id: str = ""
+    version: str = ""
+    host_id: str = ""
+    task_queue: str = ""
+
+
+class PlaceVersionInput(BaseModel):
+    """Hold a version for `holder`, then choose where its engines go.
+
+    `replicas` None takes the version's registered number. A `holder` with a priority
+    (a preload) only evicts cached engines of a lower priority.
+    """
+
+    model_id: str = ""
+    version: str = ""
+    replicas: int | None = None
+    holder: Holder | None = None
+
+
+class PlaceVersionResult(BaseModel):
+    # Where the version's engines are to be (a host that has one already is among them:
+    # loading there is immediate).
+    replicas: list[EngineSlot] = Field(default_factory=list)
+    # Cached engines to stop first to make room.
+    evict: list[EngineSlot] = Field(default_factory=list)
+    # Every replica is an engine already loaded: the switch needs no cold start.
+    warm: bool = False
+    external: bool = False
+
+
+class ReleaseVersionInput(BaseModel):
+    """Let go of a version's engines for one holder."""
+
+    model_id: str = ""
+    version: str = ""
+    kind: HolderKind = HolderKind.SWITCH
+    holder_id: str = ""
+
+
+class ReleaseVersionResult(BaseModel):
+    # The engines nothing holds any more: stop each with `when="unheld"`.
+    stop: list[EngineSlot] = Field(default_factory=list)
+
+
+class RetireVersionInput(BaseModel):
+    """The previous live version after a switch: keep it as a standby, or let it go."""
+
+    model_id: str = ""
+    version: str = ""
+    operation_id: str = ""
+
+
+class RetireVersionResult(BaseModel):
+    standby_until: datetime | None = None
+    stop: list[EngineSlot] = Field(default_factory=list)
+    # Cached engines beyond a host's `max_cached_models` (or memory) once it stands by.
+    evict: list[EngineSlot] = Field(default_factory=list)
+
+
+class StandbyInput(BaseModel):
+    """Keep `version` loaded until `until`, then release it (`StandbyWorkflow`)."""
+
+    model_id: str = ""
+    version: str = ""
+    holder_id: str = ""
+    until: datetime | None = None
+
+
+# ---------------------------------------------------------------------- preloads
+
+PRELOAD_WORKFLOW = "PreloadWorkflow"
+# Signal: let go of the preloaded engines (they stop unless something else holds them).
+RELEASE_PRELOAD = "release"
+# Signal: a load of a higher priority evicted the preloaded engine; the preload ends.
+EVICTED_PRELOAD = "evicted"
+# Highest preload priority: eviction compares priorities, so they are bounded and small.
+MAX_PRELOAD_PRIORITY = 1000
+
+
+def preload_workflow_id(model_id: str, version: str) -> str:
+    return f"preload-{model_id}-{version}"
+
+
+class PreloadInput(BaseModel):
+    """Load `version` without traffic and keep it loaded until released (or evicted by a
+    load of a higher priority)."""
+
+    model_id: str = ""
+    version: str = ""
+    priority: int = Field(0, ge=0, le=MAX_PRELOAD_PRIORITY)
+    replicas: int | None = None
+    requested_by: str | None = None
+
+
+class PreloadStatus(BaseModel):
+    """What `GET /models/{model_id}/versions/{version}/preload` returns."""
+
+    model_id: str = ""
+    version: str = ""
+    priority: int = 0
+    # loading, ready, released, evicted, failed
+    phase: str = "loading"
+    reason: str | None = None
+    hosts: list[str] = Field(default_factory=list)
+    warm: bool = False  # the version was loaded already when the preload began
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
+    finished_at: datetime | None = None

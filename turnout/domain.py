@@ -10,11 +10,37 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from turnout import engine_args as catalogue
+from turnout.config import ENV_NAME_PATTERN, ENV_PREFIX
+from turnout.endpoints import EndpointError, parse_endpoint
+from turnout.limits import (
+    ACTOR_MAX,
+    MODEL_ID_MAX,
+    REASON_MAX,
+    SERVED_NAME_MAX,
+    bounded_json,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
 # Aliases may look like hub ids ("org/name") since clients often send those as `model`.
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/\-]{0,255}$"
+# A model id is `{model_arch}_{model_stage}` (two names); the column holds 300.
+MODEL_ID_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._\-]{{0,{MODEL_ID_MAX - 1}}}$"
+# What a served model name may be: it goes on the engine's command line and into the
+# OpenAI `model` field, so it never starts with '-' and holds no spaces.
+SERVED_NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._:/@+\-]{{0,{SERVED_NAME_MAX - 1}}}$"
+MAX_ALIASES = 32
 
 
 class OmniModelConfig(BaseModel):
@@ -22,7 +48,14 @@ class OmniModelConfig(BaseModel):
 
     `model` is a local model directory (or a hub id already in the local cache).
     `endpoint` instead points at an OpenAI-compatible server someone else runs:
-    then turnout only routes to it and never starts an engine.
+    then turnout only routes to it and never starts an engine; `api_key_env` names the
+    environment variable whose value the gateway and the health probe send to it as a
+    bearer token (the value itself is never stored).
+
+    This model also reads what the store holds, registrations of every release, so its
+    own checks are the loose ones every release enforced; what a registration must
+    satisfy today is checked by `RegisterModelRequest` (and, with the settings, by
+    `turnout.registration`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -33,6 +66,7 @@ class OmniModelConfig(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     endpoint: str | None = Field(None, pattern=r"^https?://")
     served_model_name: str | None = None
+    api_key_env: str | None = Field(None, pattern=ENV_NAME_PATTERN)
 
     @property
     def model_id(self) -> str:
@@ -52,12 +86,97 @@ def model_id_for(model_arch: str, model_stage: str) -> str:
     return f"{model_arch}_{model_stage}"
 
 
+BoundedJSON = Annotated[dict[str, Any], AfterValidator(bounded_json)]
+
+
 class RegisterModelRequest(OmniModelConfig):
-    """Body of `POST /models`: a model config plus the version it becomes."""
+    """Body of `POST /models`: a model config plus the version it becomes.
+
+    Everything that can be checked without the deployment's settings is checked here:
+    `engine_args` against the catalogue of vLLM options (`turnout.engine_args`), the
+    shape of `model` (an absolute directory or a hub id), the endpoint's URL and literal
+    address, the credential variable's name, and the size of every field. What depends on
+    the settings (model roots, private endpoints, allowed hosts and credential names,
+    trust_remote_code) is `turnout.registration.check_registration`'s.
+    """
 
     version: str = Field(pattern=NAME_PATTERN)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    aliases: list[Annotated[str, Field(pattern=ALIAS_PATTERN)]] = Field(default_factory=list)
+    served_model_name: str | None = Field(None, pattern=SERVED_NAME_PATTERN)
+    engine_args: BoundedJSON = Field(
+        default_factory=dict,
+        description="vLLM server options by name (`max_model_len`, `dtype`, ...): only "
+                    "the options turnout knows, each with a typed value")
+    endpoint: str | None = Field(
+        None, max_length=512,
+        description="An OpenAI-compatible server to route to instead of starting an "
+                    "engine: http(s)://host[:port][/base-path], nothing more")
+    api_key_env: str | None = Field(
+        None, pattern=ENV_NAME_PATTERN,
+        description="Name of the environment variable (of the gateways and the control "
+                    "worker) whose value is sent to `endpoint` as a bearer token")
+    metadata: BoundedJSON = Field(default_factory=dict)
+    aliases: list[Annotated[str, Field(pattern=ALIAS_PATTERN)]] = Field(
+        default_factory=list, max_length=MAX_ALIASES)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args_are_flags(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """(Replaces the stored model's loose check of the same name.)"""
+        try:
+            return catalogue.validate_engine_args(value)
+        except catalogue.EngineArgsError as exc:
+            raise _located(exc.errors) from None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_safe(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_endpoint(value)
+            except EndpointError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _not_a_turnout_setting(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(ENV_PREFIX):
+            raise ValueError(f"names one of turnout's own settings ({ENV_PREFIX}*)")
+        return value
+
+    @model_validator(mode="after")
+    def _fits_its_kind(self) -> RegisterModelRequest:
+        if self.endpoint is None:
+            problem = catalogue.model_source_problem(self.model)
+            if problem:
+                raise _located([{"loc": ("model",), "type": "model_source", "msg": problem,
+                                 "input": self.model}])
+            if self.api_key_env is not None:
+                raise _located([{"loc": ("api_key_env",), "type": "needs_endpoint",
+                                 "msg": "only for a version with an `endpoint`",
+                                 "input": self.api_key_env}])
+        else:
+            if self.engine_args:
+                raise _located([{"loc": ("engine_args",), "type": "needs_engine",
+                                 "msg": "no engine is started for an external endpoint: "
+                                        "engine_args would have no effect",
+                                 "input": self.engine_args}])
+            served = self.served_model_name or self.model
+            if len(served) > SERVED_NAME_MAX:
+                raise _located([{"loc": ("served_model_name",), "type": "too_long",
+                                 "msg": f"the name sent upstream (served_model_name, else "
+                                        f"model) may have at most {SERVED_NAME_MAX} "
+                                        f"characters", "input": served}])
+        return self
+
+
+def _located(errors: list[dict[str, Any]]) -> ValidationError:
+    """A pydantic ValidationError with each error at its own `loc`. Raised from a field
+    validator the loc is inside that field, so a 422 names `engine_args.<key>`, not the
+    whole dictionary; from a model validator it names the field."""
+    return ValidationError.from_exception_data("RegisterModelRequest", [InitErrorDetails(
+        type=PydanticCustomError(e["type"], "{message}", {"message": e["msg"]}),
+        loc=tuple(e["loc"]), input=e.get("input")) for e in errors])
 
 
 class VersionInfo(BaseModel):
@@ -82,8 +201,23 @@ class ModelInfo(BaseModel):
         return next((v for v in self.versions if v.version == version), None)
 
 
+class Replica(BaseModel):
+    """One engine of a version a route sends requests to: where it answers, on which host.
+
+    `host` is the engine host's id (`"external"` for an endpoint someone else runs); empty
+    when the route was written without one, and then nothing is known to judge it by.
+    """
+
+    url: str
+    host: str = ""
+
+
 class Backend(BaseModel):
     """One version's share of a model's traffic and where to send it.
+
+    `replicas` are the version's engines: the gateway spreads the version's share over
+    them (least requests in flight). Routes written before replicas existed have none;
+    then `url` is the one engine. `url` is always the first replica's, for older readers.
 
     A backend with `weight` 0 and a `mirror_percent` is a shadow: that share of the
     model's requests is copied to it, its answers are measured like any version's and
@@ -95,10 +229,18 @@ class Backend(BaseModel):
     url: str
     served_model_name: str
     mirror_percent: float = Field(0, ge=0, le=100)
+    # An external endpoint's credential: the name of the environment variable whose
+    # value the gateway sends as `Authorization: Bearer` (never the value itself).
+    api_key_env: str | None = None
+    replicas: list[Replica] = Field(default_factory=list)
 
     @property
     def is_shadow(self) -> bool:
         return self.weight == 0 and self.mirror_percent > 0
+
+    def endpoints(self) -> list[Replica]:
+        """Every replica of the version: `replicas`, or the one `url` of an older route."""
+        return self.replicas or [Replica(url=self.url)]
 
 
 class Route(BaseModel):
@@ -141,6 +283,11 @@ class EngineInfo(BaseModel):
     external: bool = False
     started_at: datetime | None = None
     log_path: str | None = None
+    # What the engine needs, as its host estimated when it loaded (weights, KV cache,
+    # runtime); when it last served a request's share; whether it sleeps (vLLM sleep mode).
+    memory_bytes: int | None = None
+    last_used_at: datetime | None = None
+    sleeping: bool = False
 
 
 class SwitchingStrategyType(StrEnum):
@@ -179,12 +326,12 @@ class SwitchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_id: str = Field(min_length=1)
-    target_version: str = Field(min_length=1)
+    model_id: str = Field(pattern=MODEL_ID_PATTERN)
+    target_version: str = Field(pattern=NAME_PATTERN)
     strategy: SwitchingStrategyType = SwitchingStrategyType.IMMEDIATE
-    strategy_config: dict[str, Any] = Field(default_factory=dict)
-    requested_by: str | None = None
-    reason: str | None = None
+    strategy_config: BoundedJSON = Field(default_factory=dict)
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX)
+    reason: str | None = Field(None, max_length=REASON_MAX)
     # How this switch's steps are judged, over the settings' defaults (None: defaults).
     analysis: SwitchAnalysis | None = None
 
@@ -242,7 +389,8 @@ class SwitchAnalysis(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    guarded_metrics: list[GuardedMetric] | None = None
+    # One entry per metric (checked below), so at most one per metric name.
+    guarded_metrics: list[GuardedMetric] | None = Field(None, max_length=16)
     confidence: float | None = Field(None, gt=0.5, lt=1)
     min_requests: int | None = Field(None, ge=1)
     latency_tolerance: float | None = Field(None, ge=0)
@@ -325,6 +473,8 @@ class SwitchInput(BaseModel):
     requested_by: str | None = None
     reason: str | None = None
     thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
+    # Engines of the target (None: as many as the version was registered with).
+    replicas: int | None = None
 
 
 class SwitchStatus(BaseModel):
@@ -347,6 +497,9 @@ class SwitchStatus(BaseModel):
     next_check_at: datetime | None = None
     last_verdict: Verdict | None = None
     verdicts: list[Verdict] = Field(default_factory=list)
+    # Whether the target's engines were already loaded (a standby or preloaded version),
+    # so the switch needed no cold start; None until it is known.
+    warm_start: bool | None = None
     started_at: datetime | None = None
     updated_at: datetime | None = None
     finished_at: datetime | None = None

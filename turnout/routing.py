@@ -114,6 +114,13 @@ class RouteTable:
     def route(self, model_id: str) -> Route | None:
         return self.routes.get(model_id)
 
+    def routed_versions(self) -> set[tuple[str, str]]:
+        """(model id, version) of every version that takes traffic: a share of a split or
+        mirrored copies. A version outside it gets no new request from this gateway."""
+        routed = {(model_id, b.version) for model_id, live in self.live.items() for b in live}
+        routed.update((model_id, b.version) for model_id, b in self.shadows.items())
+        return routed
+
     def generations(self) -> dict[str, int]:
         return {model_id: route.generation for model_id, route in sorted(self.routes.items())}
 

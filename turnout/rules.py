@@ -16,23 +16,68 @@ the chosen version's metrics like any other, so they take part in health judgmen
 
 Pure code: parsed and validated here (the API refuses a bad rule with a 422 naming the
 field), evaluated by the gateway and by `TransitionManager` on every request.
+
+Rules run in the gateway's event loop on every request of their model, against values the
+client chooses, so a rule must never cost more than a bounded, small time. Regexes are
+compiled with RE2 (`google-re2`), which matches in time linear in the value; patterns that
+need backtracking (backreferences, lookaround) are refused. Linear is not yet small: an
+RE2 search costs up to (program size x value length), so the compiled program size of each
+regex and of all of a model's regexes is capped, and a value longer than
+`MAX_MATCHED_VALUE_CHARS` matches no rule.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+import re2
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+log = logging.getLogger(__name__)
 
 # A rough, model-independent estimate (OpenAI's rule of thumb for English text); prompts
 # sent as token ids are counted exactly.
 CHARS_PER_TOKEN = 4
 MAX_RULES = 100
+# Longest pattern text of one regex.
+MAX_REGEX_CHARS = 1000
+# Longest header or metadata value a rule looks at. A longer value matches no rule (neither
+# `equals`, whose text is at most 1000 characters anyway, nor `regex`): it is not cut, since
+# a cut value would let `suffix$` match a value that does not end so. The request then
+# falls through to the next rule and finally to the weighted split. OpenAI caps metadata
+# values at 512 characters; header values worth routing on (tenant, team, flags, user
+# agents) are shorter than this.
+MAX_MATCHED_VALUE_CHARS = 1024
+# RE2 program size (compiled instructions) of one regex, and of all the regexes of one
+# model's rules together. A search costs up to program size x value length: measured here,
+# a regex at 2,000 instructions searched a hostile 1 KiB value in 2-7 ms, ordinary ones
+# (`^ml-`, `(?i)^(beta|canary)$`, 4-40 instructions) in 2 us. `\pL` alone is 1,200.
+MAX_REGEX_PROGRAM = 2000
+MAX_RULES_PROGRAM = 4000
+# Memory one compiled regex may use (its program and its DFA cache, which a hostile value
+# could otherwise fill to RE2's default 8 MiB per regex, 100 rules x 2 regexes per model).
+# A search that outgrows it falls back to RE2's NFA: slower by a constant, still linear.
+REGEX_MAX_MEM = 128 * 1024
+# Compiled regexes kept: gateways re-read every model's rules each second, and compiling
+# on every read would cost more than matching.
+REGEX_CACHE = 1024
+# Validation context of rules read back from the store (see `STORED`).
+_STORED_KEY = "turnout_stored_rules"
+STORED: dict[str, Any] = {_STORED_KEY: True}
 _IMAGE_PARTS = {"image_url", "image", "input_image"}
 _AUDIO_PARTS = {"input_audio", "audio_url", "audio"}
 
@@ -61,29 +106,152 @@ class Range(_Strict):
         return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
 
 
+class RegexRefused(ValueError):
+    """A rule regex the gateway will not run; the message says why."""
+
+
+def _re2_options() -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # refusals are reported to the caller, not to stderr
+    options.max_mem = REGEX_MAX_MEM
+    return options
+
+
+_OPTIONS = _re2_options()
+# RE2's messages for the features it leaves out on purpose (they need backtracking).
+_UNSUPPORTED = {
+    "invalid perl operator: (?=": "lookahead",
+    "invalid perl operator: (?!": "lookahead",
+    "invalid perl operator: (?<=": "lookbehind",
+    "invalid perl operator: (?<!": "lookbehind",
+}
+
+
+def compile_regex(pattern: str) -> Any:
+    """`pattern` compiled with RE2 within the caps, or `RegexRefused` saying why.
+
+    Never raises anything else, whatever the string (a property test holds it to that).
+    Compiled regexes are cached: the same pattern compiles once per process.
+    """
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise RegexRefused(f"the regex is {len(pattern)} characters long, over the limit "
+                           f"of {MAX_REGEX_CHARS}")
+    try:
+        return _compile(pattern)
+    except RegexRefused:
+        raise
+    except Exception as exc:  # a bug in the binding must be a refusal, not a 500
+        log.warning("RE2 failed on a regex unexpectedly: %r", exc)
+        raise RegexRefused(f"the regex could not be compiled: {exc}") from None
+
+
+@functools.lru_cache(maxsize=REGEX_CACHE)
+def _compile(pattern: str) -> Any:
+    try:
+        pattern.encode("utf-8")  # RE2 takes UTF-8: a lone surrogate ("\ud800") has none
+    except UnicodeEncodeError:
+        raise RegexRefused("the regex is not valid Unicode text (it holds a lone "
+                           "surrogate)") from None
+    try:
+        compiled = re2.compile(pattern, _OPTIONS)
+    except re2.error as exc:
+        raise RegexRefused(_refusal(pattern, exc)) from None
+    if compiled.programsize > MAX_REGEX_PROGRAM:
+        raise RegexRefused(_too_complex(compiled.programsize))
+    return compiled
+
+
+def _refusal(pattern: str, exc: Exception) -> str:
+    raw = exc.args[0] if exc.args else ""
+    why = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    if why.startswith("pattern too large"):
+        return _too_complex(None)
+    feature = next((name for prefix, name in _UNSUPPORTED.items() if why.startswith(prefix)),
+                   None)
+    if feature is None and (
+            (why.startswith("invalid escape sequence: \\")
+             and why[len("invalid escape sequence: \\"):][:1].isdigit())
+            or (why == "invalid perl operator: (?P" and "(?P=" in pattern)):
+        feature = "a backreference"
+    if feature is not None:
+        return (f"the regex uses {feature} ({why}), which needs backtracking: rules are "
+                f"matched with RE2, in time linear in the value, which has none")
+    return f"the regex is not valid RE2 syntax: {why}"
+
+
+def _too_complex(size: int | None) -> str:
+    size_text = f"{size} RE2 instructions" if size is not None else "too large a program"
+    return (f"the regex is too complex: it compiles to {size_text}, over the limit of "
+            f"{MAX_REGEX_PROGRAM} per regex (a search costs up to program size x value "
+            f"length); use a simpler pattern or several rules")
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(_STORED_KEY))
+
+
+_warned: set[str] = set()
+
+
+def _warn_disabled(pattern: str, why: str) -> None:
+    """Say once per pattern (gateways re-read rules every second) that a stored regex is
+    not run."""
+    if pattern in _warned or len(_warned) >= REGEX_CACHE:
+        return
+    _warned.add(pattern)
+    log.warning("a stored routing rule's regex %r is not run, so its rule never matches "
+                "(replace the rules to fix it): %s", pattern[:100], why)
+
+
 class _ValueMatch(_Strict):
-    """Exactly one of `equals` (exact string) or `regex` (searched, Python syntax)."""
+    """Exactly one of `equals` (exact string) or `regex` (searched, RE2 syntax).
+
+    A value longer than `MAX_MATCHED_VALUE_CHARS` matches neither. Rules read back from
+    the store (validated with the `STORED` context) are never refused: a regex stored
+    before RE2 was used that RE2 refuses is kept as written, reported once in the log and
+    never matches, so one old rule cannot stop a gateway from loading every model's rules.
+    """
 
     equals: str | None = Field(None, max_length=1000)
-    regex: str | None = Field(None, max_length=1000)
-    _pattern: re.Pattern[str] | None = PrivateAttr(None)
+    regex: str | None = Field(None, max_length=MAX_REGEX_CHARS)
+    _pattern: Any = PrivateAttr(None)
+
+    @field_validator("regex")
+    @classmethod
+    def _linear_time(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not _stored(info):
+            compile_regex(value)  # a RegexRefused is a ValueError: a 422 naming `regex`
+        return value
 
     @model_validator(mode="after")
-    def _one_test(self) -> _ValueMatch:
+    def _one_test(self, info: ValidationInfo) -> _ValueMatch:
         if (self.equals is None) == (self.regex is None):
             raise ValueError("give exactly one of equals or regex")
         if self.regex is not None:
             try:
-                self._pattern = re.compile(self.regex)
-            except re.error as exc:
-                raise ValueError(f"bad regex {self.regex!r}: {exc}") from None
+                self._pattern = compile_regex(self.regex)  # cached by `_linear_time`
+            except RegexRefused as exc:  # only rules from the store get here
+                _warn_disabled(self.regex, str(exc))
         return self
 
+    @property
+    def program_size(self) -> int:
+        return self._pattern.programsize if self._pattern is not None else 0
+
+    def disable(self, why: str) -> None:
+        """Never match from now on (a stored rule over the per-model budget)."""
+        if self.regex is not None and self._pattern is not None:
+            _warn_disabled(self.regex, why)
+        self._pattern = None
+
     def holds(self, value: str | None) -> bool:
-        if value is None:
+        if value is None or len(value) > MAX_MATCHED_VALUE_CHARS:
             return False
-        if self._pattern is not None:
-            return self._pattern.search(value) is not None
+        if self.regex is not None:
+            # Bytes, so that a value holding lone surrogates (JSON "\udc80") is searched
+            # rather than failing to encode.
+            return self._pattern is not None and \
+                self._pattern.search(value.encode("utf-8", "surrogatepass")) is not None
         return value == self.equals
 
 
@@ -135,6 +303,32 @@ class RoutingRules(_Strict):
     served by the current route) wins."""
 
     rules: list[RoutingRule] = Field(default_factory=list, max_length=MAX_RULES)
+
+    @field_validator("rules")
+    @classmethod
+    def _within_budget(cls, rules: list[RoutingRule], info: ValidationInfo
+                       ) -> list[RoutingRule]:
+        """All of a model's regexes together stay within `MAX_RULES_PROGRAM`: a request is
+        matched against each of them in turn. Stored rules over it (never accepted since
+        the cap exists) keep the regexes that fit, in order, and disable the rest."""
+        total = 0
+        for index, rule in enumerate(rules):
+            for value_match in (rule.match.header, rule.match.metadata):
+                if value_match is None or not value_match.program_size:
+                    continue
+                size = value_match.program_size
+                total += size
+                if total <= MAX_RULES_PROGRAM:
+                    continue
+                why = (f"the regexes of rules 0 to {index} compile to {total} RE2 "
+                       f"instructions together, over the limit of {MAX_RULES_PROGRAM} per "
+                       f"model (a request is searched by each of them); simplify or drop "
+                       f"some")
+                if not _stored(info):
+                    raise ValueError(why)
+                value_match.disable(why)
+                total -= size
+        return rules
 
     def versions(self) -> set[str]:
         return {rule.version for rule in self.rules}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -79,6 +80,15 @@ class _Client:
         async with httpx.AsyncClient(base_url=self.api_url, headers=self.headers,
                                      timeout=30) as client:
             return _json(await client.request(method, path, **kwargs))
+
+
+def local_model_path(model: str) -> str:
+    """`model` as an absolute path when it names a directory here (`./models/v1`,
+    `~/models/v1`); anything else (a hub id, a path only the engine host has) as given."""
+    path = os.path.expanduser(model)
+    if not os.path.isabs(path) and os.path.isdir(path):
+        return os.path.abspath(path)
+    return path if path != model and os.path.isdir(path) else model
 
 
 def _json(response: httpx.Response) -> Any:
@@ -153,9 +163,15 @@ class DynamicModelRegistry:
     def register_model(self, config: OmniModelConfig, version: str,
                        metadata: dict[str, Any] | None = None, *,
                        aliases: list[str] | None = None) -> str:
-        """Register `version` of the model `config` describes; returns the model id."""
+        """Register `version` of the model `config` describes; returns the model id.
+
+        A `model` that is a directory on this machine is sent as its absolute path (the
+        API accepts only absolute directories under its model roots, or hub ids).
+        """
         body = {**config.model_dump(exclude_none=True), "version": version,
                 "metadata": metadata or {}, "aliases": aliases or []}
+        if config.endpoint is None:
+            body["model"] = local_model_path(config.model)
         created = self._client.request("POST", "/models", json=body)
         return created["model_id"]
 

@@ -12,6 +12,7 @@ import os
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.fleet import FleetActivities
 from activities.gateway_admin import GatewayAdmin
 from activities.health import HealthActivities
 from activities.monitoring import MonitorActivities
@@ -29,18 +30,21 @@ log = logging.getLogger("turnout.worker.control")
 
 def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
                  admin: GatewayAdmin, *, task_queue: str | None = None,
-                 health: HealthActivities | None = None) -> Worker:
-    """`health` is made here unless given; whoever makes it closes it."""
+                 health: HealthActivities | None = None,
+                 fleet: FleetActivities | None = None) -> Worker:
+    """`health` and `fleet` are made here unless given; whoever makes them closes them."""
     registry = RegistryActivities(store)
     traffic = TrafficActivities(settings, store, admin)
     health = health or HealthActivities(store, settings=settings, admin=admin)
     monitor = MonitorActivities(settings, store, admin)
+    fleet = fleet or FleetActivities(settings, store)
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
         activities=[registry.describe_model, registry.mark_live, registry.record_operation,
                     registry.raise_alert, traffic.set_traffic, traffic.set_mirror,
                     traffic.drain_version, health.check_health, health.judge_health,
-                    monitor.list_engine_hosts, monitor.assess_health])
+                    monitor.list_engine_hosts, monitor.assess_health, fleet.place_version,
+                    fleet.release_version, fleet.retire_version])
 
 
 async def main() -> None:
@@ -50,7 +54,8 @@ async def main() -> None:
     admin = GatewayAdmin(settings.gateway_admin_token)
     client = await connect_temporal(settings)
     health = HealthActivities(store, settings=settings, admin=admin)
-    worker = build_worker(client, settings, store, admin, health=health)
+    fleet = FleetActivities(settings, store)
+    worker = build_worker(client, settings, store, admin, health=health, fleet=fleet)
     stop = stop_event()
     log.info("control worker on task queue %s", settings.control_task_queue)
     async with worker:
@@ -61,6 +66,7 @@ async def main() -> None:
         await stop.wait()
         log.info("control worker stopping")
     await health.close()
+    await fleet.close()
     await admin.close()
     await store.close()
 

@@ -10,15 +10,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.engines import EngineActivities
+from activities.host import HostMembership
 from activities.resources import ResourceActivities
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
-from turnout.store import Store
+from turnout.store import HostClaimed, Store
 from workers.common import stop_event
 
 log = logging.getLogger("turnout.worker.engine")
@@ -48,10 +50,24 @@ async def keep_measuring(resources: ResourceActivities, settings: ModelSwitching
             await asyncio.wait_for(stop.wait(), settings.monitoring_interval_s)
 
 
-async def main() -> None:
+async def main() -> int:
     setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "INFO"))
     settings = ModelSwitchingConfig.from_env()
     store = Store.from_url(settings.database_url)
+    try:
+        return await _serve(settings, store)
+    finally:
+        await store.close()
+
+
+async def _serve(settings: ModelSwitchingConfig, store: Store) -> int:
+    # The host id first: a second worker on a live host's id must not touch its engines.
+    membership = HostMembership(settings, store)
+    try:
+        await membership.claim()
+    except HostClaimed as exc:
+        log.error("%s", exc)
+        return 2
     engines = EngineActivities(settings, store)
     adopted = await engines.readopt()
     log.info("re-adopted %d engine(s) on %s", len(adopted), settings.engine_host)
@@ -61,11 +77,16 @@ async def main() -> None:
     resources = ResourceActivities(settings, store)
     async with build_worker(client, settings, engines, resources=resources):
         measuring = asyncio.create_task(keep_measuring(resources, settings, stop))
-        await stop.wait()
+        beating = asyncio.create_task(membership.keep(stop))
+        await asyncio.wait([asyncio.ensure_future(stop.wait()),
+                            asyncio.ensure_future(membership.lost.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
         await measuring
+        await beating
         log.info("engine worker stopping; engines keep running for re-adoption")
-    await store.close()
+    return 3 if membership.lost.is_set() else 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(asyncio.run(main()))

@@ -18,12 +18,14 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from turnout.config import ModelSwitchingConfig
+from turnout.config import ModelSwitchingConfig, redact_url
+from turnout.environments import TEMPORAL, process_environment, role_of, settings_environment
 from turnout.runtime import installed_binary, setup_logging
 from turnout.store import Store, upgrade
 
@@ -39,19 +41,8 @@ SEARCH_ATTRIBUTES = {
 
 
 def settings_env(settings: ModelSwitchingConfig) -> dict[str, str]:
-    """The environment that gives another process exactly these settings."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, list):
-            text = ",".join(str(item) for item in value)
-        else:
-            text = str(value)
-        env[ModelSwitchingConfig.env_name(name)] = text
-    return env
+    """The environment that gives another process exactly these settings (all of them)."""
+    return settings_environment(settings)
 
 
 @dataclass
@@ -59,6 +50,9 @@ class Process:
     name: str
     argv: list[str]
     log_path: Path
+    # What kind of process it is (`turnout.environments.ROLES`): decides which secrets its
+    # environment holds. None: an unknown command, given no secret.
+    role: str | None = None
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,8 +73,14 @@ class Stack:
     log_dir: Path
     temporal_ui_port: int = 8233
     headless: bool = False
-    extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Added to every process's environment, as given (no filtering: the caller decides).
+    extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The environment the processes inherit from (filtered per process); None: os.environ.
+    # Out of the repr, like the settings' secrets: it may hold credentials.
+    base_env: Mapping[str, str] | None = field(default=None, repr=False)
     processes: dict[str, Process] = field(default_factory=dict)
+    _started_at: datetime = field(default_factory=lambda: datetime.now(UTC), init=False,
+                                  repr=False)
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -119,12 +119,16 @@ class Stack:
         }
         if not self.settings.monitors_on_control_worker:
             commands["monitor-worker"] = [python, "-m", "workers.monitor"]
-        self.processes = {name: Process(name, argv, self.log_dir / f"{name}.log")
+        self.processes = {name: Process(name, argv, self.log_dir / f"{name}.log",
+                                        role=TEMPORAL if name == "temporal" else name)
                           for name, argv in commands.items()}
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {**os.environ, **settings_env(self.settings), **self.extra_env}
+    def environment(self, name: str) -> dict[str, str]:
+        """The environment process `name` starts with: only the secrets its role needs
+        (`turnout.environments.process_environment`), then `extra_env`."""
+        parent = os.environ if self.base_env is None else self.base_env
+        role = self.processes[name].role
+        return {**process_environment(role or "", parent, self.settings), **self.extra_env}
 
     @property
     def admin_token_path(self) -> Path:
@@ -145,6 +149,7 @@ class Stack:
         return f"http://{host}:{self.settings.gateway_port}"
 
     async def start(self) -> None:
+        self._started_at = datetime.now(UTC)
         self.temporal_db.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(upgrade, self.settings.database_url)
         self.start_process("temporal")
@@ -153,22 +158,49 @@ class Stack:
             if name in self.processes:  # a monitor worker only with a queue of its own
                 self.start_process(name)
         await self.wait_for_http(f"{self.gateway_url}/health", "gateway")
-        await self.wait_for_http(f"{self.api_url}/healthz", "api")
+        await self.wait_for_http(f"{self.api_url}/healthz", "api", headers=self._api_headers)
+        await self.wait_for_engine_host()
+
+    async def wait_for_engine_host(self, timeout_s: float = 90) -> None:
+        """Until the engine worker has claimed its host and heartbeats: before that, a
+        switch would find no host to load on."""
+        deadline = time.monotonic() + timeout_s
+        store = Store.from_url(self.settings.database_url)
+        try:
+            while True:
+                self._check_alive("engine-worker")
+                hosts = {h.host_id: h for h in await store.list_hosts()}
+                host = hosts.get(self.settings.engine_host)
+                if host is not None and host.started_at is not None and host.last_seen and \
+                        host.last_seen >= self._started_at:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the engine worker did not claim host {self.settings.engine_host} "
+                        f"in {timeout_s:g}s; see {self.processes['engine-worker'].log_path}")
+                await asyncio.sleep(0.2)
+        finally:
+            await store.close()
 
     def start_process(self, name: str) -> None:
         process = self.processes[name]
         if process.running:
             return
         logfile = process.log_path.open("ab")
-        process.popen = subprocess.Popen(process.argv, env=self.env, stdout=logfile,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+        process.popen = subprocess.Popen(process.argv, env=self.environment(name),
+                                         stdout=logfile, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
         logfile.close()
         log.info("started %s (pid %d), log %s", name, process.popen.pid, process.log_path)
 
-    def add_process(self, name: str, argv: list[str]) -> None:
-        """Another process of this deployment (a second gateway, say); `stop` ends it too."""
-        self.processes[name] = Process(name, argv, self.log_dir / f"{name}.log")
+    def add_process(self, name: str, argv: list[str], role: str | None = None) -> None:
+        """Another process of this deployment (a second gateway, say); `stop` ends it too.
+
+        Its environment is that of its `role`, by default the role of the `python -m`
+        module it runs (a second gateway gets what the gateway gets).
+        """
+        self.processes[name] = Process(name, argv, self.log_dir / f"{name}.log",
+                                       role=role or role_of(argv))
 
     def signal_process(self, name: str, sig: int) -> None:
         """Send a signal to one process group without waiting (SIGSTOP/SIGCONT freeze it)."""
@@ -234,9 +266,17 @@ class Stack:
                                        f"see {self.processes[name].log_path}") from None
                 await asyncio.sleep(0.2)
 
-    async def wait_for_http(self, url: str, name: str, timeout_s: float = 90) -> None:
+    @property
+    def _api_headers(self) -> dict[str, str]:
+        """The key to the API when authentication is on (the launcher holds every setting)."""
+        s = self.settings
+        return {"Authorization": f"Bearer {s.api_key}"} \
+            if s.enable_authentication and s.api_key else {}
+
+    async def wait_for_http(self, url: str, name: str, timeout_s: float = 90,
+                            headers: Mapping[str, str] | None = None) -> None:
         deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=2) as client:
+        async with httpx.AsyncClient(timeout=2, headers=headers) as client:
             while True:
                 self._check_alive(name)
                 with contextlib.suppress(httpx.HTTPError):
@@ -292,6 +332,10 @@ async def _run(args: argparse.Namespace) -> None:
 def _print_banner(stack: Stack, models: dict[str, Path]) -> None:
     api, gw = stack.api_url, stack.gateway_url
     v1, v2 = models.get("tiny-v1"), models.get("tiny-v2")
+    # The key's variable, never its value: the banner ends up in terminals and logs.
+    auth = ("\n  authentication   on: add -H \"Authorization: Bearer "
+            "$VLLM_MODEL_SWITCHING_API_KEY\" to the API calls below"
+            if stack.settings.enable_authentication else "")
     print(f"""
 turnout is running (Ctrl-C stops everything)
   REST API         {api}   (OpenAPI docs: {api}/docs)
@@ -299,7 +343,8 @@ turnout is running (Ctrl-C stops everything)
   gateway admin    {stack.gateway_admin_url}/admin/state
                    (bearer token: {stack.admin_token_path})
   Temporal Web UI  http://localhost:{stack.temporal_ui_port}
-  logs             {stack.log_dir}
+  store            {redact_url(stack.settings.database_url)}
+  logs             {stack.log_dir}{auth}
 
 Try it with the two tiny model versions made for you:
   curl -X POST {api}/models -H 'Content-Type: application/json' \\

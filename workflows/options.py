@@ -16,6 +16,14 @@ STORE_CALL = {
     "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
                                 maximum_interval=timedelta(seconds=30), maximum_attempts=20),
 }
+# Placing a load waits (with these retries, about 5 minutes) for an engine host to
+# heartbeat, e.g. while the engine workers start; a load that fits nowhere fails at once.
+PLACE_CALL = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
+                                maximum_interval=timedelta(seconds=10), maximum_attempts=35,
+                                non_retryable_error_types=["PlacementFailed"]),
+}
 # Loading a model can take many minutes on big weights; the heartbeat notices a dead worker.
 LOAD_TIMEOUT = timedelta(minutes=30)
 LOAD_HEARTBEAT = timedelta(seconds=60)

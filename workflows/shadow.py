@@ -19,18 +19,27 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
+    from turnout.fleet import Holder, HolderKind
+    from workflows import fleet
     from workflows import options as call
+
+# The shadow holds its version's engines (placed on the hosts with room) and lets go of
+# them at the end, instead of stopping them unless a route serves them.
+_PATCH_FLEET = "engine-fleet"
+
 
 @workflow.defn(name=c.SHADOW_WORKFLOW)
 class ShadowWorkflow:
     def __init__(self) -> None:
         self._status = c.ShadowStatus()
         self._stop_reason: str | None = None
+        self._fleet = False
 
     @workflow.run
     async def run(self, input: c.ShadowInput) -> c.ShadowStatus:
         self._status = c.ShadowStatus(model_id=input.model_id, version=input.version,
                                       percent=input.percent, started_at=workflow.now())
+        self._fleet = workflow.patched(_PATCH_FLEET)
         self._details(f"loading {input.version} to mirror {input.percent:g}% of "
                       f"{input.model_id}'s requests to it")
         mirrored = False
@@ -53,18 +62,29 @@ class ShadowWorkflow:
         return self._status
 
     async def _load(self, input: c.ShadowInput) -> None:
-        load = asyncio.ensure_future(workflow.execute_activity(
+        queues = [input.engine_task_queue]
+        if self._fleet:
+            placed = await fleet.place_version(self._holder(input), input.replicas)
+            queues = [slot.task_queue for slot in placed.replicas]
+        loads = [asyncio.ensure_future(workflow.execute_activity(
             c.LOAD_VERSION, c.LoadVersionInput(model_id=input.model_id, version=input.version),
-            result_type=c.LoadVersionResult, task_queue=input.engine_task_queue,
+            result_type=c.LoadVersionResult, task_queue=queue,
             start_to_close_timeout=call.LOAD_TIMEOUT,
             heartbeat_timeout=call.LOAD_HEARTBEAT, retry_policy=call.LOAD_RETRY,
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=f"load {input.version}"))
-        await workflow.wait_condition(lambda: load.done() or self._stop_reason is not None)
-        if not load.done():
-            load.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await load
+            summary=f"load {input.version}")) for queue in queues]
+        await workflow.wait_condition(
+            lambda: all(load.done() for load in loads) or self._stop_reason is not None)
+        for load in loads:
+            if not load.done():
+                load.cancel()
+        for load in loads:
+            with contextlib.suppress(asyncio.CancelledError):
+                await load
+
+    def _holder(self, input: c.ShadowInput) -> Holder:
+        return Holder(model_id=input.model_id, version=input.version, kind=HolderKind.SHADOW,
+                      holder_id=workflow.info().workflow_id)
 
     async def _mirror(self, input: c.ShadowInput, percent: float, key: str) -> None:
         info = workflow.info()
@@ -95,6 +115,10 @@ class ShadowWorkflow:
         """Remove the shadow, let its copies finish, stop its engine unless it serves."""
         if mirrored:
             await self._mirror(input, 0, "off")
+        if self._fleet:
+            await fleet.release_version(input.model_id, input.version, HolderKind.SHADOW,
+                                        workflow.info().workflow_id)
+            return
         snapshot: c.ModelSnapshot = await workflow.execute_activity(
             c.DESCRIBE_MODEL, c.DescribeModelInput(model_id=input.model_id,
                                                    target_version=input.version),
@@ -103,17 +127,20 @@ class ShadowWorkflow:
         if input.version == snapshot.live_version or \
                 input.version in snapshot.serving_versions:
             return
-        await workflow.execute_activity(
-            c.DRAIN_VERSION, c.DrainVersionInput(model_id=input.model_id,
-                                                 version=input.version),
-            result_type=c.DrainVersionResult, summary=f"drain {input.version}",
-            start_to_close_timeout=call.DRAIN_TIMEOUT, heartbeat_timeout=call.HEARTBEAT,
-            retry_policy=call.HEALTH_RETRY)
+        await self._drain(input)
         await workflow.execute_activity(
             c.UNLOAD_VERSION, c.UnloadVersionInput(model_id=input.model_id,
                                                    version=input.version),
             task_queue=input.engine_task_queue, summary=f"unload {input.version}",
             start_to_close_timeout=call.UNLOAD_TIMEOUT, heartbeat_timeout=call.HEARTBEAT,
+            retry_policy=call.HEALTH_RETRY)
+
+    async def _drain(self, input: c.ShadowInput) -> None:
+        await workflow.execute_activity(
+            c.DRAIN_VERSION, c.DrainVersionInput(model_id=input.model_id,
+                                                 version=input.version),
+            result_type=c.DrainVersionResult, summary=f"drain {input.version}",
+            start_to_close_timeout=call.DRAIN_TIMEOUT, heartbeat_timeout=call.HEARTBEAT,
             retry_policy=call.HEALTH_RETRY)
 
     def _details(self, text: str) -> None:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.workflow import ActivityCancellationType
+from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
@@ -27,6 +27,7 @@ with workflow.unsafe.imports_passed_through():
         SwitchStatus,
         Verdict,
     )
+    from turnout.fleet import Holder, HolderKind
     from turnout.strategies import (
         MAX_INCONCLUSIVE_EXTENSIONS,
         ABTestOptions,
@@ -34,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         plan_switch,
         validate_strategy_config,
     )
+    from workflows import fleet
     from workflows import options as call
 
 _MAX_EXTENSIONS = MAX_INCONCLUSIVE_EXTENSIONS
@@ -47,6 +49,10 @@ _PATCH_ALERTS = "rollback-alerts"
 # regular activity cost every step a round trip through the server (an activity task and
 # one more workflow task) between the timer and the traffic shift it decides.
 _PATCH_LOCAL_JUDGE = "judge-health-locally"
+# Engines as a fleet: the switch holds its target, places its engines on the hosts with
+# room, lets go of versions instead of stopping them, and leaves the replaced version
+# standing by for an instant rollback.
+_PATCH_FLEET = "engine-fleet"
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -78,6 +84,7 @@ class SwitchWorkflow:
         self._decision_pending = False
         self._promoted_by: str | None = None
         self._shown_phase: str | None = None
+        self._fleet = False
 
     # ------------------------------------------------------------------ queries and updates
 
@@ -163,6 +170,7 @@ class SwitchWorkflow:
     async def run(self, input: SwitchInput) -> SwitchStatus:
         self._input = input
         self._controls = workflow.patched(_PATCH_CONTROLS)
+        self._fleet = workflow.patched(_PATCH_FLEET)
         now = workflow.now()
         self._status = SwitchStatus(
             operation_id=input.operation_id, model_id=input.model_id,
@@ -173,18 +181,22 @@ class SwitchWorkflow:
                 MODEL_ID.value_set(input.model_id),
                 TARGET_VERSION.value_set(input.target_version),
                 STRATEGY.value_set(input.strategy.value)])
-        await self._record("switch_started")
-
-        snapshot: c.ModelSnapshot = await workflow.execute_activity(
+        describe = workflow.execute_activity(
             c.DESCRIBE_MODEL,
             c.DescribeModelInput(model_id=input.model_id, target_version=input.target_version),
             result_type=c.ModelSnapshot, summary="read model", **call.STORE_CALL)
+        if self._fleet:  # recorded while the model is read: an emergency rollback is waiting
+            _, snapshot = await asyncio.gather(self._record("switch_started"), describe)
+        else:
+            await self._record("switch_started")
+            snapshot = await describe
         self._stable = snapshot.live_version \
             if snapshot.live_version != input.target_version else None
         self._status.from_version = self._stable
         if self._stable:
             self._status.weights = {self._stable: 100.0}
-        plan = plan_switch(input.strategy, input.strategy_config)
+        # Recorded options: see turnout.strategies (a replay must plan what was accepted).
+        plan = plan_switch(input.strategy, input.strategy_config, recorded=True)
         self._status.total_steps = len(plan)
         try:
             await self._switch(plan)
@@ -196,8 +208,10 @@ class SwitchWorkflow:
         try:
             await self._load_target()
         except ActivityError as err:
-            await self._finish(OperationStatus.FAILED, Outcome.LOAD_FAILED,
-                               f"loading {self._input.target_version} failed: {_cause(err)}")
+            reason = f"loading {self._input.target_version} failed: {_cause(err)}"
+            if self._fleet:  # the replicas that did load are let go as well
+                await self._let_go(self._input.target_version)
+            await self._finish(OperationStatus.FAILED, Outcome.LOAD_FAILED, reason)
         try:
             for index, step in enumerate(plan):
                 if await self._run_step(index, step) == c.PROMOTE:
@@ -227,24 +241,37 @@ class SwitchWorkflow:
     async def _load_target(self) -> None:
         target = self._input.target_version
         self._set_phase("loading", f"loading {target}", 0.0)
-        load = asyncio.ensure_future(workflow.execute_activity(
+        queues = [self._input.engine_task_queue]
+        if self._fleet:
+            placed = await fleet.place_version(
+                Holder(model_id=self._input.model_id, version=target, kind=HolderKind.SWITCH,
+                       holder_id=self._input.operation_id), self._input.replicas)
+            self._current().warm_start = placed.warm
+            # Warm: every replica is a ready engine that answered just now; nothing to load.
+            queues = [] if placed.warm else [slot.task_queue for slot in placed.replicas]
+        loads = [asyncio.ensure_future(workflow.execute_activity(
             c.LOAD_VERSION, c.LoadVersionInput(model_id=self._input.model_id, version=target),
-            result_type=c.LoadVersionResult, task_queue=self._input.engine_task_queue,
+            result_type=c.LoadVersionResult, task_queue=queue,
             start_to_close_timeout=call.LOAD_TIMEOUT, heartbeat_timeout=call.LOAD_HEARTBEAT,
             retry_policy=call.LOAD_RETRY, summary=f"load {target}",
             # On a rollback mid-load, wait until the engine worker has killed the
             # half-started engine, so the release that follows finds nothing running.
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
+            for queue in queues]
         if self._controls:
-            await workflow.wait_condition(lambda: load.done() or self._abandoning())
-            if not load.done():
-                load.cancel()
-                try:
-                    await load
-                except (ActivityError, asyncio.CancelledError):
-                    pass
+            await workflow.wait_condition(
+                lambda: all(load.done() for load in loads) or self._abandoning())
+            if not all(load.done() for load in loads):
+                for load in loads:
+                    load.cancel()
+                for load in loads:
+                    try:
+                        await load
+                    except (ActivityError, asyncio.CancelledError):
+                        pass
                 await self._act_on_request()
-        await load
+        for load in loads:
+            await load
 
     async def _run_step(self, index: int, step: PlanStep) -> str | None:
         """One step: shift traffic, hold (pausable), judge. Returns PROMOTE to skip ahead."""
@@ -313,7 +340,8 @@ class SwitchWorkflow:
         assert self._status is not None
         target = self._input.target_version
         self._set_phase("judging", f"judging {target} at {step.target_percent:g}%")
-        options = validate_strategy_config(self._input.strategy, self._input.strategy_config)
+        options = validate_strategy_config(self._input.strategy, self._input.strategy_config,
+                                           recorded=True)
         thresholds = self._input.thresholds
         if isinstance(options, ABTestOptions):
             thresholds = thresholds.model_copy(update={"confidence": options.confidence})
@@ -334,7 +362,8 @@ class SwitchWorkflow:
 
     async def _decide(self, verdict: Verdict) -> str | None:
         """The end of an A/B test: promote automatically, or wait for an operator."""
-        options = validate_strategy_config(self._input.strategy, self._input.strategy_config)
+        options = validate_strategy_config(self._input.strategy, self._input.strategy_config,
+                                           recorded=True)
         assert isinstance(options, ABTestOptions)
         if options.decision == "auto" and verdict.outcome == "healthy":
             self._action = (c.PROMOTE, c.ControlRequest(
@@ -403,7 +432,7 @@ class SwitchWorkflow:
         self._applied.update((c.ROLLBACK, c.ABORT))
         if self._controls and workflow.patched(_PATCH_ALERTS):
             await self._alert(outcome, reason)
-        await self._unload(self._input.target_version)
+        await self._let_go(self._input.target_version)
         await self._finish(OperationStatus.FAILED, outcome, reason)
 
     async def _alert(self, outcome: Outcome, reason: str) -> None:
@@ -439,8 +468,31 @@ class SwitchWorkflow:
         if not drained.drained:
             workflow.logger.warning("drain of %s hit its deadline with %d requests in flight",
                                     version, drained.inflight_left)
-        self._set_phase("unloading", f"unloading {version}")
-        await self._unload(version)
+        if not self._fleet:
+            self._set_phase("unloading", f"unloading {version}")
+            await self._unload(version)
+            return
+        retired: c.RetireVersionResult = await workflow.execute_activity(
+            c.RETIRE_VERSION,
+            c.RetireVersionInput(model_id=self._input.model_id, version=version,
+                                 operation_id=self._input.operation_id),
+            result_type=c.RetireVersionResult, summary=f"retire {version}", **call.STORE_CALL)
+        await fleet.stop_engines(retired.evict, "cached")
+        if retired.standby_until is None:
+            self._set_phase("unloading", f"unloading {version}")
+            await fleet.stop_engines(retired.stop, "unheld")
+            return
+        self._set_phase("unloading", f"{version} stands by until "
+                        f"{retired.standby_until:%H:%M:%S} UTC for an instant rollback")
+        await workflow.start_child_workflow(
+            c.STANDBY_WORKFLOW,
+            c.StandbyInput(model_id=self._input.model_id, version=version,
+                           holder_id=self._input.operation_id, until=retired.standby_until),
+            id=f"standby-{self._input.model_id}-{version}-{self._input.operation_id}",
+            task_queue=workflow.info().task_queue,
+            parent_close_policy=ParentClosePolicy.ABANDON,
+            static_summary=f"{version} of {self._input.model_id} stands by until "
+                           f"{retired.standby_until:%H:%M:%S} UTC")
 
     async def _restore(self) -> None:
         """Send all traffic back to the stable version (first thing on any failure)."""
@@ -449,6 +501,15 @@ class SwitchWorkflow:
             return
         await self._set_traffic({self._stable: 100.0}, "restore",
                                 summary=f"restore 100% to {self._stable}")
+
+    async def _let_go(self, version: str) -> None:
+        """This switch no longer needs `version`: stop its engines unless something else
+        holds them (a shadow, a preload, the live route)."""
+        if not self._fleet:
+            await self._unload(version)
+            return
+        await fleet.release_version(self._input.model_id, version, HolderKind.SWITCH,
+                                    self._input.operation_id)
 
     async def _unload(self, version: str) -> None:
         await workflow.execute_activity(

@@ -19,7 +19,8 @@ from api.errors import ERROR_RESPONSES, FieldErrors
 from api.params import ModelIdPath
 from turnout.auth import thresholds_role
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import AuditEntry
+from turnout.domain import MODEL_ID_PATTERN, AuditEntry
+from turnout.limits import ACTOR_MAX
 from turnout.monitoring import (
     ModelHealth,
     MonitorThresholds,
@@ -50,8 +51,8 @@ ThresholdsUpdate: type[BaseModel] = create_model(  # type: ignore[call-overload]
     __config__=ConfigDict(extra="forbid"),
     __doc__="Levels to change (the others keep their value), for one model or, without "
             "`model_id`, for every model.",
-    model_id=(str | None, Field(None, max_length=300)),
-    requested_by=(str | None, Field(None, max_length=256,
+    model_id=(str | None, Field(None, pattern=MODEL_ID_PATTERN)),
+    requested_by=(str | None, Field(None, max_length=ACTOR_MAX,
                                     description="A free note for the audit log")),
     # Each level keeps its bounds (documented in the schema, checked before anything
     # is changed); None or absent leaves it as it is.

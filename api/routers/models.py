@@ -11,11 +11,12 @@ from fastapi.responses import JSONResponse
 from api.auth import Operator, Viewer
 from api.controls import emergency_rollback
 from api.deps import SettingsDep, StoreDep, TemporalDep
-from api.errors import ERROR_RESPONSES, ErrorBody
+from api.errors import ERROR_RESPONSES, ErrorBody, FieldErrors
 from api.params import ModelIdPath
 from api.switching import OperationView, SwitchAccepted
 from turnout.contracts import ControlRequest
 from turnout.domain import AuditEntry, ModelInfo, RegisterModelRequest, VersionInfo
+from turnout.registration import check_registration
 
 router = APIRouter(prefix="/models", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -48,9 +49,17 @@ def _host_port(url: str) -> str | None:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=VersionInfo)
-async def register_model(body: RegisterModelRequest, principal: Operator,
-                         store: StoreDep) -> VersionInfo:
-    """Register a version of a model; the model id is `{model_arch}_{model_stage}`."""
+async def register_model(body: RegisterModelRequest, principal: Operator, store: StoreDep,
+                         settings: SettingsDep) -> VersionInfo:
+    """Register a version of a model; the model id is `{model_arch}_{model_stage}`.
+
+    422 naming the field when `engine_args` holds an option turnout does not accept, a
+    local `model` lies outside the model roots, or an `endpoint` points somewhere
+    prompts may not go (see the README); nothing is stored then.
+    """
+    errors = await check_registration(body, settings)
+    if errors:
+        raise FieldErrors(errors)
     version = await store.register_version(body)
     await store.audit(AuditEntry(actor=principal.name, action="version_registered",
                                  model_id=version.model_id, details=registration_details(body)))

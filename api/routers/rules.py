@@ -15,6 +15,7 @@ from api.deps import StoreDep
 from api.errors import ERROR_RESPONSES, FieldErrors
 from api.params import ModelIdPath
 from turnout.domain import AuditEntry
+from turnout.limits import ACTOR_MAX
 from turnout.rules import ModelRules, RoutingRules
 
 router = APIRouter(prefix="/models", tags=["routing rules"], responses=ERROR_RESPONSES)
@@ -24,7 +25,7 @@ class RulesUpdate(RoutingRules):
     """The new rules (replacing the old ones; `[]` removes them). Who set them is the
     caller's key; `requested_by` is a free note kept in the audit log."""
 
-    requested_by: str | None = Field(None, max_length=256)
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX)
 
 
 @router.get("/{model_id}/rules", response_model=ModelRules)

@@ -20,7 +20,8 @@ from api.deps import SettingsDep, StoreDep, TemporalDep
 from api.errors import ERROR_RESPONSES
 from api.params import ModelIdPath
 from turnout import contracts as c
-from turnout.domain import AuditEntry
+from turnout.domain import NAME_PATTERN, AuditEntry
+from turnout.limits import ACTOR_MAX, REASON_MAX
 
 router = APIRouter(prefix="/models", tags=["shadow"], responses=ERROR_RESPONSES)
 
@@ -28,22 +29,22 @@ router = APIRouter(prefix="/models", tags=["shadow"], responses=ERROR_RESPONSES)
 class ShadowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: str = Field(min_length=1, max_length=128,
+    version: str = Field(pattern=NAME_PATTERN,
                          description="A registered version that is not live")
     percentage: float = Field(100.0, gt=0, le=100, strict=True,
                               description="Share of the model's requests copied to it")
     duration_minutes: float | None = Field(
         None, gt=0, le=60 * 24 * 30, strict=True,
         description="How long to mirror (default: until stopped)")
-    requested_by: str | None = Field(None, max_length=256,
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX,
                                      description="A free note for the audit log")
-    reason: str | None = Field(None, max_length=2000)
+    reason: str | None = Field(None, max_length=REASON_MAX)
 
 
 class StopShadow(BaseModel):
-    requested_by: str | None = Field(None, max_length=256,
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX,
                                      description="A free note for the audit log")
-    reason: str | None = Field(None, max_length=2000)
+    reason: str | None = Field(None, max_length=REASON_MAX)
 
 
 def _handle(client: TemporalDep, model_id: str) -> WorkflowHandle:

@@ -33,15 +33,29 @@ E2E_SETTINGS = {
     "latency_tolerance": 3.0,
     # Several looks of the health monitor fit in one short canary step.
     "monitoring_interval_s": 4,
+    # These modules test rollouts with the replaced version stopped at once (the old
+    # behaviour, kept by STANDBY_MINUTES=0); standby engines are tested in test_fleet.py.
+    "standby_minutes": 0,
 }
 
 
+@pytest.fixture(scope="session")
+def model_roots(tmp_path_factory: pytest.TempPathFactory,
+                tiny_models: dict[str, Path]) -> list[str]:
+    """`MODEL_ROOTS` of the e2e stacks: the tiny models' directory (a temporary one, or
+    TURNOUT_TEST_MODELS_DIR) and pytest's base temp dir, where tests make broken copies."""
+    return sorted({str(tmp_path_factory.getbasetemp()),
+                   *(str(path.parent) for path in tiny_models.values())})
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+async def stack(tmp_path_factory: pytest.TempPathFactory,
+                model_roots: list[str]) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     settings = ModelSwitchingConfig.from_env(
         {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        **E2E_SETTINGS)
+        # The fake engines some tests register as external endpoints listen on 127.0.0.1.
+        model_roots=model_roots, allow_private_endpoints=True, **E2E_SETTINGS)
     stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
                   temporal_ui_port=18233, headless=True,
                   extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get(

@@ -87,6 +87,9 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
         dev_server_extra_args=["--dynamic-config-value",
                                "system.forceSearchAttributesCacheRefreshOnRead=true"])
     gateway_port, admin_port, api_port = free_port(), free_port(), free_port()
+    # The fake engines listen on 127.0.0.1: a private address, refused as an endpoint
+    # unless the deployment allows it.
+    overrides.setdefault("allow_private_endpoints", True)
     settings = ModelSwitchingConfig.from_env(
         {}, database_url=url, state_dir=str(root), engine_host=f"it-{uuid.uuid4().hex[:8]}",
         control_task_queue=f"control-{uuid.uuid4()}", gateway_port=gateway_port,

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from sqlalchemy import update
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -31,7 +32,9 @@ from activities.engines import (
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import LoadVersionInput, UnloadVersionInput
 from turnout.domain import EngineInfo, EngineState, RegisterModelRequest
+from turnout.engine_args import EngineArgsError
 from turnout.store import Store, upgrade
+from turnout.store.schema import VersionRow
 
 pytest.importorskip("vllm")
 
@@ -76,8 +79,11 @@ async def store(tmp_path: Path):
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> ModelSwitchingConfig:
+def settings(tmp_path: Path, tiny_models: dict[str, Path]) -> ModelSwitchingConfig:
+    # Models are the session's tiny ones, or copies made under tmp_path.
+    roots = [str(tmp_path), *{str(path.parent) for path in tiny_models.values()}]
     return ModelSwitchingConfig(state_dir=str(tmp_path / "state"), engine_host=HOST,
+                                model_roots=roots,
                                 engine_port_start=8150, engine_port_end=8199,
                                 engine_startup_timeout_s=300, engine_kv_cache_gib=1)
 
@@ -239,6 +245,12 @@ async def test_cancel_while_starting_kills_the_engine(store: Store,
 async def test_external_endpoint_is_only_recorded(store: Store,
                                                   settings: ModelSwitchingConfig) -> None:
     await _register(store, "someone/else", "ext", endpoint="http://10.0.0.9:9000/")
+    refused = EngineActivities(settings, store)  # a private address, not allowed here
+    with pytest.raises(ApplicationError, match="ALLOW_PRIVATE_ENDPOINTS") as err:
+        await _env().run(refused.load_version, LoadVersionInput(model_id=MODEL_ID,
+                                                                version="ext"))
+    assert err.value.non_retryable and await store.list_engines() == []
+    settings = settings.model_copy(update={"allow_private_endpoints": True})
     acts = EngineActivities(settings, store)
     result = await _env().run(acts.load_version, LoadVersionInput(model_id=MODEL_ID,
                                                                   version="ext"))
@@ -252,13 +264,66 @@ async def test_external_endpoint_is_only_recorded(store: Store,
 
 def test_engine_args_become_flags_without_duplicates() -> None:
     flags = engine_flags({"max_model_len": 512, "enable_prefix_caching": True,
-                          "enforce_eager": False, "port": 1, "override_generation_config":
+                          "enforce_eager": None, "override_generation_config":
                           {"temperature": 0}})
     assert flags.count("--max-model-len") == 1
     assert flags[flags.index("--max-model-len") + 1] == "512"
     assert "--enable-prefix-caching" in flags and "--enforce-eager" not in flags
-    assert "--port" not in flags and flags[flags.index("--dtype") + 1] == "float32"
+    assert flags[flags.index("--dtype") + 1] == "float32"
     assert flags[flags.index("--override-generation-config") + 1] == '{"temperature": 0}'
+    with pytest.raises(EngineArgsError, match="port"):
+        engine_flags({"port": 1})
+
+
+async def _stored(store: Store, model: Path | str, version: str, **config: Any) -> None:
+    """A registration as an older release stored it (no catalogue): straight into the
+    versions table, past today's request checks."""
+    await _register(store, model, version)
+    async with store.engine.begin() as conn:
+        await conn.execute(update(VersionRow).where(VersionRow.version == version).values(
+            config={"model": str(model), "model_arch": "TinyLlama", "model_stage": "chat",
+                    **config}))
+
+
+@pytest.mark.parametrize(("config", "needle"), [
+    ({"endpoint": "http://169.254.169.254/latest#"}, "fragment"),
+    ({"endpoint": "http://169.254.169.254/latest"}, "link-local"),
+    ({"engine_args": {"max_model_len": ["256", "--host", "0.0.0.0"]}}, "max_model_len"),
+    ({"engine_args": {"port": 9}}, "port"),
+    ({"engine_args": {"trust_remote_code": True}}, "allow_trust_remote_code"),
+    ({"served_model_name": "--trust-remote-code"}, "served model name"),
+])
+async def test_a_stored_registration_with_bad_args_fails_its_load(
+        store: Store, settings: ModelSwitchingConfig, tiny_models: dict[str, Path],
+        config: dict[str, Any], needle: str) -> None:
+    """Defence in depth: what an older release let in never reaches vLLM's argv."""
+    await _stored(store, tiny_models["tiny-v1"], "v1", **config)
+    acts = EngineActivities(settings, store)
+    with pytest.raises(ApplicationError) as err:
+        await _env().run(acts.load_version, LoadVersionInput(model_id=MODEL_ID, version="v1"))
+    assert err.value.non_retryable and err.value.type == "ModelLoadError"
+    assert needle in err.value.message
+    assert await store.list_engines() == [] and not acts._children
+
+
+async def test_a_model_outside_the_roots_is_not_loaded(
+        store: Store, settings: ModelSwitchingConfig, tiny_models: dict[str, Path],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A stored path outside the engine worker's roots, or a link under a root that
+    points out of it, fails the load before anything starts."""
+    outside = tmp_path_factory.mktemp("outside") / "tiny"
+    shutil.copytree(tiny_models["tiny-v1"], outside)
+    link = Path(settings.model_roots[0]) / "escape"
+    link.symlink_to(outside)
+    acts = EngineActivities(settings, store)
+    for version, model in (("v1", outside), ("v2", link)):
+        await _stored(store, model, version)
+        with pytest.raises(ApplicationError) as err:
+            await _env().run(acts.load_version,
+                             LoadVersionInput(model_id=MODEL_ID, version=version))
+        assert err.value.non_retryable and err.value.type == "ModelLoadError"
+        assert "not under the model roots" in err.value.message
+    assert await store.list_engines() == [] and not acts._children
 
 
 def test_cached_hub_id_passes_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -18,16 +18,19 @@ import pytest
 import pytest_asyncio
 
 from gateway.app import AdminBindError, Gateway, RunningGateway, start_gateway
+from gateway.proxy import MAX_JSON_DEPTH
 from tests.integration.stores import TINY_MODEL, tiny_store
 from tests.integration.upstream import FakeUpstream
 from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Backend, RegisterModelRequest
+from turnout.rules import MAX_MATCHED_VALUE_CHARS, STORED, RoutingRules
 from turnout.store import Store, upgrade_async
 
 MODEL = TINY_MODEL
 ALIAS = "org/tiny"
 TOKEN = "s3cret-admin-token"
+CLIENT_KEY = "client-k3y-0123456789abcdef"
 
 
 @dataclass
@@ -262,6 +265,9 @@ async def test_upstream_failures(env: Env) -> None:
                                            json={"model": MODEL, "prompt": "x"})
     assert status == 502 and body["error"]["type"] == "upstream_error"
     assert headers["X-Turnout-Version"] == "v1"
+    # The client learns which version failed, not where it runs.
+    assert "'v1'" in body["error"]["message"]
+    assert str(dead) not in str(body) and "127.0.0.1" not in str(body)
 
     await env.route({"v2": 100}, "v2-failing")
     await env.refresh()
@@ -467,3 +473,183 @@ async def test_store_outage_keeps_serving(env: Env) -> None:
     await asyncio.sleep(1.2)  # at least one failing reconcile tick
     raw = await env.client.completions.with_raw_response.create(model=MODEL, prompt="x")
     assert raw.headers["x-turnout-version"] == "v1"
+
+
+def nested(depth: int) -> Any:
+    value: Any = "deep"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_deeply_nested_bodies_are_400_and_the_deepest_allowed_passes(env: Env) -> None:
+    """Python's parser raises RecursionError near 1,000 levels (a 500 before); any body
+    nesting deeper than the limit is refused in OpenAI's shape before reaching an engine."""
+    for depth in (MAX_JSON_DEPTH, 5000, 100_000):  # the body itself is one more level
+        extra = "[" * depth + "]" * depth
+        raw = f'{{"model": "{MODEL}", "prompt": "x", "extra": {extra}}}'
+        status, body, _ = await env.post("/v1/completions", data=raw.encode(),
+                                         headers={"Content-Type": "application/json"})
+        assert status == 400, body
+        assert body["error"]["code"] == "json_too_deep"
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert env.v1.received == []
+    limit = {"model": MODEL, "prompt": "x", "extra": nested(MAX_JSON_DEPTH - 1)}
+    status, body, _ = await env.post("/v1/completions", json=limit)
+    assert status == 200 and env.v1.received[-1]["extra"] == limit["extra"]
+    _, text = await env.get("/metrics")
+    assert 'turnout_gateway_rejected_total{reason="bad_request"} 3.0' in text
+
+
+async def test_a_catastrophic_regex_rule_does_not_slow_the_gateway(env: Env) -> None:
+    """`(a+)+$` on a header, and a header value of a's ending in '!': with Python's `re`
+    the gateway's event loop would backtrack for ever on it; with RE2 the request is as
+    fast as one without the header (the rule is tried on every request: its version is
+    in the route)."""
+    await env.route({"v1": 99.99, "v2": 0.01}, "v2-a-sliver")
+    await env.store.set_rules(MODEL, RoutingRules.model_validate({"rules": [
+        {"name": "evil", "match": {"header": {"name": "X-Evil", "regex": "(a+)+$"}},
+         "version": "v2"}]}))
+    await env.refresh()
+    hostile = {"X-Evil": "a" * (MAX_MATCHED_VALUE_CHARS - 1) + "!"}
+    assert (await env.post("/v1/completions", json={"model": MODEL, "prompt": "x"},
+                           headers={"X-Evil": "aaaa"}))[2]["X-Turnout-Version"] == "v2"
+
+    async def timed(headers: dict[str, str]) -> float:
+        started = asyncio.get_running_loop().time()
+        status, _, answer = await env.post("/v1/completions", headers=headers,
+                                           json={"model": MODEL, "prompt": "x",
+                                                 "user": "same-user"})
+        assert status == 200 and answer["X-Turnout-Version"] == "v1"
+        return asyncio.get_running_loop().time() - started
+
+    plain, evil = [], []
+    for _ in range(30):  # interleaved, so both see the same machine
+        plain.append(await timed({}))
+        evil.append(await timed(hostile))
+    plain.sort()
+    evil.sort()
+    assert evil[15] < plain[15] * 2, (evil[15], plain[15])
+    assert evil[-1] < 1.0  # not one request stalled
+
+
+async def test_a_stored_rule_re2_refuses_is_skipped_and_the_others_apply(env: Env) -> None:
+    """A rule saved before RE2 (Python's lookahead) in the store: the gateway keeps
+    loading the model's rules and serving; that rule never matches, the next one does."""
+    await env.route({"v1": 99.99, "v2": 0.01}, "v2-a-sliver")
+    legacy = RoutingRules.model_validate({"rules": [
+        {"name": "old", "match": {"header": {"name": "X-Team", "regex": "^(?!ml)"}},
+         "version": "v2"},
+        {"name": "ml", "match": {"header": {"name": "X-Team", "regex": "^ml"}},
+         "version": "v2"}]}, context=STORED)
+    await env.store.set_rules(MODEL, legacy)
+    await env.refresh()
+    for team, version in (("search", "v1"), ("ml-infra", "v2")):
+        status, _, headers = await env.post("/v1/completions", headers={"X-Team": team},
+                                            json={"model": MODEL, "prompt": "x", "user": "u"})
+        assert (status, headers["X-Turnout-Version"]) == (200, version)
+    assert [r.name for r in (await env.store.get_rules(MODEL)).rules] == ["old", "ml"]
+
+
+async def test_connections_per_upstream_are_limited(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, v1_delay=0.4, gateway_upstream_max_connections=2)
+    try:
+        answers = await asyncio.gather(*(
+            env.client.completions.create(model=MODEL, prompt="x") for _ in range(5)))
+        assert [a.choices[0].text for a in answers] == ["hello from v1"] * 5
+        assert env.v1.max_active == 2  # the other three waited for a connection
+        assert env.gateway.stats()["stats"][MODEL]["v1"]["errors"] == 0
+    finally:
+        await close_env(env)
+
+
+async def test_stats_of_a_version_in_no_route_are_forgotten_after_the_retention(
+        tmp_path: Path) -> None:
+    env = await make_env(tmp_path, gateway_stats_retention_s=1)
+    try:
+        await env.client.completions.create(model=MODEL, prompt="x")
+        await env.route({"v2": 100}, "all-to-v2")
+        await env.refresh()
+        await env.client.completions.create(model=MODEL, prompt="x")
+        _, stats = await env.get("/admin/stats", admin=True, params={"since": "0"})
+        assert stats["stats"][MODEL]["v1"]["window"]["requests"] == 1  # still there
+        for _ in range(60):
+            _, stats = await env.get("/admin/stats", admin=True)
+            if "v1" not in stats["stats"][MODEL]:
+                break
+            await asyncio.sleep(0.1)
+        assert set(stats["stats"][MODEL]) == {"v2"}
+        _, text = await env.get("/metrics")
+        assert 'version="v1"' not in text and 'version="v2"' in text
+        await asyncio.sleep(1.5)  # the routed version stays, however long
+        _, stats = await env.get("/admin/stats", admin=True)
+        assert stats["stats"][MODEL]["v2"]["requests"] == 1
+    finally:
+        await close_env(env)
+
+
+async def test_client_keys_are_required_when_set(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, gateway_api_keys=[CLIENT_KEY, "second-key-0123456789"])
+    try:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await env.client.completions.create(model=MODEL, prompt="x")  # key "unused"
+        assert refused.value.status_code == 401
+        assert refused.value.code == "invalid_api_key"
+        keyed = openai.AsyncOpenAI(base_url=f"{env.url}/v1", api_key=CLIENT_KEY,
+                                   max_retries=0, timeout=30)
+        try:
+            completion = await keyed.completions.create(model=MODEL, prompt="x")
+            assert completion.choices[0].text == "hello from v1"
+            stream = await keyed.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
+            assert "".join([c.choices[0].delta.content or "" async for c in stream]) == \
+                "hello from v1"
+            assert [m.id for m in (await keyed.models.list()).data] == [MODEL, ALIAS]
+        finally:
+            await keyed.close()
+        # The key is the gateway's: engines never see it.
+        assert env.v1.headers and all("Authorization" not in h for h in env.v1.headers)
+
+        for headers in ({}, {"Authorization": "Bearer wrong-key"},
+                        {"Authorization": CLIENT_KEY}, {"Authorization": "Basic eDp5"},
+                        {"Authorization": "Bearer ключ-0123456789abcdef"}):
+            status, body, answer = await env.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
+            assert status == 401, headers
+            assert body["error"]["code"] == "invalid_api_key"
+            assert answer["WWW-Authenticate"] == "Bearer"
+            assert CLIENT_KEY not in str(body)
+        assert (await env.get("/no/such/path"))[0] == 401  # nothing to learn without a key
+        assert await env.get("/health") == (200, {"status": "ok"})  # probes stay open
+        assert (await env.get("/metrics"))[0] == 401
+        status, text = await env.get("/metrics", headers={"Authorization": f"Bearer "
+                                                                          f"{CLIENT_KEY}"})
+        assert status == 200 and 'turnout_gateway_rejected_total{reason="unauthorized"}' \
+            in text
+        assert (await env.get("/metrics", admin=True))[0] == 200  # the admin listener's
+
+        # Bytes that are not UTF-8 in the header: still a 401 in OpenAI's shape, not a 500.
+        host, port = env.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        payload = b'{"model": "%s", "prompt": "x"}' % MODEL.encode()
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\n"
+                     b"Authorization: Bearer \xff\xfe\xc3\x28-0123456789abcdef\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        raw = await reader.read()
+        writer.close()
+        assert raw.startswith(b"HTTP/1.1 401"), raw[:200]
+        assert b'"invalid_api_key"' in raw
+    finally:
+        await close_env(env)
+
+
+async def test_metrics_can_live_on_the_admin_listener_only(tmp_path: Path) -> None:
+    env = await make_env(tmp_path, gateway_metrics_on_client=False)
+    try:
+        await env.client.completions.create(model=MODEL, prompt="x")
+        assert (await env.get("/metrics"))[0] == 404
+        status, text = await env.get("/metrics", admin=True)
+        assert status == 200 and "turnout_gateway_requests_total" in text
+    finally:
+        await close_env(env)

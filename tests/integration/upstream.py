@@ -38,6 +38,9 @@ class FakeUpstream:
         self.record = record  # keep every body (tests); off for benchmarks
         self.cancelled = 0
         self.completed = 0
+        self.headers: list[dict[str, str]] = []  # of each request, when recording
+        self.active = 0  # requests being answered now, and the most at once
+        self.max_active = 0
         self._runner: web.AppRunner | None = None
 
     @property
@@ -76,6 +79,9 @@ class FakeUpstream:
         body = await request.json()
         if self.record:
             self.received.append(body)
+            self.headers.append(dict(request.headers))
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
         try:
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
@@ -102,6 +108,8 @@ class FakeUpstream:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+        finally:
+            self.active -= 1
 
     def _text(self) -> str:
         return f"hello from {self.version}"

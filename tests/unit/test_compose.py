@@ -13,6 +13,7 @@ import yaml
 
 from turnout.cli import build_parser
 from turnout.config import ENV_PREFIX, ModelSwitchingConfig
+from turnout.environments import SECRET_HOLDERS
 
 ROOT = Path(__file__).resolve().parents[2]
 TURNOUT_SERVICES = ("migrate", "api", "control-worker", "monitor-worker", "engine-worker",
@@ -24,9 +25,16 @@ def services() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
 
 
+# What an operator must set before compose starts (`${NAME:?message}`).
+REQUIRED = ("TURNOUT_API_KEY", "TURNOUT_GATEWAY_ADMIN_TOKEN", "TURNOUT_DB_PASSWORD",
+            "TEMPORAL_DB_PASSWORD")
+
+
 def _interpolate(value: str) -> str:
-    """Compose's `${NAME:-default}` with nothing set: the default."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+    """Compose's `${NAME:-default}` with nothing set: the default; a required `${NAME:?msg}`
+    as if the operator had set it, to `set-NAME`."""
+    value = re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", r"set-\1", str(value))
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
 
 
 def _settings(service: dict[str, Any]) -> ModelSwitchingConfig:
@@ -70,7 +78,14 @@ def test_environment_is_valid_settings(services: dict[str, Any], name: str) -> N
 
 
 def _published(service: dict[str, Any]) -> dict[int, int]:
-    return {int(c): int(h) for h, c in (p.split(":") for p in service.get("ports", []))}
+    """Container port → host port of each `[ip:]host:container` mapping."""
+    return {int(p.split(":")[-1]): int(p.split(":")[-2]) for p in service.get("ports", [])}
+
+
+def _bound_to(service: dict[str, Any]) -> dict[int, str]:
+    """Container port → the host address it is published on (compose: all when omitted)."""
+    return {int(p.split(":")[-1]): p.split(":")[0] if p.count(":") == 2 else "0.0.0.0"
+            for p in service.get("ports", [])}
 
 
 def test_ports_agree_with_settings(services: dict[str, Any]) -> None:
@@ -89,3 +104,72 @@ def test_engines_are_reachable_from_the_gateway(services: dict[str, Any]) -> Non
     engine = _settings(services["engine-worker"])
     assert engine.engine_bind_host == "0.0.0.0"
     assert engine.engine_advertise_host == "engine-worker"
+
+
+def test_required_secrets_have_no_default(services: dict[str, Any]) -> None:
+    """Compose refuses to start until each is set: every use is `${NAME:?message}`."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in REQUIRED:
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
+        assert uses, f"{name} is not used"
+        assert all(use.startswith(":?") and len(use) > 2 for use in uses), (name, uses)
+
+
+def test_authentication_is_on_with_the_required_key(services: dict[str, Any]) -> None:
+    api = _settings(services["api"])
+    assert api.enable_authentication is True
+    assert api.api_key == "set-TURNOUT_API_KEY"
+
+
+def test_no_default_database_passwords(services: dict[str, Any]) -> None:
+    env = {name: service.get("environment", {}) for name, service in services.items()}
+    assert env["store-db"]["POSTGRES_PASSWORD"].startswith("${TURNOUT_DB_PASSWORD:?")
+    assert env["temporal-db"]["POSTGRES_PASSWORD"].startswith("${TEMPORAL_DB_PASSWORD:?")
+    assert env["temporal"]["POSTGRES_PWD"] == env["temporal-db"]["POSTGRES_PASSWORD"]
+    for name in TURNOUT_SERVICES:
+        store = urlparse(_settings(services[name]).database_url)
+        assert store.password == "set-TURNOUT_DB_PASSWORD", name
+    admin = {_settings(services[n]).gateway_admin_token for n in TURNOUT_SERVICES}
+    assert admin == {None, "set-TURNOUT_GATEWAY_ADMIN_TOKEN"}  # no `change-me`
+
+
+def test_temporal_is_published_on_loopback_only(services: dict[str, Any]) -> None:
+    """The frontend and the Web UI (no login; signals, terminate) stay off the network."""
+    for name in ("temporal", "temporal-ui", "temporal-db", "store-db", "temporal-setup"):
+        for port, address in _bound_to(services[name]).items():
+            assert address in ("127.0.0.1", "[::1]"), (name, port, address)
+    for service in services.values():  # nothing else publishes them either
+        for port, host_port in _published(service).items():
+            if host_port in (7233, 8233) or port == 7233:
+                assert _bound_to(service)[port] in ("127.0.0.1", "[::1]")
+    gateway = _settings(services["gateway"])
+    assert gateway.gateway_admin_port not in _published(services["gateway"])
+
+
+# Compose services besides the stack's roles that use a secret: the migration job.
+_EXTRA_HOLDERS = {"database_url": {"migrate"}}
+
+
+@pytest.mark.parametrize("secret", sorted(SECRET_HOLDERS))
+def test_each_secret_reaches_only_the_services_that_use_it(services: dict[str, Any],
+                                                           secret: str) -> None:
+    """The same table as the local stack's (turnout.environments.SECRET_HOLDERS)."""
+    variable = ModelSwitchingConfig.env_name(secret)
+    holders = {name for name in TURNOUT_SERVICES if variable in services[name]["environment"]}
+    assert holders == SECRET_HOLDERS[secret] | _EXTRA_HOLDERS.get(secret, set())
+
+
+@pytest.mark.parametrize("variable", REQUIRED + ("TURNOUT_ALERT_WEBHOOK_URLS",))
+def test_compose_secrets_reach_only_their_services(services: dict[str, Any],
+                                                   variable: str) -> None:
+    """Whatever setting name carries it, a compose secret is in these services only."""
+    expected = {
+        "TURNOUT_API_KEY": {"api"},
+        "TURNOUT_GATEWAY_ADMIN_TOKEN": {"gateway", "control-worker", "monitor-worker"},
+        "TURNOUT_ALERT_WEBHOOK_URLS": {"control-worker", "monitor-worker"},
+        "TURNOUT_DB_PASSWORD": {"store-db", *TURNOUT_SERVICES},
+        "TEMPORAL_DB_PASSWORD": {"temporal-db", "temporal"},
+    }[variable]
+    holders = {name for name, service in services.items()
+               if "${" + variable in yaml.safe_dump(service)}
+    assert holders == expected

@@ -64,3 +64,71 @@ def test_settings_pass_to_child_processes_unchanged() -> None:
 def test_webhook_urls_are_not_in_repr() -> None:
     settings = ModelSwitchingConfig(alert_webhook_urls=["https://hooks.slack.com/s3cr3t"])
     assert "s3cr3t" not in repr(settings)
+
+
+POSTGRES = "postgresql+asyncpg://turnout:pg-pass-8c1e@store-db:5432/turnout"
+
+
+def test_database_password_is_masked_in_repr_and_str() -> None:
+    settings = ModelSwitchingConfig(database_url=POSTGRES, gateway_admin_token="tok-2f4e")
+    for text in (repr(settings), str(settings)):
+        assert "pg-pass-8c1e" not in text and "tok-2f4e" not in text
+        assert "postgresql+asyncpg://turnout:***@store-db:5432/turnout" in text
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    (POSTGRES, "postgresql+asyncpg://turnout:***@store-db:5432/turnout"),
+    ("postgresql://u:p%40ss@[::1]:5432/db?sslmode=require",
+     "postgresql://u:***@[::1]:5432/db?sslmode=require"),
+    # libpq also takes the password as a query parameter.
+    ("postgresql://u@db/x?sslmode=require&password=pw9",
+     "postgresql://u@db/x?sslmode=require&password=***"),
+    ("postgresql://u@db/x", "postgresql://u@db/x"),
+    ("sqlite+aiosqlite:///.turnout/turnout.db", "sqlite+aiosqlite:///.turnout/turnout.db"),
+    ("http://[not-a-url", "***"),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    from turnout.config import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_secret_variable_lists_are_names() -> None:
+    settings = ModelSwitchingConfig.from_env({
+        "VLLM_MODEL_SWITCHING_ENDPOINT_CREDENTIAL_ENVS": "OPENAI_API_KEY, PARTNER_TOKEN",
+        "VLLM_MODEL_SWITCHING_ENGINE_ENV_PASSTHROUGH": "RAY_*,MY_FLAG"})
+    assert settings.endpoint_credential_envs == ["OPENAI_API_KEY", "PARTNER_TOKEN"]
+    assert settings.engine_env_passthrough == ["RAY_*", "MY_FLAG"]
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("ENDPOINT_CREDENTIAL_ENVS", "OPENAI_API_KEY,not a name"),
+    ("ENDPOINT_CREDENTIAL_ENVS", "PREFIX_*"),  # names, not patterns
+    ("ENDPOINT_CREDENTIAL_ENVS", "VLLM_MODEL_SWITCHING_API_KEY"),
+    ("ENGINE_ENV_PASSTHROUGH", "VLLM_MODEL_SWITCHING_*"),
+    ("ENGINE_ENV_PASSTHROUGH", "VLLM_MODEL_SWITCHING_DATABASE_URL"),
+    ("ENGINE_ENV_PASSTHROUGH", ",".join(f"V{i}" for i in range(65))),
+])
+def test_bad_secret_variable_lists_name_the_setting(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"VLLM_MODEL_SWITCHING_{name}"):
+        ModelSwitchingConfig.from_env({f"VLLM_MODEL_SWITCHING_{name}": value})
+
+
+def test_gateway_client_keys_are_comma_separated_secret_and_strong() -> None:
+    keys = ["k3y-0123456789abcdef", "second_key-ABCDEFGHIJ"]
+    settings = ModelSwitchingConfig.from_env(
+        {"VLLM_MODEL_SWITCHING_GATEWAY_API_KEYS": f" {keys[0]}, {keys[1]},"})
+    assert settings.gateway_api_keys == keys
+    assert keys[0] not in repr(settings) and keys[1] not in str(settings)
+    assert ModelSwitchingConfig.from_env({}).gateway_api_keys == []
+    from workers.stack import settings_env
+
+    assert ModelSwitchingConfig.from_env(settings_env(settings)) == settings
+    for bad in ("short-s3cret", "has space in it 0123", "non-ascii-ключ-0123456789"):
+        with pytest.raises(ConfigError, match="VLLM_MODEL_SWITCHING_GATEWAY_API_KEYS") as err:
+            ModelSwitchingConfig.from_env(
+                {"VLLM_MODEL_SWITCHING_GATEWAY_API_KEYS": f"{keys[0]},{bad}"})
+        assert "key 2 of 2" in str(err.value) and bad not in str(err.value)
+        with pytest.raises(ValueError) as direct:  # pydantic's own message hides it too
+            ModelSwitchingConfig(gateway_api_keys=[bad])
+        assert bad not in str(direct.value)

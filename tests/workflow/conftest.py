@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import pytest_asyncio
@@ -60,6 +61,18 @@ class FakeCluster:
     # (version, percent) of each mirror change applied, and versions the route serves.
     mirrors: list[tuple[str, float]] = field(default_factory=list)
     serving: list[str] = field(default_factory=list)
+    # Holders per version, as the store would count them; the replaced version stands by
+    # for this long after a switch (0: it is let go at once).
+    holders: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    standby_minutes: float = 0
+    warm: set[str] = field(default_factory=set)
+
+    def _slot(self, version: str) -> c.EngineSlot:
+        return c.EngineSlot(model_id="m", version=version, host_id="test",
+                            task_queue=ENGINE_QUEUE)
+
+    def _unheld(self, version: str) -> list[c.EngineSlot]:
+        return [] if self.holders.get(version) else [self._slot(version)]
 
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name=c.DESCRIBE_MODEL)
@@ -85,7 +98,37 @@ class FakeCluster:
         @activity.defn(name=c.UNLOAD_VERSION)
         async def unload_version(input: c.UnloadVersionInput) -> None:
             self.calls.append((c.UNLOAD_VERSION, input))
+            if input.when == "unheld" and self.holders.get(input.version):
+                return
             self.loaded.discard(input.version)
+
+        @activity.defn(name=c.PLACE_VERSION)
+        async def place_version(input: c.PlaceVersionInput) -> c.PlaceVersionResult:
+            self.calls.append((c.PLACE_VERSION, input))
+            if input.holder is not None:
+                self.holders.setdefault(input.version, set()).add(
+                    (input.holder.kind.value, input.holder.holder_id))
+            return c.PlaceVersionResult(replicas=[self._slot(input.version)],
+                                        warm=input.version in self.warm)
+
+        @activity.defn(name=c.RELEASE_VERSION)
+        async def release_version(input: c.ReleaseVersionInput) -> c.ReleaseVersionResult:
+            self.calls.append((c.RELEASE_VERSION, input))
+            self.holders.get(input.version, set()).discard(
+                (input.kind.value, input.holder_id))
+            return c.ReleaseVersionResult(stop=self._unheld(input.version))
+
+        @activity.defn(name=c.RETIRE_VERSION)
+        async def retire_version(input: c.RetireVersionInput) -> c.RetireVersionResult:
+            self.calls.append((c.RETIRE_VERSION, input))
+            held = self.holders.setdefault(input.version, set())
+            held.discard(("serving", "m"))
+            if self.standby_minutes <= 0:
+                return c.RetireVersionResult(stop=self._unheld(input.version))
+            held.add(("standby", input.operation_id))
+            now = activity.info().current_attempt_scheduled_time  # the server's clock
+            return c.RetireVersionResult(standby_until=now + timedelta(
+                minutes=self.standby_minutes))
 
         @activity.defn(name=c.SET_TRAFFIC)
         async def set_traffic(input: c.SetTrafficInput) -> c.SetTrafficResult:
@@ -135,6 +178,7 @@ class FakeCluster:
         async def mark_live(input: c.MarkLiveInput) -> None:
             self.calls.append((c.MARK_LIVE, input))
             self.live_version = input.version
+            self.holders[input.version] = {("serving", "m")}
 
         @activity.defn(name=c.RECORD_OPERATION)
         async def record_operation(input: c.RecordOperationInput) -> None:
@@ -142,7 +186,7 @@ class FakeCluster:
 
         return [describe_model, load_version, unload_version, set_traffic, set_mirror,
                 drain_version, check_health, judge_health, raise_alert, mark_live,
-                record_operation]
+                record_operation, place_version, release_version, retire_version]
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]

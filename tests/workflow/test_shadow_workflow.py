@@ -37,8 +37,12 @@ async def test_mirrors_for_its_duration_then_releases_the_version(harness: Harne
     assert timedelta(hours=1) <= status.ends_at - status.started_at < timedelta(hours=1, minutes=1)
     assert harness.cluster.mirrors == [("v2", 25), ("v2", 0)]
     work = [n for n in harness.cluster.names()]
-    assert work == [c.LOAD_VERSION, c.SET_MIRROR, c.SET_MIRROR, c.DESCRIBE_MODEL,
-                    c.DRAIN_VERSION, c.UNLOAD_VERSION]
+    assert work == [c.PLACE_VERSION, c.LOAD_VERSION, c.SET_MIRROR, c.SET_MIRROR,
+                    c.RELEASE_VERSION, c.DRAIN_VERSION, c.UNLOAD_VERSION]
+    [place] = [i for n, i in harness.cluster.calls if n == c.PLACE_VERSION]
+    assert place.holder.kind.value == "shadow"
+    [unload] = [i for n, i in harness.cluster.calls if n == c.UNLOAD_VERSION]
+    assert unload.when == "unheld"
     assert "v2" not in harness.cluster.loaded
 
 
@@ -58,7 +62,8 @@ async def test_a_stop_signal_ends_mirroring(harness: Harness) -> None:
 
 async def test_a_version_that_started_serving_keeps_its_engine(harness: Harness) -> None:
     harness.cluster.live_version = "v1"
-    harness.cluster.serving = ["v1", "v2"]  # a canary of v2 began while it was mirrored
+    # A canary of v2 began while it was mirrored: the switch holds v2 too.
+    harness.cluster.holders["v2"] = {("switch", "op-canary")}
     control, engines = harness.workers()
     async with control, engines:
         status = await (await start(harness, shadow_input(duration_s=60))).result()

@@ -33,9 +33,20 @@ from turnout.domain import (
     SwitchingStrategyType,
     VersionInfo,
 )
+from turnout.limits import (
+    ACTOR_MAX,
+    ALERT_TITLE_MAX,
+    ALERT_TYPE_MAX,
+    AUDIT_ACTION_MAX,
+    VERSION_MAX,
+    WORKFLOW_ID_MAX,
+    fit,
+)
 from turnout.monitoring import EngineResources, ModelHealth
+from turnout.rules import STORED as STORED_RULES
 from turnout.rules import ModelRules, RoutingRules
 from turnout.store.db import create_engine
+from turnout.store.fleet import FleetStore
 from turnout.store.schema import (
     AlertRow,
     AliasRow,
@@ -90,7 +101,7 @@ def _utc(value: datetime) -> datetime:
             tzinfo=UTC)
 
 
-class Store:
+class Store(FleetStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._session = async_sessionmaker(engine, expire_on_commit=False)
@@ -247,6 +258,7 @@ class Store:
     async def set_rules(self, model_id: str, rules: RoutingRules,
                         updated_by: str | None = None) -> ModelRules:
         """Replace a model's rules as a whole (an empty list removes them)."""
+        updated_by = fit(updated_by, ACTOR_MAX)
         async with self._session.begin() as session:
             if await session.get(ModelRow, model_id) is None:
                 raise NotFound(f"model {model_id!r} is not registered")
@@ -385,6 +397,8 @@ class Store:
                 if await session.get(OperationRow, record.operation_id) is not None:
                     return
                 values = record.model_dump(mode="json", exclude={"created_at", "finished_at"})
+                values["requested_by"] = fit(values["requested_by"], ACTOR_MAX)
+                values["workflow_id"] = fit(values["workflow_id"], WORKFLOW_ID_MAX)
                 session.add(OperationRow(**values, created_at=record.created_at or utcnow()))
         except IntegrityError:
             return
@@ -431,7 +445,8 @@ class Store:
 
     async def audit(self, entry: AuditEntry) -> AuditEntry:
         async with self._session.begin() as session:
-            row = AuditRow(actor=entry.actor, action=entry.action, model_id=entry.model_id,
+            row = AuditRow(actor=fit(entry.actor, ACTOR_MAX),
+                           action=fit(entry.action, AUDIT_ACTION_MAX), model_id=entry.model_id,
                            operation_id=entry.operation_id, details=entry.details,
                            at=entry.at or utcnow())
             session.add(row)
@@ -481,13 +496,17 @@ class Store:
         look (same time) refreshes the alert without counting the breach twice.
         """
         seen = alert.last_seen or utcnow()
+        # Titles are built from a model id and a version (and more): cut, never refused.
+        title = fit(alert.title, ALERT_TITLE_MAX) or ""
+        alert = alert.model_copy(update={"version": fit(alert.version, VERSION_MAX),
+                                         "type": fit(alert.type, ALERT_TYPE_MAX) or ""})
         async with self._session.begin() as session:
             row = await session.scalar(select(AlertRow).where(
                 AlertRow.model_id == alert.model_id, AlertRow.version == alert.version,
                 AlertRow.type == alert.type, AlertRow.state == AlertState.FIRING.value))
             if row is None:
                 row = AlertRow(model_id=alert.model_id, version=alert.version, type=alert.type,
-                               severity=alert.severity.value, title=alert.title,
+                               severity=alert.severity.value, title=title,
                                message=alert.message, figures=alert.figures,
                                operation_id=alert.operation_id, state=AlertState.FIRING.value,
                                count=1, first_seen=seen, last_seen=seen)
@@ -496,7 +515,7 @@ class Store:
                 return _alert(row)  # this look was already counted (a retried activity)
             else:
                 row.count += 1
-                row.severity, row.title, row.message = (alert.severity.value, alert.title,
+                row.severity, row.title, row.message = (alert.severity.value, title,
                                                         alert.message)
                 row.figures, row.operation_id = alert.figures, alert.operation_id
                 row.last_seen = seen
@@ -537,7 +556,7 @@ class Store:
             row = await session.get(AlertRow, alert_id)
             if row is None:
                 raise NotFound(f"alert {alert_id} does not exist")
-            row.acknowledged_by = by or "operator"
+            row.acknowledged_by = fit(by, ACTOR_MAX) or "operator"
             return _alert(row)
 
 
@@ -557,6 +576,7 @@ class Store:
         """Merge `overrides` into the keys already set for `model_id` (None: every model);
         returns them all."""
         key = ALL_MODELS if model_id is None else model_id
+        updated_by = fit(updated_by, ACTOR_MAX)
         async with self._session.begin() as session:
             row = await session.get(ThresholdsRow, key)
             if row is None:
@@ -609,15 +629,20 @@ def _route(row: RouteRow) -> Route:
 
 
 def _rules(row: RulesRow) -> ModelRules:
-    return ModelRules(model_id=row.model_id, rules=row.rules, updated_by=row.updated_by,
-                      updated_at=_aware(row.updated_at))
+    # STORED: a rule saved under older checks is loaded (and disabled if it must be), not
+    # refused, so it cannot stop gateways from reading every model's rules.
+    return ModelRules.model_validate(
+        {"model_id": row.model_id, "rules": row.rules, "updated_by": row.updated_by,
+         "updated_at": _aware(row.updated_at)}, context=STORED_RULES)
 
 
 def _engine(row: EngineRow) -> EngineInfo:
     return EngineInfo(model_id=row.model_id, version=row.version, host=row.host, url=row.url,
                       served_model_name=row.served_model_name, port=row.port, pid=row.pid,
                       state=EngineState(row.state), external=row.external,
-                      log_path=row.log_path, started_at=_aware(row.started_at))
+                      log_path=row.log_path, started_at=_aware(row.started_at),
+                      memory_bytes=row.memory_bytes, last_used_at=_aware(row.last_used_at),
+                      sleeping=bool(row.sleeping))
 
 
 def _operation(row: OperationRow) -> OperationRecord:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKeyConstraint, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKeyConstraint, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -37,6 +37,8 @@ class VersionRow(Base):
     config: Mapped[dict[str, Any]]
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Size of the weights, once an engine host has read it from the model's files.
+    weights_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class AliasRow(Base):
@@ -71,6 +73,11 @@ class EngineRow(Base):
     external: Mapped[bool] = mapped_column(default=False)
     log_path: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # What the engine needs (its host's estimate when it loaded), when it last served
+    # (for least-recently-used eviction) and whether it sleeps (vLLM sleep mode).
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    last_used_at: Mapped[datetime | None]
+    sleeping: Mapped[bool] = mapped_column(default=False)
 
 
 class OperationRow(Base):
@@ -175,3 +182,32 @@ class HealthSnapshotRow(Base):
     model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
     snapshot: Mapped[dict[str, Any]]
     checked_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EngineHostRow(Base):
+    """An engine host (`turnout.fleet.EngineHost`): its capacity, claimed by one live
+    engine worker at a time (`instance_id`), with the heartbeat placement reads."""
+
+    __tablename__ = "engine_hosts"
+
+    host_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    task_queue: Mapped[str] = mapped_column(String(300))
+    instance_id: Mapped[str] = mapped_column(String(64))
+    capacity: Mapped[dict[str, Any]]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class EngineHolderRow(Base):
+    """Why a version's engines stay loaded (`turnout.fleet.Holder`): an engine stops only
+    when the last holder of its version has let go."""
+
+    __tablename__ = "engine_holders"
+
+    model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    holder_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime | None]
+    since: Mapped[datetime] = mapped_column(default=utcnow)

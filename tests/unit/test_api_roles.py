@@ -22,6 +22,8 @@ EXPECTED = {
     ("POST", "/switch"): Role.OPERATOR,
     ("POST", "/switch/operations/{operation_id}/{action}"): Role.OPERATOR,
     ("POST", "/alerts/{alert_id}/acknowledge"): Role.OPERATOR,
+    ("POST", "/models/{model_id}/versions/{version}/preload"): Role.OPERATOR,
+    ("DELETE", "/models/{model_id}/versions/{version}/preload"): Role.OPERATOR,
     # Operator for one model's levels; the route asks for admin without `model_id`.
     ("PUT", "/health/thresholds"): Role.OPERATOR,
     ("POST", "/switch/validate"): Role.VIEWER,  # changes nothing

@@ -8,7 +8,8 @@ import os
 import uvicorn
 
 from api.app import create_app
-from turnout.config import ModelSwitchingConfig
+from turnout.auth import AuthConfigError
+from turnout.config import ConfigError, ModelSwitchingConfig
 from turnout.runtime import setup_logging
 
 
@@ -18,10 +19,17 @@ def main() -> None:
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
     setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "INFO"))
-    settings = ModelSwitchingConfig.from_env()
+    try:
+        settings = ModelSwitchingConfig.from_env()
+    except ConfigError as exc:
+        raise SystemExit(f"turnout API: {exc}") from None
     if not settings.enable_management_api:
         raise SystemExit("the management API is disabled (VLLM_MODEL_SWITCHING_ENABLE_API)")
-    uvicorn.run(create_app(settings), host=args.host or settings.api_host,
+    try:
+        app = create_app(settings)
+    except AuthConfigError as exc:  # names the setting: fix it, nothing else is wrong
+        raise SystemExit(f"turnout API: {exc}") from None
+    uvicorn.run(app, host=args.host or settings.api_host,
                 port=args.port or settings.api_port, log_config=None)
 
 

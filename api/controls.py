@@ -95,21 +95,28 @@ def _view(result: SwitchStatus, workflow_id: str) -> OperationView:
                          success=result.status is OperationStatus.COMPLETED)
 
 
-async def _audit(store: Store, action: str, request: c.ControlRequest,
+def _as_actor(request: c.ControlRequest | None, actor: str) -> c.ControlRequest:
+    """What the workflow receives: the caller's key name as `requested_by` (the workflow
+    records it as the actor); the body's own `requested_by` stays a note in the audit log."""
+    return (request or c.ControlRequest()).model_copy(update={"requested_by": actor})
+
+
+async def _audit(store: Store, action: str, actor: str, note: c.ControlRequest | None,
                  result: SwitchStatus) -> None:
     await store.audit(AuditEntry(
-        actor=request.requested_by, action=action, model_id=result.model_id,
+        actor=actor, action=action, model_id=result.model_id,
         operation_id=result.operation_id,
-        details={"reason": request.reason, "requested_by": request.requested_by,
+        details={"reason": note.reason if note else None,
+                 "requested_by": note.requested_by if note else None,
                  "status": result.status.value, "phase": result.phase,
                  "weights": result.weights}))
 
 
 async def control_operation(client: Client, store: Store, operation_id: str,
-                            action: ControlAction,
-                            request: c.ControlRequest | None) -> OperationView:
+                            action: ControlAction, body: c.ControlRequest | None,
+                            actor: str) -> OperationView:
     """Apply `action` to the switch `operation_id` (404 if unknown, 409 if refused)."""
-    request = request or c.ControlRequest()
+    request = _as_actor(body, actor)
     record = await store.get_operation(operation_id)
     if record.status.terminal:
         ended = f"{record.status.value}" + (f", {record.outcome.value}" if record.outcome else "")
@@ -120,21 +127,22 @@ async def control_operation(client: Client, store: Store, operation_id: str,
     handle = client.get_workflow_handle(record.workflow_id,
                                         first_execution_run_id=record.run_id or None)
     result = await send_control(handle, action.value, request)
-    await _audit(store, f"operator_{action.value}", request, result)
+    await _audit(store, f"operator_{action.value}", actor, body, result)
     log.info("operator %s of operation %s by %s: %s", action.value, operation_id,
-             request.requested_by or "unknown", request.reason or "no reason given")
+             actor, request.reason or "no reason given")
     return _view(result, record.workflow_id)
 
 
 async def emergency_rollback(client: Client, store: Store, settings: ModelSwitchingConfig,
-                             model_id: str, request: c.ControlRequest | None,
+                             model_id: str, body: c.ControlRequest | None, actor: str,
                              ) -> OperationView | SwitchAccepted:
     """Roll back the active switch of `model_id`, or switch it back to its previous version.
 
     Returns the active switch's `OperationView` after its rollback, or the `SwitchAccepted`
     of a new immediate switch to the previous version.
     """
-    request = request or c.ControlRequest()
+    request = _as_actor(body, actor)
+    note = body.requested_by if body else None
     model = await store.get_model(model_id)  # NotFound → 404
     workflow_id = workflow_id_for(model_id)
     active = await _active_run(client, workflow_id)
@@ -145,9 +153,10 @@ async def emergency_rollback(client: Client, store: Store, settings: ModelSwitch
         except SwitchClosed:  # it ended in between: undo its result like any finished switch
             model = await store.get_model(model_id)
         else:
-            await _audit(store, "emergency_rollback", request, result)
-            log.warning("emergency rollback of %s: rolled back operation %s (%s)", model_id,
-                        result.operation_id, request.reason or "no reason given")
+            await _audit(store, "emergency_rollback", actor, body, result)
+            log.warning("emergency rollback of %s by %s: rolled back operation %s (%s)",
+                        model_id, actor, result.operation_id,
+                        request.reason or "no reason given")
             return _view(result, workflow_id)
 
     if not model.previous_version:
@@ -156,14 +165,15 @@ async def emergency_rollback(client: Client, store: Store, settings: ModelSwitch
     accepted = await start_switch(client, store, settings, SwitchRequest(
         model_id=model_id, target_version=model.previous_version,
         strategy=SwitchingStrategyType.IMMEDIATE, reason=reason,
-        requested_by=request.requested_by))
+        requested_by=note), actor)
     await store.audit(AuditEntry(
-        actor=request.requested_by, action="emergency_rollback", model_id=model_id,
+        actor=actor, action="emergency_rollback", model_id=model_id,
         operation_id=accepted.operation_id,
-        details={"reason": request.reason, "requested_by": request.requested_by,
+        details={"reason": request.reason, "requested_by": note,
                  "from_version": model.live_version, "to_version": model.previous_version}))
-    log.warning("emergency rollback of %s: immediate switch %s -> %s, operation %s", model_id,
-                model.live_version, model.previous_version, accepted.operation_id)
+    log.warning("emergency rollback of %s by %s: immediate switch %s -> %s, operation %s",
+                model_id, actor, model.live_version, model.previous_version,
+                accepted.operation_id)
     return accepted
 
 

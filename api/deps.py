@@ -1,11 +1,10 @@
-"""FastAPI dependencies: settings, store, Temporal client, and the API key check."""
+"""FastAPI dependencies: settings, store and Temporal client (roles: `api.auth`)."""
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi import Depends, Request
 from temporalio.client import Client
 
 from turnout.config import ModelSwitchingConfig
@@ -22,22 +21,6 @@ def get_store(request: Request) -> Store:
 
 def get_temporal(request: Request) -> Client:
     return request.app.state.temporal
-
-
-async def require_api_key(
-    settings: Annotated[ModelSwitchingConfig, Depends(get_settings)],
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> None:
-    """With `enable_authentication`, every call needs the key (Bearer token or X-API-Key)."""
-    if not settings.enable_authentication:
-        return
-    given = x_api_key
-    if authorization and authorization.lower().startswith("bearer "):
-        given = authorization[7:]
-    if not given or not settings.api_key or not secrets.compare_digest(given, settings.api_key):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong API key",
-                            headers={"WWW-Authenticate": "Bearer"})
 
 
 SettingsDep = Annotated[ModelSwitchingConfig, Depends(get_settings)]

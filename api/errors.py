@@ -6,8 +6,11 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from temporalio.service import RPCError
 
 from turnout.store import Conflict, NotFound
@@ -23,12 +26,22 @@ class ErrorBody(BaseModel):
     active_operation_id: str | None = None
 
 
+# What any call may answer when authentication is on.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing, malformed or unknown API key"},
+    403: {"model": ErrorBody, "description": "The key's role does not allow this call; "
+                                             "`detail` names the role needed"},
+}
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or wrong API key"},
+    **AUTH_RESPONSES,
+    400: {"model": ErrorBody, "description": "The body cannot be read (e.g. not UTF-8)"},
     404: {"model": ErrorBody, "description": "Unknown model, version or operation"},
     409: {"model": ErrorBody, "description": "Conflicts with the current state"},
     422: {"model": ErrorBody, "description": "Invalid body or strategy options; `detail` "
                                              "lists each field at fault with its `loc`"},
+    413: {"model": ErrorBody, "description": "The body is larger than "
+                                             "`VLLM_MODEL_SWITCHING_API_MAX_BODY_BYTES`"},
     503: {"model": ErrorBody, "description": "Temporal is not reachable"},
 }
 
@@ -50,7 +63,26 @@ class ActiveSwitchConflict(Exception):
                          + (f": operation {operation_id}" if operation_id else ""))
 
 
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route of this path answers (Starlette's 405 names only those of
+    the first route whose path matched, though each method has a route of its own)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": ""})
+        if match is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+            allow = ", ".join(allowed_methods(app, request.scope))
+            return JSONResponse({"detail": "Method Not Allowed"}, exc.status_code,
+                                headers={**(exc.headers or {}), "Allow": allow})
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status.HTTP_404_NOT_FOUND)

@@ -151,8 +151,12 @@ def switch_thresholds(settings: ModelSwitchingConfig, request: SwitchRequest
 
 
 async def start_switch(client: Client, store: Store, settings: ModelSwitchingConfig,
-                       request: SwitchRequest) -> SwitchAccepted:
-    """Validate, start `SwitchWorkflow`, and record the operation."""
+                       request: SwitchRequest, actor: str) -> SwitchAccepted:
+    """Validate, start `SwitchWorkflow`, and record the operation.
+
+    `actor` (the caller's key name) is who the workflow and the audit log record as having
+    requested the switch; the body's `requested_by` is only a note kept in the audit
+    entry's details."""
     errors = await check_switch(store, request)
     if errors:
         worst = min(errors, key=lambda e: {404: 0, 422: 1, 409: 2}.get(e.status_code, 3))
@@ -168,7 +172,7 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
         operation_id=operation_id, model_id=request.model_id,
         target_version=request.target_version, strategy=request.strategy,
         strategy_config=request.strategy_config, engine_task_queue=settings.engine_task_queue,
-        requested_by=request.requested_by, reason=request.reason,
+        requested_by=actor, reason=request.reason,
         thresholds=switch_thresholds(settings, request), replicas=request.replicas)
     for attempt in range(2):
         try:
@@ -177,7 +181,8 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
                 task_queue=settings.control_task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                memo={"requested_by": request.requested_by, "reason": request.reason},
+                memo={"requested_by": actor, "note": request.requested_by,
+                      "reason": request.reason},
                 static_summary=f"{request.strategy.value} switch of {request.model_id} "
                                f"to {request.target_version}")
             break
@@ -194,13 +199,13 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
         operation_id=operation_id, workflow_id=workflow_id, run_id=handle.first_execution_run_id,
         model_id=request.model_id, target_version=request.target_version,
         strategy=request.strategy, strategy_config=request.strategy_config,
-        requested_by=request.requested_by))
+        requested_by=actor))
     await store.set_operation_run(operation_id, handle.first_execution_run_id or "")
-    await store.audit(AuditEntry(actor=request.requested_by, action="switch_requested",
+    await store.audit(AuditEntry(actor=actor, action="switch_requested",
                                  model_id=request.model_id, operation_id=operation_id,
                                  details=request.model_dump(mode="json")))
-    log.info("started %s switch of %s to %s: operation %s", request.strategy.value,
-             request.model_id, request.target_version, operation_id)
+    log.info("started %s switch of %s to %s for %s: operation %s", request.strategy.value,
+             request.model_id, request.target_version, actor, operation_id)
     return SwitchAccepted(operation_id=operation_id, workflow_id=workflow_id,
                           message=f"{request.strategy.value} switch of {request.model_id} to "
                                   f"{request.target_version} started")

@@ -1,7 +1,8 @@
 """The `turnout` command: run the stack, make tiny models, register, switch, watch, and
 steer running switches (rollback, pause, resume, promote, abort, emergency-rollback);
 read health and alerts, change monitoring thresholds, mirror traffic to a shadow; list
-the engine fleet and preload versions."""
+the engine fleet and preload versions; make API keys, say which key is in use, read
+the audit log."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -181,6 +183,42 @@ def _preload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_name(value: str) -> str:
+    from turnout.auth import ANONYMOUS, KEY_NAME_PATTERN
+
+    if not re.fullmatch(KEY_NAME_PATTERN, value) or value == ANONYMOUS:
+        raise argparse.ArgumentTypeError(f"{value!r}: up to 64 letters, digits and . _ @ -, "
+                                         f"starting with a letter or digit (not {ANONYMOUS!r})")
+    return value
+
+
+def _make_key(args: argparse.Namespace) -> int:
+    from turnout.auth import ApiKey, Role, hash_key, make_key
+
+    key = make_key()
+    entry = ApiKey(name=args.name, role=Role(args.role), key_sha256=hash_key(key))
+    _print({"key": key, "entry": entry.model_dump(mode="json")})
+    print("Give `key` to its holder (it is shown once); add `entry` to the key file "
+          "(VLLM_MODEL_SWITCHING_API_KEYS_FILE) and restart the API.", file=sys.stderr)
+    return 0
+
+
+def _whoami(args: argparse.Namespace) -> int:
+    from turnout.sdk import ModelSwitcher
+
+    _print(ModelSwitcher().whoami())
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from turnout.sdk import ModelSwitcher
+
+    _print(ModelSwitcher().list_audit(model_id=args.model, actor=args.actor,
+                                      action=args.action, since=args.since,
+                                      before=args.before, limit=args.limit))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     preload.add_argument("--release", action="store_true", help="let go of the preload")
     preload.add_argument("--status", action="store_true", help="show the preload")
     preload.set_defaults(func=_preload)
+
+    key = sub.add_parser("make-key", help="make a new API key for the key file: prints the "
+                                          "key (once) and its file entry")
+    key.add_argument("name", type=_key_name, help="the key's name: the actor in the audit "
+                                                  "log (letters, digits, . _ @ -)")
+    key.add_argument("--role", choices=["viewer", "operator", "admin"], default="viewer")
+    key.set_defaults(func=_make_key)
+
+    whoami = sub.add_parser("whoami", help="the name and role of the key this CLI sends")
+    whoami.set_defaults(func=_whoami)
+
+    audit = sub.add_parser("audit", help="the audit log, newest first (GET /audit)")
+    audit.add_argument("--model", help="only this model id")
+    audit.add_argument("--actor", help="only calls by this key name")
+    audit.add_argument("--action", help="only this action, e.g. switch_requested")
+    audit.add_argument("--since", help="ISO time, e.g. 2025-01-31T12:00:00Z")
+    audit.add_argument("--before", type=int, help="only entries older than this id")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.set_defaults(func=_audit)
     return parser
 
 

@@ -75,7 +75,22 @@ class ModelSwitchingConfig(BaseModel):
     alert_webhook_timeout_s: float = Field(5, gt=0)
     alert_webhook_retries: int = Field(3, ge=0, le=10)
     enable_authentication: bool = False
+    # The guide's single key: with authentication on it is the admin key named `default`
+    # (clients, SDK and CLI send it as their key). At least 16 characters.
     api_key: str | None = Field(None, repr=False)
+
+    # Named keys with roles (`turnout.auth`): a YAML or JSON list of {name, role,
+    # key_sha256}. Holds hashes, not keys; read when the API starts.
+    api_keys_file: str | None = Field(None, max_length=4096)
+    # Largest request body the API reads (the largest legitimate ones, a registration or
+    # a rules list, are a few KiB); larger ones are a 413 before they are read into memory.
+    api_max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # Failed authentications written to the audit log per client address and minute; the
+    # rest are counted in one log line, so a flood of bad keys cannot fill the table.
+    # Overall at most 20 times as many per minute.
+    api_auth_failures_audited_per_minute: int = Field(10, ge=0, le=10_000)
+    # How long `/readyz` waits for each of the store and Temporal before calling it down.
+    api_ready_timeout_s: float = Field(2, gt=0, le=60)
 
     # Where the parts of the stack listen and find each other.
     api_host: str = "127.0.0.1"

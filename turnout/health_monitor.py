@@ -437,7 +437,8 @@ def _alert_params(model_id: str | None, severity: AlertSeverity | str | None,
     if state is not None:
         params["state"] = AlertState(state).value
     if since is not None:
-        params["since"] = since.isoformat()
+        # The API wants an offset; a naive time is taken as UTC, as the store keeps times.
+        params["since"] = (since if since.tzinfo else since.replace(tzinfo=UTC)).isoformat()
     if limit is not None:
         params["limit"] = limit
     return params

@@ -37,7 +37,15 @@ class TurnoutAPIError(RuntimeError):
     def __init__(self, status_code: int, detail: Any) -> None:
         self.status_code = status_code
         self.detail = detail
-        super().__init__(f"HTTP {status_code}: {detail}")
+        hint = _HINTS.get(status_code)
+        super().__init__(f"HTTP {status_code}: {detail}" + (f" ({hint})" if hint else ""))
+
+
+# What to do about a refused key, said once with the error.
+_HINTS = {
+    401: f"set {ModelSwitchingConfig.env_name('api_key')} to a key the API knows",
+    403: "ask an admin for a key with that role",
+}
 
 
 class SwitchResult(BaseModel):
@@ -59,6 +67,9 @@ class _Client:
         self.settings = ModelSwitchingConfig.from_env(**known)
         self.api_url = (api_url or self.settings.resolved_api_url).rstrip("/")
         key = api_key or self.settings.api_key
+        if key is not None and not (key.isascii() and key.isprintable() and " " not in key):
+            raise ValueError(f"the API key ({ModelSwitchingConfig.env_name('api_key')}) must "
+                             f"be printable ASCII without spaces")
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -299,6 +310,20 @@ class ModelSwitcher:
                   "status": OperationStatus(status).value if status is not None else None}
         return self._client.request("GET", "/switch/operations",
                                     params={k: v for k, v in params.items() if v is not None})
+
+    def list_audit(self, *, model_id: str | None = None, actor: str | None = None,
+                   action: str | None = None, since: str | None = None,
+                   before: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Audit entries, newest first (`GET /audit`); pass the last entry's `id` as
+        `before` for the page after it."""
+        params = {"model_id": model_id, "actor": actor, "action": action, "since": since,
+                  "before": before, "limit": limit}
+        return self._client.request("GET", "/audit",
+                                    params={k: v for k, v in params.items() if v is not None})
+
+    def whoami(self) -> dict[str, Any]:
+        """The name (the actor in the audit log) and role of the key this client sends."""
+        return self._client.request("GET", "/auth/whoami")
 
     def _control(self, operation_id: str, action: str, reason: str | None,
                  requested_by: str | None) -> dict[str, Any]:

@@ -17,8 +17,10 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.auth import Operator, Viewer
 from api.deps import SettingsDep, StoreDep, TemporalDep
 from api.errors import ERROR_RESPONSES, ErrorBody
+from api.params import ModelIdPath, VersionPath
 from turnout import contracts as c
 from turnout.domain import AuditEntry, EngineState
 from turnout.fleet import FleetReport, LoadRequest, PlacementError, place
@@ -37,18 +39,21 @@ class PreloadRequest(BaseModel):
                                       "to make room; higher ones are kept")
     replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS,
                                  description="Engines to load (default: the version's)")
-    requested_by: str | None = Field(None, max_length=256)
+    requested_by: str | None = Field(None, max_length=256,
+                                     description="A free note for the audit log")
 
 
 class ReleasePreload(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    requested_by: str | None = Field(None, max_length=256)
+    requested_by: str | None = Field(None, max_length=256,
+                                     description="A free note for the audit log")
     reason: str | None = Field(None, max_length=2000)
 
 
 @router.get("/engines", response_model=FleetReport)
-async def list_engines(store: StoreDep, settings: SettingsDep) -> FleetReport:
+async def list_engines(principal: Viewer, store: StoreDep,
+                       settings: SettingsDep) -> FleetReport:
     """Engine hosts (capacity, used, free, live) and engines (role, state, memory, since,
     last used, priority, holders)."""
     return (await read_fleet(store)).report(utcnow(), settings.engine_host_live_after_s)
@@ -80,8 +85,8 @@ async def _running_status(handle: WorkflowHandle) -> c.PreloadStatus | None:
                      "description": "No host can take it without evicting engines this "
                                     "preload may not evict (named), or an external "
                                     "endpoint"}})
-async def preload(model_id: str, version: str, client: TemporalDep, store: StoreDep,
-                  settings: SettingsDep,
+async def preload(model_id: ModelIdPath, version: VersionPath, principal: Operator,
+                  client: TemporalDep, store: StoreDep, settings: SettingsDep,
                   body: PreloadRequest | None = None) -> c.PreloadStatus | JSONResponse:
     """Load a version without traffic and keep it loaded until released; poll the status
     with `GET` (phase `loading`, then `ready`)."""
@@ -112,7 +117,7 @@ async def preload(model_id: str, version: str, client: TemporalDep, store: Store
         await client.start_workflow(
             c.PRELOAD_WORKFLOW,
             c.PreloadInput(model_id=model_id, version=version, priority=body.priority,
-                           replicas=body.replicas, requested_by=body.requested_by),
+                           replicas=body.replicas, requested_by=principal.name),
             id=c.preload_workflow_id(model_id, version), task_queue=settings.control_task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
@@ -120,10 +125,11 @@ async def preload(model_id: str, version: str, client: TemporalDep, store: Store
     except WorkflowAlreadyStartedError:  # another request started it a moment ago
         started = await handle.query(c.STATUS_QUERY, result_type=c.PreloadStatus)
         return JSONResponse(started.model_dump(mode="json"), status_code=status.HTTP_200_OK)
-    await store.audit(AuditEntry(actor=body.requested_by, action="preload_started",
+    await store.audit(AuditEntry(actor=principal.name, action="preload_started",
                                  model_id=model_id,
                                  details={"version": version, "priority": body.priority,
-                                          "replicas": body.replicas}))
+                                          "replicas": body.replicas,
+                                          "requested_by": body.requested_by}))
     accepted = c.PreloadStatus(model_id=model_id, version=version, priority=body.priority,
                                phase="ready" if loaded else "loading", warm=bool(loaded),
                                hosts=loaded, started_at=utcnow())
@@ -133,7 +139,8 @@ async def preload(model_id: str, version: str, client: TemporalDep, store: Store
 
 
 @router.get("/models/{model_id}/versions/{version}/preload", response_model=c.PreloadStatus)
-async def get_preload(model_id: str, version: str, client: TemporalDep) -> c.PreloadStatus:
+async def get_preload(model_id: ModelIdPath, version: VersionPath, principal: Viewer,
+                      client: TemporalDep) -> c.PreloadStatus:
     """The version's current (or last) preload: `loading`, `ready`, `released`, `evicted`
     or `failed`, with the hosts it is loaded on."""
     try:
@@ -149,8 +156,8 @@ async def get_preload(model_id: str, version: str, client: TemporalDep) -> c.Pre
 
 @router.delete("/models/{model_id}/versions/{version}/preload",
                status_code=status.HTTP_202_ACCEPTED, response_model=c.PreloadStatus)
-async def release_preload(model_id: str, version: str, client: TemporalDep,
-                          store: StoreDep,
+async def release_preload(model_id: ModelIdPath, version: VersionPath, principal: Operator,
+                          client: TemporalDep, store: StoreDep,
                           body: ReleasePreload | None = None) -> c.PreloadStatus:
     """Let go of the preload: its engines stop unless something else holds them (a switch
     to the version, say). 404 when no preload of the version is running."""
@@ -159,9 +166,9 @@ async def release_preload(model_id: str, version: str, client: TemporalDep,
     if await _running_status(handle) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"version: no preload of {version!r} of {model_id!r} is running")
-    await handle.signal(c.RELEASE_PRELOAD,
-                        body.reason or f"released by {body.requested_by or 'an operator'}")
-    await store.audit(AuditEntry(actor=body.requested_by, action="preload_released",
+    await handle.signal(c.RELEASE_PRELOAD, body.reason or f"released by {principal.name}")
+    await store.audit(AuditEntry(actor=principal.name, action="preload_released",
                                  model_id=model_id,
-                                 details={"version": version, "reason": body.reason}))
+                                 details={"version": version, "reason": body.reason,
+                                          "requested_by": body.requested_by}))
     return await handle.query(c.STATUS_QUERY, result_type=c.PreloadStatus)

@@ -7,13 +7,17 @@ reads them, so it never calls a gateway or an engine itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, create_model
+from pydantic.fields import FieldInfo
 
+from api.auth import Operator, Viewer, check_role
 from api.deps import SettingsDep, StoreDep
 from api.errors import ERROR_RESPONSES, FieldErrors
+from api.params import ModelIdPath
+from turnout.auth import thresholds_role
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import MODEL_ID_PATTERN, AuditEntry
 from turnout.limits import ACTOR_MAX
@@ -33,14 +37,26 @@ class HealthReport(BaseModel):
     models: list[ModelHealth]
 
 
+def _bounded(field: FieldInfo) -> Any:
+    """A field's type with its bounds (`gt`, `le`, ...), to make it optional and keep them.
+    Numbers are strict: `true` or `"5"` is not a level."""
+    strict = [Strict()] if field.annotation in (int, float) else []
+    if not field.metadata and not strict:
+        return field.annotation
+    return Annotated[(field.annotation, *field.metadata, *strict)]  # type: ignore[valid-type]
+
+
 ThresholdsUpdate: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "ThresholdsUpdate",
     __config__=ConfigDict(extra="forbid"),
     __doc__="Levels to change (the others keep their value), for one model or, without "
             "`model_id`, for every model.",
     model_id=(str | None, Field(None, pattern=MODEL_ID_PATTERN)),
-    requested_by=(str | None, Field(None, max_length=ACTOR_MAX)),
-    **{name: (field.annotation | None, None)
+    requested_by=(str | None, Field(None, max_length=ACTOR_MAX,
+                                    description="A free note for the audit log")),
+    # Each level keeps its bounds (documented in the schema, checked before anything
+    # is changed); None or absent leaves it as it is.
+    **{name: (_bounded(field) | None, Field(None, description=field.description))
        for name, field in MonitorThresholds.model_fields.items()},
 )
 
@@ -65,7 +81,8 @@ async def _model_health(store: Store, settings: ModelSwitchingConfig,
 
 
 @router.get("/models", response_model=HealthReport)
-async def health_of_models(store: StoreDep, settings: SettingsDep) -> HealthReport:
+async def health_of_models(principal: Viewer, store: StoreDep,
+                           settings: SettingsDep) -> HealthReport:
     """Each model's live and candidate versions with their figures over the monitor's last
     interval, their state (healthy / degraded / unhealthy / no_data), the levels crossed
     and the thresholds applied."""
@@ -76,28 +93,35 @@ async def health_of_models(store: StoreDep, settings: SettingsDep) -> HealthRepo
 
 
 @router.get("/models/{model_id}", response_model=ModelHealth)
-async def health_of_model(model_id: str, store: StoreDep,
+async def health_of_model(model_id: ModelIdPath, principal: Viewer, store: StoreDep,
                           settings: SettingsDep) -> ModelHealth:
     return await _model_health(store, settings, model_id)
 
 
 @router.get("/thresholds", response_model=MonitorThresholds)
-async def get_thresholds(store: StoreDep, settings: SettingsDep,
-                         model_id: str | None = None) -> MonitorThresholds:
+async def get_thresholds(principal: Viewer, store: StoreDep, settings: SettingsDep,
+                         model_id: str | None = Query(None, max_length=300)
+                         ) -> MonitorThresholds:
     """The levels applied to `model_id` (or to every model without overrides of its own)."""
     if model_id is not None:
         await store.get_model(model_id)
     return await thresholds_for(store, settings, model_id)
 
 
-@router.put("/thresholds", response_model=MonitorThresholds)
-async def put_thresholds(body: ThresholdsUpdate, store: StoreDep,  # type: ignore[valid-type]
+@router.put("/thresholds", response_model=MonitorThresholds,
+            openapi_extra={"x-turnout-role": "operator with model_id, admin without"})
+async def put_thresholds(request: Request, body: ThresholdsUpdate,  # type: ignore[valid-type]
+                         principal: Operator, store: StoreDep,
                          settings: SettingsDep) -> MonitorThresholds:
     """Change some levels (the guide's `health_monitor.update_thresholds`). The result must
     hold together: a warning level above its critical level is a 422 naming the warning
-    field, and nothing is changed. Returns the levels now applied."""
+    field, and nothing is changed. Returns the levels now applied.
+
+    One model's levels (with `model_id`) need role `operator`; every model's (without)
+    need `admin`."""
     fields: dict[str, Any] = body.model_dump(exclude_unset=True)  # type: ignore[attr-defined]
     model_id = fields.pop("model_id", None)
+    await check_role(request, principal, thresholds_role(model_id))
     requested_by = fields.pop("requested_by", None)
     changes = {k: v for k, v in fields.items() if v is not None}
     if model_id is not None:
@@ -107,9 +131,10 @@ async def put_thresholds(body: ThresholdsUpdate, store: StoreDep,  # type: ignor
         applied = current.updated(changes)
     except ValidationError as exc:
         raise FieldErrors(_field_errors(exc, current, changes)) from None
-    await store.set_threshold_overrides(model_id, changes, requested_by)
-    await store.audit(AuditEntry(actor=requested_by, action="thresholds_updated",
-                                 model_id=model_id, details={"changes": changes}))
+    await store.set_threshold_overrides(model_id, changes, principal.name)
+    await store.audit(AuditEntry(actor=principal.name, action="thresholds_updated",
+                                 model_id=model_id,
+                                 details={"changes": changes, "requested_by": requested_by}))
     return applied
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import urlsplit
+
 from fastapi import APIRouter, status
 from fastapi.responses import JSONResponse
 
+from api.auth import Operator, Viewer
 from api.controls import emergency_rollback
 from api.deps import SettingsDep, StoreDep, TemporalDep
 from api.errors import ERROR_RESPONSES, ErrorBody, FieldErrors
+from api.params import ModelIdPath
 from api.switching import OperationView, SwitchAccepted
 from turnout.contracts import ControlRequest
 from turnout.domain import AuditEntry, ModelInfo, RegisterModelRequest, VersionInfo
@@ -16,8 +21,35 @@ from turnout.registration import check_registration
 router = APIRouter(prefix="/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
+def registration_details(body: RegisterModelRequest) -> dict[str, Any]:
+    """What the audit log keeps of a registration: what will run and where it is sent,
+    never a secret. Of an external endpoint only its host and port (a URL may carry
+    credentials); of its credentials only the name of the variable that holds them."""
+    details: dict[str, Any] = {"version": body.version, "model": body.model,
+                               "engine_args": body.engine_args, "aliases": body.aliases,
+                               "served_model_name": body.served_model_name}
+    if body.endpoint is not None:
+        details["endpoint_host"] = _host_port(body.endpoint)
+    api_key_env = getattr(body, "api_key_env", None)
+    if api_key_env is not None:
+        details["api_key_env"] = api_key_env
+    return details
+
+
+def _host_port(url: str) -> str | None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.hostname is None:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{port}" if port is not None else host
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=VersionInfo)
-async def register_model(body: RegisterModelRequest, store: StoreDep,
+async def register_model(body: RegisterModelRequest, principal: Operator, store: StoreDep,
                          settings: SettingsDep) -> VersionInfo:
     """Register a version of a model; the model id is `{model_arch}_{model_stage}`.
 
@@ -29,18 +61,18 @@ async def register_model(body: RegisterModelRequest, store: StoreDep,
     if errors:
         raise FieldErrors(errors)
     version = await store.register_version(body)
-    await store.audit(AuditEntry(action="version_registered", model_id=version.model_id,
-                                 details={"version": version.version, "model": body.model}))
+    await store.audit(AuditEntry(actor=principal.name, action="version_registered",
+                                 model_id=version.model_id, details=registration_details(body)))
     return version
 
 
 @router.get("", response_model=list[ModelInfo])
-async def list_models(store: StoreDep) -> list[ModelInfo]:
+async def list_models(principal: Viewer, store: StoreDep) -> list[ModelInfo]:
     return await store.list_models()
 
 
 @router.get("/{model_id}", response_model=ModelInfo)
-async def get_model(model_id: str, store: StoreDep) -> ModelInfo:
+async def get_model(model_id: ModelIdPath, principal: Viewer, store: StoreDep) -> ModelInfo:
     return await store.get_model(model_id)
 
 
@@ -56,8 +88,8 @@ async def get_model(model_id: str, store: StoreDep) -> ModelInfo:
               "description": "No previous version to roll back to, or the active switch "
                              "refuses a rollback in its current phase"},
     })
-async def rollback_model(model_id: str, client: TemporalDep, store: StoreDep,
-                         settings: SettingsDep,
+async def rollback_model(model_id: ModelIdPath, principal: Operator, client: TemporalDep,
+                         store: StoreDep, settings: SettingsDep,
                          body: ControlRequest | None = None) -> OperationView | JSONResponse:
     """Emergency rollback: undo whatever is happening to this model, as fast as possible.
 
@@ -65,7 +97,8 @@ async def rollback_model(model_id: str, client: TemporalDep, store: StoreDep,
     model is switched immediately back to its previous version (202). Audited as
     `emergency_rollback`.
     """
-    result = await emergency_rollback(client, store, settings, model_id, body)
+    result = await emergency_rollback(client, store, settings, model_id, body,
+                                      principal.name)
     if isinstance(result, SwitchAccepted):
         return JSONResponse(result.model_dump(mode="json"),
                             status_code=status.HTTP_202_ACCEPTED)

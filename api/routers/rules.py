@@ -10,8 +10,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import Field
 
+from api.auth import Operator, Viewer
 from api.deps import StoreDep
 from api.errors import ERROR_RESPONSES, FieldErrors
+from api.params import ModelIdPath
 from turnout.domain import AuditEntry
 from turnout.limits import ACTOR_MAX
 from turnout.rules import ModelRules, RoutingRules
@@ -20,19 +22,21 @@ router = APIRouter(prefix="/models", tags=["routing rules"], responses=ERROR_RES
 
 
 class RulesUpdate(RoutingRules):
-    """The new rules (replacing the old ones; `[]` removes them) and who set them."""
+    """The new rules (replacing the old ones; `[]` removes them). Who set them is the
+    caller's key; `requested_by` is a free note kept in the audit log."""
 
     requested_by: str | None = Field(None, max_length=ACTOR_MAX)
 
 
 @router.get("/{model_id}/rules", response_model=ModelRules)
-async def get_rules(model_id: str, store: StoreDep) -> ModelRules:
+async def get_rules(model_id: ModelIdPath, principal: Viewer, store: StoreDep) -> ModelRules:
     """The model's rules in evaluation order (an empty list when none are set)."""
     return await store.get_rules(model_id)
 
 
 @router.put("/{model_id}/rules", response_model=ModelRules)
-async def put_rules(model_id: str, body: RulesUpdate, store: StoreDep) -> ModelRules:
+async def put_rules(model_id: ModelIdPath, body: RulesUpdate, principal: Operator,
+                    store: StoreDep) -> ModelRules:
     """Replace the model's rules. Each rule's version must be registered for the model:
     an unknown one is a 422 naming `rules.<i>.version`, and nothing is changed."""
     model = await store.get_model(model_id)
@@ -43,9 +47,10 @@ async def put_rules(model_id: str, body: RulesUpdate, store: StoreDep) -> ModelR
                for i, rule in enumerate(body.rules) if rule.version not in known]
     if unknown:
         raise FieldErrors(unknown)
-    saved = await store.set_rules(model_id, RoutingRules(rules=body.rules), body.requested_by)
-    await store.audit(AuditEntry(actor=body.requested_by, action="rules_updated",
+    saved = await store.set_rules(model_id, RoutingRules(rules=body.rules), principal.name)
+    await store.audit(AuditEntry(actor=principal.name, action="rules_updated",
                                  model_id=model_id,
-                                 details=saved.model_dump(mode="json", include={"rules"},
-                                                          exclude_none=True)))
+                                 details={**saved.model_dump(mode="json", include={"rules"},
+                                                             exclude_none=True),
+                                          "requested_by": body.requested_by}))
     return saved

@@ -15,8 +15,10 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.auth import Operator, Viewer
 from api.deps import SettingsDep, StoreDep, TemporalDep
 from api.errors import ERROR_RESPONSES
+from api.params import ModelIdPath
 from turnout import contracts as c
 from turnout.domain import NAME_PATTERN, AuditEntry
 from turnout.limits import ACTOR_MAX, REASON_MAX
@@ -27,17 +29,21 @@ router = APIRouter(prefix="/models", tags=["shadow"], responses=ERROR_RESPONSES)
 class ShadowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: str = Field(pattern=NAME_PATTERN, description="A registered version that is not live")
-    percentage: float = Field(100.0, gt=0, le=100,
+    version: str = Field(pattern=NAME_PATTERN,
+                         description="A registered version that is not live")
+    percentage: float = Field(100.0, gt=0, le=100, strict=True,
                               description="Share of the model's requests copied to it")
     duration_minutes: float | None = Field(
-        None, gt=0, le=60 * 24 * 30, description="How long to mirror (default: until stopped)")
-    requested_by: str | None = Field(None, max_length=ACTOR_MAX)
+        None, gt=0, le=60 * 24 * 30, strict=True,
+        description="How long to mirror (default: until stopped)")
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX,
+                                     description="A free note for the audit log")
     reason: str | None = Field(None, max_length=REASON_MAX)
 
 
 class StopShadow(BaseModel):
-    requested_by: str | None = Field(None, max_length=ACTOR_MAX)
+    requested_by: str | None = Field(None, max_length=ACTOR_MAX,
+                                     description="A free note for the audit log")
     reason: str | None = Field(None, max_length=REASON_MAX)
 
 
@@ -47,8 +53,9 @@ def _handle(client: TemporalDep, model_id: str) -> WorkflowHandle:
 
 @router.post("/{model_id}/shadow", status_code=status.HTTP_202_ACCEPTED,
              response_model=c.ShadowStatus)
-async def start_shadow(model_id: str, body: ShadowRequest, client: TemporalDep,
-                       store: StoreDep, settings: SettingsDep) -> c.ShadowStatus:
+async def start_shadow(model_id: ModelIdPath, body: ShadowRequest, principal: Operator,
+                       client: TemporalDep, store: StoreDep,
+                       settings: SettingsDep) -> c.ShadowStatus:
     """Start mirroring. 404: unknown model or version; 409: the version is live, the model
     serves nothing yet, or a shadow of this model is already running."""
     model = await store.get_model(model_id)
@@ -64,7 +71,7 @@ async def start_shadow(model_id: str, body: ShadowRequest, client: TemporalDep,
     shadow_input = c.ShadowInput(
         model_id=model_id, version=body.version, percent=body.percentage,
         duration_s=(body.duration_minutes or 0) * 60,
-        engine_task_queue=settings.engine_task_queue, requested_by=body.requested_by)
+        engine_task_queue=settings.engine_task_queue, requested_by=principal.name)
     try:
         await client.start_workflow(
             c.SHADOW_WORKFLOW, shadow_input, id=c.shadow_workflow_id(model_id),
@@ -76,14 +83,14 @@ async def start_shadow(model_id: str, body: ShadowRequest, client: TemporalDep,
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"model_id: a shadow of {model_id!r} is already running; "
                             f"stop it first (DELETE /models/{model_id}/shadow)") from None
-    await store.audit(AuditEntry(actor=body.requested_by, action="shadow_started",
-                                 model_id=model_id,
-                                 details=body.model_dump(exclude={"requested_by"})))
+    await store.audit(AuditEntry(actor=principal.name, action="shadow_started",
+                                 model_id=model_id, details=body.model_dump()))
     return c.ShadowStatus(model_id=model_id, version=body.version, percent=body.percentage)
 
 
 @router.get("/{model_id}/shadow", response_model=c.ShadowStatus)
-async def get_shadow(model_id: str, client: TemporalDep) -> c.ShadowStatus:
+async def get_shadow(model_id: ModelIdPath, principal: Viewer,
+                     client: TemporalDep) -> c.ShadowStatus:
     """The model's current (or last) shadow: phase `loading`, `mirroring`, `completed` or
     `failed`, with the reason it ended."""
     handle = _handle(client, model_id)
@@ -98,8 +105,8 @@ async def get_shadow(model_id: str, client: TemporalDep) -> c.ShadowStatus:
 
 @router.delete("/{model_id}/shadow", status_code=status.HTTP_202_ACCEPTED,
                response_model=c.ShadowStatus)
-async def stop_shadow(model_id: str, client: TemporalDep, store: StoreDep,
-                      body: StopShadow | None = None) -> c.ShadowStatus:
+async def stop_shadow(model_id: ModelIdPath, principal: Operator, client: TemporalDep,
+                      store: StoreDep, body: StopShadow | None = None) -> c.ShadowStatus:
     """Stop mirroring: the shadow leaves the route, its copies finish, its engine stops.
     404 when no shadow of the model is running."""
     handle = _handle(client, model_id)
@@ -114,8 +121,10 @@ async def stop_shadow(model_id: str, client: TemporalDep, store: StoreDep,
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"model_id: {model_id!r} has no running shadow")
     body = body or StopShadow()
-    reason = body.reason or f"stopped by {body.requested_by or 'an operator'}"
+    reason = body.reason or f"stopped by {principal.name}"
     await handle.signal(c.STOP_SHADOW, reason)
-    await store.audit(AuditEntry(actor=body.requested_by, action="shadow_stopped",
-                                 model_id=model_id, details={"reason": body.reason}))
+    await store.audit(AuditEntry(actor=principal.name, action="shadow_stopped",
+                                 model_id=model_id,
+                                 details={"reason": body.reason,
+                                          "requested_by": body.requested_by}))
     return await handle.query(c.STATUS_QUERY, result_type=c.ShadowStatus)

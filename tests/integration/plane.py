@@ -203,10 +203,14 @@ async def record_workflow_history(plane: ControlPlane, name: str, workflow_id: s
     path.write_text((await handle.fetch_history()).to_json())
 
 
-async def cli(plane: ControlPlane, *args: str) -> tuple[int, Any, str]:
-    """Run `turnout ARGS` against the plane's API: exit code, JSON output, stderr."""
+async def cli(plane: ControlPlane, *args: str,
+              api_key: str | None = None) -> tuple[int, Any, str]:
+    """Run `turnout ARGS` against the plane's API (sending `api_key` if given): exit code,
+    JSON output, stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_MODEL_SWITCHING_")}
     env.update(VLLM_MODEL_SWITCHING_API_URL=plane.api_url, USER="cli-user")
+    if api_key is not None:
+        env["VLLM_MODEL_SWITCHING_API_KEY"] = api_key
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "turnout.cli", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

@@ -318,6 +318,9 @@ async def test_every_operation_is_audited(plane: ControlPlane) -> None:
     actions = [e["action"] for e in audit]
     assert actions.count("version_registered") == 2
     assert actions.count("switch_requested") == actions.count("switch_completed") == 2
+    # Newest first; with authentication off nobody is verified: the actor is `anonymous`.
+    assert [e["id"] for e in audit] == sorted((e["id"] for e in audit), reverse=True)
+    assert {e["actor"] for e in audit} == {"anonymous"}
 
 
 async def test_unknown_operation_is_404(plane: ControlPlane) -> None:
@@ -329,7 +332,8 @@ async def test_unknown_operation_is_404(plane: ControlPlane) -> None:
 async def test_api_key_is_required_when_authentication_is_on(plane: ControlPlane) -> None:
     port = free_port()
     settings = plane.settings.model_copy(update={"enable_authentication": True,
-                                                 "api_key": "s3cret", "api_port": port})
+                                                 "api_key": "s3cret-for-this-test",
+                                                 "api_port": port})
     server, task = await serve_api(create_app(settings, store=plane.store,
                                               temporal=plane.env.client), port)
     try:
@@ -337,7 +341,8 @@ async def test_api_key_is_required_when_authentication_is_on(plane: ControlPlane
             assert (await client.get("/models")).status_code == 401
             wrong = await client.get("/models", headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401
-            right = await client.get("/models", headers={"Authorization": "Bearer s3cret"})
+            right = await client.get("/models",
+                                     headers={"Authorization": "Bearer s3cret-for-this-test"})
             assert right.status_code == 200
     finally:
         server.should_exit = True

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -86,6 +86,19 @@ def _aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def _utc(value: datetime) -> datetime:
+    """`value` in UTC (naive means UTC), for comparing with stored times: SQLite keeps them
+    without an offset, so an offset must be applied before comparing. Times too close to
+    the ends of the calendar to shift are clamped."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        return (datetime.min if value.year == datetime.min.year else datetime.max).replace(
+            tzinfo=UTC)
 
 
 class Store(FleetStore):
@@ -447,14 +460,31 @@ class Store(FleetStore):
             return found is not None
 
     async def list_audit(self, *, model_id: str | None = None, operation_id: str | None = None,
+                         actor: str | None = None, action: str | None = None,
+                         since: datetime | None = None, before: int | None = None,
                          limit: int = 500) -> list[AuditEntry]:
-        query = select(AuditRow).order_by(AuditRow.id).limit(limit)
+        """Entries newest first. `before` is a cursor: only entries with a smaller id (pass
+        the last id of a page to get the next one). `since` keeps entries at or after it."""
+        query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
         if model_id is not None:
             query = query.where(AuditRow.model_id == model_id)
         if operation_id is not None:
             query = query.where(AuditRow.operation_id == operation_id)
+        if actor is not None:
+            query = query.where(AuditRow.actor == actor)
+        if action is not None:
+            query = query.where(AuditRow.action == action)
+        if since is not None:
+            query = query.where(AuditRow.at >= _utc(since))
+        if before is not None:
+            query = query.where(AuditRow.id < before)
         async with self._session() as session:
             return [_audit(r) for r in (await session.scalars(query)).all()]
+
+    async def ping(self) -> None:
+        """Raise unless the database answers a trivial query (readiness)."""
+        async with self._session() as session:
+            await session.execute(text("SELECT 1"))
 
 
     # ---------------------------------------------------------------- alerts
@@ -504,7 +534,7 @@ class Store(FleetStore):
         if state is not None:
             query = query.where(AlertRow.state == state.value)
         if since is not None:
-            query = query.where(AlertRow.last_seen >= since)
+            query = query.where(AlertRow.last_seen >= _utc(since))
         async with self._session() as session:
             return [_alert(r) for r in (await session.scalars(query)).all()]
 

@@ -58,7 +58,14 @@ from turnout.cpu_cores import (
 from turnout.domain import SERVED_NAME_PATTERN, EngineInfo, EngineState, VersionInfo
 from turnout.engine_args import TRUST_REMOTE_CODE_SETTING, EngineArgsError, engine_argv
 from turnout.environments import engine_environment
-from turnout.fleet import CACHED_ROLES, GIB, EngineRole, HolderKind, HostCapacity
+from turnout.fleet import (
+    CACHED_ROLES,
+    GIB,
+    EngineRole,
+    HolderKind,
+    HostCapacity,
+    should_sleep,
+)
 from turnout.redaction import answer_summary
 from turnout.registration import is_hub_id, model_dir_problem, stored_endpoint_problem
 from turnout.store import NotFound, Store
@@ -76,6 +83,7 @@ ENGINE_STALLED = "EngineStalled"  # no log line, no /health answer for engine_st
 ENGINE_WARMUP_FAILED = "EngineWarmupError"  # /health OK but the first completion failed
 NO_FREE_PORT = "NoFreePort"  # every port of [engine_port_start, engine_port_end] is taken
 INSUFFICIENT_MEMORY = "InsufficientMemory"  # the engine would not fit in this host's memory
+ENGINE_SLEEP_FAILED = "EngineSleepError"  # vLLM refused /sleep or /wake_up (retried)
 # Files that hold a model's weights (what an engine loads into memory).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -167,6 +175,14 @@ def validate_model_dir(model: str, roots: Iterable[str] | None = None) -> str:
         raise ApplicationError(f"{config} is not a JSON object", non_retryable=True,
                                type=MODEL_LOAD_ERROR)
     return str(path.resolve())
+
+
+def sleep_mode_launch(sleep_mode: bool) -> tuple[list[str], dict[str, str]]:
+    """The flag and variable an engine needs for vLLM's sleep mode: vLLM serves `/sleep`
+    and `/wake_up` only in its development mode."""
+    if not sleep_mode:
+        return [], {}
+    return ["--enable-sleep-mode"], {"VLLM_SERVER_DEV_MODE": "1"}
 
 
 def weights_bytes(model: str) -> int:
@@ -403,6 +419,48 @@ class EngineActivities:
             await self.store.delete_engine(engine.model_id, engine.version, self.host)
         return kept
 
+    @property
+    def _sleep_mode(self) -> bool:
+        return self._capacity is not None and self._capacity.sleep_mode
+
+    async def sleep_cached(self) -> int:
+        """On a host with sleep mode: put its cached engines (standby, preloaded) to sleep,
+        so they hold no GPU memory; `load_version` wakes one before it takes traffic.
+        Returns how many were put to sleep."""
+        if self._capacity is None:
+            self._capacity = await asyncio.to_thread(detect_capacity, self.settings)
+        if not self._sleep_mode:
+            return 0
+        state = None
+        slept = 0
+        for engine in await self.store.list_engines(host=self.host):
+            if engine.external or engine.sleeping or engine.state is not EngineState.READY:
+                continue
+            state = state or await read_fleet(self.store)
+            if not should_sleep(state.role(engine.model_id, engine.version),
+                                sleep_mode=True):
+                continue
+            async with self._locked(engine.model_id, engine.version):
+                await self._set_sleeping(engine, True)
+                slept += 1
+        return slept
+
+    async def _set_sleeping(self, engine: EngineInfo, asleep: bool) -> EngineInfo:
+        """vLLM's `/sleep?level=1` or `/wake_up`, then record it."""
+        path = "/sleep?level=1" if asleep else "/wake_up"
+        try:
+            async with httpx.AsyncClient(timeout=300) as client:
+                (await client.post(f"{engine.url}{path}")).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise ApplicationError(f"{path} of {engine.model_id}:{engine.version} at "
+                                   f"{engine.url} failed: {exc!r}", type=ENGINE_SLEEP_FAILED,
+                                   non_retryable=False) from None
+        engine = engine.model_copy(update={"sleeping": asleep})
+        await self.store.save_engine(engine)
+        _logger().info("engine %s:%s %s", engine.model_id, engine.version,
+                       "put to sleep" if asleep else "woken")
+        return engine
+
     async def find_dead(self) -> list[ReplaceEngineInput]:
         """Loaded engines of this host whose process has gone, each marked failed at once
         (gateways then route around it within a second), with its role and how it ended:
@@ -467,6 +525,8 @@ class EngineActivities:
             url = self._url(port)
             if (existing and existing.state is EngineState.READY and existing.pid == pid
                     and await self._healthy(url)):
+                if existing.sleeping:
+                    existing = await self._set_sleeping(existing, False)
                 _logger().info("%s:%s already running: pid=%s at %s", model_id, ver, pid, url)
                 return LoadVersionResult(engine=existing, already_running=True)
             log_path = self._log_path(model_id, ver)
@@ -603,9 +663,11 @@ class EngineActivities:
             env = self._engine_env(omp_threads_bind(
                 cores, worker_ranks(version.config.engine_args)) if cores else None)
             on_cpus = f" on cpus {format_cpu_list(cores)}" if cores else ""
+            sleep_flags, sleep_env = sleep_mode_launch(self._sleep_mode)
+            env.update(sleep_env)
             argv = [s.engine_python or sys.executable, "-m", API_SERVER_MODULE,
                     "--model", model_dir, "--served-model-name", name,
-                    "--host", s.engine_bind_host, "--port", str(port), *flags]
+                    "--host", s.engine_bind_host, "--port", str(port), *flags, *sleep_flags]
             with log_path.open("ab") as log_file:
                 log_file.write(f"\n=== {datetime.now(UTC).isoformat()} turnout starts"
                                f"{on_cpus}: {' '.join(argv)}\n".encode())

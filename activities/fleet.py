@@ -79,10 +79,11 @@ class FleetActivities:
             raise ApplicationError(str(exc), type=PLACEMENT_FAILED, non_retryable=True) \
                 from None
         queues = {h.host_id: h.task_queue for h in state.hosts}
+        # A sleeping engine is warm too, but its host wakes it first (a load, then).
         ready = await self._answering(
             [e for e in state.engines
              if (e.model_id, e.version) == (input.model_id, input.version)
-             and e.state is EngineState.READY and not e.external])
+             and e.state is EngineState.READY and not e.external and not e.sleeping])
         activity.logger.info("placing %s %s on %s%s", input.model_id, input.version,
                              ", ".join(r.host_id + (" (loaded)" if r.reuse else "")
                                        for r in placement.replicas),

@@ -57,9 +57,9 @@ def detect_capacity(settings: ModelSwitchingConfig,
                     gpus: list[GpuDevice] | None = None) -> HostCapacity:
     """What this host offers engines.
 
-    On CUDA hosts engines fill GPU memory and vLLM's sleep mode can free it for cached
-    engines; elsewhere they fill host memory and stay awake (vLLM refuses sleep mode on
-    the CPU). `engine_memory_gib` overrides the measured size.
+    On CUDA hosts engines fill GPU memory, and with `engine_sleep_mode` vLLM's sleep mode
+    frees it for cached engines; elsewhere they fill host memory and stay awake (vLLM
+    refuses sleep mode on the CPU). `engine_memory_gib` overrides the measured size.
     """
     gpus = cuda_devices() if gpus is None else gpus
     total = sum(g.memory_bytes for g in gpus) if gpus else psutil.virtual_memory().total
@@ -70,7 +70,8 @@ def detect_capacity(settings: ModelSwitchingConfig,
                         max_cached_models=settings.max_cached_models,
                         port_start=settings.engine_port_start,
                         port_end=settings.engine_port_end,
-                        cpu_count=len(os.sched_getaffinity(0)), sleep_mode=bool(gpus))
+                        cpu_count=len(os.sched_getaffinity(0)),
+                        sleep_mode=bool(gpus) and settings.engine_sleep_mode)
 
 
 class HostMembership:

@@ -196,6 +196,11 @@ class ModelSwitchingConfig(BaseModel):
     # What one engine needs beside its weights and KV cache: Python, torch and the API
     # server (measured here: a tiny model's CPU engine holds 1.9 GiB besides a 1 GiB cache).
     engine_overhead_gib: float = Field(2, ge=0)
+    # On CUDA hosts, put cached engines (standby, preloaded) to sleep (vLLM's sleep mode,
+    # level 1: weights moved to CPU memory) and wake them before they take traffic. Off
+    # by default: vLLM serves /sleep and /wake_up only in its development mode, which
+    # also opens its other development endpoints on each engine's port.
+    engine_sleep_mode: bool = False
     # After a switch the previous live version stays loaded this long, so a rollback is a
     # route change, not a cold start (0: stop it as soon as it is drained).
     standby_minutes: float = Field(30, ge=0, le=7 * 24 * 60)

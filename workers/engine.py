@@ -56,10 +56,12 @@ async def keep_measuring(resources: ResourceActivities, settings: ModelSwitching
 
 async def keep_watching(engines: EngineActivities, client: Client,
                         settings: ModelSwitchingConfig, stop: asyncio.Event) -> None:
-    """Every few seconds, look for loaded engines whose process died; have each replaced
-    (or dropped from the cache) by a `ReplaceEngineWorkflow`."""
+    """Every few seconds, put cached engines to sleep (on hosts with sleep mode) and look
+    for loaded engines whose process died; have each replaced (or dropped from the cache)
+    by a `ReplaceEngineWorkflow`."""
     while not stop.is_set():
         try:
+            await engines.sleep_cached()
             for dead in await engines.find_dead():
                 await client.start_workflow(
                     c.REPLACE_ENGINE_WORKFLOW, dead,

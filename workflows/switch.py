@@ -270,8 +270,9 @@ class SwitchWorkflow:
                     except (ActivityError, asyncio.CancelledError):
                         pass
                 await self._act_on_request()
-        for load in loads:
-            await load
+        results = [await load for load in loads]
+        if self._fleet and results:  # loaded engines woken or found running start warm too
+            self._current().warm_start = all(r.already_running for r in results)
 
     async def _run_step(self, index: int, step: PlanStep) -> str | None:
         """One step: shift traffic, hold (pausable), judge. Returns PROMOTE to skip ahead."""

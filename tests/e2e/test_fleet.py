@@ -21,8 +21,11 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from tests.replay.recording import recording, save_history
+from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import EngineInfo
+from turnout.runtime import connect_temporal
 from turnout.store import Store
 from workers.stack import Stack
 
@@ -96,6 +99,27 @@ async def eventually(check: Any, what: str, timeout_s: float) -> Any:
             return found
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.5)
+
+
+async def record(stack: Stack, name: str, workflow_id: str, run_id: str | None = None) -> None:
+    """With RECORD_HISTORIES=1, keep the workflow's history, once it has ended, for the
+    replay tests."""
+    if recording():
+        client = await connect_temporal(stack.settings)
+        await asyncio.wait_for(client.get_workflow_handle(workflow_id, run_id=run_id)
+                               .result(), 120)
+        await save_history(client, name, workflow_id, run_id)
+
+
+async def record_switch(stack: Stack, name: str, operation_id: str) -> None:
+    if not recording():
+        return
+    store = Store.from_url(stack.settings.database_url)
+    try:
+        operation = await store.get_operation(operation_id)
+    finally:
+        await store.close()
+    await record(stack, f"switch-{name}", operation.workflow_id, operation.run_id)
 
 
 async def preload(stack: Stack, version: str, priority: int) -> httpx.Response:
@@ -178,6 +202,7 @@ async def test_an_emergency_rollback_after_promotion_is_instant(stack: Stack) ->
         await sender
     assert (status["status"], status["outcome"], status["warm_start"]) == \
         ("completed", "promoted", True), status
+    await record_switch(stack, "immediate-warm-emergency-rollback", status["operation_id"])
     assert client.failures == [], client.failures[:5]
     late = [version for sent, version in client.answers if sent >= asked + 1.0]
     assert late and set(late) == {"v1"}, \
@@ -197,6 +222,12 @@ async def test_a_standby_is_released_after_its_window(stack: Stack) -> None:
     await eventually(v2_gone, "v2's engine stopped after its standby window",
                      STANDBY_MINUTES * 60 + 60)
     assert (await engines(stack))["v1"]["role"] == "serving"
+    if recording():
+        client = await connect_temporal(stack.settings)
+        async for standby in client.list_workflows(f"WorkflowType = '{c.STANDBY_WORKFLOW}'"):
+            if standby.status is not None and standby.status.name == "COMPLETED":
+                await save_history(client, "standby-released", standby.id, standby.run_id)
+                break
 
 
 async def test_preloads_fill_the_cache_and_the_lowest_priority_goes_first(
@@ -214,6 +245,7 @@ async def test_preloads_fill_the_cache_and_the_lowest_priority_goes_first(
     assert loaded["v1"]["role"] == "serving"
     evicted = (await call(stack, "GET", f"/models/{MODEL_ID}/versions/p1/preload")).json()
     assert evicted["phase"] == "evicted", evicted
+    await record(stack, "preload-evicted", c.preload_workflow_id(MODEL_ID, "p1"))
     # A lower priority may not evict it: refused at once, naming what would have to go.
     refused = await preload(stack, "p1", priority=0)
     assert refused.status_code == 409, refused.text
@@ -249,6 +281,8 @@ async def test_what_serves_or_mirrors_is_never_evicted(stack: Stack) -> None:
         return set(await engines(stack)) == {"v1"}
 
     await eventually(released, "the shadow's and the preload's engines stopped", 120)
+    await record(stack, "preload-released", c.preload_workflow_id(MODEL_ID, "p20"))
+    await record(stack, "shadow-released", c.shadow_workflow_id(MODEL_ID))
 
 
 # ---------------------------------------------------------------------- two engine hosts
@@ -290,6 +324,7 @@ async def test_a_version_with_two_replicas_runs_on_two_hosts(stack: Stack) -> No
     assert r.status_code == 202, r.text
     status = await wait_end(stack, r.json()["operation_id"])
     assert status["outcome"] == "promoted", status["reason"]
+    await record_switch(stack, "immediate-two-replicas", status["operation_id"])
     report = (await call(stack, "GET", "/engines")).json()
     hosts = sorted(e["host"] for e in report["engines"]
                    if e["model_id"] == MODEL_ID and e["version"] == "v2")
@@ -330,6 +365,8 @@ async def test_a_version_with_two_replicas_runs_on_two_hosts(stack: Stack) -> No
 
         renewed = await eventually(replaced, "the dead replica replaced", 600)
         await eventually(lambda: engine_alert("resolved"), "the engine alert resolved", 60)
+        await record(stack, "replace-engine-serving",
+                     c.replace_engine_workflow_id(MODEL_ID, "v2", SECOND_HOST))
         answers = len(client.answers)
         await eventually(lambda: asyncio.sleep(0, result=len(client.answers) > answers + 40),
                          "more answers", 60)

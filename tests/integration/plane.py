@@ -29,6 +29,7 @@ from activities.health import HealthActivities
 from api.app import create_app
 from gateway.app import start_gateway
 from tests.integration.upstream import FakeUpstream
+from tests.replay.recording import save_history
 from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import installed_binary
@@ -174,12 +175,6 @@ async def traffic(gateway_url: str, model_id: str) -> AsyncIterator[dict[str, in
             await task
 
 
-HISTORIES = Path(__file__).parents[1] / "replay" / "histories"
-# Bump when a workflow changes in a way that needs a new patch, then record the histories
-# of the tests that take the new path: old files stay.
-WORKFLOW_VERSION = "v4"
-
-
 async def record_history(plane: ControlPlane, operation_id: str, scenario: str) -> None:
     """With RECORD_HISTORIES=1, keep this switch's history for the replay tests."""
     record = await plane.store.get_operation(operation_id)
@@ -189,18 +184,8 @@ async def record_history(plane: ControlPlane, operation_id: str, scenario: str) 
 
 async def record_workflow_history(plane: ControlPlane, name: str, workflow_id: str,
                                   run_id: str | None = None) -> None:
-    """With RECORD_HISTORIES=1, keep a workflow's history (so far) for the replay tests.
-
-    Never overwrites: a committed history is a promise that running workflows of that
-    version still replay.
-    """
-    if os.environ.get("RECORD_HISTORIES") != "1":
-        return
-    path = HISTORIES / f"{name}-{WORKFLOW_VERSION}.json"
-    if path.exists():
-        return
-    handle = plane.env.client.get_workflow_handle(workflow_id, run_id=run_id)
-    path.write_text((await handle.fetch_history()).to_json())
+    """With RECORD_HISTORIES=1, keep a workflow's history (so far) for the replay tests."""
+    await save_history(plane.env.client, name, workflow_id, run_id)
 
 
 async def cli(plane: ControlPlane, *args: str,

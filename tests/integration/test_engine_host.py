@@ -76,6 +76,12 @@ async def test_capacity_of_a_cpu_host_and_of_a_gpu_host(tmp_path: Path) -> None:
     assert cpu.ports == settings.engine_port_end - settings.engine_port_start + 1
     gpus = [GpuDevice(index=i, name="fake", memory_bytes=80 * GIB) for i in range(2)]
     gpu = detect_capacity(settings, gpus=gpus)
-    assert gpu.memory_bytes == 80 * GIB and gpu.sleep_mode
+    assert gpu.memory_bytes == 80 * GIB and not gpu.sleep_mode  # sleep mode is opt-in
+    asleep = detect_capacity(settings.model_copy(update={"engine_sleep_mode": True}),
+                             gpus=gpus)
+    assert asleep.sleep_mode
+    cpu_asked = detect_capacity(settings.model_copy(update={"engine_sleep_mode": True}),
+                                gpus=[])
+    assert not cpu_asked.sleep_mode  # vLLM refuses sleep mode on the CPU
     fixed = detect_capacity(settings.model_copy(update={"engine_memory_gib": 12}), gpus=[])
     assert fixed.memory_bytes == 12 * GIB

@@ -333,3 +333,20 @@ def test_cached_hub_id_passes_validation(tmp_path: Path, monkeypatch: pytest.Mon
     assert validate_model_dir("org/tiny") == "org/tiny"
     with pytest.raises(ApplicationError, match="does not exist"):
         validate_model_dir("org/absent")
+
+
+async def test_a_load_that_does_not_fit_fails_before_anything_starts(
+        store: Store, settings: ModelSwitchingConfig, tiny_models: dict[str, Path]) -> None:
+    await _register(store, tiny_models["tiny-v1"], "v1")
+    # 1 GiB for engines: a tiny model still needs its 1 GiB KV cache plus 2 GiB of runtime.
+    acts = EngineActivities(settings.model_copy(update={"engine_memory_gib": 1.0}), store)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ApplicationError) as caught:
+        await _env().run(acts.load_version, LoadVersionInput(model_id=MODEL_ID, version="v1"))
+    assert (caught.value.type, caught.value.non_retryable) == ("InsufficientMemory", True)
+    assert "needs about 3.0 GiB; the largest free is 1.0 GiB on host testhost" in \
+        caught.value.message
+    assert loop.time() - started < 5 and await store.list_engines() == []
+    # The weights' size was read from the model's files and kept for placement.
+    assert (MODEL_ID, "v1") in await store.weights_sizes()

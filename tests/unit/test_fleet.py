@@ -237,3 +237,10 @@ def test_cache_overflow_only_stops_ready_cached_engines_in_eviction_order(
                 sum(e.memory_bytes for e in [*left, stop[-1]]) > h.memory_bytes
         elif cached_left:
             assert len(cached_left) <= h.max_cached_models
+
+
+def test_sleep_mode_needs_the_flag_and_vllms_development_mode() -> None:
+    from activities.engines import sleep_mode_launch
+
+    assert sleep_mode_launch(False) == ([], {})
+    assert sleep_mode_launch(True) == (["--enable-sleep-mode"], {"VLLM_SERVER_DEV_MODE": "1"})

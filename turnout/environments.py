@@ -74,9 +74,12 @@ ENGINE_ENV_PREFIXES = (
     "NUMBA_", "OUTLINES_",
 )
 # Never passed, even under an allowed prefix: vLLM's own API key (an engine started with
-# it refuses the gateway, which sends none) and hub tokens (engines load local models only).
+# it refuses the gateway, which sends none), hub tokens (engines load local models only)
+# and vLLM's development mode (it opens endpoints such as collective_rpc on the engine's
+# port; turnout sets it itself only for sleep mode, ENGINE_SLEEP_MODE).
 ENGINE_ENV_DENIED = frozenset({"VLLM_API_KEY", "HF_TOKEN", "HF_API_TOKEN",
-                               "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN"})
+                               "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN",
+                               "VLLM_SERVER_DEV_MODE"})
 
 
 def engine_environment(parent: Mapping[str, str], defaults: Mapping[str, str] | None = None,

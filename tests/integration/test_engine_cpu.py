@@ -50,8 +50,9 @@ async def store(tmp_path: Path):
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> ModelSwitchingConfig:
+def settings(tmp_path: Path, tiny_models: dict[str, Path]) -> ModelSwitchingConfig:
     return ModelSwitchingConfig(state_dir=str(tmp_path / "state"), engine_host=HOST,
+                                model_roots=sorted({str(p.parent) for p in tiny_models.values()}),
                                 engine_port_start=8250, engine_port_end=8299,
                                 engine_startup_timeout_s=600, engine_kv_cache_gib=1)
 

@@ -144,7 +144,8 @@ async def test_load_serve_reload_readopt_unload(store: Store, settings: ModelSwi
     assert adopted.already_running and adopted.engine.pid == engine.pid
     assert (await store.get_engine(MODEL_ID, "v1", HOST)).state is EngineState.READY
 
-    # A restarted worker keeps the live engine and forgets a dead one.
+    # A restarted worker keeps the live engine; a loaded one that died meanwhile is found
+    # dead, marked failed (gateways route around it) and handed over for replacement.
     dead = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
     await dead.wait()
     await _register(store, tiny_models["tiny-v2"], "v2")
@@ -154,6 +155,13 @@ async def test_load_serve_reload_readopt_unload(store: Store, settings: ModelSwi
     restarted = EngineActivities(settings, store)
     kept = await restarted.readopt()
     assert [(e.version, e.pid) for e in kept] == [("v1", engine.pid)]
+    [gone] = await restarted.find_dead()
+    assert (gone.slot.version, gone.slot.host_id, gone.role, gone.pid) == \
+        ("v2", HOST, "idle", dead.pid)
+    assert (await store.get_engine(MODEL_ID, "v2", HOST)).state is EngineState.FAILED
+    assert await restarted.find_dead() == []  # reported once
+    await _env().run(restarted.unload_version, UnloadVersionInput(model_id=MODEL_ID,
+                                                                  version="v2"))
     assert await store.get_engine(MODEL_ID, "v2", HOST) is None
 
     # The restarted worker (not the engine's parent) stops it, children included.

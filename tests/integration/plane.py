@@ -197,7 +197,7 @@ async def cli(plane: ControlPlane, *args: str,
     if api_key is not None:
         env["VLLM_MODEL_SWITCHING_API_KEY"] = api_key
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "turnout.cli", *args, env=env,
+        sys.executable, "-m", "turnout.client.cli", *args, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None

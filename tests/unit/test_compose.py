@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from turnout.cli import build_parser
+from turnout.client.cli import build_parser
 from turnout.config import ENV_PREFIX, ModelSwitchingConfig
 from turnout.environments import SECRET_HOLDERS
 
@@ -60,7 +60,7 @@ def test_every_command_exists_in_the_project(services: dict[str, Any], name: str
     else:
         assert command[0] == "turnout"
         pyproject = (ROOT / "pyproject.toml").read_text()
-        assert 'turnout = "turnout.cli:main"' in pyproject
+        assert 'turnout = "turnout.client.cli:main"' in pyproject
         build_parser().parse_args(command[1:])
 
 

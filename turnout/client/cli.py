@@ -2,7 +2,12 @@
 steer running switches (rollback, pause, resume, promote, abort, emergency-rollback);
 read health and alerts, change monitoring thresholds, mirror traffic to a shadow; list
 the engine fleet and preload versions; make API keys, say which key is in use, read
-the audit log."""
+the audit log.
+
+`--watch` (on `switch`, `status`, `operations`, `engines`) redraws a live view in place on
+a terminal and prints each change as plain text elsewhere; a watched switch exits 0 only
+when promoted (see `turnout.client.views.EXIT_CODES`), and Ctrl-C ends the watch, never
+the switch."""
 
 from __future__ import annotations
 
@@ -66,9 +71,13 @@ def _register(args: argparse.Namespace) -> int:
 def _switch(args: argparse.Namespace) -> int:
     from turnout.sdk import ModelSwitcher
 
-    result = asyncio.run(ModelSwitcher().switch_model(
+    switcher = ModelSwitcher()
+    result = asyncio.run(switcher.switch_model(
         args.model_id, args.version, SwitchingStrategyType(args.strategy),
-        json.loads(args.config), wait=args.wait or None, requested_by=os.environ.get("USER")))
+        json.loads(args.config), wait=False if args.watch else (args.wait or None),
+        requested_by=os.environ.get("USER")))
+    if args.watch and result.success and result.operation_id:
+        return _watch_switch(switcher, result.operation_id, args.interval)
     _print(result.model_dump(mode="json"))
     return 0 if result.success else 1
 
@@ -76,7 +85,39 @@ def _switch(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from turnout.sdk import ModelSwitcher
 
+    if args.watch:
+        return _watch_switch(ModelSwitcher(), args.operation_id, args.interval)
     _print(ModelSwitcher().get_switch_status(args.operation_id))
+    return 0
+
+
+def _watch_switch(switcher: Any, operation_id: str, interval_s: float) -> int:
+    """Follow a switch until it ends; its exit code says how it ended."""
+    from turnout.client.views import EXIT_INTERRUPTED, exit_code, switch_view
+    from turnout.client.watch import watch
+
+    try:
+        status = watch(lambda: switcher.get_switch_status(operation_id),
+                       lambda s, now, plain: switch_view(s, now, plain=plain),
+                       done=lambda s: exit_code(s) is not None, interval_s=interval_s)
+    except KeyboardInterrupt:
+        print(f"stopped watching; the switch goes on (turnout status {operation_id} "
+              f"--watch)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    code = exit_code(status)
+    assert code is not None
+    return code
+
+
+def _watch_until_interrupted(fetch: Any, render: Any, interval_s: float, once: bool) -> int:
+    """A view with no end of its own (operations, engines): until Ctrl-C, which is how it
+    is meant to end (exit 0)."""
+    from turnout.client.watch import watch
+
+    try:
+        watch(fetch, render, done=lambda _: False, interval_s=interval_s, once=once)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -99,8 +140,22 @@ def _emergency_rollback(args: argparse.Namespace) -> int:
 def _operations(args: argparse.Namespace) -> int:
     from turnout.sdk import ModelSwitcher
 
-    _print(ModelSwitcher().list_operations(model_id=args.model, status=args.status))
-    return 0
+    switcher = ModelSwitcher()
+    if not args.watch:
+        _print(switcher.list_operations(model_id=args.model, status=args.status))
+        return 0
+
+    def fetch() -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+        operations = switcher.list_operations(model_id=args.model, status=args.status)
+        live = {op["operation_id"]: switcher.get_switch_status(op["operation_id"])
+                for op in operations if not OperationStatus(op["status"]).terminal}
+        return operations, live
+
+    from turnout.client.views import operations_view
+
+    return _watch_until_interrupted(
+        fetch, lambda data, now, plain: operations_view(*data, plain=plain), args.interval,
+        once=False)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -164,9 +219,15 @@ def _shadow(args: argparse.Namespace) -> int:
 
 def _engines(args: argparse.Namespace) -> int:
     from turnout.cache import ModelCache
+    from turnout.client.views import engines_view
 
-    _print(ModelCache().fleet())
-    return 0
+    cache = ModelCache()
+    if args.json:
+        _print(cache.fleet())
+        return 0
+    return _watch_until_interrupted(cache.fleet,
+                                    lambda fleet, now, plain: engines_view(fleet, plain=plain),
+                                    args.interval, once=not args.watch)
 
 
 def _preload(args: argparse.Namespace) -> int:
@@ -219,6 +280,19 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(value: str) -> float:
+    seconds = float(value)
+    if not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{value}: between 0.1 and 3600 seconds")
+    return seconds
+
+
+def _watch_flags(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--watch", action="store_true", help=help_text)
+    parser.add_argument("--interval", type=_interval, default=1.0, metavar="SECONDS",
+                        help="seconds between looks when watching (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turnout", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,10 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=[s.value for s in SwitchingStrategyType])
     sw.add_argument("--config", default="{}", help="strategy_config as a JSON object")
     sw.add_argument("--wait", action="store_true", help="wait until it ends")
+    _watch_flags(sw, "follow the switch live until it ends; exit code 0 only if promoted")
     sw.set_defaults(func=_switch)
 
     st = sub.add_parser("status", help="status of a switching operation")
     st.add_argument("operation_id")
+    _watch_flags(st, "follow the switch live until it ends; exit code 0 only if promoted")
     st.set_defaults(func=_status)
 
     for action, help_text in CONTROL_HELP.items():
@@ -274,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops = sub.add_parser("operations", help="list switching operations, newest first")
     ops.add_argument("--model", help="only this model id")
     ops.add_argument("--status", choices=[s.value for s in OperationStatus])
+    _watch_flags(ops, "a live table of the operations (Ctrl-C ends it)")
     ops.set_defaults(func=_operations)
 
     models = sub.add_parser("models", help="list models and versions")
@@ -308,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     shadow.set_defaults(func=_shadow)
 
     engines = sub.add_parser("engines", help="engine hosts and every engine with its role "
-                                             "(GET /engines)")
+                                             "(GET /engines), as tables")
+    engines.add_argument("--json", action="store_true", help="the API's JSON instead")
+    _watch_flags(engines, "redraw the tables live (Ctrl-C ends it)")
     engines.set_defaults(func=_engines)
 
     preload = sub.add_parser("preload", help="load a version without traffic so a switch "
@@ -346,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
+    except KeyboardInterrupt:  # before a watch began (a watch handles its own)
+        code = 130
     except Exception as exc:  # one clear line for the operator, not a traceback
         print(f"turnout: {exc}", file=sys.stderr)
         code = 1

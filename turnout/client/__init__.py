@@ -1,0 +1,1 @@
+"""What users hold: the `turnout` command and its live views."""

@@ -36,6 +36,10 @@ def chromium_path() -> str:
     return path
 
 
+class ProtocolError(RuntimeError):
+    """A DevTools command failed (e.g. a frame went away while the page re-rendered)."""
+
+
 class Page:
     """One browser tab, spoken to with CDP commands."""
 
@@ -50,7 +54,7 @@ class Page:
             message = json.loads(await self._socket.recv())
             if message.get("id") == ident:
                 if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
+                    raise ProtocolError(f"{method}: {message['error']}")
                 return message.get("result", {})
 
     async def goto(self, url: str) -> None:
@@ -67,10 +71,15 @@ class Page:
         while frames:
             frame = frames.pop(0)
             frames.extend(frame.get("childFrames", []))
-            world = await self.call("Page.createIsolatedWorld", frameId=frame["frame"]["id"])
-            result = await self.call("Runtime.evaluate", contextId=world["executionContextId"],
-                                     expression="document.body ? document.body.innerText : ''",
-                                     returnByValue=True)
+            try:
+                world = await self.call("Page.createIsolatedWorld",
+                                        frameId=frame["frame"]["id"])
+                result = await self.call(
+                    "Runtime.evaluate", contextId=world["executionContextId"],
+                    expression="document.body ? document.body.innerText : ''",
+                    returnByValue=True)
+            except ProtocolError:  # the frame is gone (re-rendered): the next look sees it
+                continue
             texts.append(result.get("result", {}).get("value") or "")
         return "\n".join(texts)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from turnout import tracing
 from turnout.domain import GatewayInfo
 
 log = logging.getLogger("turnout.gateway_admin")
@@ -15,7 +16,10 @@ log = logging.getLogger("turnout.gateway_admin")
 class GatewayAdmin:
     def __init__(self, token: str | None, timeout_s: float = 5.0) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.AsyncClient(headers=headers, timeout=timeout_s)
+        # With tracing on, each call carries the activity's trace to the gateway.
+        hooks = {"request": [_traced]} if tracing.tracer() is not None else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=timeout_s,
+                                         event_hooks=hooks)
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -66,3 +70,7 @@ class GatewayAdmin:
                 continue
             answered.append(body.get("stats", {}).get(model_id, {}))
         return answered, skipped
+
+
+async def _traced(request: httpx.Request) -> None:
+    tracing.inject(request.headers)

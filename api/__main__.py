@@ -11,6 +11,7 @@ from api.app import create_app
 from turnout.auth import AuthConfigError
 from turnout.config import ConfigError, ModelSwitchingConfig
 from turnout.runtime import setup_logging
+from turnout.tracing import setup_tracing
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
         raise SystemExit(f"turnout API: {exc}") from None
     if not settings.enable_management_api:
         raise SystemExit("the management API is disabled (VLLM_MODEL_SWITCHING_ENABLE_API)")
+    setup_tracing("api")
     try:
         app = create_app(settings)
     except AuthConfigError as exc:  # names the setting: fix it, nothing else is wrong

@@ -19,6 +19,7 @@ from api.auth import OPEN_PATHS, AuthenticationMiddleware, FailureAudit, Viewer,
 from api.limits import BodyLimitMiddleware
 from api.params import single_query_values
 from api.routers import alerts, audit, engines, health, meta, models, rules, shadow, switch
+from turnout import tracing
 from turnout.auth import KeyRing, keyring_from_settings
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal
@@ -68,6 +69,11 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
     # The last added runs first: authenticate, then limit what is read of the body.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.api_max_body_bytes)
     app.add_middleware(AuthenticationMiddleware, keyring=keyring, audit=app.state.auth_audit)
+    tracer = tracing.tracer()
+    if tracer is not None:  # outermost: refused calls are traced too
+        from api.tracing import TracingMiddleware
+
+        app.add_middleware(TracingMiddleware, tracer=tracer)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

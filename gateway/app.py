@@ -30,6 +30,7 @@ from gateway.auth import ClientKeys, client_key_auth
 from gateway.errors import Handler, error_response, openai_errors
 from gateway.metrics import GatewayMetrics, UnrecordedMetrics
 from gateway.proxy import Proxy
+from turnout import tracing
 from turnout.config import ModelSwitchingConfig
 from turnout.replicas import ReplicaBalancer
 from turnout.store import Store
@@ -63,9 +64,11 @@ class Gateway:
         # A version's replicas, and which of them take requests: fed by the reconcile
         # loop from the engines' states and their hosts' heartbeats.
         self.replicas = ReplicaBalancer(settings.engine_host_live_after_s)
+        # Client requests traced only when asked for (a share) and tracing is on.
+        self.tracer = tracing.tracer() if settings.gateway_trace_sample > 0 else None
         self.proxy = Proxy(self.transitions, self.metrics, settings.gateway_max_body_bytes,
                            mirror_max_inflight=settings.gateway_mirror_max_inflight,
-                           replicas=self.replicas)
+                           replicas=self.replicas, traced=self.tracer is not None)
         self._reconcile_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._store_ok = True
@@ -210,6 +213,11 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
     # Without keys no middleware is added: the request path is as it was.
     middlewares = [openai_errors, client_key_auth(keys, gateway.metrics)] if keys \
         else [openai_errors]
+    if gateway.tracer is not None:
+        from gateway.tracing import traced_requests
+
+        middlewares.insert(0, traced_requests(gateway.tracer,
+                                              settings.gateway_trace_sample))
     app = web.Application(middlewares=middlewares,
                           client_max_size=settings.gateway_max_body_bytes)
     app[GATEWAY_KEY] = gateway
@@ -237,7 +245,13 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
 
 def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
     """The admin endpoints of `gateway`: state, windowed stats, route refresh, metrics."""
-    app = web.Application(middlewares=[openai_errors, _admin_auth(token)])
+    middlewares = [openai_errors, _admin_auth(token)]
+    tracer = tracing.tracer()
+    if tracer is not None:
+        from gateway.tracing import traced_admin
+
+        middlewares.insert(0, traced_admin(tracer))
+    app = web.Application(middlewares=middlewares)
 
     async def admin_state(_: web.Request) -> web.Response:
         return web.json_response(gateway.state())

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics
+from turnout import tracing
 from turnout.domain import Backend
 from turnout.endpoints import bearer_header
 from turnout.replicas import ReplicaBalancer, ReplicaSet, ReplicaSlot
@@ -35,6 +36,8 @@ from turnout.transitions import TransitionManager
 log = logging.getLogger("gateway.proxy")
 
 VERSION_HEADER = "X-Turnout-Version"
+# Where a traced request's model id is left for its span (`gateway.tracing`).
+MODEL_KEY: web.RequestKey[str] = web.RequestKey("turnout_model_id", str)
 USER_HEADER = "X-Turnout-User"
 # No total timeout: a long generation is legitimate. A stalled engine is cut after this long
 # without a single byte.
@@ -97,8 +100,11 @@ class Proxy:
 
     def __init__(self, transitions: TransitionManager, metrics: GatewayMetrics,
                  max_body_bytes: int, *, mirror_max_inflight: int = 64,
-                 replicas: ReplicaBalancer | None = None) -> None:
+                 replicas: ReplicaBalancer | None = None, traced: bool = False) -> None:
         self.transitions = transitions
+        # Requests may be traced (`GATEWAY_TRACE_SAMPLE` with tracing on): then the model
+        # id is left for the span and the span's `traceparent` goes to the engine.
+        self.traced = traced
         # Which replica of a version a request goes to (fed by the gateway's reconcile
         # loop; without one, every replica a route names takes requests).
         self.replicas = replicas if replicas is not None else ReplicaBalancer(
@@ -144,6 +150,8 @@ class Proxy:
             return error_response(404, f"the model {name!r} does not exist",
                                   type="invalid_request_error", param="model",
                                   code="model_not_found")
+        if self.traced:
+            request[MODEL_KEY] = model_id
         user = body.get("user")
         user_key = user if isinstance(user, str) and user else request.headers.get(USER_HEADER)
         choice = self.transitions.choose(model_id, body=body, headers=request.headers,
@@ -178,6 +186,8 @@ class Proxy:
             replica = replicas.pick()
             assert replica is not None  # a set always has an active replica
         headers = _upstream_headers(request)
+        if self.traced:
+            tracing.inject(headers)
         started = time.monotonic()
         self.metrics.started(model_id, version)
         replica.inflight += 1

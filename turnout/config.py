@@ -135,6 +135,11 @@ class ModelSwitchingConfig(BaseModel):
     # Serve `/metrics` on the client listener too (it is always on the admin listener,
     # behind the admin token). With client keys set, it needs a client key there.
     gateway_metrics_on_client: bool = True
+    # Share of client requests the gateway traces (0..1) when tracing is on (an OTLP
+    # endpoint is set, see `turnout.tracing`); a request that arrives with a W3C
+    # `traceparent` is traced too. 0, the default: the request path runs no tracing code.
+    # A share, not all: every traced request costs a span and its export.
+    gateway_trace_sample: float = Field(0.0, ge=0, le=1)
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     control_task_queue: str = "turnout-control"

@@ -8,9 +8,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from turnout import tracing
 from turnout.config import ModelSwitchingConfig
 
 
@@ -22,13 +23,25 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def temporal_interceptors() -> list[Interceptor]:
+    """Temporal's `TracingInterceptor` when tracing is on (`turnout.tracing`), else none.
+    On a client it also reaches every worker built on that client."""
+    tracer = tracing.tracer()
+    if tracer is None:
+        return []
+    from temporalio.contrib.opentelemetry import TracingInterceptor
+
+    return [TracingInterceptor(tracer)]
+
+
 async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60) -> Client:
     """Connect with the pydantic converter, retrying while the Temporal server starts."""
     for attempt in range(1, attempts + 1):
         try:
             return await Client.connect(settings.temporal_address,
                                         namespace=settings.temporal_namespace,
-                                        data_converter=pydantic_data_converter)
+                                        data_converter=pydantic_data_converter,
+                                        interceptors=temporal_interceptors())
         except RuntimeError as exc:
             if attempt == attempts:
                 raise

@@ -21,8 +21,10 @@ from activities.traffic import TrafficActivities
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
+from turnout.tracing import setup_tracing, shutdown_tracing
 from workers.common import stop_event
 from workers.monitors import keep_monitors
+from workers.tracing import worker_interceptors
 from workflows import WORKFLOWS
 
 log = logging.getLogger("turnout.worker.control")
@@ -45,12 +47,14 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
                     traffic.drain_version, health.check_health, health.judge_health,
                     monitor.list_engine_hosts, monitor.assess_health, fleet.place_version,
                     fleet.release_version, fleet.retire_version, traffic.refresh_route,
-                    registry.resolve_alert])
+                    registry.resolve_alert],
+        interceptors=worker_interceptors())
 
 
 async def main() -> None:
     setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "INFO"))
     settings = ModelSwitchingConfig.from_env()
+    setup_tracing("control-worker")
     store = Store.from_url(settings.database_url)
     admin = GatewayAdmin(settings.gateway_admin_token)
     client = await connect_temporal(settings)
@@ -70,6 +74,7 @@ async def main() -> None:
     await fleet.close()
     await admin.close()
     await store.close()
+    shutdown_tracing()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import HostClaimed, Store
+from turnout.tracing import setup_tracing, shutdown_tracing
 from workers.common import stop_event
+from workers.tracing import worker_interceptors
 
 log = logging.getLogger("turnout.worker.engine")
 # How often this host looks for engines that died.
@@ -37,7 +39,7 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, engines: Engine
     return Worker(client, task_queue=task_queue or settings.engine_task_queue,
                   activities=[engines.load_version, engines.unload_version,
                               resources.measure_engines],
-                  max_concurrent_activities=4)
+                  max_concurrent_activities=4, interceptors=worker_interceptors())
 
 
 async def keep_measuring(resources: ResourceActivities, settings: ModelSwitchingConfig,
@@ -81,11 +83,13 @@ async def keep_watching(engines: EngineActivities, client: Client,
 async def main() -> int:
     setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "INFO"))
     settings = ModelSwitchingConfig.from_env()
+    setup_tracing("engine-worker")
     store = Store.from_url(settings.database_url)
     try:
         return await _serve(settings, store)
     finally:
         await store.close()
+        shutdown_tracing()
 
 
 async def _serve(settings: ModelSwitchingConfig, store: Store) -> int:

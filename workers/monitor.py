@@ -21,8 +21,10 @@ from activities.monitoring import MonitorActivities
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
+from turnout.tracing import setup_tracing, shutdown_tracing
 from workers.common import stop_event
 from workers.monitors import keep_monitors
+from workers.tracing import worker_interceptors
 from workflows import MonitorWorkflow
 
 log = logging.getLogger("turnout.worker.monitor")
@@ -33,7 +35,8 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
     monitor = MonitorActivities(settings, store, admin)
     return Worker(client, task_queue=settings.resolved_monitor_task_queue,
                   workflows=[MonitorWorkflow],
-                  activities=[monitor.list_engine_hosts, monitor.assess_health])
+                  activities=[monitor.list_engine_hosts, monitor.assess_health],
+                  interceptors=worker_interceptors())
 
 
 async def main() -> int:
@@ -44,6 +47,7 @@ async def main() -> int:
         log.error("VLLM_MODEL_SWITCHING_MONITOR_TASK_QUEUE is not set (or is the control "
                   "queue): the control worker runs the monitors, no monitor worker needed")
         return 2
+    setup_tracing("monitor-worker")
     store = Store.from_url(settings.database_url)
     admin = GatewayAdmin(settings.gateway_admin_token)
     client = await connect_temporal(settings)
@@ -55,6 +59,7 @@ async def main() -> int:
         log.info("monitor worker stopping")
     await admin.close()
     await store.close()
+    shutdown_tracing()
     return 0
 
 

@@ -85,12 +85,18 @@ class SwitchWorkflow:
         self._promoted_by: str | None = None
         self._shown_phase: str | None = None
         self._fleet = False
+        self._step_in_progress: int | None = None
 
     # ------------------------------------------------------------------ queries and updates
 
     @workflow.query(name=c.STATUS_QUERY, description="Phase, progress, weights, verdicts")
     def status(self) -> SwitchStatus | None:
         return self._status
+
+    def trace_step(self) -> int | None:
+        """The plan step in progress (1-based; None before the first), for the traces of
+        its activities (`workers.tracing`)."""
+        return self._step_in_progress
 
     @workflow.update(name=c.ROLLBACK,
                      description="Send all traffic back to the stable version, then release "
@@ -276,6 +282,7 @@ class SwitchWorkflow:
 
     async def _run_step(self, index: int, step: PlanStep) -> str | None:
         """One step: shift traffic, hold (pausable), judge. Returns PROMOTE to skip ahead."""
+        self._step_in_progress = index + 1
         if await self._act_on_request() == c.PROMOTE:
             return c.PROMOTE
         await self._shift(step.target_percent, f"step-{index}")

@@ -20,7 +20,8 @@ import pytest
 import pytest_asyncio
 
 from tests.e2e.browser import Page, browser
-from tests.integration.upstream import FakeUpstream
+from tests.integration.plane import wait_done
+from tests.integration.upstream import FakeUpstream, register_fakes
 from turnout.config import ModelSwitchingConfig
 from turnout.store import Store
 from workers.stack import Stack
@@ -76,17 +77,12 @@ async def start_canary(stack: Stack, upstreams: dict[str, FakeUpstream]
     """v1 live, then a canary to v2 holding 20% in its hour-long evaluation: its status
     and the workflow run's id."""
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as client:
-        for version, upstream in upstreams.items():
-            response = await client.post("/models", json={
-                "model": "tiny/web-ui", "model_arch": "WebUI", "model_stage": "chat",
-                "version": version, "endpoint": upstream.url,
-                "served_model_name": upstream.served_model_name})
-            assert response.status_code == 201, response.text
+        await register_fakes(client, upstreams, "WebUI", "chat")
         response = await client.post("/switch", json={"model_id": MODEL_ID,
                                                        "target_version": "v1"})
         assert response.status_code == 202, response.text
-        await wait_status(client, response.json()["operation_id"],
-                          lambda s: s["status"] == "completed")
+        done = await wait_done(client, response.json()["operation_id"])
+        assert done["outcome"] == "promoted", done
         response = await client.post("/switch", json={
             "model_id": MODEL_ID, "target_version": "v2", "strategy": "canary",
             "strategy_config": SLOW_CANARY})

@@ -28,11 +28,11 @@ from activities.gateway_admin import GatewayAdmin
 from activities.health import HealthActivities
 from api.app import create_app
 from gateway.app import start_gateway
-from tests.integration.upstream import FakeUpstream
+from tests.integration.upstream import FakeUpstream, register_fakes
 from tests.replay.recording import save_history
 from tests.support import free_port
 from turnout.config import ModelSwitchingConfig
-from turnout.runtime import installed_binary
+from turnout.runtime import installed_binary, temporal_interceptors
 from turnout.store import Store, upgrade
 from workers import control, engine, monitor
 from workers.monitors import keep_monitors
@@ -85,6 +85,7 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=installed_binary("temporal"),
         data_converter=pydantic_data_converter, search_attributes=search_attribute_keys(),
+        interceptors=temporal_interceptors(),  # Temporal's tracing, when tracing is on
         dev_server_extra_args=["--dynamic-config-value",
                                "system.forceSearchAttributesCacheRefreshOnRead=true"])
     gateway_port, admin_port, api_port = free_port(), free_port(), free_port()
@@ -131,12 +132,7 @@ async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
 async def register_upstreams(plane: ControlPlane, client: httpx.AsyncClient, arch: str,
                              stage: str) -> None:
     """Register each fake engine of the plane as a version (`v1`, `v2`) of one model."""
-    for version, upstream in plane.upstreams.items():
-        response = await client.post("/models", json={
-            "model": f"tiny/{stage}", "model_arch": arch, "model_stage": stage,
-            "version": version, "endpoint": upstream.url,
-            "served_model_name": upstream.served_model_name})
-        assert response.status_code == 201, response.text
+    await register_fakes(client, plane.upstreams, arch, stage)
 
 
 async def wait_done(client: httpx.AsyncClient, operation_id: str) -> dict[str, Any]:

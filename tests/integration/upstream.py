@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 from aiohttp import web
 
 
@@ -156,3 +157,15 @@ class FakeUpstream:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+async def register_fakes(client: httpx.AsyncClient, upstreams: dict[str, FakeUpstream],
+                         arch: str, stage: str) -> None:
+    """Register each fake engine as a version (its key) of one model, as an external
+    endpoint, through the API `client` talks to."""
+    for version, upstream in upstreams.items():
+        response = await client.post("/models", json={
+            "model": f"tiny/{stage}", "model_arch": arch, "model_stage": stage,
+            "version": version, "endpoint": upstream.url,
+            "served_model_name": upstream.served_model_name})
+        assert response.status_code == 201, response.text

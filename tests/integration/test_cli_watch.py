@@ -18,9 +18,11 @@ import signal
 import struct
 import sys
 import termios
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from tests.integration.plane import ControlPlane, register_upstreams, traffic, wait_done
 
@@ -81,6 +83,17 @@ class Terminal:
             await asyncio.sleep(0.1)
         raise AssertionError(f"{pattern!r} never shown:\n{self.text[-3000:]}")
 
+    async def close(self) -> None:
+        """End the watcher if the test did not (a failed test must not leave it polling)."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        if self._master >= 0:
+            with contextlib.suppress(OSError, ValueError):
+                asyncio.get_running_loop().remove_reader(self._master)
+                os.close(self._master)
+            self._master = -1
+
     async def exit_code(self, timeout_s: float = 120) -> int:
         assert self.process is not None
         code = await asyncio.wait_for(self.process.wait(), timeout_s)
@@ -88,7 +101,17 @@ class Terminal:
         with contextlib.suppress(OSError, ValueError):
             asyncio.get_running_loop().remove_reader(self._master)
         os.close(self._master)
+        self._master = -1
         return code
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def terminal() -> AsyncIterator[Terminal]:
+    term = Terminal()
+    try:
+        yield term
+    finally:
+        await term.close()
 
 
 async def start_switch(plane: ControlPlane, target: str, config: dict[str, Any]) -> str:
@@ -121,8 +144,7 @@ async def test_v1_goes_live(plane: ControlPlane) -> None:
 
 
 async def test_watched_canary_redraws_weights_and_verdicts_and_exits_0(
-        plane: ControlPlane) -> None:
-    terminal = Terminal()
+        plane: ControlPlane, terminal: Terminal) -> None:
     async with traffic(plane.gateway_url, MODEL_ID):
         await terminal.start(plane, "switch", MODEL_ID, "v2", "--strategy", "canary",
                              "--config", json.dumps(CANARY), "--watch", "--interval", "0.3")
@@ -146,10 +168,9 @@ async def test_watched_canary_redraws_weights_and_verdicts_and_exits_0(
 
 
 async def test_ctrl_c_leaves_the_switch_running_and_a_rollback_exits_non_zero(
-        plane: ControlPlane) -> None:
+        plane: ControlPlane, terminal: Terminal) -> None:
     # v2 is live now: a slow canary back to v1, that only an operator ends.
     operation_id = await start_switch(plane, "v1", SLOW_CANARY)
-    terminal = Terminal()
     await terminal.start(plane, "status", operation_id, "--watch", "--interval", "0.3")
     await terminal.wait_for(r"v1 [█░]+\s+20\.0%\s+target")
     await terminal.wait_for(rf"actions now: turnout pause {operation_id}\s+turnout promote")
@@ -166,16 +187,21 @@ async def test_ctrl_c_leaves_the_switch_running_and_a_rollback_exits_non_zero(
             sys.executable, "-m", "turnout.client.cli", "status", operation_id, "--watch",
             "--interval", "0.3", env=cli_env(plane), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
-        assert watcher.stdout is not None
-        first = ""
-        while "actions now" not in first:  # the first block, shown before the rollback
-            line = await asyncio.wait_for(watcher.stdout.readline(), 60)
-            assert line, first
-            first += line.decode()
-        response = await client.post(f"/switch/operations/{operation_id}/rollback",
-                                     json={"reason": "watched"})
-        assert response.status_code == 200, response.text
-        out, err = await asyncio.wait_for(watcher.communicate(), 60)
+        try:
+            assert watcher.stdout is not None
+            first = ""
+            while "actions now" not in first:  # the first block, shown before the rollback
+                line = await asyncio.wait_for(watcher.stdout.readline(), 60)
+                assert line, first
+                first += line.decode()
+            response = await client.post(f"/switch/operations/{operation_id}/rollback",
+                                         json={"reason": "watched"})
+            assert response.status_code == 200, response.text
+            out, err = await asyncio.wait_for(watcher.communicate(), 60)
+        finally:
+            if watcher.returncode is None:
+                watcher.kill()
+                await watcher.wait()
     text = first + out.decode()
     assert watcher.returncode == 3, (text, err.decode())
     assert "\x1b" not in text
@@ -183,8 +209,8 @@ async def test_ctrl_c_leaves_the_switch_running_and_a_rollback_exits_non_zero(
     assert "ended: rolled_back" in text and "(exit code 3)" in text
 
 
-async def test_operations_watch_and_engines_tables(plane: ControlPlane) -> None:
-    terminal = Terminal()
+async def test_operations_watch_and_engines_tables(plane: ControlPlane,
+                                                  terminal: Terminal) -> None:
     await terminal.start(plane, "operations", "--model", MODEL_ID, "--watch",
                          "--interval", "0.3")
     await terminal.wait_for(r"switching operations")

@@ -1,9 +1,20 @@
-"""What does the gateway cost? Direct to an upstream versus through the gateway, alternating.
+"""What does the gateway cost? Direct to an upstream versus through the gateway, alternating,
+and beside vLLM's own router (`vllm-router`) in front of the same upstream.
 
 Three processes: a fast OpenAI-compatible upstream (`bench/upstream_server.py`), the real
 gateway (`python -m gateway`, SQLite store), and this client (aiohttp, no connection limit).
 Printed, each measured side by side in one run:
 
+- peers (`--only peers`): direct, turnout's gateway and vllm-router (installed into a
+  virtualenv of its own under ~/.cache/turnout-bench, see `bench.vllm_router`),
+  alternated: added latency at concurrency 1 (p50, p99), 64-chunk streams per second at
+  concurrency 64 and 256, CPU per stream of each proxy process, then a table side by
+  side, with what else was using the machine before and after;
+- tracing (`--only tracing`): gateways with tracing off, and on with 0, 1% and 10% of
+  client requests sampled (spans exported to an OTLP collector in the benchmark),
+  alternated: c=1 latency and c=64 streams;
+- workers (`--only workers`): one gateway process against two on one port
+  (`GATEWAY_WORKERS=2`), alternated, with the caveat of a 2-core machine printed;
 - added latency at concurrency 1 (non-streamed completions): p50 and p99, direct and
   through the gateway, and their difference;
 - throughput of streamed answers (64 chunks) at concurrency 64 and 256: ratio gateway /
@@ -27,7 +38,7 @@ Printed, each measured side by side in one run:
 On a 2-core machine the client, the upstream and the gateway share the cores, so the
 throughput ratio includes the gateway's CPU competing with the other two.
 
-    python -m bench.gateway_overhead [--seconds 8] [--rounds 2]
+    python -m bench.gateway_overhead [--seconds 8] [--rounds 2] [--only peers,tracing,overhead]
 """
 
 from __future__ import annotations
@@ -42,15 +53,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import psutil
+from aiohttp import web
 
-from bench.common import cpu_seconds
+from bench.common import cpu_seconds, tree_cpu_seconds
 from bench.upstream_server import CHUNKS
+from bench.vllm_router import router_python, router_version, start_router
 from tests.support import free_port
 from turnout.analysis import quantile
 from turnout.domain import Backend, RegisterModelRequest
@@ -112,51 +125,84 @@ async def run_for(seconds: float, concurrency: int,
     return sum(await asyncio.gather(*(loop(i) for i in range(concurrency)))), ttft
 
 
-async def latency(session: aiohttp.ClientSession, direct: Target, gateway: Target,
-                  rounds: int, per_round: int = 300) -> None:
-    samples: dict[str, list[float]] = {"direct": [], "gateway": []}
+async def latency(session: aiohttp.ClientSession, targets: list[Target],
+                  rounds: int, per_round: int = 300) -> dict[str, tuple[float, float]]:
+    """p50 and p99 of non-streamed completions at concurrency 1, the targets alternated
+    (`targets[0]` is direct: the others' added latency is measured against it)."""
+    samples: dict[str, list[float]] = {t.name: [] for t in targets}
     for _ in range(rounds):
-        for target in (direct, gateway):
+        for target in targets:
             for _ in range(per_round):
                 samples[target.name].append((await one(session, target, stream=False))[0])
-    d50, d99 = quantile(samples["direct"], 0.5), quantile(samples["direct"], 0.99)
-    g50, g99 = quantile(samples["gateway"], 0.5), quantile(samples["gateway"], 0.99)
-    assert d50 is not None and d99 is not None and g50 is not None and g99 is not None
-    print(f"concurrency 1, {len(samples['direct'])} requests each: direct p50 "
-          f"{d50 * 1000:.2f} ms p99 {d99 * 1000:.2f} ms | gateway p50 {g50 * 1000:.2f} ms "
-          f"p99 {g99 * 1000:.2f} ms | added p50 {(g50 - d50) * 1000:.2f} ms (goal <= 1), "
-          f"p99 {(g99 - d99) * 1000:.2f} ms (goal <= 3)", flush=True)
+    figures = {}
+    for name, values in samples.items():
+        p50, p99 = quantile(values, 0.5), quantile(values, 0.99)
+        assert p50 is not None and p99 is not None
+        figures[name] = (p50, p99)
+    d50, d99 = figures[targets[0].name]
+    parts = [f"{name} p50 {p50 * 1000:.3f} ms p99 {p99 * 1000:.2f} ms"
+             + ("" if name == targets[0].name else
+                f" (added p50 {(p50 - d50) * 1000:.3f} ms, p99 {(p99 - d99) * 1000:.2f} ms)")
+             for name, (p50, p99) in figures.items()]
+    print(f"concurrency 1, {per_round * rounds} requests each: " + " | ".join(parts),
+          flush=True)
+    return figures
 
 
-async def throughput(session: aiohttp.ClientSession, direct: Target, gateway: Target,
-                     gateway_pid: int, concurrency: int, seconds: float, rounds: int,
-                     spread_s: float = 0.0) -> None:
-    rates: dict[str, list[float]] = {"direct": [], "gateway": []}
-    ttfts: dict[str, list[float]] = {"direct": [], "gateway": []}
-    busy: dict[str, list[float]] = {"direct": [], "gateway": []}
-    cpu = streams = 0.0
+@dataclass
+class Rates:
+    """A throughput run's figures per target: streams/s, TTFT p99, CPU per stream of the
+    targets whose process was measured, and how busy the machine was."""
+
+    rate: dict[str, float]
+    ttft_p99: dict[str, float]
+    cpu_ms: dict[str, float]
+    busy: dict[str, float]
+
+
+async def streams(session: aiohttp.ClientSession, targets: list[Target],
+                  pids: dict[str, int], concurrency: int, seconds: float, rounds: int,
+                  spread_s: float = 0.0) -> Rates:
+    """64-chunk streams per second of each target at `concurrency`, alternated; the CPU
+    each proxy process (`pids[target name]`) used per stream it carried."""
+    rates: dict[str, list[float]] = {t.name: [] for t in targets}
+    ttfts: dict[str, list[float]] = {t.name: [] for t in targets}
+    busy: dict[str, list[float]] = {t.name: [] for t in targets}
+    cpu: dict[str, float] = {t.name: 0.0 for t in targets}
+    carried: dict[str, int] = {t.name: 0 for t in targets}
     for _ in range(rounds):
-        for target in (direct, gateway):
-            before = cpu_seconds(gateway_pid)
+        for target in targets:
+            pid = pids.get(target.name)
+            before = tree_cpu_seconds(pid) if pid else 0.0
             psutil.cpu_percent()  # the machine's busy share is measured from here
             done, ttft = await run_for(seconds, concurrency,
                                        lambda t=target: one(session, t, stream=True),
                                        spread_s)
             busy[target.name].append(psutil.cpu_percent())
-            if target is gateway:
-                cpu += cpu_seconds(gateway_pid) - before
-                streams += done
+            if pid:
+                cpu[target.name] += tree_cpu_seconds(pid) - before
+            carried[target.name] += done
             rates[target.name].append(done / seconds)
             ttfts[target.name].extend(ttft)
-    d, g = statistics.mean(rates["direct"]), statistics.mean(rates["gateway"])
-    d99, g99 = quantile(ttfts["direct"], 0.99), quantile(ttfts["gateway"], 0.99)
-    assert d99 is not None and g99 is not None
+    return Rates({n: statistics.mean(r) for n, r in rates.items()},
+                 {n: quantile(v, 0.99) or 0.0 for n, v in ttfts.items()},
+                 {n: cpu[n] / max(carried[n], 1) * 1000 for n in pids if n in cpu},
+                 {n: statistics.mean(b) for n, b in busy.items()})
+
+
+async def throughput(session: aiohttp.ClientSession, direct: Target, gateway: Target,
+                     gateway_pid: int, concurrency: int, seconds: float, rounds: int,
+                     spread_s: float = 0.0) -> None:
+    r = await streams(session, [direct, gateway], {"gateway": gateway_pid}, concurrency,
+                      seconds, rounds, spread_s)
+    d, g = r.rate["direct"], r.rate["gateway"]
+    d99, g99 = r.ttft_p99["direct"], r.ttft_p99["gateway"]
     print(f"concurrency {concurrency}, 64-chunk streams: direct {d:.0f}/s, gateway {g:.0f}/s,"
           f" ratio {g / d:.3f} (goal >= 0.97); TTFT p99 direct {d99 * 1000:.1f} ms, gateway "
           f"{g99 * 1000:.1f} ms, overhead {(g99 - d99) * 1000:.1f} ms (goal <= 10); gateway "
-          f"CPU {cpu / max(streams, 1) * 1000:.2f} ms per stream; machine busy "
-          f"{statistics.mean(busy['direct']):.0f}% direct, "
-          f"{statistics.mean(busy['gateway']):.0f}% through the gateway", flush=True)
+          f"CPU {r.cpu_ms['gateway']:.2f} ms per stream; machine busy "
+          f"{r.busy['direct']:.0f}% direct, {r.busy['gateway']:.0f}% through the gateway",
+          flush=True)
 
 
 async def cpu_per_request(session: aiohttp.ClientSession, gateway: Target,
@@ -209,10 +255,11 @@ async def split(session: aiohttp.ClientSession, store: Store, gateway: Target,
 
 
 def start_gateway(root: Path, db_url: str, name: str, port: int, admin_port: int,
-                  metrics: bool = True, keyed: bool = False) -> subprocess.Popen[bytes]:
+                  metrics: bool = True, keyed: bool = False,
+                  extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """A gateway process (admin endpoints without a token: they listen on 127.0.0.1);
-    `keyed`: it requires `CLIENT_KEY` from clients."""
-    env = {**os.environ, "VLLM_MODEL_SWITCHING_DATABASE_URL": db_url,
+    `keyed`: it requires `CLIENT_KEY` from clients; `extra_env` over its environment."""
+    env = {**os.environ, **(extra_env or {}), "VLLM_MODEL_SWITCHING_DATABASE_URL": db_url,
            "VLLM_MODEL_SWITCHING_GATEWAY_PORT": str(port),
            "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_PORT": str(admin_port),
            "VLLM_MODEL_SWITCHING_GATEWAY_REQUEST_METRICS": str(metrics).lower(),
@@ -306,7 +353,7 @@ async def measure(db_url: str, urls: dict[str, str], ports: dict[str, tuple[int,
             await run_for(1.0, 8, lambda: one(session, gateway, stream=True))  # warm up
             await run_for(1.0, 8, lambda: one(session, unrecorded, stream=True))
             await run_for(1.0, 8, lambda: one(session, direct, stream=True))
-            await latency(session, direct, gateway, rounds)
+            await latency(session, [direct, gateway], rounds)
             for concurrency in (64, 256):
                 await throughput(session, direct, gateway, pids["gateway"], concurrency,
                                  seconds, rounds)
@@ -337,10 +384,12 @@ class Setup:
 
 @contextlib.contextmanager
 def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
-                                  *upstream_args: str) -> Iterator[Setup]:
+                                  *upstream_args: str,
+                                  env: dict[str, dict[str, str]] | None = None
+                                  ) -> Iterator[Setup]:
     """Start the upstream, write the model's route, start one gateway per entry of
     `gateways` (name → per-request metrics on; the one named "keyed" requires client
-    keys); stop them all at the end."""
+    keys; `env[name]` over its environment); stop them all at the end."""
     root = Path(tempfile.mkdtemp(prefix=f"turnout-bench-{name}-"))
     db_url = f"sqlite+aiosqlite:///{root}/turnout.db"
     upgrade(db_url)
@@ -350,7 +399,8 @@ def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
         asyncio.run(prepare_store(db_url, urls))
         ports = {gateway: (free_port(), free_port()) for gateway in gateways}
         started = {gateway: start_gateway(root, db_url, gateway, *ports[gateway],
-                                          metrics=metrics, keyed=gateway == "keyed")
+                                          metrics=metrics, keyed=gateway == "keyed",
+                                          extra_env=(env or {}).get(gateway))
                    for gateway, metrics in gateways.items()}
         processes.extend(started.values())
         yield Setup(db_url, urls, ports, {k: p.pid for k, p in started.items()},
@@ -408,7 +458,199 @@ async def throughput_again(setup: Setup, seconds: float, rounds: int, title: str
                                  concurrency, seconds, rounds, spread_s)
 
 
-def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
+def neighbours(mine: set[int], sample_s: float = 1.0) -> str:
+    """What else used the CPU over `sample_s` (processes above 5% of a core, not this
+    benchmark's), and the load average: the figures' context on a shared machine."""
+    procs = [p for p in psutil.process_iter(["pid", "name"]) if p.info["pid"] not in mine]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.cpu_percent()
+    time.sleep(sample_s)
+    busy = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            share = proc.cpu_percent()
+            if share >= 5:
+                busy.append((share, proc.info["name"]))
+    busy.sort(reverse=True)
+    others = ", ".join(f"{name} {share:.0f}%" for share, name in busy[:6]) or "nothing"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"load average {load}; other processes on the CPU: {others}"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+async def peers(setup: Setup, router_port: int, router_pid: int, seconds: float,
+                rounds: int) -> None:
+    """Direct, turnout's gateway and vllm-router in front of the same upstream, alternated:
+    added latency at concurrency 1, 64-chunk streams per second at 64 and 256, CPU per
+    stream of each proxy process; then the figures side by side."""
+    mine = {os.getpid(), setup.upstream_pid, router_pid, *setup.pids.values()}
+    print(f"peers, before: {neighbours(mine)}", flush=True)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        direct = Target("direct", setup.urls["a"], "a")
+        turnout = Target("turnout", f"http://127.0.0.1:{setup.ports['gateway'][0]}",
+                         MODEL_ID)
+        router = Target("vllm-router", f"http://127.0.0.1:{router_port}", "a")
+        targets = [direct, turnout, router]
+        for target in targets:
+            await wait_healthy(session, target.url)
+            await run_for(1.0, 8, lambda t=target: one(session, t, stream=True))  # warm up
+        pids = {"turnout": setup.pids["gateway"], "vllm-router": router_pid}
+        lat = await latency(session, targets, rounds * 5, per_round=100)
+        runs = {}
+        for concurrency in (64, 256):
+            runs[concurrency] = r = await streams(session, targets, pids, concurrency,
+                                                  seconds, rounds)
+            print(f"concurrency {concurrency}, 64-chunk streams/s: "
+                  + ", ".join(f"{n} {v:.0f}" for n, v in r.rate.items())
+                  + "; CPU per stream: "
+                  + ", ".join(f"{n} {v:.3f} ms" for n, v in r.cpu_ms.items())
+                  + "; machine busy: "
+                  + ", ".join(f"{n} {v:.0f}%" for n, v in r.busy.items()), flush=True)
+    added = {name: ((p50 - lat["direct"][0]) * 1000, (p99 - lat["direct"][1]) * 1000)
+             for name, (p50, p99) in lat.items() if name != "direct"}
+    rows = [("added p50 at c=1 (ms)", "-", f"{added['turnout'][0]:.3f}",
+             f"{added['vllm-router'][0]:.3f}",
+             f"{_ratio(added['turnout'][0], added['vllm-router'][0])} (goal <= 1.5)"),
+            ("added p99 at c=1 (ms)", "-", f"{added['turnout'][1]:.2f}",
+             f"{added['vllm-router'][1]:.2f}",
+             _ratio(added["turnout"][1], added["vllm-router"][1]))]
+    for concurrency, r in runs.items():
+        rows.append((f"streams/s at c={concurrency}", f"{r.rate['direct']:.0f}",
+                     f"{r.rate['turnout']:.0f}", f"{r.rate['vllm-router']:.0f}",
+                     f"{_ratio(r.rate['turnout'], r.rate['vllm-router'])} (goal >= 1)"))
+    for concurrency, r in runs.items():
+        rows.append((f"CPU per stream at c={concurrency} (ms)", "-",
+                     f"{r.cpu_ms['turnout']:.3f}", f"{r.cpu_ms['vllm-router']:.3f}",
+                     f"{_ratio(r.cpu_ms['turnout'], r.cpu_ms['vllm-router'])} (goal <= 1)"))
+    print("\nside by side (one run, alternated; client, upstream and proxy share this "
+          f"machine's {os.cpu_count()} cores):")
+    header = ("", "direct", "turnout", "vllm-router", "turnout / router")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
+    for row in [header, *rows]:
+        print("  " + "  ".join(str(cell).rjust(w) if i else str(cell).ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+    print(f"peers, after: {neighbours(mine)}", flush=True)
+
+
+def run_peers(seconds: float, rounds: int) -> None:
+    python = router_python()
+    print(f"vllm-router {router_version(python)} from {python}", flush=True)
+    with gateways_in_front_of_upstream("peers", {"gateway": True}) as setup:
+        port = free_port()
+        root = Path(tempfile.mkdtemp(prefix="turnout-bench-router-"))
+        router = start_router(python, port, [setup.urls["a"]], root / "router.log")
+        try:
+            asyncio.run(peers(setup, port, router.pid, seconds, rounds))
+        finally:
+            router.terminate()
+            router.wait(timeout=30)
+
+
+async def _otlp_sink(port: int) -> tuple[web.AppRunner, list[int]]:
+    """An OTLP/HTTP endpoint that accepts span exports and counts their bytes."""
+    received: list[int] = []
+
+    async def export(request: web.Request) -> web.Response:
+        received.append(len(await request.read()))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", export)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, received
+
+
+async def warmed(session: aiohttp.ClientSession, setup: Setup,
+                 names: Iterable[str]) -> list[Target]:
+    """The setup's gateways `names` as targets, each answering and warmed up."""
+    targets = [Target(name, f"http://127.0.0.1:{setup.ports[name][0]}", MODEL_ID)
+               for name in names]
+    for target in targets:
+        await wait_healthy(session, target.url)
+        await run_for(1.0, 8, lambda t=target: one(session, t, stream=True))
+    return targets
+
+
+TRACE_SHARES = {"tracing off": None, "on, share 0": 0.0, "on, share 1%": 0.01,
+                "on, share 10%": 0.1}
+
+
+async def tracing_cost(setup: Setup, sink_port: int, seconds: float, rounds: int) -> None:
+    """Gateways with tracing off (no endpoint), on with no client request sampled, and on
+    with 1% and 10% of them sampled, alternated: c=1 latency and c=64 streams."""
+    sink, exports = await _otlp_sink(sink_port)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=60)) as session:
+            targets = await warmed(session, setup, TRACE_SHARES)
+            lat = await latency(session, targets, rounds * 5, per_round=100)
+            r = await streams(session, targets, setup.pids, 64, seconds, rounds)
+    finally:
+        await sink.cleanup()
+    off = targets[0].name
+    for name in TRACE_SHARES:
+        print(f"  {name:>14}: c=1 p50 {lat[name][0] * 1000:.3f} ms "
+              f"({(lat[name][0] - lat[off][0]) * 1000:+.3f} vs off), c=64 "
+              f"{r.rate[name]:.0f} streams/s (ratio {r.rate[name] / r.rate[off]:.3f} vs off), "
+              f"CPU {r.cpu_ms[name]:.3f} ms per stream", flush=True)
+    print(f"  the collector received {len(exports)} exports, {sum(exports)} bytes", flush=True)
+
+
+def run_tracing(seconds: float, rounds: int) -> None:
+    sink_port = free_port()
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    env = {name: {} if share is None else
+           {**endpoint, "VLLM_MODEL_SWITCHING_GATEWAY_TRACE_SAMPLE": str(share)}
+           for name, share in TRACE_SHARES.items()}
+    print("tracing: gateways with tracing off, and on (spans to an OTLP collector in this "
+          "process) with shares of client requests sampled:", flush=True)
+    with gateways_in_front_of_upstream("tracing", dict.fromkeys(TRACE_SHARES, True),
+                                       env=env) as setup:
+        asyncio.run(tracing_cost(setup, sink_port, seconds, rounds))
+
+
+WORKER_COUNTS = {"1 worker": 1, "2 workers": 2}
+
+
+async def workers_cost(setup: Setup, seconds: float, rounds: int) -> None:
+    """One gateway process against two on one port (SO_REUSEPORT), alternated: c=1
+    latency, streams per second at 64 and 256, CPU per stream (all workers together)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        targets = await warmed(session, setup, WORKER_COUNTS)
+        lat = await latency(session, targets, rounds * 5, per_round=100)
+        for concurrency in (64, 256):
+            r = await streams(session, targets, setup.pids, concurrency, seconds, rounds)
+            print(f"concurrency {concurrency}, 64-chunk streams/s: "
+                  + ", ".join(f"{n} {r.rate[n]:.0f} (CPU {r.cpu_ms[n]:.3f} ms per stream)"
+                              for n in WORKER_COUNTS)
+                  + f"; ratio 2/1 {r.rate['2 workers'] / r.rate['1 worker']:.3f}", flush=True)
+    print(f"  c=1 p50: 1 worker {lat['1 worker'][0] * 1000:.3f} ms, 2 workers "
+          f"{lat['2 workers'][0] * 1000:.3f} ms", flush=True)
+    print(f"  caveat: this machine has {os.cpu_count()} cores, shared by the two workers, "
+          "the upstream and this load generator: a second worker competes with them for "
+          "the same cores, so this ratio is no measure of what a second core gives a "
+          "gateway that has cores of its own", flush=True)
+
+
+def run_workers(seconds: float, rounds: int) -> None:
+    print("gateway workers (GATEWAY_WORKERS=1 vs 2, one port):", flush=True)
+    env = {name: {"VLLM_MODEL_SWITCHING_GATEWAY_WORKERS": str(n)}
+           for name, n in WORKER_COUNTS.items()}
+    with gateways_in_front_of_upstream("workers", dict.fromkeys(WORKER_COUNTS, True),
+                                       env=env) as setup:
+        asyncio.run(workers_cost(setup, seconds, rounds))
+
+
+def run_overhead(seconds: float, rounds: int, chunk_delay_s: float) -> None:
     with gateways_in_front_of_upstream("gateway", {"gateway": True, "unrecorded": False,
                                                    "keyed": True}) as setup:
         asyncio.run(measure(setup.db_url, setup.urls, setup.ports, setup.pids, seconds,
@@ -428,6 +670,20 @@ def main(seconds: float, rounds: int, chunk_delay_s: float) -> None:
                                          pinned=True, spread_s=spread_s))
 
 
+SECTIONS = ("peers", "tracing", "workers", "overhead")
+
+
+def main(seconds: float, rounds: int, chunk_delay_s: float, only: list[str]) -> None:
+    if "peers" in only:
+        run_peers(seconds, rounds)
+    if "tracing" in only:
+        run_tracing(seconds, rounds)
+    if "workers" in only:
+        run_workers(seconds, rounds)
+    if "overhead" in only:
+        run_overhead(seconds, rounds, chunk_delay_s)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0,
@@ -437,5 +693,11 @@ if __name__ == "__main__":
     parser.add_argument("--paced-chunk-delay-s", type=float, default=0.01,
                         help="also measure throughput behind an upstream pacing its chunks "
                              "this far apart (0: skip)")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
-    main(args.seconds, args.rounds, args.paced_chunk_delay_s)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown sections {sorted(unknown)}; known: {SECTIONS}")
+    main(args.seconds, args.rounds, args.paced_chunk_delay_s, sections)

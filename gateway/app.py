@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import httpx
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -30,6 +31,7 @@ from gateway.auth import ClientKeys, client_key_auth
 from gateway.errors import Handler, error_response, openai_errors
 from gateway.metrics import GatewayMetrics, UnrecordedMetrics
 from gateway.proxy import Proxy
+from gateway.workers import merge_metrics, sibling_metrics, worker_admin_port
 from turnout import tracing
 from turnout.config import ModelSwitchingConfig
 from turnout.replicas import ReplicaBalancer
@@ -51,12 +53,21 @@ class Gateway:
     """State and background loops of one gateway process."""
 
     def __init__(self, settings: ModelSwitchingConfig, store: Store, gateway_id: str,
-                 admin_url: str | None = None) -> None:
+                 admin_url: str | None = None, *, worker: int | None = None) -> None:
         self.settings = settings
         self.store = store
         self.gateway_id = gateway_id
         host = settings.gateway_advertise_host or client_host(settings.gateway_admin_host)
-        self.admin_url = admin_url or f"http://{host}:{settings.gateway_admin_port}"
+        # One of several workers on one port (`gateway.workers`): its own admin port, and
+        # the admin listeners of the others, whose metrics `/metrics` adds to its own.
+        self.admin_port = settings.gateway_admin_port if worker is None \
+            else worker_admin_port(settings.gateway_admin_port, worker)
+        self.admin_url = admin_url or f"http://{host}:{self.admin_port}"
+        self.siblings = [] if worker is None else [
+            f"http://{client_host(settings.gateway_admin_host)}:"
+            f"{worker_admin_port(settings.gateway_admin_port, i)}"
+            for i in range(settings.gateway_workers) if i != worker]
+        self.sibling_client: httpx.AsyncClient | None = None
         self.transitions = TransitionManager(settings)
         self.table = self.transitions.table
         self.metrics = GatewayMetrics(retention_s=settings.gateway_stats_retention_s) \
@@ -79,15 +90,21 @@ class Gateway:
         # aiohttp's per-host limit rather than a semaphore of our own: no code on the
         # request path, and it bounds shadow copies too. Its bookkeeping measured 0.7 us
         # per request here, an asyncio.Semaphore per backend 1.6 us.
+        # No cookie jar: engines set no cookies a proxy should keep, and the jar's
+        # per-request filtering and per-answer parsing were measurable on the request path.
         self.proxy.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=0, limit_per_host=self.settings.gateway_upstream_max_connections),
-            auto_decompress=True)
+            auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar())
         try:
             await self.reconcile()
         except Exception as exc:
             log.warning("store unreachable at start, serving no routes until it answers: %r",
                         exc)
+        if self.siblings:
+            token = self.settings.gateway_admin_token
+            self.sibling_client = httpx.AsyncClient(
+                timeout=2.0, headers={"Authorization": f"Bearer {token}"} if token else {})
         self._tasks = [
             asyncio.create_task(self._every(RECONCILE_INTERVAL_S, self._reconcile_quietly),
                                 name="gateway-reconcile"),
@@ -112,6 +129,9 @@ class Gateway:
         if self.proxy.session is not None:
             await self.proxy.session.close()
             self.proxy.session = None
+        if self.sibling_client is not None:
+            await self.sibling_client.aclose()
+            self.sibling_client = None
         log.info("gateway %s stopped", self.gateway_id)
 
     async def _every(self, interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
@@ -201,14 +221,15 @@ def _admin_auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse
 
 
 def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
-               admin_url: str | None = None) -> web.Application:
+               admin_url: str | None = None, *,
+               worker: int | None = None) -> web.Application:
     """The client-facing gateway app; the caller owns `store` and closes it after the app.
 
     Its `Gateway` (`gateway_of(app)`) starts and stops with it. Serve the admin endpoints
     with `create_admin_app` (or run both with `start_gateway`). Run it with handler
     cancellation on (see `serve`) so that a client disconnect cancels the upstream request.
     """
-    gateway = Gateway(settings, store, gateway_id, admin_url)
+    gateway = Gateway(settings, store, gateway_id, admin_url, worker=worker)
     keys = ClientKeys(settings.gateway_api_keys)
     # Without keys no middleware is added: the request path is as it was.
     middlewares = [openai_errors, client_key_auth(keys, gateway.metrics)] if keys \
@@ -285,12 +306,17 @@ def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
     app.router.add_get("/admin/stats", admin_stats)
     app.router.add_post("/admin/routes/refresh", admin_refresh)
     app.router.add_get("/metrics", _metrics_handler(gateway))
+    app.router.add_get("/admin/metrics/local", _metrics_handler(gateway, local=True))
     return app
 
 
-def _metrics_handler(gateway: Gateway) -> Handler:
+def _metrics_handler(gateway: Gateway, *, local: bool = False) -> Handler:
+    """`/metrics`: this gateway's, summed with its sibling workers' unless `local`."""
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(gateway.metrics.registry)
+        if not local and gateway.siblings and gateway.sibling_client is not None:
+            others = await sibling_metrics(gateway.sibling_client, gateway.siblings)
+            body = merge_metrics([body.decode(), *others]).encode()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return metrics
@@ -300,11 +326,13 @@ def gateway_of(app: web.Application) -> Gateway:
     return app[GATEWAY_KEY]
 
 
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start `app` on host:port with handler cancellation on; stop with `runner.cleanup()`."""
+async def serve(app: web.Application, host: str, port: int, *,
+                reuse_port: bool = False) -> web.AppRunner:
+    """Start `app` on host:port with handler cancellation on; stop with `runner.cleanup()`.
+    `reuse_port`: share the port with other processes (SO_REUSEPORT), as gateway workers do."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     await site.start()
     return runner
 
@@ -327,18 +355,20 @@ class RunningGateway:
 
 
 async def start_gateway(settings: ModelSwitchingConfig, store: Store,
-                        gateway_id: str) -> RunningGateway:
+                        gateway_id: str, *, worker: int | None = None) -> RunningGateway:
     """Serve a gateway: client app on `gateway_host:gateway_port`, admin app on
-    `gateway_admin_host:gateway_admin_port`."""
+    `gateway_admin_host:gateway_admin_port`. `worker` i of several (`gateway.workers`):
+    the client port shared, the admin app on `gateway_admin_port + i`."""
     if not settings.gateway_admin_token and not _loopback(settings.gateway_admin_host):
         raise AdminBindError(
             f"refusing to serve admin endpoints on {settings.gateway_admin_host} without "
             "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_TOKEN: set a token or bind them to 127.0.0.1")
-    app = create_app(settings, store, gateway_id)
+    app = create_app(settings, store, gateway_id, worker=worker)
     admin_runner = await serve(create_admin_app(gateway_of(app), settings.gateway_admin_token),
-                               settings.gateway_admin_host, settings.gateway_admin_port)
+                               settings.gateway_admin_host, gateway_of(app).admin_port)
     try:
-        client_runner = await serve(app, settings.gateway_host, settings.gateway_port)
+        client_runner = await serve(app, settings.gateway_host, settings.gateway_port,
+                                    reuse_port=worker is not None)
     except BaseException:
         await admin_runner.cleanup()
         raise

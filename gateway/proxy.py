@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics
@@ -69,6 +70,13 @@ def upstream_timeout() -> aiohttp.ClientTimeout:
                                  sock_read=UPSTREAM_READ_TIMEOUT_S)
 
 
+# One for every upstream request (it is immutable), not one made per request.
+_UPSTREAM_TIMEOUT = upstream_timeout()
+# Most upstream URLs kept parsed (replicas x paths: a handful per version); past this the
+# cache starts afresh rather than grow with every replica a gateway ever saw.
+_URL_CACHE_MAX = 4096
+
+
 class _StreamMeter:
     """What a streamed answer's chunks tell about its version, as they pass."""
 
@@ -112,6 +120,9 @@ class Proxy:
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None  # set when the app starts
+        # Upstream URLs parsed once: aiohttp parses a string URL on every request
+        # (measured ~4% of the gateway's CPU per request at concurrency 1).
+        self._urls: dict[str, URL] = {}
         self.mirror_max_inflight = mirror_max_inflight
         # Copies to shadow versions still running: held here so that the loop keeps them
         # alive (it only keeps weak references), they count against the cap, and the
@@ -400,9 +411,14 @@ class Proxy:
         assert self.session is not None, "gateway app not started"
         if backend.api_key_env:
             headers = {**headers, **_credential(backend)}
-        return self.session.post(replica.base + path,
-                                 data=json.dumps(body).encode(), headers=headers,
-                                 timeout=upstream_timeout())
+        text = replica.base + path
+        url = self._urls.get(text)
+        if url is None:
+            if len(self._urls) >= _URL_CACHE_MAX:
+                self._urls.clear()
+            url = self._urls[text] = URL(text)
+        return self.session.post(url, data=json.dumps(body).encode(), headers=headers,
+                                 timeout=_UPSTREAM_TIMEOUT)
 
     def _plain_tokens(self, model_id: str, version: str, status: int, payload: bytes) -> None:
         """Tokens of a plain (not streamed) answer, from its `usage`."""

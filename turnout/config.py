@@ -140,6 +140,10 @@ class ModelSwitchingConfig(BaseModel):
     # `traceparent` is traced too. 0, the default: the request path runs no tracing code.
     # A share, not all: every traced request costs a span and its export.
     gateway_trace_sample: float = Field(0.0, ge=0, le=1)
+    # Gateway processes sharing the client port (SO_REUSEPORT), one per core to use; each
+    # is a gateway replica of its own with the admin port GATEWAY_ADMIN_PORT + i. 1: one
+    # process, as `make run` runs it. Bounded by the cores a host plausibly has.
+    gateway_workers: int = Field(1, ge=1, le=64)
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     control_task_queue: str = "turnout-control"

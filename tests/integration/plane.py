@@ -135,6 +135,18 @@ async def register_upstreams(plane: ControlPlane, client: httpx.AsyncClient, arc
     await register_fakes(client, plane.upstreams, arch, stage)
 
 
+async def first_version_live(plane: ControlPlane, client: httpx.AsyncClient, arch: str,
+                             stage: str) -> None:
+    """Register the plane's fake engines as versions of one model and make `v1` live with
+    an immediate switch (a rollout needs a live version to shift from)."""
+    await register_upstreams(plane, client, arch, stage)
+    response = await client.post("/switch", json={"model_id": f"{arch}_{stage}",
+                                                   "target_version": "v1"})
+    assert response.status_code == 202, response.text
+    status = await wait_done(client, response.json()["operation_id"])
+    assert status["outcome"] == "promoted", status
+
+
 async def wait_done(client: httpx.AsyncClient, operation_id: str) -> dict[str, Any]:
     """Poll `GET /switch/operations/{id}` until it is `completed` or `failed`."""
     for _ in range(600):

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from tests.integration.plane import ControlPlane, register_upstreams, traffic, wait_done
+from tests.integration.plane import ControlPlane, first_version_live, traffic
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -135,12 +135,7 @@ def shown_weights(text: str, version: str) -> list[float]:
 
 async def test_v1_goes_live(plane: ControlPlane) -> None:
     async with plane.http() as client:
-        await register_upstreams(plane, client, ARCH, STAGE)
-        response = await client.post("/switch", json={"model_id": MODEL_ID,
-                                                       "target_version": "v1"})
-        assert response.status_code == 202, response.text
-        assert (await wait_done(client, response.json()["operation_id"]))["outcome"] == \
-            "promoted"
+        await first_version_live(plane, client, ARCH, STAGE)
 
 
 async def test_watched_canary_redraws_weights_and_verdicts_and_exits_0(

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind
 from tests.integration.plane import (
     ControlPlane,
     control_plane,
-    register_upstreams,
+    first_version_live,
     traffic,
     wait_done,
 )
@@ -60,11 +60,7 @@ def _root_of(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> ReadableSpan
 async def test_a_switch_is_one_trace_from_its_request_to_the_gateways(
         plane: ControlPlane) -> None:
     async with plane.http() as client:
-        await register_upstreams(plane, client, ARCH, STAGE)
-        response = await client.post("/switch", json={"model_id": MODEL_ID,
-                                                       "target_version": "v1"})
-        assert response.status_code == 202, response.text
-        await wait_done(client, response.json()["operation_id"])
+        await first_version_live(plane, client, ARCH, STAGE)
         EXPORTER.clear()
         async with traffic(plane.gateway_url, MODEL_ID):
             response = await client.post("/switch", json={

@@ -53,6 +53,8 @@ class FakeUpstream:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        # What routers in front of engines wait for (vLLM's Rust router among them).
+        app.router.add_get("/health", self._health)
         # handler_cancellation lets the test see that the gateway dropped the request.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -65,6 +67,9 @@ class FakeUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def _health(self, _: web.Request) -> web.Response:
+        return web.Response(status=200)
 
     async def _models(self, _: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [

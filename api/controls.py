@@ -14,7 +14,6 @@ from enum import StrEnum
 from fastapi import HTTPException, status
 from temporalio.client import (
     Client,
-    WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
@@ -26,6 +25,7 @@ from api.switching import (
     OperationView,
     SwitchAccepted,
     query_status,
+    running_run,
     start_switch,
     workflow_id_for,
 )
@@ -183,16 +183,10 @@ async def _active_run(client: Client, workflow_id: str) -> str | None:
     A switch that has already reported its end but whose run is still closing (it waits for
     its handlers to finish) is not active; `start_switch` waits for it to close.
     """
-    try:
-        description = await client.get_workflow_handle(workflow_id).describe()
-    except RPCError as exc:
-        if exc.status is RPCStatusCode.NOT_FOUND:
-            return None
-        raise
-    if description.status is not WorkflowExecutionStatus.RUNNING:
+    run_id = await running_run(client.get_workflow_handle(workflow_id))
+    if run_id is None:
         return None
-    status = await query_status(client.get_workflow_handle(workflow_id,
-                                                           run_id=description.run_id))
+    status = await query_status(client.get_workflow_handle(workflow_id, run_id=run_id))
     if status is not None and status.status.terminal:
         return None
-    return description.run_id
+    return run_id

@@ -221,6 +221,20 @@ async def operation_view(client: Client, store: Store, operation_id: str) -> Ope
                          success=status.status is OperationStatus.COMPLETED)
 
 
+async def running_run(handle: WorkflowHandle) -> str | None:
+    """The run id of the workflow if it is running now; None if it never ran or has
+    ended (a switch, shadow or preload of that id is not under way)."""
+    try:
+        description = await handle.describe()
+    except RPCError as exc:
+        if exc.status is RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    if description.status is not WorkflowExecutionStatus.RUNNING:
+        return None
+    return description.run_id
+
+
 async def wait_closed(handle: WorkflowHandle, timeout_s: float = _CLOSE_WAIT_S) -> None:
     """Wait (briefly) until a workflow that has ended its work has closed its run."""
     loop = asyncio.get_running_loop()

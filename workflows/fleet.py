@@ -11,6 +11,7 @@ import asyncio
 from typing import Literal
 
 from temporalio import workflow
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
@@ -29,6 +30,20 @@ async def place_version(holder: Holder, replicas: int | None = None) -> c.PlaceV
         **call.PLACE_CALL)
     await stop_engines(placed.evict, "cached")
     return placed
+
+
+def start_loads(model_id: str, version: str, queues: list[str]
+                ) -> list[asyncio.Task[c.LoadVersionResult]]:
+    """Load the version's engine on each host queue at once (a host that has it already
+    answers at once). Cancelling one waits until its host has killed the half-started
+    engine, so whatever follows finds nothing running."""
+    return [asyncio.ensure_future(workflow.execute_activity(
+        c.LOAD_VERSION, c.LoadVersionInput(model_id=model_id, version=version),
+        result_type=c.LoadVersionResult, task_queue=queue,
+        start_to_close_timeout=call.LOAD_TIMEOUT, heartbeat_timeout=call.LOAD_HEARTBEAT,
+        retry_policy=call.LOAD_RETRY, summary=f"load {version}",
+        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
+        for queue in queues]
 
 
 async def release_version(model_id: str, version: str, kind: HolderKind,

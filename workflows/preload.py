@@ -13,13 +13,11 @@ import asyncio
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.fleet import Holder, HolderKind
     from workflows import fleet
-    from workflows import options as call
 
 
 @workflow.defn(name=c.PRELOAD_WORKFLOW)
@@ -59,13 +57,8 @@ class PreloadWorkflow:
         return s
 
     async def _load(self, input: c.PreloadInput, placed: c.PlaceVersionResult) -> None:
-        loads = [asyncio.ensure_future(workflow.execute_activity(
-            c.LOAD_VERSION, c.LoadVersionInput(model_id=input.model_id, version=input.version),
-            result_type=c.LoadVersionResult, task_queue=slot.task_queue,
-            start_to_close_timeout=call.LOAD_TIMEOUT, heartbeat_timeout=call.LOAD_HEARTBEAT,
-            retry_policy=call.LOAD_RETRY,
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=f"load {input.version} on {slot.host_id}")) for slot in placed.replicas]
+        loads = fleet.start_loads(input.model_id, input.version,
+                                  [slot.task_queue for slot in placed.replicas])
         await workflow.wait_condition(
             lambda: all(load.done() for load in loads) or self._release is not None)
         for load in loads:

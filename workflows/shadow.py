@@ -15,7 +15,6 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError
-from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
@@ -66,13 +65,7 @@ class ShadowWorkflow:
         if self._fleet:
             placed = await fleet.place_version(self._holder(input), input.replicas)
             queues = [slot.task_queue for slot in placed.replicas]
-        loads = [asyncio.ensure_future(workflow.execute_activity(
-            c.LOAD_VERSION, c.LoadVersionInput(model_id=input.model_id, version=input.version),
-            result_type=c.LoadVersionResult, task_queue=queue,
-            start_to_close_timeout=call.LOAD_TIMEOUT,
-            heartbeat_timeout=call.LOAD_HEARTBEAT, retry_policy=call.LOAD_RETRY,
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=f"load {input.version}")) for queue in queues]
+        loads = fleet.start_loads(input.model_id, input.version, queues)
         await workflow.wait_condition(
             lambda: all(load.done() for load in loads) or self._stop_reason is not None)
         for load in loads:

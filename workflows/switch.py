@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
+from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
@@ -255,15 +255,7 @@ class SwitchWorkflow:
             self._current().warm_start = placed.warm
             # Warm: every replica is a ready engine that answered just now; nothing to load.
             queues = [] if placed.warm else [slot.task_queue for slot in placed.replicas]
-        loads = [asyncio.ensure_future(workflow.execute_activity(
-            c.LOAD_VERSION, c.LoadVersionInput(model_id=self._input.model_id, version=target),
-            result_type=c.LoadVersionResult, task_queue=queue,
-            start_to_close_timeout=call.LOAD_TIMEOUT, heartbeat_timeout=call.LOAD_HEARTBEAT,
-            retry_policy=call.LOAD_RETRY, summary=f"load {target}",
-            # On a rollback mid-load, wait until the engine worker has killed the
-            # half-started engine, so the release that follows finds nothing running.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
-            for queue in queues]
+        loads = fleet.start_loads(self._input.model_id, target, queues)
         if self._controls:
             await workflow.wait_condition(
                 lambda: all(load.done() for load in loads) or self._abandoning())

@@ -12,7 +12,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -21,6 +21,7 @@ from api.auth import Operator, Viewer
 from api.deps import SettingsDep, StoreDep, TemporalDep
 from api.errors import ERROR_RESPONSES, ErrorBody
 from api.params import ModelIdPath, VersionPath
+from api.switching import running_run
 from turnout import contracts as c
 from turnout.domain import AuditEntry, EngineState
 from turnout.fleet import FleetReport, LoadRequest, PlacementError, place
@@ -64,13 +65,7 @@ def _handle(client: TemporalDep, model_id: str, version: str) -> WorkflowHandle:
 
 
 async def _running_status(handle: WorkflowHandle) -> c.PreloadStatus | None:
-    try:
-        description = await handle.describe()
-    except RPCError as exc:
-        if exc.status is RPCStatusCode.NOT_FOUND:
-            return None
-        raise
-    if description.status is not WorkflowExecutionStatus.RUNNING:
+    if await running_run(handle) is None:
         return None
     return await handle.query(c.STATUS_QUERY, result_type=c.PreloadStatus)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field
-from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -19,6 +19,7 @@ from api.auth import Operator, Viewer
 from api.deps import SettingsDep, StoreDep, TemporalDep
 from api.errors import ERROR_RESPONSES
 from api.params import ModelIdPath
+from api.switching import running_run
 from turnout import contracts as c
 from turnout.domain import NAME_PATTERN, AuditEntry
 from turnout.limits import ACTOR_MAX, REASON_MAX
@@ -110,14 +111,7 @@ async def stop_shadow(model_id: ModelIdPath, principal: Operator, client: Tempor
     """Stop mirroring: the shadow leaves the route, its copies finish, its engine stops.
     404 when no shadow of the model is running."""
     handle = _handle(client, model_id)
-    try:
-        description = await handle.describe()
-    except RPCError as exc:
-        if exc.status is RPCStatusCode.NOT_FOUND:
-            raise HTTPException(status.HTTP_404_NOT_FOUND,
-                                f"model_id: {model_id!r} has no shadow") from None
-        raise
-    if description.status is not WorkflowExecutionStatus.RUNNING:
+    if await running_run(handle) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND,
                             f"model_id: {model_id!r} has no running shadow")
     body = body or StopShadow()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -48,24 +50,39 @@ def model_roots(tmp_path_factory: pytest.TempPathFactory,
                    *(str(path.parent) for path in tiny_models.values())})
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory,
-                model_roots: list[str]) -> AsyncIterator[Stack]:
-    root = tmp_path_factory.mktemp("stack")
-    settings = ModelSwitchingConfig.from_env(
+def e2e_stack(root: Path, *, ui_port: int, base_env: Mapping[str, str] | None = None,
+              **settings: Any) -> Stack:
+    """A headless stack of real parts keeping its state in `root`, with `settings` (each
+    module its own ports and engine host id, so modules never meet)."""
+    config = ModelSwitchingConfig.from_env(
         {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        # The fake engines some tests register as external endpoints listen on 127.0.0.1.
-        model_roots=model_roots, allow_private_endpoints=True, **E2E_SETTINGS)
-    stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
-                  temporal_ui_port=18233, headless=True,
-                  extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
-                      "VLLM_CPU_KVCACHE_SPACE", "1")})
+        **settings)
+    return Stack(settings=config, temporal_db=root / "temporal.db", log_dir=root / "logs",
+                 temporal_ui_port=ui_port, headless=True,
+                 base_env=dict(base_env) if base_env is not None else None,
+                 extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
+                     "VLLM_CPU_KVCACHE_SPACE", "1")})
+
+
+@asynccontextmanager
+async def running(stack: Stack) -> AsyncIterator[Stack]:
+    """The stack started, then stopped (engines included) however the tests end."""
     try:
         await stack.start()
         yield stack
     finally:
         await stack.stop()
         _dump_logs_on_failure(stack.log_dir)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory,
+                model_roots: list[str]) -> AsyncIterator[Stack]:
+    # The fake engines some tests register as external endpoints listen on 127.0.0.1.
+    async with running(e2e_stack(tmp_path_factory.mktemp("stack"), ui_port=18233,
+                                 model_roots=model_roots, allow_private_endpoints=True,
+                                 **E2E_SETTINGS)) as started:
+        yield started
 
 
 def _dump_logs_on_failure(log_dir: Path) -> None:

@@ -21,9 +21,9 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from tests.e2e.conftest import e2e_stack, running
 from tests.replay.recording import recording, save_history
 from turnout import contracts as c
-from turnout.config import ModelSwitchingConfig
 from turnout.domain import EngineInfo
 from turnout.runtime import connect_temporal
 from turnout.store import Store
@@ -39,25 +39,15 @@ STANDBY_MINUTES = 1.0
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory,
                 model_roots: list[str]) -> AsyncIterator[Stack]:
-    root = tmp_path_factory.mktemp("fleet")
     # Fixed ports below the kernel's ephemeral range (32768+), where vLLM's own sockets
     # land, and apart from the other e2e modules' and `make run`'s.
-    settings = ModelSwitchingConfig.from_env(
-        {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        model_roots=model_roots,
-        temporal_address="127.0.0.1:23233", api_port=23001, gateway_port=23000,
-        gateway_admin_port=23002, engine_port_start=23100, engine_port_end=23119,
-        engine_host="e2e-fleet", standby_minutes=STANDBY_MINUTES, max_cached_models=1,
-        monitoring_interval_s=4)
-    stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
-                  temporal_ui_port=23234, headless=True,
-                  extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
-                      "VLLM_CPU_KVCACHE_SPACE", "1")})
-    try:
-        await stack.start()
-        yield stack
-    finally:
-        await stack.stop()
+    async with running(e2e_stack(
+            tmp_path_factory.mktemp("fleet"), ui_port=23234, model_roots=model_roots,
+            temporal_address="127.0.0.1:23233", api_port=23001, gateway_port=23000,
+            gateway_admin_port=23002, engine_port_start=23100, engine_port_end=23119,
+            engine_host="e2e-fleet", standby_minutes=STANDBY_MINUTES, max_cached_models=1,
+            monitoring_interval_s=4)) as started:
+        yield started
 
 
 async def call(stack: Stack, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from turnout.config import ModelSwitchingConfig
+from tests.e2e.conftest import e2e_stack, running
 from turnout.store import Store
 from workers.stack import Stack
 
@@ -94,8 +94,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver,
                 model_roots: list[str]) -> AsyncIterator[Stack]:
     root = tmp_path_factory.mktemp("secrets-stack")
     webhook = f"http://127.0.0.1:{receiver.port}/services/T0/B0/{SECRET['webhook_token']}"
-    settings = ModelSwitchingConfig.from_env(
-        {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
+    stack = e2e_stack(
+        root, ui_port=28233, base_env={**os.environ, CREDENTIAL_ENV: SECRET["credential"]},
         temporal_address="127.0.0.1:27233", api_port=28001, gateway_port=28000,
         gateway_admin_port=28002, engine_port_start=28100, engine_port_end=28119,
         engine_host="e2e-secrets", monitoring_interval_s=2,
@@ -103,16 +103,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver,
         gateway_admin_token=SECRET["admin_token"], alert_webhook_urls=[webhook],
         alert_webhook_retries=1, alert_webhook_timeout_s=2,
         endpoint_credential_envs=[CREDENTIAL_ENV], model_roots=model_roots)
-    stack = Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs",
-                  temporal_ui_port=28233, headless=True,
-                  base_env={**os.environ, CREDENTIAL_ENV: SECRET["credential"]},
-                  extra_env={"VLLM_CPU_KVCACHE_SPACE": os.environ.get(
-                      "VLLM_CPU_KVCACHE_SPACE", "1")})
-    try:
-        await stack.start()
-        yield stack
-    finally:
-        await stack.stop()
+    async with running(stack) as started:
+        yield started
 
 
 # Every answer the test saw, headers included: none may carry a secret.

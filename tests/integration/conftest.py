@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 from tests.integration.plane import ControlPlane, control_plane
+from turnout.store import Store, upgrade
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -18,3 +23,19 @@ async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Contr
     # judgment is tested in test_health.py and tests/unit/test_analysis.py.
     async with control_plane(tmp_path_factory.mktemp("plane"), latency_tolerance=3.0) as plane:
         yield plane
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def engine_store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A fresh SQLite store for tests that drive `EngineActivities` directly; no engine is
+    left running afterwards, whatever the test did."""
+    from activities.engines import is_engine_process
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
+    await asyncio.to_thread(upgrade, url)
+    store = Store.from_url(url)
+    yield store
+    for engine in await store.list_engines():
+        if engine.pid and is_engine_process(engine.pid, engine.port):
+            os.killpg(engine.pid, signal.SIGKILL)
+    await store.close()

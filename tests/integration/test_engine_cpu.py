@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -21,12 +20,12 @@ import psutil
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.engines import EngineActivities, is_engine_process
+from activities.engines import EngineActivities
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import LoadVersionInput, UnloadVersionInput
 from turnout.cpu_cores import format_cpu_list
 from turnout.domain import EngineInfo, RegisterModelRequest
-from turnout.store import Store, upgrade
+from turnout.store import Store
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
@@ -38,15 +37,8 @@ READY_BOUND_S = 180.0
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
-    url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
-    await asyncio.to_thread(upgrade, url)
-    store = Store.from_url(url)
-    yield store
-    for engine in await store.list_engines():  # never leave an engine behind
-        if engine.pid and is_engine_process(engine.pid, engine.port):
-            os.killpg(engine.pid, signal.SIGKILL)
-    await store.close()
+def store(engine_store: Store) -> Store:
+    return engine_store
 
 
 @pytest.fixture

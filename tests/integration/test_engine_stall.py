@@ -8,7 +8,6 @@ starved of CPU or stuck in a kernel call does. No vLLM needed.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from pathlib import Path
@@ -21,19 +20,15 @@ from activities.engines import ENGINE_STALLED, ENGINE_START_TIMEOUT, EngineActiv
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import LoadVersionInput
 from turnout.domain import RegisterModelRequest
-from turnout.store import Store, upgrade
+from turnout.store import Store
 
 MODEL_ID = "TinyLlama_chat"
 HOST = "stallhost"
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
-    url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
-    await asyncio.to_thread(upgrade, url)
-    store = Store.from_url(url)
-    yield store
-    await store.close()
+def store(engine_store: Store) -> Store:
+    return engine_store
 
 
 def _fake_engine(tmp_path: Path, body: str) -> str:

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,13 @@ from temporalio.testing import ActivityEnvironment
 from activities.engines import (
     EngineActivities,
     engine_flags,
-    is_engine_process,
     validate_model_dir,
 )
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import LoadVersionInput, UnloadVersionInput
 from turnout.domain import EngineInfo, EngineState, RegisterModelRequest
 from turnout.engine_args import EngineArgsError
-from turnout.store import Store, upgrade
+from turnout.store import Store
 from turnout.store.schema import VersionRow
 
 pytest.importorskip("vllm")
@@ -66,16 +64,8 @@ def _pgid(pid: int) -> int | None:
 
 
 @pytest.fixture
-async def store(tmp_path: Path):
-    url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
-    await asyncio.to_thread(upgrade, url)
-    store = Store.from_url(url)
-    yield store
-    # Never leave an engine behind, whatever the test did.
-    for engine in await store.list_engines():
-        if engine.pid and is_engine_process(engine.pid, engine.port):
-            os.killpg(engine.pid, signal.SIGKILL)
-    await store.close()
+def store(engine_store: Store) -> Store:
+    return engine_store
 
 
 @pytest.fixture

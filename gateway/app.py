@@ -81,6 +81,7 @@ class Gateway:
                            mirror_max_inflight=settings.gateway_mirror_max_inflight,
                            replicas=self.replicas, traced=self.tracer is not None)
         self._reconcile_lock = asyncio.Lock()
+        self._served_weights: dict[str, dict[str, float]] = {}  # per model, as applied
         self._tasks: list[asyncio.Task[None]] = []
         self._store_ok = True
 
@@ -163,7 +164,10 @@ class Gateway:
                 for level, change in self.replicas.sync(self.table.routes.values()):
                     log.log(level, "%s", change)
             for route in applied:
-                self.metrics.generation.labels(route.model_id).set(route.generation)
+                weights = route.weights()
+                self.metrics.route_applied(route.model_id, route.generation, weights,
+                                           self._served_weights.get(route.model_id, {}))
+                self._served_weights[route.model_id] = weights
                 log.info("applied route of %s generation %d: %s", route.model_id,
                          route.generation, route.weights())
 

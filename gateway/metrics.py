@@ -236,7 +236,7 @@ class GatewayMetrics:
         self._idle_since: dict[VersionKey, float] = {}
         # The labelled series of the rare-event counters that name each version, so that
         # forgetting a version removes them too.
-        self._series: dict[VersionKey, set[tuple[Counter, tuple[str, ...]]]] = {}
+        self._series: dict[VersionKey, set[tuple[Counter | Gauge, tuple[str, ...]]]] = {}
         self.registry.register(VersionCollector(self._stats))
         labels = ("model_id", "version")
         self.errors_by_class = Counter(
@@ -257,6 +257,10 @@ class GatewayMetrics:
         self.rejected = Counter("turnout_gateway_rejected",
                                 "Requests answered by the gateway itself with an error",
                                 ("reason",), registry=self.registry)
+        self.weight = Gauge("turnout_gateway_route_weight",
+                            "Percent of a model's traffic the route this gateway serves "
+                            "gives a version (dashboards draw a rollout's steps from it)",
+                            ("model_id", "version"), registry=self.registry)
         self.generation = Gauge("turnout_gateway_route_generation",
                                 "Route generation this gateway serves", ("model_id",),
                                 registry=self.registry)
@@ -364,6 +368,20 @@ class GatewayMetrics:
             log.info("forgot the stats of %s %s: in no route and idle for %.0f s", *key,
                      now - idle_since)
         return forgotten
+
+    def route_applied(self, model_id: str, generation: int, weights: dict[str, float],
+                      previous: Collection[str] = ()) -> None:
+        """A new route of `model_id` is served: its generation and each version's share
+        (versions of the `previous` route it no longer names go to 0, not away, so a
+        dashboard sees the share fall)."""
+        self.generation.labels(model_id).set(generation)
+        shares = {**dict.fromkeys(previous, 0.0), **weights}
+        for version, percent in shares.items():
+            self.weight.labels(model_id, version).set(percent)
+            # Gone with the version's stats once it is forgotten (`forget_unrouted`).
+            self._get(model_id, version)
+            self._series.setdefault((model_id, version), set()).add(
+                (self.weight, (model_id, version)))
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()

@@ -144,6 +144,11 @@ class ModelSwitchingConfig(BaseModel):
     # is a gateway replica of its own with the admin port GATEWAY_ADMIN_PORT + i. 1: one
     # process, as `make run` runs it. Bounded by the cores a host plausibly has.
     gateway_workers: int = Field(1, ge=1, le=64)
+    # Where a process serves the Temporal SDK's Prometheus metrics (workflow and activity
+    # task latencies, failures, poller counts): host and port; 0, the default, serves
+    # none. Loopback unless set: a deployment scrapes it (docker-compose does, on 9000).
+    temporal_metrics_host: str = "127.0.0.1"
+    temporal_metrics_port: int = Field(0, ge=0, le=65535)
     temporal_address: str = "localhost:7233"
     temporal_namespace: str = "default"
     control_task_queue: str = "turnout-control"

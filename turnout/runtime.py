@@ -10,6 +10,7 @@ from pathlib import Path
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 from turnout import tracing
 from turnout.config import ModelSwitchingConfig
@@ -34,14 +35,31 @@ def temporal_interceptors() -> list[Interceptor]:
     return [TracingInterceptor(tracer)]
 
 
+_runtimes: dict[str, Runtime] = {}
+
+
+def temporal_runtime(settings: ModelSwitchingConfig) -> Runtime | None:
+    """The process's one SDK runtime serving Prometheus metrics when
+    `TEMPORAL_METRICS_PORT` is set (None: the SDK's default runtime, no metrics served)."""
+    if not settings.temporal_metrics_port:
+        return None
+    address = f"{settings.temporal_metrics_host}:{settings.temporal_metrics_port}"
+    if address not in _runtimes:
+        _runtimes[address] = Runtime(telemetry=TelemetryConfig(
+            metrics=PrometheusConfig(bind_address=address)))
+    return _runtimes[address]
+
+
 async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60) -> Client:
     """Connect with the pydantic converter, retrying while the Temporal server starts."""
+    runtime = temporal_runtime(settings)
     for attempt in range(1, attempts + 1):
         try:
             return await Client.connect(settings.temporal_address,
                                         namespace=settings.temporal_namespace,
                                         data_converter=pydantic_data_converter,
-                                        interceptors=temporal_interceptors())
+                                        interceptors=temporal_interceptors(),
+                                        runtime=runtime)
         except RuntimeError as exc:
             if attempt == attempts:
                 raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ def services() -> dict[str, Any]:
 
 # What an operator must set before compose starts (`${NAME:?message}`).
 REQUIRED = ("TURNOUT_API_KEY", "TURNOUT_GATEWAY_ADMIN_TOKEN", "TURNOUT_DB_PASSWORD",
-            "TEMPORAL_DB_PASSWORD")
+            "TEMPORAL_DB_PASSWORD", "TURNOUT_GRAFANA_ADMIN_PASSWORD")
 
 
 def _interpolate(value: str) -> str:
@@ -135,7 +136,8 @@ def test_no_default_database_passwords(services: dict[str, Any]) -> None:
 
 def test_temporal_is_published_on_loopback_only(services: dict[str, Any]) -> None:
     """The frontend and the Web UI (no login; signals, terminate) stay off the network."""
-    for name in ("temporal", "temporal-ui", "temporal-db", "store-db", "temporal-setup"):
+    for name in ("temporal", "temporal-ui", "temporal-db", "store-db", "temporal-setup",
+                 "prometheus", "grafana"):
         for port, address in _bound_to(services[name]).items():
             assert address in ("127.0.0.1", "[::1]"), (name, port, address)
     for service in services.values():  # nothing else publishes them either
@@ -169,7 +171,79 @@ def test_compose_secrets_reach_only_their_services(services: dict[str, Any],
         "TURNOUT_ALERT_WEBHOOK_URLS": {"control-worker", "monitor-worker"},
         "TURNOUT_DB_PASSWORD": {"store-db", *TURNOUT_SERVICES},
         "TEMPORAL_DB_PASSWORD": {"temporal-db", "temporal"},
+        "TURNOUT_GRAFANA_ADMIN_PASSWORD": {"grafana"},
     }[variable]
     holders = {name for name, service in services.items()
                if "${" + variable in yaml.safe_dump(service)}
     assert holders == expected
+
+
+# ------------------------------------------------------------------ Prometheus and Grafana
+
+def _mounted(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path → host path of each bind mount (`./host:/container[:ro]`)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        host, container = volume.split(":")[:2]
+        if host.startswith("./"):
+            mounts[container] = ROOT / host
+    return mounts
+
+
+def _prometheus(services: dict[str, Any]) -> dict[str, Any]:
+    config = _mounted(services["prometheus"])["/etc/prometheus/prometheus.yml"]
+    return {job["job_name"]: job for job in yaml.safe_load(config.read_text())["scrape_configs"]}
+
+
+def _targets(job: dict[str, Any]) -> list[str]:
+    return [t for group in job["static_configs"] for t in group["targets"]]
+
+
+def test_prometheus_and_grafana_mount_files_that_exist(services: dict[str, Any]) -> None:
+    for name in ("prometheus", "grafana"):
+        mounts = _mounted(services[name])
+        assert mounts, name
+        for container, host in mounts.items():
+            assert host.exists(), (name, container, host)
+    dashboards = _mounted(services["grafana"])["/var/lib/grafana/dashboards"]
+    assert sorted(p.name for p in dashboards.glob("*.json")) == ["turnout.json"]
+    provisioning = _mounted(services["grafana"])["/etc/grafana/provisioning"]
+    provider = yaml.safe_load((provisioning / "dashboards" / "turnout.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_prometheus_scrapes_the_gateway_with_the_admin_token(services: dict[str, Any]) -> None:
+    gateway = _settings(services["gateway"])
+    job = _prometheus(services)["turnout-gateway"]
+    assert _targets(job) == [f"{gateway.gateway_advertise_host}:{gateway.gateway_admin_port}"]
+    secret = job["authorization"]["credentials_file"].removeprefix("/run/secrets/")
+    text = (ROOT / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    assert compose["secrets"][secret] == {"environment": "TURNOUT_GATEWAY_ADMIN_TOKEN"}
+    users = {name for name, service in services.items() if secret in service.get("secrets", [])}
+    assert users == {"prometheus"}
+
+
+def test_prometheus_scrapes_every_engine_port_and_the_workers_sdk(
+        services: dict[str, Any]) -> None:
+    jobs = _prometheus(services)
+    engine = _settings(services["engine-worker"])
+    assert _targets(jobs["vllm-engines"]) == [
+        f"{engine.engine_advertise_host}:{port}"
+        for port in range(engine.engine_port_start, engine.engine_port_end + 1)]
+    serving = {f"{name}:{_settings(services[name]).temporal_metrics_port}"
+               for name in TURNOUT_SERVICES if name != "migrate"
+               and _settings(services[name]).temporal_metrics_port}
+    assert serving and set(_targets(jobs["temporal-sdk"])) == serving
+    for target in serving:
+        assert _settings(services[target.split(":")[0]]).temporal_metrics_host == "0.0.0.0"
+
+
+def test_grafana_reads_the_dashboards_data_source(services: dict[str, Any]) -> None:
+    provisioning = _mounted(services["grafana"])["/etc/grafana/provisioning"]
+    sources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    source = sources["datasources"][0]
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in services
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/turnout.json").read_text())
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    assert uids == {source["uid"]}

@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import httpx
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,7 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.auth import ClientKeys, client_key_auth
 from gateway.errors import Handler, error_response, openai_errors
 from gateway.metrics import GatewayMetrics, UnrecordedMetrics
-from gateway.proxy import Proxy
+from gateway.proxy import UPSTREAM_CONNECT_TIMEOUT_S, UPSTREAM_READ_TIMEOUT_S, Proxy
+from gateway.upstream import Upstreams
 from gateway.workers import merge_metrics, sibling_metrics, worker_admin_port
 from turnout import tracing
 from turnout.config import ModelSwitchingConfig
@@ -88,15 +88,12 @@ class Gateway:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        # aiohttp's per-host limit rather than a semaphore of our own: no code on the
-        # request path, and it bounds shadow copies too. Its bookkeeping measured 0.7 us
-        # per request here, an asyncio.Semaphore per backend 1.6 us.
-        # No cookie jar: engines set no cookies a proxy should keep, and the jar's
-        # per-request filtering and per-answer parsing were measurable on the request path.
-        self.proxy.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=0, limit_per_host=self.settings.gateway_upstream_max_connections),
-            auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar())
+        # Keep-alive connections to the engines, at most so many to each (shadow copies
+        # included); see gateway.upstream for why not aiohttp's client.
+        self.proxy.upstreams = Upstreams(
+            max_per_host=self.settings.gateway_upstream_max_connections,
+            connect_timeout_s=UPSTREAM_CONNECT_TIMEOUT_S,
+            read_timeout_s=UPSTREAM_READ_TIMEOUT_S)
         try:
             await self.reconcile()
         except Exception as exc:
@@ -127,9 +124,9 @@ class Gateway:
             await self.store.remove_gateway(self.gateway_id)
         except Exception as exc:
             log.warning("could not remove gateway %s from the store: %r", self.gateway_id, exc)
-        if self.proxy.session is not None:
-            await self.proxy.session.close()
-            self.proxy.session = None
+        if self.proxy.upstreams is not None:
+            await self.proxy.upstreams.close()
+            self.proxy.upstreams = None
         if self.sibling_client is not None:
             await self.sibling_client.aclose()
             self.sibling_client = None

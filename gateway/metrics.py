@@ -236,7 +236,10 @@ class GatewayMetrics:
         self._idle_since: dict[VersionKey, float] = {}
         # The labelled series of the rare-event counters that name each version, so that
         # forgetting a version removes them too.
-        self._series: dict[VersionKey, set[tuple[Counter | Gauge, tuple[str, ...]]]] = {}
+        self._series: dict[VersionKey, set[tuple[Counter, tuple[str, ...]]]] = {}
+        # Versions whose route share fell to 0, and since when: their weight series goes
+        # after the retention period, as idle versions' stats do.
+        self._zero_weight_since: dict[VersionKey, float] = {}
         self.registry.register(VersionCollector(self._stats))
         labels = ("model_id", "version")
         self.errors_by_class = Counter(
@@ -352,6 +355,11 @@ class GatewayMetrics:
         request path; returns the versions forgotten.
         """
         now = self._clock()
+        for key, since in list(self._zero_weight_since.items()):
+            if now - since >= self.retention_s:
+                del self._zero_weight_since[key]
+                with contextlib.suppress(KeyError):
+                    self.weight.remove(*key)
         forgotten = []
         for key, stats in list(self._stats.items()):
             if key in routed or stats.inflight > 0:
@@ -375,13 +383,14 @@ class GatewayMetrics:
         (versions of the `previous` route it no longer names go to 0, not away, so a
         dashboard sees the share fall)."""
         self.generation.labels(model_id).set(generation)
-        shares = {**dict.fromkeys(previous, 0.0), **weights}
-        for version, percent in shares.items():
+        now = self._clock()
+        for version in previous:
+            if version not in weights:
+                self.weight.labels(model_id, version).set(0)
+                self._zero_weight_since.setdefault((model_id, version), now)
+        for version, percent in weights.items():
             self.weight.labels(model_id, version).set(percent)
-            # Gone with the version's stats once it is forgotten (`forget_unrouted`).
-            self._get(model_id, version)
-            self._series.setdefault((model_id, version), set()).add(
-                (self.weight, (model_id, version)))
+            self._zero_weight_since.pop((model_id, version), None)
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()

@@ -28,6 +28,7 @@ from yarl import URL
 
 from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics
+from gateway.upstream import Upstreams
 from turnout import tracing
 from turnout.domain import Backend
 from turnout.endpoints import bearer_header
@@ -65,13 +66,6 @@ DEFAULT_HOST_LIVE_AFTER_S = 20.0
 _Retry = tuple[Backend, ReplicaSlot, ReplicaSlot | None, bool]
 
 
-def upstream_timeout() -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, sock_connect=UPSTREAM_CONNECT_TIMEOUT_S,
-                                 sock_read=UPSTREAM_READ_TIMEOUT_S)
-
-
-# One for every upstream request (it is immutable), not one made per request.
-_UPSTREAM_TIMEOUT = upstream_timeout()
 # Most upstream URLs kept parsed (replicas x paths: a handful per version); past this the
 # cache starts afresh rather than grow with every replica a gateway ever saw.
 _URL_CACHE_MAX = 4096
@@ -119,9 +113,8 @@ class Proxy:
             DEFAULT_HOST_LIVE_AFTER_S)
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
-        self.session: aiohttp.ClientSession | None = None  # set when the app starts
-        # Upstream URLs parsed once: aiohttp parses a string URL on every request
-        # (measured ~4% of the gateway's CPU per request at concurrency 1).
+        self.upstreams: Upstreams | None = None  # set when the app starts
+        # Upstream URLs parsed once, not on every request.
         self._urls: dict[str, URL] = {}
         self.mirror_max_inflight = mirror_max_inflight
         # Copies to shadow versions still running: held here so that the loop keeps them
@@ -325,7 +318,7 @@ class Proxy:
             return
         if random.random() * 100.0 >= shadow.mirror_percent:
             return
-        if len(self.mirrors) >= self.mirror_max_inflight or self.session is None:
+        if len(self.mirrors) >= self.mirror_max_inflight or self.upstreams is None:
             self.metrics.mirror_skip(model_id, shadow.version)
             return
         copy = {**body, "model": shadow.served_model_name}
@@ -408,7 +401,7 @@ class Proxy:
         version's error, failed over (another replica, then the stable version), else a
         502.
         """
-        assert self.session is not None, "gateway app not started"
+        assert self.upstreams is not None, "gateway app not started"
         if backend.api_key_env:
             headers = {**headers, **_credential(backend)}
         text = replica.base + path
@@ -417,8 +410,7 @@ class Proxy:
             if len(self._urls) >= _URL_CACHE_MAX:
                 self._urls.clear()
             url = self._urls[text] = URL(text)
-        return self.session.post(url, data=json.dumps(body).encode(), headers=headers,
-                                 timeout=_UPSTREAM_TIMEOUT)
+        return self.upstreams.post(url, json.dumps(body).encode(), headers)
 
     def _plain_tokens(self, model_id: str, version: str, status: int, payload: bytes) -> None:
         """Tokens of a plain (not streamed) answer, from its `usage`."""

@@ -2,8 +2,9 @@
 the fewest requests in flight, see `turnout.replicas`), forward, stream the answer back.
 
 The request path touches only memory (route table, replica sets, metrics) and the shared
-upstream session: no store access and no INFO logging per request, so the gateway adds
-little latency and keeps serving when the store is down.
+keep-alive connections to engines (`gateway.upstream`): no store access and no INFO
+logging per request, so the gateway adds little latency and keeps serving when the store
+is down.
 
 Traffic mirroring: when a model's route has a shadow backend, a share of its requests is
 also copied to the shadow in a background task. The copy is measured under the shadow's
@@ -28,7 +29,7 @@ from yarl import URL
 
 from gateway.errors import error_response
 from gateway.metrics import GatewayMetrics
-from gateway.upstream import Upstreams
+from gateway.upstream import Answer, Upstreams
 from turnout import tracing
 from turnout.domain import Backend
 from turnout.endpoints import bearer_header
@@ -269,7 +270,7 @@ class Proxy:
                 return stable, replica, None, False
         return None
 
-    async def _stream(self, request: web.Request, upstream: aiohttp.ClientResponse,
+    async def _stream(self, request: web.Request, upstream: Answer,
                       model_id: str, version: str,
                       started: float
                       ) -> tuple[web.StreamResponse, str | None, bool, float | None]:
@@ -376,7 +377,7 @@ class Proxy:
             self._plain_tokens(model_id, version, upstream.status, await upstream.read())
             return failure, True, None
 
-    async def _drain(self, upstream: aiohttp.ClientResponse, model_id: str, version: str,
+    async def _drain(self, upstream: Answer, model_id: str, version: str,
                      started: float) -> tuple[str | None, bool, float | None]:
         """Read a shadow's SSE answer to the end, measuring it as `_stream` measures a
         served one (time to first byte, tokens, inter-token time), and drop it."""

@@ -69,6 +69,7 @@ class _Connection(asyncio.Protocol):
         self._chunk_state = "size"  # size | data | crlf | trailer
         self._last_data_at = 0.0  # loop time of the last byte received
         self._timer: asyncio.TimerHandle | None = None
+        self._keep = True  # the engine did not say `Connection: close`
 
     # ------------------------------------------------------------------ protocol
 
@@ -101,7 +102,7 @@ class _Connection(asyncio.Protocol):
                 self._fail(aiohttp.ClientPayloadError(f"malformed answer: {exc}"))
                 return
             self._head.clear()
-            self._start_body(headers)
+            self._start_body(status, headers)
             self._head_done.set_result((status, headers))
             if self._eof or not data:
                 return
@@ -147,7 +148,7 @@ class _Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self._eof and self._mode != "close" and not self.closed and \
+        return self._eof and self._keep and self._mode != "close" and not self.closed and \
             self._error is None and self.transport is not None and \
             not self.transport.is_closing()
 
@@ -185,8 +186,12 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ body framing
 
-    def _start_body(self, headers: Headers) -> None:
-        if "chunked" in headers.get("transfer-encoding", "").lower():
+    def _start_body(self, status: int, headers: Headers) -> None:
+        self._keep = "close" not in headers.get("connection", "").lower()
+        if status in (204, 304) or status < 200:
+            self._mode = "length"
+            self._finish()
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
             self._mode = "chunked"
         elif "content-length" in headers:
             self._mode, self._left = "length", int(headers["content-length"])

@@ -175,3 +175,21 @@ async def test_a_free_port_refuses() -> None:
                 pass
     finally:
         await upstreams.close()
+
+
+async def test_connection_close_is_not_reused(pool: Upstreams) -> None:
+    server = await Server(lambda n: plain(b"ok", b"Connection: close\r\n")).start()
+    try:
+        assert [await post(pool, server) for _ in range(2)] == [(200, b"ok")] * 2
+        assert server.connections == 2
+    finally:
+        await server.stop()
+
+
+async def test_no_content_has_no_body(pool: Upstreams) -> None:
+    server = await Server(lambda n: [b"HTTP/1.1 204 No Content\r\n\r\n"]).start()
+    try:
+        assert [await post(pool, server) for _ in range(2)] == [(204, b"")] * 2
+        assert server.connections == 1
+    finally:
+        await server.stop()

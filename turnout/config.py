@@ -148,7 +148,9 @@ class ModelSwitchingConfig(BaseModel):
     state_dir: str = ".turnout"
 
     # Engines on this host.
-    engine_host: str = Field(default_factory=socket.gethostname)
+    # At most the store's column for host ids (PostgreSQL refuses longer ones).
+    engine_host: str = Field(default_factory=socket.gethostname, min_length=1,
+                             max_length=256)
     engine_bind_host: str = "127.0.0.1"
     # The address gateways use to reach this host's engines (a DNS name in a cluster).
     engine_advertise_host: str = "127.0.0.1"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import shutil
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from temporalio.client import Client
@@ -50,3 +54,24 @@ def installed_binary(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{name} is not installed (pip install the package that has it)")
     return found
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn` that makes the child receive `sig` when the thread that started it
+    ends (Linux `PR_SET_PDEATHSIG`), so a server never outlives a launcher killed with
+    SIGKILL. Start children from a thread that lives as long as they should (the main
+    thread), never from `asyncio.to_thread`. Elsewhere than Linux it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def _set() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), int(sig))
+
+    return _set

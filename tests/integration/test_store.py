@@ -7,6 +7,8 @@ clients may register versions of a new model at the same moment: neither may fai
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -15,16 +17,19 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.integration.route_writers import add_replica
 from turnout import contracts as c
 from turnout.config import engine_task_queue
 from turnout.domain import (
     Alert,
     AlertSeverity,
     AlertState,
+    Backend,
     EngineInfo,
     EngineState,
     OperationRecord,
     RegisterModelRequest,
+    Route,
     SwitchingStrategyType,
 )
 from turnout.fleet import EngineHost, Holder, HolderKind, HostCapacity
@@ -96,6 +101,46 @@ async def test_a_retried_look_does_not_count_a_breach_twice(stores: list[Store])
     # After recovery, a new breach is a new alert.
     again = await stores[1].raise_alert(alert)
     assert again.id != fired.id and again.count == 1
+
+
+async def test_concurrent_route_writers_in_several_processes_lose_nothing(
+        tmp_path: Path, stores: list[Store]) -> None:
+    """Route writes from four processes at once: each gets a generation of its own, the
+    generations run 1..N without a gap, and every change is in the final route (each one
+    added a replica to what it found: a read-add-write that raced would lose some)."""
+    url = stores[0].engine.url.render_as_string(hide_password=False)
+    writers, count = 4, 25
+    start = tmp_path / "start"
+    processes = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.route_writers", url, "m_s", f"w{i}",
+        str(count), str(start), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE) for i in range(writers)]
+    await asyncio.sleep(1.0)  # every writer connected and waiting
+    start.touch()
+    generations: list[int] = []
+    for process in processes:
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, err.decode()
+        generations += json.loads(out)
+    assert sorted(generations) == list(range(1, writers * count + 1))
+    route = await stores[1].get_route("m_s")
+    assert route is not None and route.generation == writers * count
+    kept = sorted(r.url for r in route.backends[0].replicas)
+    assert kept == sorted(f"http://w{w}-{i}" for w in range(writers) for i in range(count))
+
+
+async def test_a_retried_route_write_is_not_applied_twice(stores: list[Store]) -> None:
+    first = await stores[0].update_route("m_s", add_replica("a"), change_key="op/step-0")
+    again = await stores[1].update_route("m_s", add_replica("a"), change_key="op/step-0")
+    assert again.generation == first.generation and again.backends == first.backends
+    refused = ValueError("refused")
+
+    def refuse(current: Route | None) -> list[Backend]:
+        raise refused
+
+    with pytest.raises(ValueError, match="refused"):
+        await stores[0].update_route("m_s", refuse, change_key="op/step-1")
+    assert (await stores[0].get_route("m_s")) == first
 
 
 async def test_the_longest_names_fit_every_column(stores: list[Store]) -> None:

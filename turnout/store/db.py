@@ -11,6 +11,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
+# The execution option that marks a write transaction (`writer(engine)`).
+_WRITE = "turnout_write"
+
+
+def writer(engine: AsyncEngine) -> AsyncEngine:
+    """The same engine (and pool) for write transactions: on SQLite they start with
+    `BEGIN IMMEDIATE`, taking the database's write lock before their first read, so a
+    read-modify-write (a route's next generation, an alert's count) cannot interleave with
+    another process's; a second writer waits (busy timeout) instead of failing when it
+    tries to write on a stale snapshot. Reads keep plain `BEGIN` and never wait. On
+    PostgreSQL rows are locked with `SELECT ... FOR UPDATE` where it matters."""
+    return engine.execution_options(**{_WRITE: True})
+
 
 def create_engine(database_url: str) -> AsyncEngine:
     """An async engine; SQLite gets WAL and a busy timeout since several processes share it."""
@@ -23,6 +36,10 @@ def create_engine(database_url: str) -> AsyncEngine:
 
     @event.listens_for(engine.sync_engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        # SQLAlchemy, not the driver, begins transactions (below): the driver's own
+        # implicit BEGIN comes only before the first write, leaving the reads before it
+        # outside the transaction.
+        dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         # In WAL mode NORMAL stays consistent and loses nothing when a process dies; only
@@ -32,6 +49,11 @@ def create_engine(database_url: str) -> AsyncEngine:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
+        immediate = connection.get_execution_options().get(_WRITE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RetryConfig
 
 from turnout.config import ModelSwitchingConfig
 
@@ -26,13 +27,21 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
-async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60) -> Client:
-    """Connect with the pydantic converter, retrying while the Temporal server starts."""
+async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60,
+                           give_up_after_s: float | None = None) -> Client:
+    """Connect with the pydantic converter, retrying while the Temporal server starts.
+
+    `give_up_after_s`: each call of the client retries an unreachable server for at most
+    this long before it raises (by default the SDK's ~10 s)."""
+    retry = None if give_up_after_s is None else RetryConfig(
+        initial_interval_millis=100, max_interval_millis=1000, max_retries=1000,
+        max_elapsed_time_millis=int(give_up_after_s * 1000))
     for attempt in range(1, attempts + 1):
         try:
             return await Client.connect(settings.temporal_address,
                                         namespace=settings.temporal_namespace,
-                                        data_converter=pydantic_data_converter)
+                                        data_converter=pydantic_data_converter,
+                                        **({"retry_config": retry} if retry else {}))
         except RuntimeError as exc:
             if attempt == attempts:
                 raise

@@ -115,8 +115,9 @@ class Store(FleetStore):
         self._write = async_sessionmaker(writer(engine), expire_on_commit=False)
 
     @classmethod
-    def from_url(cls, database_url: str) -> Store:
-        return cls(create_engine(database_url))
+    def from_url(cls, database_url: str, *, timeout_s: float | None = None) -> Store:
+        """A store on `database_url`; `timeout_s` bounds its waits (`create_engine`)."""
+        return cls(create_engine(database_url, timeout_s=timeout_s))
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -15,9 +15,10 @@ from temporalio.exceptions import ApplicationError
 from activities.gateway_admin import GatewayAdmin
 from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Backend, EngineState, GatewayInfo, Replica
+from turnout.domain import Backend, EngineState, GatewayInfo, Replica, Route
 from turnout.replicas import route_engines
 from turnout.store import NotFound, Store
+from turnout.store.repo import RouteChange
 
 _POLL_S = 0.25
 
@@ -33,26 +34,42 @@ class TrafficActivities:
     async def set_traffic(self, input: c.SetTrafficInput) -> c.SetTrafficResult:
         """Write the route (idempotent by change key), then wait for every gateway to apply it."""
         backends = await self._backends(input)
-        # A shadow being mirrored to stays, unless this change serves its version.
-        current = await self.store.get_route(input.model_id)
-        shadow = current.shadow() if current else None
-        if shadow is not None and shadow.version not in {b.version for b in backends}:
-            backends.append(shadow)
-        return await self._publish(input.model_id, backends, input.change_key)
+        served = {b.version for b in backends}
+
+        def shift(current: Route | None) -> list[Backend]:
+            # A shadow being mirrored to stays, unless this change serves its version.
+            shadow = current.shadow() if current else None
+            if shadow is not None and shadow.version not in served:
+                return [*backends, shadow]
+            return list(backends)
+
+        return await self._publish(input.model_id, shift, input.change_key)
 
     @activity.defn(name=c.SET_MIRROR)
     async def set_mirror(self, input: c.SetMirrorInput) -> c.SetTrafficResult:
         """Copy a share of the model's requests to a shadow version (0: stop), keeping the
         served split as it is; then wait for every gateway to apply it."""
-        current = await self.store.get_route(input.model_id)
-        if current is None or not current.weights():
-            raise ApplicationError(f"{input.model_id} serves no traffic to mirror",
-                                   type="InvalidRoute", non_retryable=True)
-        backends = [b for b in current.backends if not b.is_shadow]
-        if input.percent > 0 and input.version not in current.weights():
-            backend = await self._backend(input.model_id, input.version, 0)
-            backends.append(backend.model_copy(update={"mirror_percent": input.percent}))
-        return await self._publish(input.model_id, backends, input.change_key)
+        shadow: Backend | ApplicationError | None = None
+        if input.percent > 0:  # where the shadow is served, found before the write
+            try:
+                shadow = (await self._backend(input.model_id, input.version, 0)) \
+                    .model_copy(update={"mirror_percent": input.percent})
+            except ApplicationError as err:  # refused below, if the shadow is needed
+                shadow = err
+
+        def mirror(current: Route | None) -> list[Backend]:
+            if current is None or not current.weights():
+                raise ApplicationError(f"{input.model_id} serves no traffic to mirror",
+                                       type="InvalidRoute", non_retryable=True)
+            backends = [b for b in current.backends if not b.is_shadow]
+            if input.percent > 0 and input.version not in current.weights():
+                if isinstance(shadow, ApplicationError):
+                    raise shadow
+                assert shadow is not None
+                backends.append(shadow)
+            return backends
+
+        return await self._publish(input.model_id, mirror, input.change_key)
 
     @activity.defn(name=c.REFRESH_ROUTE)
     async def refresh_route(self, input: c.RefreshRouteInput) -> c.SetTrafficResult:
@@ -61,20 +78,25 @@ class TrafficActivities:
         current = await self.store.get_route(input.model_id)
         if current is None or not current.backends:
             return c.SetTrafficResult(generation=current.generation if current else 0)
-        backends = []
+        fresh: dict[str, Backend] = {}
         for backend in current.backends:
-            try:
-                fresh = await self._backend(input.model_id, backend.version, backend.weight)
-            except ApplicationError:  # no ready engine of it right now: keep what was there
-                backends.append(backend)
-                continue
-            backends.append(fresh.model_copy(update={"mirror_percent": backend.mirror_percent}))
-        return await self._publish(input.model_id, backends, input.change_key)
+            with contextlib.suppress(ApplicationError):  # no ready engine of it right now
+                fresh[backend.version] = await self._backend(input.model_id, backend.version,
+                                                             backend.weight)
 
-    async def _publish(self, model_id: str, backends: list[Backend],
+        def refresh(now: Route | None) -> list[Backend]:
+            # Shares as they are at the write; addresses as just read (or kept as they were).
+            return [fresh[b.version].model_copy(update={"weight": b.weight,
+                                                        "mirror_percent": b.mirror_percent})
+                    if b.version in fresh else b for b in (now.backends if now else [])]
+
+        return await self._publish(input.model_id, refresh, input.change_key)
+
+    async def _publish(self, model_id: str, change: RouteChange,
                        change_key: str) -> c.SetTrafficResult:
-        """Write the route (idempotent by change key), then wait for every gateway."""
-        route = await self.store.write_route(model_id, backends, change_key)
+        """Write the route (atomically, idempotent by change key), then wait for every
+        gateway to serve it."""
+        route = await self.store.update_route(model_id, change, change_key)
         shadow = route.shadow()
         activity.logger.info("route of %s at generation %d: %s%s", model_id,
                              route.generation, route.weights(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,9 +47,17 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
-        app.state.store = store or Store.from_url(settings.database_url)
-        app.state.temporal = temporal or await connect_temporal(settings)
+        app.state.store = store or Store.from_url(settings.database_url,
+                                                  timeout_s=settings.api_backend_timeout_s)
+        # The API serves (the store's part, probes) before Temporal answers: calls that
+        # need it are 503 and `/readyz` says not ready until the connection is made.
+        app.state.temporal = temporal
+        connecting = None if temporal else asyncio.create_task(_connect(app, settings))
         yield
+        if connecting is not None:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
         if store is None:
             await app.state.store.close()
 
@@ -95,6 +105,26 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
         return get_redoc_html(openapi_url="/openapi.json", title=f"{TITLE} - ReDoc")
 
     return app
+
+
+async def _connect(app: FastAPI, settings: ModelSwitchingConfig) -> None:
+    """Connect to Temporal, trying again every second until it answers."""
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            app.state.temporal = await connect_temporal(
+                settings, attempts=1, give_up_after_s=settings.api_backend_timeout_s)
+        except Exception as exc:
+            # Once a minute in the log, not every second.
+            (log.warning if tries % 60 == 1 else log.debug)(
+                "Temporal at %s not reachable (%s); calls that need it answer 503 until it "
+                "is", settings.temporal_address, exc)
+            await asyncio.sleep(1)
+            continue
+        if tries > 1:
+            log.info("connected to Temporal at %s", settings.temporal_address)
+        return
 
 
 def _openapi(app: FastAPI, *, authenticated: bool) -> dict[str, Any]:

@@ -19,8 +19,16 @@ def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
+class TemporalUnavailable(Exception):
+    """The API has not (yet) connected to Temporal: a 503."""
+
+
 def get_temporal(request: Request) -> Client:
-    return request.app.state.temporal
+    client = request.app.state.temporal
+    if client is None:
+        raise TemporalUnavailable("Temporal is not available: the API is not connected to "
+                                  "it yet")
+    return client
 
 
 SettingsDep = Annotated[ModelSwitchingConfig, Depends(get_settings)]

@@ -9,11 +9,13 @@ from fastapi import FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from temporalio.service import RPCError
 
-from turnout.store import Conflict, NotFound
+from api.deps import TemporalUnavailable
+from turnout.store import Conflict, NotFound, is_unavailable
 from turnout.strategies import StrategyConfigError
 
 log = logging.getLogger("turnout.api")
@@ -42,7 +44,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                                              "lists each field at fault with its `loc`"},
     413: {"model": ErrorBody, "description": "The body is larger than "
                                              "`VLLM_MODEL_SWITCHING_API_MAX_BODY_BYTES`"},
-    503: {"model": ErrorBody, "description": "Temporal is not reachable"},
+    503: {"model": ErrorBody, "description": "The store or Temporal is not reachable; "
+                                             "`detail` says which"},
 }
 
 
@@ -109,6 +112,23 @@ def install(app: FastAPI) -> None:
         log.error("Temporal call failed on %s %s: %s", request.method, request.url.path, exc)
         return JSONResponse({"detail": f"Temporal is not available: {exc.message}"},
                             status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    @app.exception_handler(TemporalUnavailable)
+    async def _no_temporal(_: Request, exc: TemporalUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    async def _store(request: Request, exc: Exception) -> JSONResponse:
+        if not is_unavailable(exc):
+            return await _unexpected(request, exc)
+        log.error("the store failed on %s %s: %s: %s", request.method, request.url.path,
+                  type(exc).__name__, exc)
+        return JSONResponse({"detail": "the store is not available; try again shortly"},
+                            status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    # Not Exception: what they catch is answered here, without the traceback Starlette's
+    # last-resort handler logs.
+    app.add_exception_handler(SQLAlchemyError, _store)
+    app.add_exception_handler(OSError, _store)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,9 +3,59 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.postgres import PostgresServer, start_postgres
+
+# The stores every module marked `both_stores` runs on, each as its own parameter.
+STORE_KINDS = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_stores: run the module's store-using tests on SQLite and on a real "
+                   "PostgreSQL server (the `store_kind` parameter)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests of a `both_stores` module that use a store run once per store kind, grouped by
+    kind (the module's fixtures are set up once for each)."""
+    if "store_kind" in metafunc.fixturenames and \
+            metafunc.definition.get_closest_marker("both_stores"):
+        metafunc.parametrize("store_kind", STORE_KINDS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session. It never skips: if it cannot start, every
+    test that needs it errors with the reason (`PostgresUnavailable`)."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """"sqlite" or "postgresql": the store this module's tests run on (SQLite unless the
+    module is marked `both_stores`)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="module")
+def new_database(request: pytest.FixtureRequest, store_kind: str) -> Callable[[Path], str]:
+    """Make an empty database (no schema) of this module's kind: `new_database(dir)` is its
+    URL (a SQLite file in `dir`, or a new database on the session's PostgreSQL)."""
+    if store_kind == "sqlite":
+        return lambda root: f"sqlite+aiosqlite:///{root}/turnout.db"
+    if store_kind != "postgresql":
+        raise ValueError(f"unknown store kind {store_kind!r}")
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return lambda root: server.create_database()
 
 
 @pytest.fixture(scope="session")

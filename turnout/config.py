@@ -91,6 +91,11 @@ class ModelSwitchingConfig(BaseModel):
     api_auth_failures_audited_per_minute: int = Field(10, ge=0, le=10_000)
     # How long `/readyz` waits for each of the store and Temporal before calling it down.
     api_ready_timeout_s: float = Field(2, gt=0, le=60)
+    # How long an API call waits for a store or Temporal that does not answer (connecting,
+    # a pool connection, a statement, SQLite's lock, Temporal's retries of an unreachable
+    # server) before answering 503 with the part at fault: a client learns of an outage in
+    # seconds instead of hanging until its own timeout. Long enough for a busy store.
+    api_backend_timeout_s: float = Field(5, ge=0.5, le=60)
 
     # Where the parts of the stack listen and find each other.
     api_host: str = "127.0.0.1"
@@ -162,7 +167,9 @@ class ModelSwitchingConfig(BaseModel):
     state_dir: str = ".turnout"
 
     # Engines on this host.
-    engine_host: str = Field(default_factory=socket.gethostname)
+    # At most the store's column for host ids (PostgreSQL refuses longer ones).
+    engine_host: str = Field(default_factory=socket.gethostname, min_length=1,
+                             max_length=256)
     engine_bind_host: str = "127.0.0.1"
     # The address gateways use to reach this host's engines (a DNS name in a cluster).
     engine_advertise_host: str = "127.0.0.1"

@@ -27,6 +27,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from turnout.domain import EngineInfo
+from turnout.limits import HOLDER_ID_MAX
 
 GIB = 1024**3
 
@@ -63,7 +64,9 @@ class Holder(BaseModel):
     model_id: str
     version: str
     kind: HolderKind
-    holder_id: str = Field(max_length=300)
+    # A preload's workflow id (`preload-<model>-<version>`) reaches 394 characters with
+    # the longest names a registration allows; the store's column holds HOLDER_ID_MAX.
+    holder_id: str = Field(max_length=HOLDER_ID_MAX)
     priority: int = 0
     expires_at: datetime | None = None
     since: datetime | None = None

@@ -21,6 +21,7 @@ ALERT_TITLE_MAX = 300
 ALERT_TYPE_MAX = 32
 AUDIT_ACTION_MAX = 64
 WORKFLOW_ID_MAX = 400
+HOLDER_ID_MAX = 1024  # engine holders: operation and workflow ids
 ENGINE_URL_MAX = 512  # external endpoints become an engine's url
 SERVED_NAME_MAX = 512
 # Text kept in JSON or Text columns, bounded all the same so one request cannot fill a

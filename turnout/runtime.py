@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import shutil
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.service import RetryConfig
 
 from turnout import tracing
 from turnout.config import ModelSwitchingConfig
@@ -50,8 +55,15 @@ def temporal_runtime(settings: ModelSwitchingConfig) -> Runtime | None:
     return _runtimes[address]
 
 
-async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60) -> Client:
-    """Connect with the pydantic converter, retrying while the Temporal server starts."""
+async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60,
+                           give_up_after_s: float | None = None) -> Client:
+    """Connect with the pydantic converter, retrying while the Temporal server starts.
+
+    `give_up_after_s`: each call of the client retries an unreachable server for at most
+    this long before it raises (by default the SDK's ~10 s)."""
+    retry = None if give_up_after_s is None else RetryConfig(
+        initial_interval_millis=100, max_interval_millis=1000, max_retries=1000,
+        max_elapsed_time_millis=int(give_up_after_s * 1000))
     runtime = temporal_runtime(settings)
     for attempt in range(1, attempts + 1):
         try:
@@ -59,7 +71,8 @@ async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60
                                         namespace=settings.temporal_namespace,
                                         data_converter=pydantic_data_converter,
                                         interceptors=temporal_interceptors(),
-                                        runtime=runtime)
+                                        runtime=runtime,
+                                        **({"retry_config": retry} if retry else {}))
         except RuntimeError as exc:
             if attempt == attempts:
                 raise
@@ -81,3 +94,24 @@ def installed_binary(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{name} is not installed (pip install the package that has it)")
     return found
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn` that makes the child receive `sig` when the thread that started it
+    ends (Linux `PR_SET_PDEATHSIG`), so a server never outlives a launcher killed with
+    SIGKILL. Start children from a thread that lives as long as they should (the main
+    thread), never from `asyncio.to_thread`. Elsewhere than Linux it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def _set() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), int(sig))
+
+    return _set

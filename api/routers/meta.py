@@ -9,12 +9,12 @@ from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Literal
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Request, status
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from api.auth import Viewer
-from api.deps import SettingsDep, StoreDep, TemporalDep
+from api.deps import SettingsDep, StoreDep
 from api.errors import AUTH_RESPONSES
 from turnout.auth import Role
 
@@ -61,18 +61,25 @@ async def _check(name: str, call: Awaitable[object], timeout_s: float) -> CheckR
     return "ok"
 
 
+async def _not_connected() -> CheckResult:
+    return "failed"
+
+
 @router.get("/readyz", response_model=Readiness,
             responses={503: {"model": Readiness,
                              "description": "The store or Temporal does not answer"}})
-async def readyz(store: StoreDep, client: TemporalDep,
+async def readyz(request: Request, store: StoreDep,
                  settings: SettingsDep) -> Readiness | JSONResponse:
     """Readiness: the store and Temporal each answer within `API_READY_TIMEOUT_S`.
-    Open (no key); 503 names the part that failed."""
+    Open (no key); 503 names the part that failed (Temporal: until the API has connected
+    to it, too)."""
     timeout = settings.api_ready_timeout_s
+    client = request.app.state.temporal
     store_ok, temporal_ok = await asyncio.gather(
         _check("store", store.ping(), timeout),
         _check("temporal", client.service_client.check_health(
-            timeout=timedelta(seconds=timeout)), timeout))
+            timeout=timedelta(seconds=timeout)), timeout) if client is not None
+        else _not_connected())
     ready = store_ok == temporal_ok == "ok"
     body = Readiness(status="ready" if ready else "not_ready",
                      checks={"store": store_ok, "temporal": temporal_ok})

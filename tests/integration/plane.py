@@ -77,9 +77,12 @@ async def serve_api(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[N
 
 @asynccontextmanager
 async def control_plane(root: Path, versions: tuple[str, ...] = ("v1", "v2"),
+                        database_url: str | None = None,
                         **overrides: Any) -> AsyncIterator[ControlPlane]:
-    """The plane; `overrides` are settings (`ModelSwitchingConfig` fields) for this run."""
-    url = f"sqlite+aiosqlite:///{root}/turnout.db"
+    """The plane; `overrides` are settings (`ModelSwitchingConfig` fields) for this run.
+    The store is `database_url` (an empty database: migrated here), by default a SQLite
+    file in `root`."""
+    url = database_url or f"sqlite+aiosqlite:///{root}/turnout.db"
     await asyncio.to_thread(upgrade, url)
     store = Store.from_url(url)
     env = await WorkflowEnvironment.start_local(

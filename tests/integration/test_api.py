@@ -18,7 +18,7 @@ from api.app import create_app
 from tests.integration.plane import ControlPlane, record_history, serve_api, traffic, wait_done
 from tests.support import free_port
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 ARCH, STAGE = "Qwen2_5OmniForConditionalGeneration", "thinker"
 MODEL_ID = f"{ARCH}_{STAGE}"

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from tests.support import free_port
 from turnout.auth import hash_key
 from turnout.sdk import DynamicModelRegistry, ModelSwitcher, TurnoutAPIError
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 ARCH, STAGE = "AuthArch", "roles"
 MODEL_ID = f"{ARCH}_{STAGE}"
@@ -54,9 +54,11 @@ def key_file(root: Path) -> Path:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ControlPlane]:
+async def plane(tmp_path_factory: pytest.TempPathFactory,
+                new_database: Callable[[Path], str]) -> AsyncIterator[ControlPlane]:
     root = tmp_path_factory.mktemp("auth-plane")
-    async with control_plane(root, latency_tolerance=3.0, enable_authentication=True,
+    async with control_plane(root, database_url=new_database(root), latency_tolerance=3.0,
+                             enable_authentication=True,
                              api_keys_file=str(key_file(root)), api_key=ADMIN_KEY,
                              api_max_body_bytes=MAX_BODY,
                              # This module's own refusals must all be audited; the budget

@@ -17,7 +17,7 @@ import pytest
 from tests.integration.plane import ControlPlane, cli, record_history, wait_done
 from turnout.sdk import ModelSwitcher, TurnoutAPIError
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 ARCH, STAGE = "ControlsArch", "canary"
 MODEL_ID = f"{ARCH}_{STAGE}"

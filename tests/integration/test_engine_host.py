@@ -1,11 +1,13 @@
-"""An engine host's claim on its id, on a real SQLite store: the real engine worker refuses
-to start on the id of a live host, naming it, and a restarted worker takes its own over."""
+"""An engine host's claim on its id, on a real store (SQLite and PostgreSQL): the real
+engine worker refuses to start on the id of a live host, naming it, and a restarted worker
+takes its own over."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -16,18 +18,24 @@ from turnout.config import ModelSwitchingConfig
 from turnout.fleet import GIB, GpuDevice
 from turnout.store import HostClaimed, Store, upgrade_async
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 
-async def _settings(tmp_path: Path, state: str, **overrides: object) -> ModelSwitchingConfig:
-    url = f"sqlite+aiosqlite:///{tmp_path}/turnout.db"
+@pytest.fixture
+def database_url(tmp_path: Path, new_database: Callable[[Path], str]) -> str:
+    return new_database(tmp_path)
+
+
+async def _settings(tmp_path: Path, state: str, url: str,
+                    **overrides: object) -> ModelSwitchingConfig:
     await upgrade_async(url)
     return ModelSwitchingConfig.from_env({}, database_url=url, engine_host="gpu-7",
                                          state_dir=str(tmp_path / state), **overrides)
 
 
-async def test_a_second_worker_on_a_live_host_id_exits_naming_it(tmp_path: Path) -> None:
-    settings = await _settings(tmp_path, "first")
+async def test_a_second_worker_on_a_live_host_id_exits_naming_it(tmp_path: Path,
+                                                                 database_url: str) -> None:
+    settings = await _settings(tmp_path, "first", database_url)
     store = Store.from_url(settings.database_url)
     try:
         await HostMembership(settings, store).claim()
@@ -48,8 +56,9 @@ async def test_a_second_worker_on_a_live_host_id_exits_naming_it(tmp_path: Path)
     assert "engine host id 'gpu-7' is held by another live engine worker" in out.decode()
 
 
-async def test_a_restarted_worker_takes_its_own_claim_over(tmp_path: Path) -> None:
-    settings = await _settings(tmp_path, "state")
+async def test_a_restarted_worker_takes_its_own_claim_over(tmp_path: Path,
+                                                           database_url: str) -> None:
+    settings = await _settings(tmp_path, "state", database_url)
     store = Store.from_url(settings.database_url)
     try:
         first = HostMembership(settings, store)
@@ -65,8 +74,9 @@ async def test_a_restarted_worker_takes_its_own_claim_over(tmp_path: Path) -> No
         await store.close()
 
 
-async def test_capacity_of_a_cpu_host_and_of_a_gpu_host(tmp_path: Path) -> None:
-    settings = await _settings(tmp_path, "s", engine_memory_fraction=0.5,
+async def test_capacity_of_a_cpu_host_and_of_a_gpu_host(tmp_path: Path,
+                                                        database_url: str) -> None:
+    settings = await _settings(tmp_path, "s", database_url, engine_memory_fraction=0.5,
                                engine_kv_cache_gib=1, engine_overhead_gib=2,
                                max_cached_models=3)
     cpu = detect_capacity(settings, gpus=[])

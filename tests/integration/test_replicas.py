@@ -1,13 +1,14 @@
 """Two gateway replicas on one store: a route change reaches both before the traffic activity
 returns, a restarted replica resumes with the routes from the store, a retried shift does
 not apply twice, and draining a version waits for its requests in flight at every replica.
-Real gateways over HTTP, the real `set_traffic` and `drain_version` activities, SQLite.
+Concurrent shifts and mirror changes of one model, from two processes' store pools,
+compose. Real gateways over HTTP, the real traffic activities, SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from turnout.config import ModelSwitchingConfig
 from turnout.domain import EngineInfo, EngineState, RegisterModelRequest
 from turnout.store import Store, upgrade_async
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 MODEL = "replica_default"
 TOKEN = "replica-admin-token"
@@ -65,11 +66,12 @@ class Replicas:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def replicas(tmp_path: Path) -> AsyncIterator[Replicas]:
-    db_url = f"sqlite+aiosqlite:///{tmp_path / 'turnout.db'}"
+async def replicas(tmp_path: Path, new_database: Callable[[Path], str]
+                   ) -> AsyncIterator[Replicas]:
+    db_url = new_database(tmp_path)
     await upgrade_async(db_url)
     store = Store.from_url(db_url)
-    upstreams = {v: await FakeUpstream(v, f"served-{v}").start() for v in ("v1", "v2")}
+    upstreams = {v: await FakeUpstream(v, f"served-{v}").start() for v in ("v1", "v2", "v3")}
     for version, upstream in upstreams.items():
         await store.register_version(RegisterModelRequest(
             model=f"org/{version}", model_arch="replica", model_stage="default",
@@ -158,3 +160,34 @@ async def test_draining_waits_for_requests_in_flight_at_every_replica(
     cut = await replicas.drain("v1", timeout_s=0.5)
     assert (cut.drained, cut.inflight_left) == (False, 1) and cut.waited_s < 2
     assert await late == "v1"
+
+
+async def test_concurrent_shifts_and_mirror_changes_compose(replicas: Replicas) -> None:
+    """A switch shifting traffic while a shadow changes its share, each through its own
+    store pool (two processes' worth): each write gets its own generation, and the final
+    route has the last shift's split and the last mirror change's shadow; neither
+    overwrote the other."""
+    await replicas.start("gw-a")
+    await wait_live(replicas.store, 1)
+    await replicas.shift({"v1": 100}, "compose/start")
+    other = Store.from_url(replicas.db_url)
+    mirrors = TrafficActivities(replicas.traffic.settings, other, replicas.traffic.admin)
+    try:
+        splits = [{"v1": 100.0}, {"v1": 50.0, "v2": 50.0}]
+        shifts = [replicas.shift(splits[i % 2], f"compose/shift-{i}") for i in range(12)]
+        mirrored = [ActivityEnvironment().run(mirrors.set_mirror, c.SetMirrorInput(
+            model_id=MODEL, version="v3", percent=5.0 * (i + 1), change_key=f"compose/m-{i}"))
+            for i in range(12)]
+        results = await asyncio.gather(*shifts, *mirrored)
+    finally:
+        await other.close()
+    generations = [r.generation for r in results]
+    assert len(set(generations)) == len(generations)
+    last_shift = max(range(12), key=lambda i: results[i].generation)
+    last_mirror = max(range(12), key=lambda i: results[12 + i].generation)
+    route = await replicas.store.get_route(MODEL)
+    assert route is not None and route.generation == max(generations)
+    assert route.weights() == splits[last_shift % 2]
+    shadow = route.shadow()
+    assert shadow is not None and (shadow.version, shadow.mirror_percent) == \
+        ("v3", 5.0 * (last_mirror + 1))

@@ -14,7 +14,7 @@ from tests.integration.plane import ControlPlane, register_upstreams, wait_done
 from turnout.sdk import DynamicModelRegistry, TurnoutAPIError
 from turnout.transitions import TransitionManager
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 ARCH, STAGE = "RulesArch", "chat"
 MODEL_ID = f"{ARCH}_{STAGE}"

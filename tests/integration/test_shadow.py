@@ -6,7 +6,8 @@ and `DELETE` removes it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,16 +26,18 @@ from tests.integration.plane import (
 from turnout import ModelSwitcher
 from turnout.contracts import shadow_workflow_id
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 ARCH, STAGE = "Mirrored", "chat"
 MODEL = f"{ARCH}_{STAGE}"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ControlPlane]:
-    async with control_plane(tmp_path_factory.mktemp("shadow"), versions=("v1", "v2", "v3"),
-                             monitoring_interval_s=1) as plane:
+async def plane(tmp_path_factory: pytest.TempPathFactory,
+                new_database: Callable[[Path], str]) -> AsyncIterator[ControlPlane]:
+    root = tmp_path_factory.mktemp("shadow")
+    async with control_plane(root, versions=("v1", "v2", "v3"),
+                             database_url=new_database(root), monitoring_interval_s=1) as plane:
         async with plane.http() as client:
             await register_upstreams(plane, client, ARCH, STAGE)
             started = await client.post("/switch", json={

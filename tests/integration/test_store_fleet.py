@@ -1,10 +1,11 @@
-"""The store's fleet records on a real SQLite file with the real migrations: engine hosts
-claimed by one worker at a time, and the holders that keep a version's engines loaded."""
+"""The store's fleet records with the real migrations, on SQLite and PostgreSQL: engine
+hosts claimed by one worker at a time, and the holders that keep a version's engines
+loaded."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,14 +14,14 @@ import pytest_asyncio
 
 from turnout.domain import EngineInfo, EngineState
 from turnout.fleet import EngineHost, Holder, HolderKind, HostCapacity
-from turnout.store import HostClaimed, Store, upgrade, upgrade_async
+from turnout.store import HostClaimed, Store, upgrade_async
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    url = f"sqlite+aiosqlite:///{tmp_path}/turnout.db"
+async def store(tmp_path: Path, new_database: Callable[[Path], str]) -> AsyncIterator[Store]:
+    url = new_database(tmp_path)
     await upgrade_async(url)
     store = Store.from_url(url)
     yield store
@@ -97,20 +98,3 @@ async def test_engines_keep_their_memory_and_last_use(store: Store) -> None:
     assert engine is not None
     assert (engine.memory_bytes, engine.last_used_at, engine.sleeping) == \
         (3 << 30, used, False)
-
-
-async def test_migrations_go_down_and_up_again(tmp_path: Path) -> None:
-    from alembic import command
-
-    from turnout.store.db import alembic_config
-
-    url = f"sqlite+aiosqlite:///{tmp_path}/cycle.db"
-
-    def cycle() -> None:
-        upgrade(url)
-        command.downgrade(alembic_config(url), "0005")
-        command.upgrade(alembic_config(url), "head")
-        command.downgrade(alembic_config(url), "base")
-        command.upgrade(alembic_config(url), "head")
-
-    await asyncio.to_thread(cycle)

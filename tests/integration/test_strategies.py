@@ -9,7 +9,8 @@ in file order on one model: `v1` goes live first, then switches move between `v1
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +26,7 @@ from tests.integration.plane import (
     wait_done,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 ARCH, STAGE = "StrategiesArch", "thinker"
 MODEL_ID = f"{ARCH}_{STAGE}"
@@ -36,8 +37,10 @@ DELAY_S = 0.02
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ControlPlane]:
-    async with control_plane(tmp_path_factory.mktemp("strategies"),
+async def plane(tmp_path_factory: pytest.TempPathFactory,
+                new_database: Callable[[Path], str]) -> AsyncIterator[ControlPlane]:
+    root = tmp_path_factory.mktemp("strategies")
+    async with control_plane(root, database_url=new_database(root),
                              latency_tolerance=1.0) as plane:
         for upstream in plane.upstreams.values():
             upstream.delay_s = DELAY_S

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +36,7 @@ from turnout.fleet import EngineHost, HostCapacity
 from turnout.store import Store
 from turnout.store.schema import EngineHostRow, utcnow
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores]
 
 MODEL = TINY_MODEL
 TOKEN = "fleet-admin-token"
@@ -114,8 +114,8 @@ async def until(check: Any, timeout_s: float = 5.0) -> float:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    db_url, store = await tiny_store(tmp_path)
+async def fleet(tmp_path: Path, new_database: Callable[[Path], str]) -> AsyncIterator[Fleet]:
+    db_url, store = await tiny_store(tmp_path, database_url=new_database(tmp_path))
     ups = {host: await FakeUpstream("v1", "tiny-v1").start() for host in HOSTS}
     for i, (host, upstream) in enumerate(ups.items()):
         await store.claim_host(EngineHost(

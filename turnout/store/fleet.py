@@ -46,7 +46,8 @@ def _aware(value: datetime) -> datetime:
 
 
 class FleetStore:
-    _session: async_sessionmaker[AsyncSession]
+    _session: async_sessionmaker[AsyncSession]  # reads
+    _write: async_sessionmaker[AsyncSession]  # write transactions (`turnout.store.db.writer`)
 
     # ---------------------------------------------------------------- hosts
 
@@ -60,7 +61,7 @@ class FleetStore:
 
     async def _claim_host(self, host: EngineHost, live_after_s: float) -> EngineHost:
         now = utcnow()
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.get(EngineHostRow, host.host_id, with_for_update=True)
             if row is not None and row.instance_id != host.instance_id and \
                     _aware(row.last_seen) > now - timedelta(seconds=live_after_s):
@@ -79,7 +80,7 @@ class FleetStore:
 
     async def heartbeat_host(self, host_id: str, instance_id: str) -> bool:
         """Refresh the host's heartbeat; False when another instance has claimed it since."""
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.get(EngineHostRow, host_id)
             if row is None or row.instance_id != instance_id:
                 return False
@@ -96,7 +97,7 @@ class FleetStore:
 
     async def hold(self, holder: Holder) -> Holder:
         """Add a holder of a version's engines (again: refreshes priority and expiry)."""
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             key = (holder.model_id, holder.version, holder.kind.value, holder.holder_id)
             row = await session.get(EngineHolderRow, key)
             if row is None:
@@ -117,13 +118,13 @@ class FleetStore:
             EngineHolderRow.kind == kind.value)
         if holder_id is not None:
             query = query.where(EngineHolderRow.holder_id == holder_id)
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             return (await session.execute(query)).rowcount or 0  # type: ignore[attr-defined]
 
     async def release_serving_except(self, model_id: str, keep: set[str]) -> None:
         """Only the live version serves (and the one it replaces, until it is retired):
         a serving holder of any other version is a leftover, and would keep it forever."""
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             await session.execute(delete(EngineHolderRow).where(
                 EngineHolderRow.model_id == model_id,
                 EngineHolderRow.kind == HolderKind.SERVING.value,
@@ -144,7 +145,7 @@ class FleetStore:
 
     async def mark_engines_used(self, model_id: str, version: str) -> None:
         """The version served until now: its engines are the most recently used cached."""
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             await session.execute(update(EngineRow).where(
                 EngineRow.model_id == model_id, EngineRow.version == version)
                 .values(last_used_at=utcnow()))
@@ -153,7 +154,7 @@ class FleetStore:
 
     async def set_weights_bytes(self, model_id: str, version: str, size: int) -> None:
         """Record the size of a version's weights, as an engine host read it from the files."""
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.get(VersionRow, (model_id, version))
             if row is not None and row.weights_bytes != size:
                 row.weights_bytes = size

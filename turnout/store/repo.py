@@ -6,7 +6,7 @@ rows, only the domain models of `turnout.domain`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,7 +45,7 @@ from turnout.limits import (
 from turnout.monitoring import EngineResources, ModelHealth
 from turnout.rules import STORED as STORED_RULES
 from turnout.rules import ModelRules, RoutingRules
-from turnout.store.db import create_engine
+from turnout.store.db import create_engine, writer
 from turnout.store.fleet import FleetStore
 from turnout.store.schema import (
     AlertRow,
@@ -80,6 +80,13 @@ class Conflict(StoreError):
 # The key under which threshold overrides for every model are stored.
 ALL_MODELS = "*"
 
+# What a route change does to the current route (None: the model has none yet): the new
+# backends. Pure and quick: it runs inside the write transaction, with the row locked.
+RouteChange = Callable[[Route | None], Iterable[Backend]]
+# Compare-and-set attempts of one route write before giving up (each waits for the lock,
+# so more than one or two only happen where the lock does not hold: never, by design).
+_ROUTE_WRITE_ATTEMPTS = 20
+
 
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything we store is UTC."""
@@ -105,10 +112,12 @@ class Store(FleetStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._session = async_sessionmaker(engine, expire_on_commit=False)
+        self._write = async_sessionmaker(writer(engine), expire_on_commit=False)
 
     @classmethod
-    def from_url(cls, database_url: str) -> Store:
-        return cls(create_engine(database_url))
+    def from_url(cls, database_url: str, *, timeout_s: float | None = None) -> Store:
+        """A store on `database_url`; `timeout_s` bounds its waits (`create_engine`)."""
+        return cls(create_engine(database_url, timeout_s=timeout_s))
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -129,7 +138,7 @@ class Store(FleetStore):
             request.model_dump(include=set(OmniModelConfig.model_fields))
         )
         model_id = config.model_id
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             if await session.get(ModelRow, model_id) is None:
                 session.add(ModelRow(model_id=model_id, model_arch=config.model_arch,
                                      model_stage=config.model_stage))
@@ -198,7 +207,7 @@ class Store(FleetStore):
 
     async def set_live_version(self, model_id: str, version: str) -> None:
         """Mark `version` live; the one it replaces becomes the rollback target."""
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.get(ModelRow, model_id)
             if row is None:
                 raise NotFound(f"model {model_id!r} is not registered")
@@ -231,27 +240,65 @@ class Store(FleetStore):
 
     async def write_route(self, model_id: str, backends: Iterable[Backend],
                           change_key: str) -> Route:
-        """Store a new desired route with the next generation.
+        """Store a new desired route with the next generation (see `update_route`)."""
+        backends = list(backends)
+        return await self.update_route(model_id, lambda _current: backends, change_key)
+
+    async def update_route(self, model_id: str, change: RouteChange,
+                           change_key: str) -> Route:
+        """Write the route `change(current route)` returns, with the next generation.
+
+        Atomic: `change` sees the route as it is inside the write transaction (the row
+        locked: `FOR UPDATE` on PostgreSQL, the write lock of `BEGIN IMMEDIATE` on
+        SQLite), and the generation is raised by the database on the condition that it is
+        still the one read (compare-and-set), so concurrent writers of one model, from any
+        number of processes, each get a generation of their own and each change is made
+        on top of the others (a traffic shift keeps the shadow a mirror change just set).
 
         Idempotent by `change_key`: writing again with the key of the current route returns
         it unchanged, so a retried traffic activity never bumps the generation twice.
+        `change` may raise to refuse (nothing is written).
         """
-        backends = list(backends)
-        async with self._session.begin() as session:
-            row = await session.get(RouteRow, model_id, with_for_update=True)
-            if row is not None and row.change_key == change_key:
-                return _route(row)
+        for _ in range(_ROUTE_WRITE_ATTEMPTS):
+            try:
+                route = await self._update_route(model_id, change, change_key)
+            except IntegrityError:  # another writer inserted the model's first route
+                continue
+            if route is not None:
+                return route
+        raise StoreError(f"the route of {model_id} kept changing under "
+                         f"{_ROUTE_WRITE_ATTEMPTS} attempts to write it")
+
+    async def _update_route(self, model_id: str, change: RouteChange,
+                            change_key: str) -> Route | None:
+        """One attempt; None when another writer moved the generation meanwhile."""
+        async with self._write.begin() as session:
+            row = await session.get(RouteRow, model_id, with_for_update=True,
+                                    populate_existing=True)
+            current = _route(row) if row is not None else None
+            if current is not None and current.change_key == change_key:
+                return current
+            backends = list(change(current))
             payload = [b.model_dump(mode="json") for b in backends]
-            if row is None:
-                row = RouteRow(model_id=model_id, generation=1, backends=payload,
-                               change_key=change_key, updated_at=utcnow())
-                session.add(row)
+            now = utcnow()
+            if current is None:
+                session.add(RouteRow(model_id=model_id, generation=1, backends=payload,
+                                     change_key=change_key, updated_at=now))
+                await session.flush()
+                generation: int | None = 1
             else:
-                row.generation += 1
-                row.backends = payload
-                row.change_key = change_key
-                row.updated_at = utcnow()
-        return _route(row)
+                generation = await session.scalar(
+                    update(RouteRow)
+                    .where(RouteRow.model_id == model_id,
+                           RouteRow.generation == current.generation)
+                    .values(generation=RouteRow.generation + 1, backends=payload,
+                            change_key=change_key, updated_at=now)
+                    .returning(RouteRow.generation)
+                    .execution_options(synchronize_session=False))
+            if generation is None:
+                return None
+        return Route(model_id=model_id, generation=generation, backends=backends,
+                     change_key=change_key, updated_at=now)
 
     # ---------------------------------------------------------------- routing rules
 
@@ -259,7 +306,7 @@ class Store(FleetStore):
                         updated_by: str | None = None) -> ModelRules:
         """Replace a model's rules as a whole (an empty list removes them)."""
         updated_by = fit(updated_by, ACTOR_MAX)
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             if await session.get(ModelRow, model_id) is None:
                 raise NotFound(f"model {model_id!r} is not registered")
             row = await session.get(RulesRow, model_id, with_for_update=True)
@@ -293,7 +340,7 @@ class Store(FleetStore):
     # ---------------------------------------------------------------- engines
 
     async def save_engine(self, engine: EngineInfo) -> None:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.get(EngineRow, (engine.model_id, engine.version, engine.host))
             values = engine.model_dump(exclude={"started_at"})
             values["state"] = engine.state.value
@@ -321,7 +368,7 @@ class Store(FleetStore):
             return [_engine(r) for r in (await session.scalars(query)).all()]
 
     async def delete_engine(self, model_id: str, version: str, host: str) -> None:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             await session.execute(delete(EngineRow).where(
                 EngineRow.model_id == model_id, EngineRow.version == version,
                 EngineRow.host == host))
@@ -331,7 +378,7 @@ class Store(FleetStore):
         """Replace a host's measurements with these, keyed by (model_id, version): the
         rows of engines the host no longer measures go."""
         now = utcnow()
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             rows = {(r.model_id, r.version): r for r in (await session.scalars(
                 select(EngineResourcesRow).where(EngineResourcesRow.host == host))).all()}
             for key, row in rows.items():
@@ -366,7 +413,7 @@ class Store(FleetStore):
     # ---------------------------------------------------------------- gateways
 
     async def heartbeat_gateway(self, gateway_id: str, admin_url: str) -> None:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.get(GatewayRow, gateway_id)
             if row is None:
                 session.add(GatewayRow(gateway_id=gateway_id, admin_url=admin_url,
@@ -376,7 +423,7 @@ class Store(FleetStore):
                 row.last_seen = utcnow()
 
     async def remove_gateway(self, gateway_id: str) -> None:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             await session.execute(delete(GatewayRow).where(GatewayRow.gateway_id == gateway_id))
 
     async def live_gateways(self, max_age_s: float) -> list[GatewayInfo]:
@@ -393,7 +440,7 @@ class Store(FleetStore):
         """Insert once: the API and the workflow's first activity both create the record,
         in either order and sometimes at the same moment; the second one is a no-op."""
         try:
-            async with self._session.begin() as session:
+            async with self._write.begin() as session:
                 if await session.get(OperationRow, record.operation_id) is not None:
                     return
                 values = record.model_dump(mode="json", exclude={"created_at", "finished_at"})
@@ -404,20 +451,20 @@ class Store(FleetStore):
             return
 
     async def set_operation_run(self, operation_id: str, run_id: str) -> None:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             await session.execute(update(OperationRow).where(
                 OperationRow.operation_id == operation_id).values(run_id=run_id))
 
     async def finish_operation(self, operation_id: str, status: OperationStatus,
                                outcome: Outcome | None, reason: str | None) -> None:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             await session.execute(
                 update(OperationRow).where(OperationRow.operation_id == operation_id)
                 .values(status=status.value, outcome=outcome.value if outcome else None,
                         reason=reason, finished_at=utcnow()))
 
     async def set_operation_status(self, operation_id: str, status: OperationStatus) -> None:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             await session.execute(
                 update(OperationRow).where(OperationRow.operation_id == operation_id,
                                            OperationRow.finished_at.is_(None))
@@ -444,7 +491,7 @@ class Store(FleetStore):
     # ---------------------------------------------------------------- audit
 
     async def audit(self, entry: AuditEntry) -> AuditEntry:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = AuditRow(actor=fit(entry.actor, ACTOR_MAX),
                            action=fit(entry.action, AUDIT_ACTION_MAX), model_id=entry.model_id,
                            operation_id=entry.operation_id, details=entry.details,
@@ -500,10 +547,12 @@ class Store(FleetStore):
         title = fit(alert.title, ALERT_TITLE_MAX) or ""
         alert = alert.model_copy(update={"version": fit(alert.version, VERSION_MAX),
                                          "type": fit(alert.type, ALERT_TYPE_MAX) or ""})
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
+            # Locked (PostgreSQL) so that two looks at once count the breach twice, not once.
             row = await session.scalar(select(AlertRow).where(
                 AlertRow.model_id == alert.model_id, AlertRow.version == alert.version,
-                AlertRow.type == alert.type, AlertRow.state == AlertState.FIRING.value))
+                AlertRow.type == alert.type, AlertRow.state == AlertState.FIRING.value)
+                .with_for_update())
             if row is None:
                 row = AlertRow(model_id=alert.model_id, version=alert.version, type=alert.type,
                                severity=alert.severity.value, title=title,
@@ -541,7 +590,7 @@ class Store(FleetStore):
     async def resolve_alert(self, model_id: str, version: str | None,
                             alert_type: str) -> Alert | None:
         """Resolve the alert firing for (model, version, type); None if none fires."""
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.scalar(select(AlertRow).where(
                 AlertRow.model_id == model_id, AlertRow.version == version,
                 AlertRow.type == alert_type, AlertRow.state == AlertState.FIRING.value))
@@ -552,7 +601,7 @@ class Store(FleetStore):
             return _alert(row)
 
     async def acknowledge_alert(self, alert_id: int, by: str | None) -> Alert:
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.get(AlertRow, alert_id)
             if row is None:
                 raise NotFound(f"alert {alert_id} does not exist")
@@ -577,8 +626,9 @@ class Store(FleetStore):
         returns them all."""
         key = ALL_MODELS if model_id is None else model_id
         updated_by = fit(updated_by, ACTOR_MAX)
-        async with self._session.begin() as session:
-            row = await session.get(ThresholdsRow, key)
+        async with self._write.begin() as session:
+            # Locked (PostgreSQL): two operators' changes of different keys both stay.
+            row = await session.get(ThresholdsRow, key, with_for_update=True)
             if row is None:
                 row = ThresholdsRow(model_id=key, overrides=dict(overrides),
                                     updated_by=updated_by, updated_at=utcnow())
@@ -590,7 +640,7 @@ class Store(FleetStore):
 
     async def save_health(self, health: ModelHealth) -> None:
         snapshot = health.model_dump(mode="json")
-        async with self._session.begin() as session:
+        async with self._write.begin() as session:
             row = await session.get(HealthSnapshotRow, health.model_id)
             if row is None:
                 session.add(HealthSnapshotRow(model_id=health.model_id, snapshot=snapshot,

@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKeyConstraint, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from turnout.limits import HOLDER_ID_MAX
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -55,7 +57,8 @@ class RouteRow(Base):
     model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
     generation: Mapped[int] = mapped_column(Integer)
     backends: Mapped[list[Any]]
-    change_key: Mapped[str | None] = mapped_column(String(300))
+    # A workflow id, run id and step: as long as those are (see migration 0007).
+    change_key: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -207,7 +210,8 @@ class EngineHolderRow(Base):
     model_id: Mapped[str] = mapped_column(String(300), primary_key=True)
     version: Mapped[str] = mapped_column(String(128), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)
-    holder_id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    # A switch's operation id, or a preload's or shadow's workflow id (up to ~400).
+    holder_id: Mapped[str] = mapped_column(String(HOLDER_ID_MAX), primary_key=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     expires_at: Mapped[datetime | None]
     since: Mapped[datetime] = mapped_column(default=utcnow)

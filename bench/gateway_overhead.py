@@ -52,9 +52,9 @@ import psutil
 from bench.common import cpu_seconds
 from bench.upstream_server import CHUNKS
 from tests.support import free_port
-from turnout.analysis import quantile
 from turnout.domain import Backend, RegisterModelRequest
 from turnout.store import Store, upgrade
+from turnout.telemetry.statistics import quantile
 
 MODEL_ID = "Bench_gw"
 CLIENT_KEY = "bench-client-key-0123456789abcdef"

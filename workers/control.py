@@ -15,14 +15,14 @@ from temporalio.worker import Worker
 from activities.fleet import FleetActivities
 from activities.gateway_admin import GatewayAdmin
 from activities.health import HealthActivities
-from activities.monitoring import MonitorActivities
+from activities.health_looks import HealthLookActivities
 from activities.registry import RegistryActivities
 from activities.traffic import TrafficActivities
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
 from workers.common import stop_event
-from workers.monitors import keep_monitors
+from workers.monitor_keeper import keep_monitors
 from workflows import WORKFLOWS
 
 log = logging.getLogger("turnout.worker.control")
@@ -36,7 +36,7 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
     registry = RegistryActivities(store)
     traffic = TrafficActivities(settings, store, admin)
     health = health or HealthActivities(store, settings=settings, admin=admin)
-    monitor = MonitorActivities(settings, store, admin)
+    monitor = HealthLookActivities(settings, store, admin)
     fleet = fleet or FleetActivities(settings, store)
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,

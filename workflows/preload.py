@@ -18,7 +18,7 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.fleet import Holder, HolderKind
-    from workflows import fleet
+    from workflows import calls, fleet
     from workflows import options as call
 
 
@@ -59,9 +59,9 @@ class PreloadWorkflow:
         return s
 
     async def _load(self, input: c.PreloadInput, placed: c.PlaceVersionResult) -> None:
-        loads = [asyncio.ensure_future(workflow.execute_activity(
+        loads = [asyncio.ensure_future(calls.execute(
             c.LOAD_VERSION, c.LoadVersionInput(model_id=input.model_id, version=input.version),
-            result_type=c.LoadVersionResult, task_queue=slot.task_queue,
+            task_queue=slot.task_queue,
             start_to_close_timeout=call.LOAD_TIMEOUT, heartbeat_timeout=call.LOAD_HEARTBEAT,
             retry_policy=call.LOAD_RETRY,
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,

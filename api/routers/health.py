@@ -21,13 +21,13 @@ from turnout.auth import thresholds_role
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import MODEL_ID_PATTERN, AuditEntry
 from turnout.limits import ACTOR_MAX
-from turnout.monitoring import (
+from turnout.store import Store
+from turnout.telemetry.health import (
     ModelHealth,
     MonitorThresholds,
     VersionHealth,
     applied_thresholds,
 )
-from turnout.store import Store
 
 router = APIRouter(prefix="/health", tags=["health"], responses=ERROR_RESPONSES)
 

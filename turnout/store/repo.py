@@ -42,7 +42,6 @@ from turnout.limits import (
     WORKFLOW_ID_MAX,
     fit,
 )
-from turnout.monitoring import EngineResources, ModelHealth
 from turnout.rules import STORED as STORED_RULES
 from turnout.rules import ModelRules, RoutingRules
 from turnout.store.db import create_engine
@@ -63,6 +62,7 @@ from turnout.store.schema import (
     VersionRow,
     utcnow,
 )
+from turnout.telemetry.health import EngineResources, ModelHealth
 
 
 class StoreError(Exception):
@@ -79,6 +79,11 @@ class Conflict(StoreError):
 
 # The key under which threshold overrides for every model are stored.
 ALL_MODELS = "*"
+
+
+def _not_before(value: datetime | None, than: datetime) -> bool:
+    aware = _aware(value)
+    return aware is not None and aware >= than
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -339,13 +344,13 @@ class Store(FleetStore):
                     await session.delete(row)
             for (model_id, version), resources in measured.items():
                 figures = resources.model_dump(mode="json")
-                row = rows.get((model_id, version))
-                if row is None:
+                held = rows.get((model_id, version))
+                if held is None:
                     session.add(EngineResourcesRow(model_id=model_id, version=version,
                                                    host=host, figures=figures,
                                                    measured_at=now))
                 else:
-                    row.figures, row.measured_at = figures, now
+                    held.figures, held.measured_at = figures, now
 
     async def engine_resources(self, model_id: str, since: datetime
                                ) -> dict[str, list[EngineResources]]:
@@ -511,7 +516,7 @@ class Store(FleetStore):
                                operation_id=alert.operation_id, state=AlertState.FIRING.value,
                                count=1, first_seen=seen, last_seen=seen)
                 session.add(row)
-            elif alert.last_seen is not None and _aware(row.last_seen) >= seen:
+            elif alert.last_seen is not None and _not_before(row.last_seen, seen):
                 return _alert(row)  # this look was already counted (a retried activity)
             else:
                 row.count += 1
@@ -565,7 +570,7 @@ class Store(FleetStore):
     async def threshold_overrides(self, model_id: str | None = None) -> list[dict[str, Any]]:
         """The threshold keys operators set, in the order they apply: every model's, then
         `model_id`'s (when given). Layer them over the settings with
-        `turnout.monitoring.applied_thresholds(settings, *overrides)`."""
+        `turnout.telemetry.health.applied_thresholds(settings, *overrides)`."""
         keys = [ALL_MODELS] if model_id is None else [ALL_MODELS, model_id]
         async with self._session() as session:
             rows = [await session.get(ThresholdsRow, key) for key in keys]

@@ -27,6 +27,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.config import engine_task_queue
+    from workflows import calls
 
 _HOSTS = {
     "start_to_close_timeout": timedelta(seconds=30),
@@ -86,29 +87,29 @@ class MonitorWorkflow:
     async def _look(self, input: c.MonitorInput, window_s: float) -> c.AssessHealthResult:
         model_id = input.model_id
         if workflow.patched(_PATCH_ONE_LOOK):
-            return await workflow.execute_local_activity(
+            return await calls.execute_local(
                 c.ASSESS_HEALTH,
                 c.AssessHealthInput(model_id=model_id, window_s=window_s,
                                     measured_by_hosts=True),
-                result_type=c.AssessHealthResult, summary=f"assess {model_id}", **_ASSESS)
-        hosts: list[str] = await workflow.execute_activity(
-            c.LIST_ENGINE_HOSTS, c.ModelHostsInput(model_id=model_id), result_type=list[str],
+                summary=f"assess {model_id}", **_ASSESS)
+        hosts: list[str] = await calls.execute(
+            c.LIST_ENGINE_HOSTS, c.ModelHostsInput(model_id=model_id),
             summary=f"find the hosts serving {model_id}", **_HOSTS)
         resources = []
         for host in hosts:
             try:
-                resources.append(await workflow.execute_activity(
+                resources.append(await calls.execute(
                     c.MEASURE_ENGINES, c.MeasureEnginesInput(model_id=model_id),
-                    result_type=c.MeasureEnginesResult, task_queue=engine_task_queue(host),
+                    task_queue=engine_task_queue(host),
                     summary=f"measure engines on {host}", retry_policy=_MEASURE_RETRY,
                     schedule_to_close_timeout=timedelta(seconds=input.measure_timeout_s)))
             except ActivityError as exc:
                 workflow.logger.warning("engines of %s on %s not measured: %s", model_id,
                                         host, exc.cause or exc)
-        return await workflow.execute_activity(
+        return await calls.execute(
             c.ASSESS_HEALTH,
             c.AssessHealthInput(model_id=model_id, window_s=window_s, resources=resources),
-            result_type=c.AssessHealthResult, summary=f"assess {model_id}", **_ASSESS)
+            summary=f"assess {model_id}", **_ASSESS)
 
     @workflow.signal(name=c.STOP_MONITOR)
     def stop(self) -> None:

@@ -1,34 +1,22 @@
-"""The monitor's pure rules: levels, states, thresholds merging and the alert lifecycle."""
+"""The monitor's pure rules: levels, states and thresholds merging."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
+from tests.unit.telemetry.looks import T, busy, health
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Alert, AlertSeverity
-from turnout.monitoring import (
-    HealthFigures,
+from turnout.domain import AlertSeverity
+from turnout.telemetry.figures import Figures
+from turnout.telemetry.health import (
     MetricLimit,
     MonitorThresholds,
-    VersionHealth,
     VersionState,
     applied_thresholds,
     evaluate,
-    plan_alerts,
     summarize,
 )
-
-T = MonitorThresholds()
-
-
-def busy(**figures: float) -> HealthFigures:
-    return HealthFigures(requests=100, **figures)
-
-
-def health(version: str, figures: HealthFigures,
-           thresholds: MonitorThresholds = T) -> VersionHealth:
-    return evaluate(figures, thresholds).model_copy(update={"version": version})
 
 
 def test_states_follow_the_worst_level_crossed() -> None:
@@ -45,7 +33,7 @@ def test_states_follow_the_worst_level_crossed() -> None:
 
 
 def test_a_quiet_version_is_not_judged_on_rates_but_on_resources() -> None:
-    quiet = HealthFigures(requests=3, errors=2, error_rate=0.67, latency_p95_ms=99_000)
+    quiet = Figures(requests=3, errors=2, error_rate=0.67, latency_p95_ms=99_000)
     assert evaluate(quiet, T).state is VersionState.NO_DATA
     hot = quiet.model_copy(update={"memory_percent": 97.0})
     result = evaluate(hot, T)
@@ -88,36 +76,6 @@ def test_updates_are_validated_as_a_whole() -> None:
     conflicts = MonitorThresholds.model_construct(
         **{**T.model_dump(), "cpu_warning_percent": 99}).level_conflicts()
     assert [field for field, _ in conflicts] == ["cpu_warning_percent"]
-
-
-def firing(version: str, alert_type: str, severity: AlertSeverity) -> Alert:
-    return Alert(model_id="m", version=version, type=alert_type, severity=severity,
-                 title="t")
-
-
-def test_one_alert_per_version_and_type_with_the_worst_severity() -> None:
-    sick = health("v2", busy(error_rate=0.5, memory_percent=90, cpu_percent=99))
-    plan = plan_alerts("m", [sick], [], T)
-    by_type = {a.type: a for a in plan.fire}
-    assert set(by_type) == {"error_rate", "resource"}
-    assert by_type["resource"].severity is AlertSeverity.CRITICAL
-    assert "memory_percent" in by_type["resource"].message
-    assert "cpu_percent" in by_type["resource"].message
-    assert by_type["error_rate"].figures["error_rate"] == 0.5
-    assert plan.resolve == []
-
-
-def test_recovery_resolves_but_silence_does_not() -> None:
-    alerts = [firing("v1", "error_rate", AlertSeverity.CRITICAL),
-              firing("v2", "latency", AlertSeverity.WARNING),
-              firing("v3", "error_rate", AlertSeverity.WARNING),
-              firing("v1", "rollout", AlertSeverity.CRITICAL)]
-    recovered = health("v1", busy(error_rate=0.0, latency_p95_ms=100))
-    quiet = health("v2", HealthFigures(requests=2))
-    # v3 is no longer monitored (rolled back and unloaded); rollout alerts are not ours.
-    plan = plan_alerts("m", [recovered, quiet], alerts, T)
-    assert plan.fire == []
-    assert sorted(plan.resolve, key=str) == [("v1", "error_rate"), ("v3", "error_rate")]
 
 
 def test_summary_names_states_and_breaches() -> None:

@@ -1,10 +1,10 @@
-"""Continuous health of model versions: thresholds, figures, states and breaches.
+"""Continuous health of model versions: thresholds, states and the levels crossed.
 
 Pure code shared by the stack's monitor (a workflow that looks at every live and candidate
 version each interval), `GET /health/models`, and the guide's in-process `HealthMonitor`.
-A rollout step's verdict (`turnout.analysis`) compares a target with the stable version;
-this module instead judges one version on its own against warning and critical levels, the
-way an on-call engineer reads a dashboard.
+A rollout step's verdict (`turnout.telemetry.verdicts`) compares a target with the stable
+version; this module instead judges one version on its own against warning and critical
+levels, the way an on-call engineer reads a dashboard.
 
 States: `no_data` (too few requests in the interval and no resource figures to judge: says
 nothing), `healthy`, `degraded` (a warning level crossed), `unhealthy` (a critical one).
@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Alert, AlertSeverity
+from turnout.domain import AlertSeverity
+from turnout.telemetry.figures import Figures
 
 
 class VersionState(StrEnum):
@@ -145,28 +146,6 @@ class EngineResources(BaseModel):
     kv_cache_usage: float | None = Field(None, description="fraction 0..1")
 
 
-class HealthFigures(BaseModel):
-    """One version over one monitoring interval, merged across gateways and engines."""
-
-    requests: int = 0
-    errors: int = 0
-    error_rate: float | None = None
-    latency_p50_ms: float | None = None
-    latency_p95_ms: float | None = None
-    latency_p99_ms: float | None = None
-    ttft_p50_ms: float | None = None
-    ttft_p95_ms: float | None = None
-    time_per_output_token_ms: float | None = None
-    output_tokens_per_s: float | None = None
-    inflight: int = 0
-    queued: float | None = None
-    memory_mb: float | None = None
-    memory_percent: float | None = None
-    cpu_percent: float | None = None
-    kv_cache_usage: float | None = None
-    custom: dict[str, float] = Field(default_factory=dict)
-
-
 class Breach(BaseModel):
     """One level crossed: the alert it raises is keyed by (model, version, type, metric)."""
 
@@ -186,7 +165,7 @@ class VersionHealth(BaseModel):
     version: str
     role: Literal["live", "candidate", "shadow", "cached"] = "live"
     state: VersionState = VersionState.NO_DATA
-    figures: HealthFigures = Field(default_factory=HealthFigures)
+    figures: Figures = Field(default_factory=Figures)
     breaches: list[Breach] = Field(default_factory=list)
     engines: list[EngineResources] = Field(default_factory=list)
 
@@ -223,7 +202,7 @@ def _level(value: float | None, warning: float | None, critical: float | None,
     return None
 
 
-def evaluate(figures: HealthFigures, thresholds: MonitorThresholds) -> VersionHealth:
+def evaluate(figures: Figures, thresholds: MonitorThresholds) -> VersionHealth:
     """State and breaches of one version (the `version` field is left for the caller).
 
     Rates and latencies are judged only on `min_requests` or more requests: two failures
@@ -269,64 +248,20 @@ def evaluate(figures: HealthFigures, thresholds: MonitorThresholds) -> VersionHe
     return VersionHealth(version="", state=state, figures=figures, breaches=breaches)
 
 
-
-# Alert types the monitor owns (a rollout alert is the switch workflow's to raise).
-MONITOR_ALERT_TYPES = frozenset({AlertType.ERROR_RATE.value, AlertType.LATENCY.value,
-                                 AlertType.RESOURCE.value, AlertType.CUSTOM.value})
-
-
-class AlertPlan(BaseModel):
-    """What one look changes: alerts to fire or refresh, and (version, type) to resolve."""
-
-    fire: list[Alert] = Field(default_factory=list)
-    resolve: list[tuple[str | None, str]] = Field(default_factory=list)
-
-
-def _judged_types(health: VersionHealth, thresholds: MonitorThresholds) -> set[str]:
-    """Alert types this look had figures for: only those may resolve an alert."""
-    f = health.figures
+def judged_types(figures: Figures, thresholds: MonitorThresholds) -> set[str]:
+    """The alert types these figures say something about: only those may resolve an alert
+    (too few requests says nothing about the error rate, so it does not end one)."""
     judged = set()
-    if f.requests >= thresholds.min_requests:
-        judged |= {AlertType.ERROR_RATE.value, AlertType.LATENCY.value}
-    if f.memory_percent is not None or f.cpu_percent is not None:
+    if figures.requests >= thresholds.min_requests:
+        if figures.error_rate is not None:
+            judged.add(AlertType.ERROR_RATE.value)
+        if figures.latency_p95_ms is not None:
+            judged.add(AlertType.LATENCY.value)
+    if figures.memory_percent is not None or figures.cpu_percent is not None:
         judged.add(AlertType.RESOURCE.value)
-    if any(name in f.custom for name in thresholds.custom):
+    if any(name in figures.custom for name in thresholds.custom):
         judged.add(AlertType.CUSTOM.value)
     return judged
-
-
-def plan_alerts(model_id: str, versions: list[VersionHealth], firing: list[Alert],
-                thresholds: MonitorThresholds) -> AlertPlan:
-    """One alert per (model, version, type) with the worst severity of its breaches.
-
-    A firing alert is resolved when its version was judged on that type and crossed no
-    level, or when the version is no longer monitored (rolled back, unloaded). A version
-    that merely went quiet keeps its alert: no data is not a recovery.
-    """
-    plan = AlertPlan()
-    monitored = {h.version: h for h in versions}
-    for health in versions:
-        by_type: dict[str, list[Breach]] = {}
-        for breach in health.breaches:
-            by_type.setdefault(breach.type.value, []).append(breach)
-        for alert_type, breaches in by_type.items():
-            worst = max(breaches, key=lambda b: b.severity is AlertSeverity.CRITICAL)
-            text = "; ".join(b.text for b in breaches)
-            plan.fire.append(Alert(
-                model_id=model_id, version=health.version, type=alert_type,
-                severity=worst.severity, title=f"{model_id} {health.version}: {worst.text}",
-                message=f"{health.role} version {health.version} of {model_id}: {text} "
-                        f"(over {health.figures.requests} requests).",
-                figures={"breaches": [b.model_dump(mode="json") for b in breaches],
-                         **health.figures.model_dump(mode="json", exclude_none=True)}))
-    firing_now = {(a.version, a.type) for a in plan.fire}
-    for alert in firing:
-        if alert.type not in MONITOR_ALERT_TYPES or (alert.version, alert.type) in firing_now:
-            continue
-        health = monitored.get(alert.version or "")
-        if health is None or alert.type in _judged_types(health, thresholds):
-            plan.resolve.append((alert.version, alert.type))
-    return plan
 
 
 def summarize(model_id: str, versions: list[VersionHealth]) -> str:

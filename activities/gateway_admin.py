@@ -39,8 +39,8 @@ class GatewayAdmin:
         return AdminState.model_validate_json(response.content)
 
     async def stats(self, gateway: GatewayInfo, since: float | None = None,
-                    until: float | None = None, *, model_id: str | None = None
-                    ) -> StatsResponse:
+                    until: float | None = None, *, model_id: str | None = None,
+                    warmup: tuple[str, int] | None = None) -> StatsResponse:
         """Per-version counters; with `since`/`until` (unix seconds) each version's `window`.
         With `model_id`, that model only (a gateway serving hundreds of models would
         otherwise send every model's raw window to judge one)."""
@@ -48,12 +48,15 @@ class GatewayAdmin:
                   if v is not None}
         if model_id is not None:
             params["model_id"] = model_id
+        if warmup is not None:  # (version, requests): see GatewayMetrics.stats_by_model
+            params["warmup_version"], params["warmup_requests"] = warmup[0], str(warmup[1])
         response = await self._client.get(f"{gateway.admin_url}/admin/stats", params=params)
         response.raise_for_status()
         return StatsResponse.model_validate_json(response.content)
 
     async def model_stats(self, gateways: list[GatewayInfo], model_id: str, since: float,
-                          until: float) -> tuple[list[dict[str, VersionStats]], list[str]]:
+                          until: float, *, warmup: tuple[str, int] | None = None
+                          ) -> tuple[list[dict[str, VersionStats]], list[str]]:
         """Each answering gateway's per-version stats of one model with their windows over
         [since, until], and the ids of the gateways that did not answer (skipped with a
         warning: their share of the traffic is missing, which can make a judgment less
@@ -62,7 +65,8 @@ class GatewayAdmin:
         skipped: list[str] = []
         for gateway in gateways:
             try:
-                body = await self.stats(gateway, since, until, model_id=model_id)
+                body = await self.stats(gateway, since, until, model_id=model_id,
+                                        warmup=warmup)
             except Exception as exc:
                 log.warning("gateway %s unreachable for the stats of %s, skipped: %r",
                             gateway.gateway_id, model_id, exc)

@@ -106,10 +106,16 @@ class HealthActivities:
         """
         until = input.window_end if input.window_end > 0 else time.time()
         since = input.window_start
+        warmup: tuple[str, int] | None = None
+        if input.warmup:  # a fresh engine's first seconds and requests say nothing
+            since = min(until, since + input.thresholds.warmup_seconds)
+            if input.thresholds.warmup_requests:
+                warmup = (input.target_version, input.thresholds.warmup_requests)
         target = WindowSamples(input.target_version)
         stable = WindowSamples(input.stable_version) if input.stable_version else None
         gateways = await self.store.live_gateways(self.settings.gateway_live_after_s)
-        stats, skipped = await self.admin.model_stats(gateways, input.model_id, since, until)
+        stats, skipped = await self.admin.model_stats(gateways, input.model_id, since, until,
+                                                      warmup=warmup)
         answered = [g.gateway_id for g in gateways if g.gateway_id not in skipped]
         for gateway_id, versions in zip(answered, stats, strict=True):
             for sample in (target, stable):
@@ -117,8 +123,18 @@ class HealthActivities:
                 if sample is not None and entry is not None and entry.window is not None:
                     sample.add_window(entry.window, gateway_id)
         verdict = judge(target, stable, input.thresholds, compare=input.compare)
-        verdict.window_start, verdict.window_end = since, until
+        verdict.window_start, verdict.window_end = input.window_start, until
         verdict.analysis["gateways"] = {"answered": answered, "skipped": skipped}
+        if input.warmup:
+            verdict.analysis["warmup"] = {
+                "requests": input.thresholds.warmup_requests,
+                "seconds": input.thresholds.warmup_seconds,
+                "excluded": target.warmup_excluded,
+                "judged_since": target.judged_since or since}
+            verdict.reason += (f" (warm-up left out: the first {target.warmup_excluded} "
+                               f"requests of {input.target_version}"
+                               + (f" and {input.thresholds.warmup_seconds:g} s"
+                                  if input.thresholds.warmup_seconds else "") + ")")
         if skipped:
             verdict.reason += f" ({len(skipped)} of {len(gateways)} gateways unreachable)"
         if not gateways:

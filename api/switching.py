@@ -128,7 +128,9 @@ def switch_thresholds(settings: ModelSwitchingConfig, request: SwitchRequest
     thresholds = HealthThresholds(error_rate_max=settings.error_rate_warning,
                                   latency_p95_ms_max=settings.latency_warning_ms,
                                   latency_tolerance=settings.latency_tolerance,
-                                  min_requests=settings.min_requests)
+                                  min_requests=settings.min_requests,
+                                  warmup_requests=settings.warmup_requests,
+                                  warmup_seconds=settings.warmup_seconds)
     if request.analysis is not None:
         thresholds = request.analysis.apply(thresholds)
     return thresholds.model_copy(update={

@@ -178,10 +178,11 @@ class Gateway:
                       for model, versions in self.replicas.inflight().items()})
 
     def stats(self, since: float | None = None, until: float | None = None, *,
-              model_id: str | None = None) -> StatsResponse:
-        return StatsResponse(gateway_id=self.gateway_id,
-                             stats=self.metrics.stats_by_model(since, until,
-                                                               model_id=model_id))
+              model_id: str | None = None, warmup_version: str | None = None,
+              warmup_requests: int = 0) -> StatsResponse:
+        return StatsResponse(gateway_id=self.gateway_id, stats=self.metrics.stats_by_model(
+            since, until, model_id=model_id, warmup_version=warmup_version,
+            warmup_requests=warmup_requests))
 
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -261,8 +262,15 @@ def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
                                       type="invalid_request_error", param=name,
                                       code="invalid_window")
             bounds[name] = value
+        raw_warmup = request.query.get("warmup_requests", "0")
+        if not raw_warmup.isdigit() or int(raw_warmup) > 1_000_000:
+            return error_response(400, f"warmup_requests must be a count, got {raw_warmup!r}",
+                                  type="invalid_request_error", param="warmup_requests",
+                                  code="invalid_window")
         return _json(gateway.stats(bounds["since"], bounds["until"],
-                                   model_id=request.query.get("model_id")))
+                                   model_id=request.query.get("model_id"),
+                                   warmup_version=request.query.get("warmup_version"),
+                                   warmup_requests=int(raw_warmup)))
 
     async def admin_refresh(request: web.Request) -> web.Response:
         try:

@@ -227,6 +227,14 @@ class VersionStats:
         for start in [h for h in self.hours if h + 3600 <= now - SKETCH_RETENTION_S]:
             self.dropped_until = max(self.dropped_until, self.hours.pop(start).last_at)
 
+    def warmup_end(self, since: float, until: float, requests: int) -> tuple[float, int]:
+        """Just after the `requests`-th outcome in [since, until] (its warm-up), and how
+        many outcomes that leaves out (all of them, and `until`, when there are fewer)."""
+        times = sorted(o[0] for o in self.outcomes if since <= o[0] <= until)
+        if len(times) < requests:
+            return until, len(times)
+        return math.nextafter(times[requests - 1], math.inf), requests
+
     def window(self, since: float, until: float) -> VersionWindow:
         """Outcomes finished in [since, until] as histograms: counts plus the samples of
         successes (latency) and of successful streamed answers (time to first token,
@@ -489,20 +497,35 @@ class GatewayMetrics:
         return result
 
     def stats_by_model(self, since: float | None = None, until: float | None = None, *,
-                       model_id: str | None = None
+                       model_id: str | None = None, warmup_version: str | None = None,
+                       warmup_requests: int = 0
                        ) -> dict[str, dict[str, VersionStatsView]]:
         """Counters per model and version (of one model with `model_id`); with `since` or
-        `until`, also each `window`."""
+        `until`, also each `window`.
+
+        With `warmup_version` and `warmup_requests` (a model's new version on its first
+        judged window), the first `warmup_requests` outcomes of that version after `since`
+        are a fresh engine's warm-up: every version's window of that model then starts
+        after them, so target and stable are still judged over the same span."""
         windowed = since is not None or until is not None
         low = -math.inf if since is None else since
         high = math.inf if until is None else until
         result: dict[str, dict[str, VersionStatsView]] = {}
+        cuts: dict[str, tuple[float, int]] = {}
+        if windowed and model_id is not None and warmup_version and warmup_requests > 0:
+            warming = self._stats.get((model_id, warmup_version))
+            if warming is not None:
+                cuts[model_id] = warming.warmup_end(low, high, warmup_requests)
         for (model, version), stats in sorted(self._stats.items()):
             if model_id is not None and model != model_id:
                 continue
             entry = stats.view()
             if windowed:
-                entry.window = stats.window(low, high)
+                cut, excluded = cuts.get(model, (low, 0))
+                entry.window = stats.window(max(low, cut), high)
+                entry.window.since = low
+                if version == warmup_version:
+                    entry.window.warmup_excluded = excluded
             result.setdefault(model, {})[version] = entry
         return result
 

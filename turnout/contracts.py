@@ -216,6 +216,9 @@ class JudgeHealthInput(BaseModel):
     thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
     # A/B tests: publish the full two-sample analysis (error rate and latency tests).
     compare: bool = False
+    # The target's first judged window: leave its warm-up out (the thresholds'
+    # `warmup_requests` and `warmup_seconds`).
+    warmup: bool = False
 
 
 # ---------------------------------------------------------------------- monitoring

@@ -353,6 +353,10 @@ class SwitchAnalysis(BaseModel):
     min_requests: int | None = Field(None, ge=1)
     latency_tolerance: float | None = Field(None, ge=0)
     error_rate_tolerance: float | None = Field(None, ge=0, le=1)
+    # A fresh target engine's first requests (at each gateway) and seconds left out of its
+    # first judged window (`HealthThresholds.warmup_requests`, `warmup_seconds`).
+    warmup_requests: int | None = Field(None, ge=0, le=100_000)
+    warmup_seconds: float | None = Field(None, ge=0, le=3600)
 
     _check_metrics = field_validator("guarded_metrics")(unique_metrics)
 

@@ -67,6 +67,9 @@ class VersionWindow(BaseModel):
     until: float = 0.0
     judged_since: float | None = None
     cut: bool = False
+    # The version's first outcomes of the window left out as a fresh engine's warm-up
+    # (asked with `warmup_version`); every version's window then starts after them.
+    warmup_excluded: int = 0
     requests: int = 0
     errors: int = 0
     samples: dict[Source, dict[int, int]] = Field(default_factory=dict)

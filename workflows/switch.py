@@ -53,6 +53,9 @@ _PATCH_LOCAL_JUDGE = "judge-health-locally"
 # room, lets go of versions instead of stopping them, and leaves the replaced version
 # standing by for an instant rollback.
 _PATCH_FLEET = "engine-fleet"
+# The target's first judged window leaves its engine's warm-up out (verdicts that an
+# A/A test cannot fool).
+_PATCH_WARMUP = "verdict-warmup"
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -85,6 +88,7 @@ class SwitchWorkflow:
         self._promoted_by: str | None = None
         self._shown_phase: str | None = None
         self._fleet = False
+        self._judged = 0
 
     # ------------------------------------------------------------------ queries and updates
 
@@ -343,10 +347,12 @@ class SwitchWorkflow:
         self._set_phase("judging", f"judging {target} at {step.target_percent:g}%")
         thresholds = judged_thresholds(self._input.strategy, self._input.strategy_config,
                                        self._input.thresholds)
+        warmup = self._judged == 0 and workflow.patched(_PATCH_WARMUP)
+        self._judged += 1
         judge = c.JudgeHealthInput(
             model_id=self._input.model_id, target_version=target, stable_version=self._stable,
             window_start=window_start.timestamp(), window_end=workflow.now().timestamp(),
-            thresholds=thresholds, compare=step.decide)
+            thresholds=thresholds, compare=step.decide, warmup=warmup)
         how = {"start_to_close_timeout": call.HEALTH_TIMEOUT,
                "retry_policy": call.JUDGE_RETRY,
                "summary": f"judge {target} at {step.target_percent:g}%"}

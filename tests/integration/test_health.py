@@ -186,3 +186,30 @@ async def test_unreachable_gateway_is_skipped(env: Env) -> None:
     assert verdict.outcome == "healthy", verdict.reason
     assert verdict.analysis["gateways"]["skipped"] == ["dead-gw"]
     assert "(1 of 2 gateways unreachable)" in verdict.reason
+
+
+async def test_a_fresh_targets_warm_up_is_left_out_of_its_first_verdict(env: Env) -> None:
+    """A target whose first answers are slow (a fresh engine warming up) beside a warm
+    stable version: judged with them it fails, with its warm-up left out (the first
+    judged window of a switch) it passes, and the verdict says what was left out."""
+    env.v2._answered, env.v2.cold_requests, env.v2.cold_delay_s = 0, 12, 0.4
+    since = time.time()
+    await env.traffic(240)
+    until = time.time()
+    plain = await env.judge(since, until)
+    assert plain.outcome == "unhealthy", plain.reason
+    assert plain.reason.startswith("p95 latency ")
+    input = c.JudgeHealthInput(
+        model_id=MODEL, target_version="v2", stable_version="v1", window_start=since,
+        window_end=until, warmup=True,
+        thresholds=c.HealthThresholds(warmup_requests=12))
+    warmed = await ActivityEnvironment().run(env.health.judge_health, input)
+    assert warmed.outcome == "healthy", warmed.reason
+    warmup = warmed.analysis["warmup"]
+    assert (warmup["requests"], warmup["excluded"]) == (12, 12)
+    assert since < warmup["judged_since"] < until
+    assert "warm-up left out: the first 12 requests of v2" in warmed.reason
+    # Both sides were judged over the same span: v1's requests before the cut are out too.
+    assert warmed.stable is not None and plain.stable is not None
+    assert warmed.stable.requests < plain.stable.requests
+    assert warmed.target.requests == plain.target.requests - 12

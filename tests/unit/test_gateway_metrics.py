@@ -206,3 +206,30 @@ def test_memory_stays_bounded_over_many_rotations() -> None:
         clock.now += 300
     assert len(metrics.stats_by_model()["m"]) <= 3
     assert generate_latest(metrics.registry).decode().count("upstream_errors_total{") <= 3
+
+
+def test_a_fresh_versions_warm_up_is_left_out_of_every_versions_window() -> None:
+    """The first `warmup_requests` outcomes of the new version after `since` are its
+    warm-up: every version's window of the model starts after them (same span on both
+    sides), and the new version's window says how many were left out."""
+    metrics = GatewayMetrics()
+    for version, first in (("v1", 100.0), ("v2", 100.5)):
+        stats = metrics._get("m", version)
+        for i in range(10):
+            slow = version == "v2" and i < 3
+            stats.outcomes.append((first + i, 900.0 if slow else 100.0, False, None, None))
+    plain = metrics.stats_by_model(100.0, 200.0, model_id="m")
+    warmed = metrics.stats_by_model(100.0, 200.0, model_id="m", warmup_version="v2",
+                                    warmup_requests=3)
+    v1, v2 = warmed["m"]["v1"].window, warmed["m"]["v2"].window
+    assert v1 is not None and v2 is not None
+    assert (v2.requests, v2.warmup_excluded) == (7, 3)
+    assert latencies(v2) == Histogram.of([100.0] * 7)  # the slow first answers are gone
+    assert v1.requests == 7 and v1.warmup_excluded == 0  # v1's same span: 103.0 onwards
+    assert v1.judged_since == v2.judged_since and v1.judged_since is not None
+    assert 102.5 < v1.judged_since < 103.0 and v1.since == 100.0
+    assert plain["m"]["v2"].window is not None and plain["m"]["v2"].window.requests == 10
+    # Fewer outcomes than the warm-up: nothing is judged yet (too few is inconclusive).
+    short = metrics.stats_by_model(100.0, 200.0, model_id="m", warmup_version="v2",
+                                   warmup_requests=50)["m"]["v2"].window
+    assert short is not None and (short.requests, short.warmup_excluded) == (0, 10)

@@ -91,6 +91,8 @@ class WindowSamples:
         self.samples: dict[Source, Histogram] = {s: Histogram() for s in SAMPLE_SOURCES}
         self.judged_since: float | None = None
         self.cut: list[str] = []
+        # First outcomes left out as a fresh engine's warm-up (summed over gateways).
+        self.warmup_excluded = 0
 
     def add(self, requests: int, errors: int, samples: dict[Source, Histogram] | None = None,
             ) -> None:
@@ -113,6 +115,7 @@ class WindowSamples:
             self.judged_since = max(self.judged_since or window.since, window.judged_since)
         if window.cut:
             self.cut.append(gateway_id or "a gateway")
+        self.warmup_excluded += window.warmup_excluded
 
     def values(self, source: Source) -> Samples:
         return self.samples[source]

@@ -59,12 +59,14 @@ def quantile(values: Samples, q: float) -> float | None:
         raise ValueError(f"quantile {q} is outside [0, 1]")
     pairs = _pairs(values)
     n = sum(c for _, c in pairs)
-    if n == 0:
-        return None
+    return _pair_quantile(pairs, n, q) if n else None
+
+
+def _pair_quantile(pairs: list[tuple[float, int]], n: int, q: float) -> float:
+    """The q-quantile of n > 0 samples given as sorted (value, count) pairs."""
     position = (n - 1) * q
     low = math.floor(position)
-    high = min(low + 1, n - 1)
-    below, above = _order_statistics(pairs, [low, high])
+    below, above = _order_statistics(pairs, [low, min(low + 1, n - 1)])
     return below + (position - low) * (above - below)
 
 
@@ -174,17 +176,25 @@ def fisher_exact_greater(e1: int, n1: int, e2: int, n2: int) -> float | None:
     return min(1.0, p)
 
 
-def mann_whitney_u(a: Samples, b: Samples, *,
+def mann_whitney_u(a: Samples, b: Samples, *, margin: float = 1.0,
                    min_size: int = MWU_MIN_SAMPLE) -> float | None:
-    """One-sided p-value of "values of `a` are stochastically greater than those of `b`".
+    """One-sided p-value of "values of `a` are stochastically greater than those of `b`
+    multiplied by `margin`".
 
     Rank-based, so a few huge outliers (one stuck generation) cannot fake a slowdown and
     latency's skew needs no distribution assumption. Normal approximation with tie
     correction and continuity correction (as scipy's `mannwhitneyu(..., method=
     "asymptotic")`); values of one histogram bin are ties. None when either side has
     fewer than `min_size` values.
+
+    `margin` puts a tolerance into the null hypothesis: with `margin=1.1` the test asks
+    whether `a` is more than 10% greater than `b`, so a difference within the tolerance
+    (two engines on different cores, say 5% apart) is never called significant however
+    many samples there are, while a plain test (`margin=1`) would call any systematic
+    difference significant once the samples are many.
     """
-    pa, pb = _pairs(a), _pairs(b)
+    pa = _pairs(a)
+    pb = [(value * margin, c) for value, c in _pairs(b)]
     n1, n2 = sum(c for _, c in pa), sum(c for _, c in pb)
     if n1 < min_size or n2 < min_size or n1 == 0 or n2 == 0:
         return None
@@ -212,3 +222,33 @@ def mann_whitney_u(a: Samples, b: Samples, *,
         return 1.0
     z = (u1 - mean - 0.5) / math.sqrt(variance)
     return normal_sf(z)
+
+
+def tail_test(a: Samples, b: Samples, q: float, *, margin: float = 1.0,
+              upper: bool = True, min_size: int = MWU_MIN_SAMPLE) -> float | None:
+    """One-sided p-value of "the q-quantile of `a` is above that of `b` x `margin`"
+    (`upper=False`: below it), a two-sample quantile test in the manner of Mood's median
+    test.
+
+    Pool `a` with `b` scaled by `margin`, take the pooled q-quantile M, and compare the
+    shares of each side beyond M with Fisher's exact test. Only counts beyond one point
+    matter, so it answers for the quantile a guard names (a p95 regression carried by a
+    tenth of the requests, which a rank test of the whole distribution hardly sees),
+    and a difference in the bulk within the margin leaves it unmoved. None when either
+    side has fewer than `min_size` values.
+    """
+    pa = _pairs(a)
+    pb = [(value * margin, c) for value, c in _pairs(b)]
+    n1, n2 = sum(c for _, c in pa), sum(c for _, c in pb)
+    if n1 < min_size or n2 < min_size:
+        return None
+    point = _pair_quantile(sorted([*pa, *pb]), n1 + n2, q)
+    if upper:
+        beyond_a = sum(c for v, c in pa if v > point)
+        beyond_b = sum(c for v, c in pb if v > point)
+    else:
+        beyond_a = sum(c for v, c in pa if v < point)
+        beyond_b = sum(c for v, c in pb if v < point)
+    return fisher_exact_greater(beyond_a, n1, beyond_b, n2)
+
+

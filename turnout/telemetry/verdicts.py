@@ -48,12 +48,14 @@ from turnout.telemetry.catalogue import (
 from turnout.telemetry.figures import Figures, WindowSamples
 from turnout.telemetry.sketch import Histogram
 from turnout.telemetry.statistics import (
+    Samples,
     count,
     difference_interval,
     fisher_exact_greater,
     mann_whitney_u,
     quantile,
     quantile_interval,
+    tail_test,
 )
 
 HEALTHY = "healthy"
@@ -126,6 +128,12 @@ class HealthThresholds(BaseModel):
     # The most judged looks this rollout can take: each look tests at (1 - confidence) /
     # looks, so the whole rollout's false-rollback rate stays within 1 - confidence.
     looks: int = Field(1, ge=1, le=10_000)
+    # A fresh engine's warm-up, left out of the target's first judged window (target and
+    # stable alike, so both are still judged over the same span): its first
+    # `warmup_requests` requests at each gateway, and its first `warmup_seconds`.
+    # 0 in histories recorded before warm-up exclusion: their verdicts stay as they were.
+    warmup_requests: int = Field(0, ge=0, le=100_000)
+    warmup_seconds: float = Field(0, ge=0, le=3600)
 
     _check_metrics = field_validator("guarded_metrics")(unique_metrics)
 
@@ -258,9 +266,9 @@ def compare_metric(metric: GuardedMetric, target: WindowSamples, stable: WindowS
             entry["ratio"] = ratio
             entry["change"] = 1.0 - ratio if higher else ratio - 1.0
         if stable is not None:
-            worse, better = ((s_values, t_values) if higher else (t_values, s_values))
-            entry["p_value"] = mann_whitney_u(worse, better)
+            _worse_beyond_tolerance(entry, t_values, s_values, q, tolerance, higher)
             if compare:
+                worse, better = ((s_values, t_values) if higher else (t_values, s_values))
                 entry["p_value_better"] = mann_whitney_u(better, worse)
     entry["samples"] = {"target": n_t, "stable": n_s}
     entry["significant"] = entry["p_value"] is not None and entry["p_value"] < alpha
@@ -284,6 +292,35 @@ def compare_metric(metric: GuardedMetric, target: WindowSamples, stable: WindowS
         entry["winner"] = (_winner(entry["p_value"], entry.get("p_value_better"), alpha)
                            if entry["compared"] else None)
     return entry
+
+
+def _worse_beyond_tolerance(entry: dict[str, Any], target: Samples, stable: Samples,
+                            q: float, tolerance: float, higher: bool) -> None:
+    """The p-value of "the target is worse than stable by more than the tolerance", for a
+    quantile (or throughput) metric: the tolerance is in the null hypothesis, so two
+    engines a few percent apart are never called significantly different however many
+    requests they served, and the materiality check and the test ask the same question.
+
+    Two one-sided tests against stable scaled by the margin (x (1 + tolerance), or
+    x (1 - tolerance) when higher is better), each at half the level (Bonferroni), their
+    smaller p-value doubled: a rank test of the whole distribution (Mann-Whitney U:
+    powerful for a version slower everywhere, blind to a few outliers) and a test of the
+    guarded quantile itself (`tail_test`: sees a regression carried by the slowest tenth
+    of the requests).
+    """
+    if higher:
+        margin = max(0.0, 1.0 - tolerance)
+        rank = mann_whitney_u(stable, target, margin=1.0 / margin) if margin > 0 else None
+        tail = tail_test(target, stable, q, margin=margin, upper=False) if margin > 0 \
+            else None
+    else:
+        margin = 1.0 + tolerance
+        rank = mann_whitney_u(target, stable, margin=margin)
+        tail = tail_test(target, stable, q, margin=margin)
+    p_values = [p for p in (rank, tail) if p is not None]
+    entry["margin"] = margin
+    entry["p_rank"], entry["p_tail"] = rank, tail
+    entry["p_value"] = min(1.0, 2.0 * min(p_values)) if p_values else None
 
 
 def _relative_failure(entry: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -74,6 +74,11 @@ class ModelSwitchingConfig(BaseModel):
     memory_critical_percent: float = Field(95, gt=0, le=100)
     cpu_warning_percent: float = Field(90, gt=0, le=100)
     cpu_critical_percent: float = Field(98, gt=0, le=100)
+    # Whether busy CPUs raise alerts: `off` (a CPU engine busy with its work is not
+    # unhealthy: an A/A run at default settings raised a critical "cpu 100%" on a version
+    # serving at p95 15 ms), `with_latency` (only while p95 latency is over its warning),
+    # or `on` (the CPU levels alone).
+    cpu_alerts: Literal["off", "with_latency", "on"] = "off"
     monitoring_interval_s: float = Field(30, ge=1)
     # Alerts are POSTed as JSON to these URLs (comma-separated in the environment). The
     # body has a `text` line, so a Slack incoming webhook works as is. URLs often embed a

@@ -52,7 +52,12 @@ class MetricLimit(BaseModel):
 LEVEL_PAIRS = (("error_rate_warning", "error_rate_critical"),
                ("latency_p95_warning", "latency_p95_critical"),
                ("memory_warning_percent", "memory_critical_percent"),
-               ("cpu_warning_percent", "cpu_critical_percent"))
+               ("cpu_warning_percent", "cpu_critical_percent"),
+               ("kv_cache_warning", "kv_cache_critical"))
+# How busy CPUs are judged: a CPU engine busy with its work is not unhealthy, so by default
+# CPU levels raise nothing (`off`); `with_latency` judges them only while the version's p95
+# latency is over its warning level too; `on` judges them alone.
+CpuAlerts = Literal["off", "with_latency", "on"]
 
 
 class MonitorThresholds(BaseModel):
@@ -74,6 +79,12 @@ class MonitorThresholds(BaseModel):
     cpu_warning_percent: float = Field(90, gt=0, le=100,
                                        description="engine CPU, % of all host cores")
     cpu_critical_percent: float = Field(98, gt=0, le=100)
+    cpu_alerts: CpuAlerts = Field("off", description="off, with_latency or on")
+    # A KV cache this full (fraction) while requests wait in the engine's queue: the
+    # engine is out of room for the work it is given.
+    kv_cache_warning: float = Field(0.90, gt=0, le=1,
+                                    description="KV cache use with requests queued, 0..1")
+    kv_cache_critical: float = Field(0.98, gt=0, le=1)
     # Fewer requests than this in an interval: error rate and latency are not judged.
     min_requests: int = Field(10, ge=1)
     custom: dict[str, MetricLimit] = Field(default_factory=dict)
@@ -108,7 +119,8 @@ class MonitorThresholds(BaseModel):
                                                settings.memory_warning_percent),
                    cpu_warning_percent=settings.cpu_warning_percent,
                    cpu_critical_percent=max(settings.cpu_critical_percent,
-                                            settings.cpu_warning_percent))
+                                            settings.cpu_warning_percent),
+                   cpu_alerts=settings.cpu_alerts)
 
     def updated(self, changes: dict[str, Any]) -> MonitorThresholds:
         """A copy with `changes` applied and validated as a whole (raises ValidationError)."""
@@ -202,12 +214,23 @@ def _level(value: float | None, warning: float | None, critical: float | None,
     return None
 
 
+def _cpu_judged(figures: Figures, thresholds: MonitorThresholds) -> bool:
+    """Whether this look judges the engines' CPU (`MonitorThresholds.cpu_alerts`)."""
+    if thresholds.cpu_alerts == "with_latency":
+        return (figures.requests >= thresholds.min_requests
+                and figures.latency_p95_ms is not None
+                and figures.latency_p95_ms > thresholds.latency_p95_warning)
+    return thresholds.cpu_alerts == "on"
+
+
 def evaluate(figures: Figures, thresholds: MonitorThresholds) -> VersionHealth:
     """State and breaches of one version (the `version` field is left for the caller).
 
     Rates and latencies are judged only on `min_requests` or more requests: two failures
     out of three requests are an anecdote, not a 66% error rate. Resource figures are
-    judged whenever present.
+    judged whenever present, on what hurts: memory near the limit, a full KV cache with
+    requests queued, and busy CPUs only as `cpu_alerts` says (not by default: a CPU engine
+    busy with its work is not unhealthy).
     """
     checks: list[tuple[AlertType, str, float | None, float | None, float | None, bool]] = []
     enough = figures.requests >= thresholds.min_requests
@@ -218,12 +241,16 @@ def evaluate(figures: Figures, thresholds: MonitorThresholds) -> VersionHealth:
             (AlertType.LATENCY, "latency_p95_ms", figures.latency_p95_ms,
              thresholds.latency_p95_warning, thresholds.latency_p95_critical, True),
         ]
-    checks += [
-        (AlertType.RESOURCE, "memory_percent", figures.memory_percent,
-         thresholds.memory_warning_percent, thresholds.memory_critical_percent, True),
-        (AlertType.RESOURCE, "cpu_percent", figures.cpu_percent,
-         thresholds.cpu_warning_percent, thresholds.cpu_critical_percent, True),
-    ]
+    checks.append((AlertType.RESOURCE, "memory_percent", figures.memory_percent,
+                   thresholds.memory_warning_percent, thresholds.memory_critical_percent,
+                   True))
+    if _cpu_judged(figures, thresholds):
+        checks.append((AlertType.RESOURCE, "cpu_percent", figures.cpu_percent,
+                       thresholds.cpu_warning_percent, thresholds.cpu_critical_percent,
+                       True))
+    if (figures.queued or 0) > 0:  # a full cache hurts only when work waits for it
+        checks.append((AlertType.RESOURCE, "kv_cache_usage", figures.kv_cache_usage,
+                       thresholds.kv_cache_warning, thresholds.kv_cache_critical, True))
     for name, limit in thresholds.custom.items():
         checks.append((AlertType.CUSTOM, name, figures.custom.get(name), limit.warning,
                        limit.critical, limit.direction == "above"))
@@ -257,7 +284,8 @@ def judged_types(figures: Figures, thresholds: MonitorThresholds) -> set[str]:
             judged.add(AlertType.ERROR_RATE.value)
         if figures.latency_p95_ms is not None:
             judged.add(AlertType.LATENCY.value)
-    if figures.memory_percent is not None or figures.cpu_percent is not None:
+    if figures.memory_percent is not None or \
+            (figures.cpu_percent is not None and _cpu_judged(figures, thresholds)):
         judged.add(AlertType.RESOURCE.value)
     if any(name in figures.custom for name in thresholds.custom):
         judged.add(AlertType.CUSTOM.value)

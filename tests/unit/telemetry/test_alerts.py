@@ -16,7 +16,8 @@ def firing(version: str, alert_type: str, severity: AlertSeverity) -> Alert:
 
 
 def test_one_alert_per_version_and_type_with_the_worst_severity() -> None:
-    sick = health("v2", busy(error_rate=0.5, memory_percent=90, cpu_percent=99))
+    sick = health("v2", busy(error_rate=0.5, memory_percent=90, cpu_percent=99),
+                  T.updated({"cpu_alerts": "on"}))
     plan = plan_alerts("m", [sick], [], T)
     by_type = {a.type: a for a in plan.fire}
     assert set(by_type) == {"error_rate", "resource"}

@@ -84,3 +84,26 @@ def test_summary_names_states_and_breaches() -> None:
     assert line.startswith("m: v1 (live) healthy: 100 req, 0.0% errors, p95 120 ms")
     assert "v2 (live) unhealthy" in line and "error_rate 30.0%" in line
     assert summarize("m", []) == "m: no version to monitor"
+
+
+def test_a_busy_cpu_alone_is_not_trouble_by_default() -> None:
+    """A CPU engine at 100% while it serves fast raises nothing; a full KV cache with
+    requests waiting does; `cpu_alerts` brings CPU levels back, alone or with latency."""
+    busy_and_fast = busy(error_rate=0.0, latency_p95_ms=15, cpu_percent=100.0,
+                         memory_percent=40.0, kv_cache_usage=0.99, queued=0)
+    assert evaluate(busy_and_fast, T).state is VersionState.HEALTHY
+    full = busy_and_fast.model_copy(update={"queued": 3.0})
+    [breach] = evaluate(full, T).breaches
+    assert (breach.metric, breach.severity) == ("kv_cache_usage", AlertSeverity.CRITICAL)
+    assert evaluate(full.model_copy(update={"kv_cache_usage": 0.5}), T).breaches == []
+    on = T.updated({"cpu_alerts": "on"})
+    assert [b.metric for b in evaluate(busy_and_fast, on).breaches] == ["cpu_percent"]
+    with_latency = T.updated({"cpu_alerts": "with_latency"})
+    assert evaluate(busy_and_fast, with_latency).breaches == []
+    slow = busy_and_fast.model_copy(update={"latency_p95_ms": 6000.0})
+    assert {b.metric for b in evaluate(slow, with_latency).breaches} == {
+        "latency_p95_ms", "cpu_percent"}
+    settings = ModelSwitchingConfig(cpu_alerts="with_latency")
+    assert MonitorThresholds.from_settings(settings).cpu_alerts == "with_latency"
+    with pytest.raises(ValidationError):
+        T.updated({"kv_cache_warning": 0.99, "kv_cache_critical": 0.9})

@@ -102,23 +102,38 @@ class HealthLookActivities:
         thresholds = applied_thresholds(
             self.settings, *await self.store.threshold_overrides(model_id))
         until = time.time()
-        seen = await self._gateway_figures(model_id, until - input.window_s, until)
+        window_s = input.window_s or interval
+        seen = await self._gateway_figures(model_id, until - window_s, until)
         resources = await self._resources(input, until)
         versions = []
-        for version, role in (await self._monitored(model_id, live_version)).items():
+        for version, role in (await self.store.monitored_versions(model_id,
+                                                                  live_version)).items():
             engines = resources.get(version, [])
             health = evaluate(_figures(seen.get(version, _Seen(version)), engines), thresholds)
             versions.append(health.model_copy(update={"version": version, "role": role,
                                                       "engines": engines}))
-        await self._update_alerts(model_id, versions, thresholds, input.window_s)
+        await self._update_alerts(model_id, versions, thresholds, window_s)
+        failed_at = input.last_failure_at
         await self.store.save_health(ModelHealth(
             model_id=model_id, live_version=live_version,
-            checked_at=datetime.fromtimestamp(until, UTC), interval_s=input.window_s,
-            versions=versions, thresholds=thresholds))
+            checked_at=datetime.fromtimestamp(until, UTC), interval_s=window_s,
+            next_look_at=datetime.fromtimestamp(until + interval, UTC),
+            versions=versions, thresholds=thresholds, failed_looks=input.failed_looks,
+            last_failure=input.last_failure,
+            last_failure_at=datetime.fromtimestamp(failed_at, UTC) if failed_at else None))
         summary = summarize(model_id, versions)
         activity.logger.info("health: %s", summary)
         return c.AssessHealthResult(summary=summary, interval_s=interval,
                                     states={v.version: v.state.value for v in versions})
+
+    @activity.defn(name=c.RECORD_FAILED_LOOK)
+    async def record_failed_look(self, input: c.FailedLookInput) -> None:
+        """Keep a failed look for `GET /health/models` (when the store takes it)."""
+        activity.logger.warning("look %d at %s failed: %s", input.failed_looks,
+                                input.model_id, input.reason)
+        await self.store.record_failed_look(input.model_id, input.reason,
+                                            datetime.fromtimestamp(input.at, UTC),
+                                            input.failed_looks)
 
     async def _resources(self, input: c.AssessHealthInput, now: float
                          ) -> dict[str, list[EngineResources]]:
@@ -135,21 +150,6 @@ class HealthLookActivities:
                 resources.setdefault(version, []).extend(
                     EngineResources.model_validate(e) for e in engines)
         return resources
-
-    async def _monitored(self, model_id: str, live_version: str | None) -> dict[str, str]:
-        """Versions to look at, with their role: the live one, those the route sends
-        traffic to (candidates of a rollout) or copies traffic to (a shadow), and those
-        with a ready engine (cached)."""
-        roles: dict[str, str] = {}
-        if live_version:
-            roles[live_version] = "live"
-        route = await self.store.get_route(model_id)
-        for backend in route.backends if route else []:
-            roles.setdefault(backend.version, "shadow" if backend.is_shadow else "candidate")
-        for engine in await self.store.list_engines(model_id=model_id):
-            if engine.state is EngineState.READY:
-                roles.setdefault(engine.version, "cached")
-        return roles
 
     async def _gateway_figures(self, model_id: str, since: float,
                                until: float) -> dict[str, _Seen]:

@@ -228,6 +228,11 @@ MONITOR_WORKFLOW = "MonitorWorkflow"
 STOP_MONITOR = "stop"
 
 
+# How often the monitor keeper makes sure every registered model's monitor runs (starting
+# those of new models, restarting those that ended); a new monitor looks at once.
+MONITOR_KEEPER_PERIOD_S = 10.0
+
+
 def monitor_workflow_id(model_id: str) -> str:
     return f"monitor-{model_id}"
 
@@ -241,6 +246,13 @@ class MonitorInput(BaseModel):
     # How long a look waits for one host's engine measurements (a dead host's queue has
     # no poller, so this bounds the time in queue too); its engines are then left out.
     measure_timeout_s: float = 20
+    # Carried over by continue-as-new: the window the next run's first look judges (0: the
+    # monitoring interval of the settings) and the looks that failed so far.
+    window_s: float = 0
+    failed_looks: int = 0
+    # The monitoring interval of the settings, for the pauses before the first good look
+    # (which then reports it); 0: 30 s.
+    interval_s: float = 0
 
 
 class ModelHostsInput(BaseModel):
@@ -264,12 +276,28 @@ class MeasureEnginesResult(BaseModel):
 
 class AssessHealthInput(BaseModel):
     model_id: str = ""
-    # The window judged ends now and lasts this long (the previous interval).
+    # The window judged ends now and lasts this long (the previous interval); 0: the
+    # monitoring interval of the settings.
     window_s: float = 30
     resources: list[MeasureEnginesResult] = Field(default_factory=list)
     # True: the engine figures are read from the store, where every engine host records
     # them each interval; `resources` is then empty.
     measured_by_hosts: bool = False
+    # Looks of this monitor that failed so far, and the last failure (unix time): kept
+    # with the look for `GET /health/models`.
+    failed_looks: int = 0
+    last_failure: str | None = None
+    last_failure_at: float | None = None
+
+
+class FailedLookInput(BaseModel):
+    """A look that failed: recorded with the model's latest look when the store takes it."""
+
+    model_id: str = ""
+    reason: str = ""
+    at: float = 0
+    failed_looks: int = 0
+    interval_s: float = 30
 
 
 class AssessHealthResult(BaseModel):
@@ -505,6 +533,8 @@ RESOLVE_ALERT: ActivityRef[ResolveAlertInput, None] = \
 LIST_ENGINE_HOSTS = ActivityRef("list_engine_hosts", ModelHostsInput, list[str])
 MEASURE_ENGINES = ActivityRef("measure_engines", MeasureEnginesInput, MeasureEnginesResult)
 ASSESS_HEALTH = ActivityRef("assess_health", AssessHealthInput, AssessHealthResult)
+RECORD_FAILED_LOOK: ActivityRef[FailedLookInput, None] = \
+    ActivityRef("record_failed_look", FailedLookInput, None)
 PLACE_VERSION = ActivityRef("place_version", PlaceVersionInput, PlaceVersionResult)
 RELEASE_VERSION = ActivityRef("release_version", ReleaseVersionInput, ReleaseVersionResult)
 RETIRE_VERSION = ActivityRef("retire_version", RetireVersionInput, RetireVersionResult)
@@ -512,5 +542,5 @@ RETIRE_VERSION = ActivityRef("retire_version", RetireVersionInput, RetireVersion
 ACTIVITIES: tuple[ActivityRef[Any, Any], ...] = (
     LOAD_VERSION, UNLOAD_VERSION, SET_TRAFFIC, SET_MIRROR, REFRESH_ROUTE, DRAIN_VERSION,
     CHECK_HEALTH, JUDGE_HEALTH, DESCRIBE_MODEL, MARK_LIVE, RECORD_OPERATION, RAISE_ALERT,
-    RESOLVE_ALERT, LIST_ENGINE_HOSTS, MEASURE_ENGINES, ASSESS_HEALTH, PLACE_VERSION,
-    RELEASE_VERSION, RETIRE_VERSION)
+    RESOLVE_ALERT, LIST_ENGINE_HOSTS, MEASURE_ENGINES, ASSESS_HEALTH, RECORD_FAILED_LOOK,
+    PLACE_VERSION, RELEASE_VERSION, RETIRE_VERSION)

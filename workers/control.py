@@ -43,7 +43,8 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
         activities=[registry.describe_model, registry.mark_live, registry.record_operation,
                     registry.raise_alert, traffic.set_traffic, traffic.set_mirror,
                     traffic.drain_version, health.check_health, health.judge_health,
-                    monitor.list_engine_hosts, monitor.assess_health, fleet.place_version,
+                    monitor.list_engine_hosts, monitor.assess_health,
+                    monitor.record_failed_look, fleet.place_version,
                     fleet.release_version, fleet.retire_version, traffic.refresh_route,
                     registry.resolve_alert])
 

@@ -33,7 +33,8 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
     monitor = HealthLookActivities(settings, store, admin)
     return Worker(client, task_queue=settings.resolved_monitor_task_queue,
                   workflows=[MonitorWorkflow],
-                  activities=[monitor.list_engine_hosts, monitor.assess_health])
+                  activities=[monitor.list_engine_hosts, monitor.assess_health,
+                              monitor.record_failed_look])
 
 
 async def main() -> int:

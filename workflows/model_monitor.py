@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
@@ -47,32 +48,97 @@ _ASSESS = {
 }
 
 
+# A look that fails (the store away for longer than its retries) is logged, counted, kept
+# for `GET /health/models` when the store takes it, and tried again at the next interval,
+# instead of ending the monitor; a run's first look judges the interval the previous run
+# ended with (or the activity's own setting), not a default of 30 s.
+_PATCH_OUTAGES = "monitor-survives-failed-looks"
+# Under that patch a look is tried once and given up with its error: trying it again is
+# the next look's job, an interval later.
+_ASSESS_BOUNDED = {
+    "start_to_close_timeout": timedelta(seconds=60),
+    "retry_policy": RetryPolicy(maximum_attempts=1),
+}
+_RECORD_FAILURE = {
+    "start_to_close_timeout": timedelta(seconds=10),
+    "retry_policy": RetryPolicy(maximum_attempts=1),
+}
+
+
 @workflow.defn(name=c.MONITOR_WORKFLOW)
 class MonitorWorkflow:
     def __init__(self) -> None:
         self._stopped = False
         self._looks = 0
         self._last = c.AssessHealthResult()
+        self._failed_looks = 0
+        self._last_failure: tuple[str, float] | None = None
 
     @workflow.run
     async def run(self, input: c.MonitorInput) -> str:
+        survives = workflow.patched(_PATCH_OUTAGES)
         interval = self._last.interval_s
+        if survives:
+            # 0 asks the activity for its own interval (a fresh monitor's first look).
+            interval = input.window_s
+            self._failed_looks = input.failed_looks
+            if input.interval_s > 0:  # the settings' interval, before any look says it
+                self._last = c.AssessHealthResult(interval_s=input.interval_s)
         while not self._stopped:
-            self._last = await self._look(input, interval)
-            self._looks += 1
-            workflow.set_current_details(self._last.summary)
-            if not self._last.keep_monitoring:
-                return f"stopped: {self._last.summary}"
-            # The next window covers exactly the time since this look.
-            interval = self._spread(self._last.interval_s)
+            if survives:
+                pause = await self._look_or_count(input, interval)
+                if pause is None:
+                    return f"stopped: {self._last.summary}"
+                interval = pause
+            else:
+                self._last = await self._look(input, interval)
+                self._looks += 1
+                workflow.set_current_details(self._last.summary)
+                if not self._last.keep_monitoring:
+                    return f"stopped: {self._last.summary}"
+                # The next window covers exactly the time since this look.
+                interval = self._spread(self._last.interval_s)
             with contextlib.suppress(asyncio.TimeoutError):
                 await workflow.wait_condition(lambda: self._stopped,
                                               timeout=timedelta(seconds=interval),
                                               timeout_summary=f"next look in {interval:g} s")
             if self._looks >= input.looks_per_run or \
                     workflow.info().is_continue_as_new_suggested():
-                workflow.continue_as_new(input)
+                workflow.continue_as_new(input.model_copy(update={
+                    "window_s": interval, "failed_looks": self._failed_looks})
+                    if survives else input)
         return "stopped by signal"
+
+    async def _look_or_count(self, input: c.MonitorInput, window_s: float) -> float | None:
+        """One look; a failed one is counted and recorded where the store takes it. The
+        pause before the next look, or None when monitoring ends (switched off, model
+        gone)."""
+        self._looks += 1
+        interval = self._last.interval_s  # the last good look's (or 30 s before any)
+        try:
+            self._last = await self._look(input, window_s)
+        except FailureError as err:  # a local activity's failure comes as its cause
+            self._failed_looks += 1
+            reason = _reasons(err)
+            self._last_failure = (reason, workflow.now().timestamp())
+            summary = (f"{input.model_id}: look failed ({reason}); {self._failed_looks} "
+                       f"failed so far, next try in {interval:g} s")
+            workflow.logger.warning("%s", summary)
+            workflow.set_current_details(summary)
+            try:
+                await calls.execute_local(
+                    c.RECORD_FAILED_LOOK,
+                    c.FailedLookInput(model_id=input.model_id, reason=reason,
+                                      at=self._last_failure[1],
+                                      failed_looks=self._failed_looks, interval_s=interval),
+                    summary=f"record the failed look of {input.model_id}", **_RECORD_FAILURE)
+            except FailureError:
+                pass  # the store is still away: the next good look says it
+            return interval
+        workflow.set_current_details(self._last.summary)
+        if not self._last.keep_monitoring:
+            return None
+        return self._spread(self._last.interval_s)
 
     def _spread(self, interval: float) -> float:
         """The pause before the next look. After a new monitor's first look it is a random
@@ -87,11 +153,18 @@ class MonitorWorkflow:
     async def _look(self, input: c.MonitorInput, window_s: float) -> c.AssessHealthResult:
         model_id = input.model_id
         if workflow.patched(_PATCH_ONE_LOOK):
-            return await calls.execute_local(
-                c.ASSESS_HEALTH,
-                c.AssessHealthInput(model_id=model_id, window_s=window_s,
-                                    measured_by_hosts=True),
-                summary=f"assess {model_id}", **_ASSESS)
+            look = c.AssessHealthInput(model_id=model_id, window_s=window_s,
+                                       measured_by_hosts=True)
+            options: dict[str, Any] = dict(_ASSESS)
+            if workflow.patched(_PATCH_OUTAGES):
+                failure = self._last_failure
+                look = look.model_copy(update={
+                    "failed_looks": self._failed_looks,
+                    "last_failure": failure[0] if failure else None,
+                    "last_failure_at": failure[1] if failure else None})
+                options = _ASSESS_BOUNDED
+            return await calls.execute_local(c.ASSESS_HEALTH, look,
+                                             summary=f"assess {model_id}", **options)
         hosts: list[str] = await calls.execute(
             c.LIST_ENGINE_HOSTS, c.ModelHostsInput(model_id=model_id),
             summary=f"find the hosts serving {model_id}", **_HOSTS)
@@ -118,3 +191,16 @@ class MonitorWorkflow:
     @workflow.query
     def last_look(self) -> c.AssessHealthResult:
         return self._last
+
+
+def _reasons(err: BaseException) -> str:
+    """Every message of a failure's chain (a timed-out look says what its last try met)."""
+    messages: list[str] = []
+    current: BaseException | None = err
+    while current is not None and len(messages) < 5:
+        message = current.message if isinstance(current, FailureError) else str(current)
+        if message and message not in messages:
+            messages.append(message)
+        current = current.cause if isinstance(current, FailureError) and current.cause \
+            else current.__cause__
+    return ": ".join(messages)[:1000] or type(err).__name__

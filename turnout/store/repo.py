@@ -603,6 +603,40 @@ class Store(FleetStore):
             else:
                 row.snapshot, row.checked_at = snapshot, utcnow()
 
+    async def record_failed_look(self, model_id: str, reason: str, at: datetime,
+                                 failed_looks: int) -> None:
+        """Keep a failed look with the model's latest one (the figures stay as they were
+        last seen; `ModelHealth.stale` then reads its versions as `unknown`)."""
+        async with self._session.begin() as session:
+            row = await session.get(HealthSnapshotRow, model_id)
+            health = ModelHealth.model_validate(row.snapshot) if row is not None \
+                else ModelHealth(model_id=model_id)
+            health = health.model_copy(update={
+                "last_failure": reason[:2000], "last_failure_at": at,
+                "failed_looks": max(failed_looks, health.failed_looks)})
+            snapshot = health.model_dump(mode="json")
+            if row is None:
+                session.add(HealthSnapshotRow(model_id=model_id, snapshot=snapshot,
+                                              checked_at=utcnow()))
+            else:
+                row.snapshot = snapshot
+
+    async def monitored_versions(self, model_id: str, live_version: str | None
+                                 ) -> dict[str, str]:
+        """The versions the monitor looks at, with their role: the live one, those the
+        route sends traffic to (candidates of a rollout) or copies traffic to (a shadow),
+        and those with a ready engine (cached)."""
+        roles: dict[str, str] = {}
+        if live_version:
+            roles[live_version] = "live"
+        route = await self.get_route(model_id)
+        for backend in route.backends if route else []:
+            roles.setdefault(backend.version, "shadow" if backend.is_shadow else "candidate")
+        for engine in await self.list_engines(model_id=model_id):
+            if engine.state is EngineState.READY:
+                roles.setdefault(engine.version, "cached")
+        return roles
+
     async def list_health(self, model_id: str | None = None) -> list[ModelHealth]:
         query = select(HealthSnapshotRow).order_by(HealthSnapshotRow.model_id)
         if model_id is not None:

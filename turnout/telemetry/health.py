@@ -28,6 +28,9 @@ class VersionState(StrEnum):
     DEGRADED = "degraded"
     UNHEALTHY = "unhealthy"
     NO_DATA = "no_data"
+    # The monitor's looks fail (the reason is in `ModelHealth.last_failure`), or its last
+    # look is too old to stand for now: nothing is known.
+    UNKNOWN = "unknown"
 
 
 class AlertType(StrEnum):
@@ -175,8 +178,11 @@ class Breach(BaseModel):
 
 class VersionHealth(BaseModel):
     version: str
-    role: Literal["live", "candidate", "shadow", "cached"] = "live"
+    # `registered`: neither live, nor served, nor loaded: nothing to measure.
+    role: Literal["live", "candidate", "shadow", "cached", "registered"] = "live"
     state: VersionState = VersionState.NO_DATA
+    # Why the state is `no_data` or `unknown` (None when the look judged it).
+    reason: str | None = None
     figures: Figures = Field(default_factory=Figures)
     breaches: list[Breach] = Field(default_factory=list)
     engines: list[EngineResources] = Field(default_factory=list)
@@ -189,8 +195,35 @@ class ModelHealth(BaseModel):
     live_version: str | None = None
     checked_at: datetime | None = None
     interval_s: float | None = None
+    # When the monitor looks next (at the latest: a new monitor spreads its looks).
+    next_look_at: datetime | None = None
     versions: list[VersionHealth] = Field(default_factory=list)
     thresholds: MonitorThresholds = Field(default_factory=MonitorThresholds)
+    # Looks of the model's monitor that failed (counted since it started), and the last.
+    failed_looks: int = 0
+    last_failure: str | None = None
+    last_failure_at: datetime | None = None
+
+    def stale(self, now: datetime, interval_s: float) -> ModelHealth:
+        """This look as it stands at `now`: versions `unknown`, with the reason, when the
+        last look failed after it or when it is older than two intervals (the monitor is
+        not looking); as it is otherwise."""
+        failed = self.last_failure_at is not None and (
+            self.checked_at is None or self.last_failure_at > self.checked_at)
+        old = self.checked_at is not None and \
+            (now - self.checked_at).total_seconds() > 2 * interval_s + LOOK_SLACK_S
+        if not (failed or old):
+            return self
+        since = f"since {self.checked_at:%H:%M:%S} UTC" if self.checked_at else "yet"
+        reason = f"no look {since}" + (f": the last failed ({self.last_failure})"
+                                       if failed else ": the monitor is not looking")
+        versions = [v.model_copy(update={"state": VersionState.UNKNOWN, "reason": reason})
+                    for v in self.versions]
+        return self.model_copy(update={"versions": versions})
+
+
+# How late a look may be (a busy worker, a slow store) before its model counts as unwatched.
+LOOK_SLACK_S = 15.0
 
 
 def _fmt(metric: str, value: float) -> str:

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from turnout.domain import SwitchingStrategyType
-from turnout.telemetry.verdicts import HEALTHY, HealthThresholds, Verdict
+from turnout.telemetry.verdicts import HEALTHY, UNHEALTHY, HealthThresholds, Verdict
 
 # How many times a step judged inconclusive (too few requests) is re-judged before the
 # rollout waits for an operator: too little traffic is never taken for health.
@@ -312,6 +312,21 @@ class Decision(BaseModel):
     reason: str = ""
 
 
+def rolls_back(step: PlanStep, strategy: SwitchingStrategyType | str,
+               config: dict[str, Any] | None, verdict: Verdict) -> bool:
+    """Whether an unhealthy verdict rolls the switch back on its own.
+
+    Always, but at the end of an A/B test with a `manual` decision whose target is only
+    worse than the stable version (no absolute limit crossed): comparing the two is what
+    that test is for, and its result goes to the operator, who may accept a slower
+    version that answers better. A target over an absolute limit (error rate, p95 or p99
+    latency) hurts users whatever the test: rolled back in every strategy."""
+    if not step.decide or verdict.over_limits:
+        return True
+    options = validate_strategy_config(strategy, config, recorded=True)
+    return not (isinstance(options, ABTestOptions) and options.decision == "manual")
+
+
 def ab_decision(strategy: SwitchingStrategyType | str, config: dict[str, Any] | None,
                 verdict: Verdict) -> Decision:
     """The end of an A/B test, from its options' `decision` and the final verdict:
@@ -321,6 +336,9 @@ def ab_decision(strategy: SwitchingStrategyType | str, config: dict[str, Any] | 
     assert isinstance(options, ABTestOptions)
     if options.decision == "auto" and verdict.outcome == HEALTHY:
         return Decision(promote=True, reason=f"A/B test: target not worse ({verdict.reason})")
-    why = "the A/B test has ended" if options.decision == "manual" \
-        else f"the A/B test was inconclusive ({verdict.reason})"
+    if options.decision == "manual":
+        why = "the A/B test has ended" if verdict.outcome != UNHEALTHY \
+            else f"the A/B test has ended with the target worse ({verdict.reason})"
+    else:
+        why = f"the A/B test was inconclusive ({verdict.reason})"
     return Decision(reason=f"{why}; waiting for an operator to promote or roll back")

@@ -33,6 +33,7 @@ with workflow.unsafe.imports_passed_through():
         ab_decision,
         judged_thresholds,
         plan_switch,
+        rolls_back,
     )
     from turnout.telemetry.verdicts import Verdict
     from workflows import calls, fleet
@@ -56,6 +57,9 @@ _PATCH_FLEET = "engine-fleet"
 # The target's first judged window leaves its engine's warm-up out (verdicts that an
 # A/A test cannot fool).
 _PATCH_WARMUP = "verdict-warmup"
+# A manual A/B test whose target is worse than stable (and within every absolute limit)
+# ends waiting for an operator, as the README says, instead of rolling back on its own.
+_PATCH_AB_MANUAL = "ab-manual-decides"
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -297,7 +301,10 @@ class SwitchWorkflow:
             if not (self._controls and step.judge):
                 return None
             verdict = await self._judge(step, window_start)
-            if verdict.outcome == "unhealthy":
+            if verdict.outcome == "unhealthy" and (
+                    not step.decide or not workflow.patched(_PATCH_AB_MANUAL)
+                    or rolls_back(step, self._input.strategy, self._input.strategy_config,
+                                  verdict)):
                 await self._end_on_stable(Outcome.ROLLED_BACK,
                                           f"automatic rollback: {verdict.reason}")
             if step.decide:

@@ -154,6 +154,13 @@ class Verdict(BaseModel):
     def healthy(self) -> bool:
         return self.outcome == HEALTHY
 
+    @property
+    def over_limits(self) -> bool:
+        """Whether the target crossed an absolute limit (error rate, p95 or p99 latency),
+        as opposed to being worse than the stable version only."""
+        return any(bool(self.analysis.get(kind, {}).get("over_limit"))
+                   for kind in ("error_rate", "latency"))
+
 
 def _pct(rate: float | None) -> str:
     return "n/a" if rate is None else f"{rate * 100:.1f}%"

@@ -22,10 +22,12 @@ run: install
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -ra
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) -m bench.switch_time

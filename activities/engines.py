@@ -38,8 +38,17 @@ from temporalio.exceptions import ApplicationError
 from activities.host import detect_capacity
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import (
+    ENGINE_EXITED,
+    ENGINE_SLEEP_FAILED,
+    ENGINE_STALLED,
+    ENGINE_START_TIMEOUT,
+    ENGINE_WARMUP_FAILED,
+    INSUFFICIENT_MEMORY,
     LOAD_VERSION,
+    MODEL_LOAD_ERROR,
+    NO_FREE_PORT,
     UNLOAD_VERSION,
+    VERSION_NOT_FOUND,
     EngineSlot,
     LoadVersionInput,
     LoadVersionResult,
@@ -73,17 +82,9 @@ from turnout.store.fleet import read_fleet
 
 log = logging.getLogger(__name__)
 
-# ApplicationError types raised by the engine activities (all non-retryable: a retry would
-# fail the same way, and the workflow turns them into a `load_failed` outcome).
-MODEL_LOAD_ERROR = "ModelLoadError"  # model dir missing / no or unreadable config.json
-VERSION_NOT_FOUND = "VersionNotFound"  # version not registered in the store
-ENGINE_EXITED = "EngineExitedError"  # vLLM exited before it became ready
-ENGINE_START_TIMEOUT = "EngineStartTimeout"  # not ready within engine_startup_timeout_s
-ENGINE_STALLED = "EngineStalled"  # no log line, no /health answer for engine_stall_timeout_s
-ENGINE_WARMUP_FAILED = "EngineWarmupError"  # /health OK but the first completion failed
-NO_FREE_PORT = "NoFreePort"  # every port of [engine_port_start, engine_port_end] is taken
-INSUFFICIENT_MEMORY = "InsufficientMemory"  # the engine would not fit in this host's memory
-ENGINE_SLEEP_FAILED = "EngineSleepError"  # vLLM refused /sleep or /wake_up (retried)
+# ApplicationError types raised by the engine activities (all non-retryable but
+# ENGINE_SLEEP_FAILED and NO_FREE_PORT: a retry would fail the same way, and the workflow
+# turns them into a `load_failed` outcome). Their names are the contract's.
 # Files that hold a model's weights (what an engine loads into memory).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

@@ -31,10 +31,9 @@ from turnout.store import NotFound, Store
 from turnout.store.fleet import read_fleet
 from turnout.store.schema import utcnow
 
-# ApplicationError type of a load no host can take (non-retryable: the fleet decides).
-PLACEMENT_FAILED = "PlacementFailed"
-# No engine host heartbeats (retried: workers may be starting).
-NO_LIVE_HOST = "NoLiveEngineHost"
+# Errors: PLACEMENT_FAILED, a load no host can take (non-retryable: the fleet decides);
+# NO_LIVE_HOST, no engine host heartbeats (retried: workers may be starting).
+PLACEMENT_FAILED, NO_LIVE_HOST = c.PLACEMENT_FAILED, c.NO_LIVE_HOST
 EXTERNAL_HOST = "external"
 # How long a loaded engine may take to answer `/health` and still count as warm.
 HEALTH_PROBE_S = 2.0
@@ -153,7 +152,7 @@ class FleetActivities:
         try:
             return await self.store.get_version(model_id, version)
         except NotFound as exc:
-            raise ApplicationError(str(exc), type="VersionNotFound",
+            raise ApplicationError(str(exc), type=c.VERSION_NOT_FOUND,
                                    non_retryable=True) from None
 
     async def _record_external(self, version: VersionInfo) -> None:

@@ -1,8 +1,8 @@
 """Health activities: does a version answer at all, and is it healthy under real traffic.
 
 `judge_health` reads the request outcomes every live gateway recorded in the step's
-window, merges them per version (raw samples, so merged percentiles are exact) and applies
-the pure rules of `turnout.analysis`.
+window, merges them per version (histograms that add up exactly across gateways) and
+applies the pure rules of `turnout.telemetry.verdicts`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import httpx
 from temporalio import activity
 
 from activities.gateway_admin import GatewayAdmin
-from turnout import analysis
 from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import EngineState
 from turnout.endpoints import MissingCredential, bearer_header
 from turnout.redaction import answer_summary, redact
 from turnout.store import NotFound, Store
+from turnout.telemetry.figures import WindowSamples
+from turnout.telemetry.verdicts import Verdict, judge
 
 
 class HealthActivities:
@@ -97,7 +98,7 @@ class HealthActivities:
         return c.HealthVerdict(healthy=True, reason="answered", latency_ms=latency_ms)
 
     @activity.defn(name=c.JUDGE_HEALTH)
-    async def judge_health(self, input: c.JudgeHealthInput) -> c.Verdict:
+    async def judge_health(self, input: c.JudgeHealthInput) -> Verdict:
         """Verdict on the target over [window_start, window_end], merged over all gateways.
 
         An unreachable gateway is skipped with a warning: its share of the traffic is
@@ -105,19 +106,35 @@ class HealthActivities:
         """
         until = input.window_end if input.window_end > 0 else time.time()
         since = input.window_start
-        target = analysis.Sample(input.target_version)
-        stable = analysis.Sample(input.stable_version) if input.stable_version else None
+        warmup: tuple[str, int] | None = None
+        if input.warmup:  # a fresh engine's first seconds and requests say nothing
+            since = min(until, since + input.thresholds.warmup_seconds)
+            if input.thresholds.warmup_requests:
+                warmup = (input.target_version, input.thresholds.warmup_requests)
+        target = WindowSamples(input.target_version)
+        stable = WindowSamples(input.stable_version) if input.stable_version else None
         gateways = await self.store.live_gateways(self.settings.gateway_live_after_s)
-        stats, skipped = await self.admin.model_stats(gateways, input.model_id, since, until)
-        for versions in stats:
-            for sample in (target, stable):
-                window = versions.get(sample.version, {}).get("window") if sample else None
-                if sample is not None and window:
-                    sample.add_window(window)
+        stats, skipped = await self.admin.model_stats(gateways, input.model_id, since, until,
+                                                      warmup=warmup)
         answered = [g.gateway_id for g in gateways if g.gateway_id not in skipped]
-        verdict = analysis.judge(target, stable, input.thresholds, compare=input.compare)
-        verdict.window_start, verdict.window_end = since, until
+        for gateway_id, versions in zip(answered, stats, strict=True):
+            for sample in (target, stable):
+                entry = versions.get(sample.version) if sample is not None else None
+                if sample is not None and entry is not None and entry.window is not None:
+                    sample.add_window(entry.window, gateway_id)
+        verdict = judge(target, stable, input.thresholds, compare=input.compare)
+        verdict.window_start, verdict.window_end = input.window_start, until
         verdict.analysis["gateways"] = {"answered": answered, "skipped": skipped}
+        if input.warmup:
+            verdict.analysis["warmup"] = {
+                "requests": input.thresholds.warmup_requests,
+                "seconds": input.thresholds.warmup_seconds,
+                "excluded": target.warmup_excluded,
+                "judged_since": target.judged_since or since}
+            verdict.reason += (f" (warm-up left out: the first {target.warmup_excluded} "
+                               f"requests of {input.target_version}"
+                               + (f" and {input.thresholds.warmup_seconds:g} s"
+                                  if input.thresholds.warmup_seconds else "") + ")")
         if skipped:
             verdict.reason += f" ({len(skipped)} of {len(gateways)} gateways unreachable)"
         if not gateways:

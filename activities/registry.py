@@ -20,7 +20,7 @@ class RegistryActivities:
         try:
             model = await self.store.get_model(input.model_id)
         except NotFound as exc:
-            raise ApplicationError(str(exc), type="NotFound", non_retryable=True) from None
+            raise ApplicationError(str(exc), type=c.NOT_FOUND, non_retryable=True) from None
         target = model.version(input.target_version)
         route = await self.store.get_route(input.model_id)
         return c.ModelSnapshot(model_id=model.model_id, live_version=model.live_version,

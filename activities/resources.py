@@ -21,8 +21,8 @@ from temporalio import activity
 from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import EngineInfo, EngineState
-from turnout.monitoring import EngineResources
 from turnout.store import Store
+from turnout.telemetry.health import EngineResources
 
 log = logging.getLogger("turnout.resources")
 

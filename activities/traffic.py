@@ -7,7 +7,6 @@ import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -16,6 +15,7 @@ from activities.gateway_admin import GatewayAdmin
 from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Backend, EngineState, GatewayInfo, Replica, Route
+from turnout.gateway_protocol import AdminState
 from turnout.replicas import route_engines
 from turnout.store import NotFound, Store
 from turnout.store.repo import RouteChange
@@ -60,7 +60,7 @@ class TrafficActivities:
         def mirror(current: Route | None) -> list[Backend]:
             if current is None or not current.weights():
                 raise ApplicationError(f"{input.model_id} serves no traffic to mirror",
-                                       type="InvalidRoute", non_retryable=True)
+                                       type=c.INVALID_ROUTE, non_retryable=True)
             backends = [b for b in current.backends if not b.is_shadow]
             if input.percent > 0 and input.version not in current.weights():
                 if isinstance(shadow, ApplicationError):
@@ -103,7 +103,7 @@ class TrafficActivities:
                              f", {shadow.mirror_percent:g}% mirrored to {shadow.version}"
                              if shadow else "")
         gateways = await self._wait_for_gateways(
-            lambda state: state.get("generations", {}).get(model_id, 0) >= route.generation,
+            lambda state: state.generation(model_id) >= route.generation,
             what=f"generation {route.generation} of {model_id}", push=model_id)
         return c.SetTrafficResult(generation=route.generation, gateways=gateways)
 
@@ -128,17 +128,14 @@ class TrafficActivities:
                     activity.logger.warning("gateway %s unreachable while draining: %s",
                                             gateway.gateway_id, exc)
                     continue
-                if not input.replica or "replicas" not in state:
+                if not input.replica or state.replicas is None:
                     # A gateway from before replicas counts the whole version: wait for it.
-                    left += int(state.get("inflight", {}).get(input.model_id, {})
-                                .get(input.version, 0))
+                    left += state.inflight_of(input.model_id, input.version)
                     continue
-                replicas = state.get("replicas", {}).get(input.model_id, {}) \
-                    .get(input.version, [])
-                matching = [r for r in replicas
-                            if input.replica in (r.get("url"), r.get("host"))]
-                left += sum(int(r.get("inflight", 0)) for r in matching)
-                if any(r.get("routed") for r in matching):
+                matching = [r for r in state.replicas_of(input.model_id, input.version)
+                            if input.replica in (r.url, r.host)]
+                left += sum(r.inflight for r in matching)
+                if any(r.routed for r in matching):
                     routed_at.append(gateway.gateway_id)
             first = False
             waited = time.monotonic() - started
@@ -157,7 +154,7 @@ class TrafficActivities:
         total = sum(input.weights.values())
         if input.weights and abs(total - 100) > 0.01:
             raise ApplicationError(f"weights of {input.model_id} add up to {total:g}, not 100",
-                                   type="InvalidRoute", non_retryable=True)
+                                   type=c.INVALID_ROUTE, non_retryable=True)
         backends = []
         for version, weight in sorted(input.weights.items()):
             if weight <= 0:
@@ -174,7 +171,7 @@ class TrafficActivities:
         engines = await self.store.list_engines(model_id=model_id, version=version)
         if not any(e.state is EngineState.READY for e in engines):
             raise ApplicationError(f"{model_id} {version} has no ready engine",
-                                   type="InvalidRoute", non_retryable=True)
+                                   type=c.INVALID_ROUTE, non_retryable=True)
         last_seen = {h.host_id: h.last_seen for h in await self.store.list_hosts()
                      if h.last_seen is not None}
         named, silent = route_engines(engines, last_seen, datetime.now(UTC),
@@ -198,7 +195,7 @@ class TrafficActivities:
     async def _live_gateways(self) -> list[GatewayInfo]:
         return await self.store.live_gateways(self.settings.gateway_live_after_s)
 
-    async def _wait_for_gateways(self, done: Callable[[dict[str, Any]], bool], *, what: str,
+    async def _wait_for_gateways(self, done: Callable[[AdminState], bool], *, what: str,
                                  push: str | None) -> list[str]:
         """Wait until `done(state)` holds at every live gateway; first push a refresh of the
         model named by `push`, if any."""
@@ -226,7 +223,7 @@ class TrafficActivities:
             if time.monotonic() >= deadline:
                 raise ApplicationError(
                     f"gateways {sorted(pending)} did not apply {what} in "
-                    f"{self.settings.route_sync_timeout_s:g}s", type="GatewaySyncTimeout")
+                    f"{self.settings.route_sync_timeout_s:g}s", type=c.GATEWAY_SYNC_TIMEOUT)
             await asyncio.sleep(_POLL_S)
             # A gateway that stopped heartbeating is no longer live: stop waiting for it.
             live = {g.gateway_id for g in await self._live_gateways()}

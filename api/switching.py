@@ -22,16 +22,15 @@ from turnout.domain import (
     HealthThresholds,
     OperationRecord,
     OperationStatus,
-    SwitchingStrategyType,
     SwitchInput,
     SwitchRequest,
     SwitchStatus,
 )
 from turnout.store import NotFound, Store
 from turnout.strategies import (
-    MAX_INCONCLUSIVE_EXTENSIONS,
     StrategyConfigError,
-    plan_switch,
+    first_version_problem,
+    planned_looks,
     validate_strategy_config,
 )
 
@@ -92,11 +91,10 @@ async def check_switch(store: Store, request: SwitchRequest) -> list[FieldError]
     except StrategyConfigError as exc:
         errors += [FieldError(field=".".join(map(str, e["loc"])), message=e["msg"])
                    for e in exc.errors]
-    if model.live_version is None and request.strategy is not SwitchingStrategyType.IMMEDIATE:
-        errors.append(FieldError(
-            field="strategy", status_code=409,
-            message=f"{model.model_id!r} has no live version to shift traffic from: make "
-                    f"its first version live with an immediate switch"))
+    problem = first_version_problem(request.strategy, model.live_version)
+    if problem:
+        errors.append(FieldError(field="strategy", status_code=409,
+                                 message=f"{model.model_id!r} {problem}"))
     if model.live_version is not None and model.live_version == request.target_version:
         errors.append(FieldError(field="target_version", status_code=409,
                                  message=f"{request.target_version!r} is already live"))
@@ -123,20 +121,6 @@ async def validate(store: Store, request: SwitchRequest) -> Validation:
                       fields=errors)
 
 
-def planned_looks(request: SwitchRequest) -> int:
-    """The most judged looks the switch's plan takes, for `HealthThresholds.looks`.
-
-    Every judged step is one look; a plain (non-A/B) judged step may also be re-judged
-    while inconclusive, up to `MAX_INCONCLUSIVE_EXTENSIONS` times, so those count too. Counting
-    them is conservative (an inconclusive look cannot fail), at a small cost in power.
-    An A/B decision is judged once. At least 1: an immediate switch still judges nothing.
-    """
-    steps = plan_switch(request.strategy, request.strategy_config)
-    judged = [step for step in steps if step.judge and step.hold_seconds > 0]
-    extensions = MAX_INCONCLUSIVE_EXTENSIONS if any(not step.decide for step in judged) else 0
-    return max(1, len(judged) + extensions)
-
-
 def switch_thresholds(settings: ModelSwitchingConfig, request: SwitchRequest
                       ) -> HealthThresholds:
     """Thresholds of one switch: the settings, the request's `analysis` over them, and the
@@ -144,10 +128,13 @@ def switch_thresholds(settings: ModelSwitchingConfig, request: SwitchRequest
     thresholds = HealthThresholds(error_rate_max=settings.error_rate_warning,
                                   latency_p95_ms_max=settings.latency_warning_ms,
                                   latency_tolerance=settings.latency_tolerance,
-                                  min_requests=settings.min_requests)
+                                  min_requests=settings.min_requests,
+                                  warmup_requests=settings.warmup_requests,
+                                  warmup_seconds=settings.warmup_seconds)
     if request.analysis is not None:
         thresholds = request.analysis.apply(thresholds)
-    return thresholds.model_copy(update={"looks": planned_looks(request)})
+    return thresholds.model_copy(update={
+        "looks": planned_looks(request.strategy, request.strategy_config)})
 
 
 async def start_switch(client: Client, store: Store, settings: ModelSwitchingConfig,

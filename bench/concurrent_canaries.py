@@ -43,8 +43,8 @@ from temporalio.client import Client
 from bench.common import bench_stack, cpu_seconds
 from tests.integration.upstream import FakeUpstream
 from turnout import contracts as c
-from turnout.analysis import quantile
 from turnout.runtime import connect_temporal
+from turnout.telemetry.statistics import quantile
 from workers.stack import Stack
 
 CANARY_STEPS = {"initial_percentage": 50, "step_percentage": 25}

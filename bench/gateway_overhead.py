@@ -65,9 +65,9 @@ from bench.common import cpu_seconds, tree_cpu_seconds
 from bench.upstream_server import CHUNKS
 from bench.vllm_router import router_python, router_version, start_router
 from tests.support import free_port
-from turnout.analysis import quantile
 from turnout.domain import Backend, RegisterModelRequest
 from turnout.store import Store, upgrade
+from turnout.telemetry.statistics import quantile
 
 MODEL_ID = "Bench_gw"
 CLIENT_KEY = "bench-client-key-0123456789abcdef"

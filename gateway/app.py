@@ -20,7 +20,6 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 from aiohttp import web
@@ -34,6 +33,7 @@ from gateway.upstream import Upstreams
 from gateway.workers import merge_metrics, sibling_metrics, worker_admin_port
 from turnout import tracing
 from turnout.config import ModelSwitchingConfig
+from turnout.gateway_protocol import AdminState, ReplicaLoad, StatsResponse
 from turnout.replicas import ReplicaBalancer
 from turnout.store import Store
 from turnout.transitions import TransitionManager
@@ -180,8 +180,10 @@ class Gateway:
                 log.info("store reachable again")
             self._store_ok = True
         # With the routes held (the last known ones if the store is down): stats of
-        # versions no route names any more go after the retention period.
+        # versions no route names any more go after the retention period. Older outcomes
+        # are folded into histograms here, off the request path.
         self.metrics.forget_unrouted(self.table.routed_versions())
+        self.metrics.fold()
 
     async def _heartbeat(self) -> None:
         try:
@@ -191,15 +193,20 @@ class Gateway:
 
     # ------------------------------------------------------------------ admin views
 
-    def state(self) -> dict[str, Any]:
-        return {"gateway_id": self.gateway_id, "generations": self.table.generations(),
-                "inflight": self.metrics.inflight_by_model(),
-                "replicas": self.replicas.inflight()}
+    def state(self) -> AdminState:
+        return AdminState(
+            gateway_id=self.gateway_id, generations=self.table.generations(),
+            inflight=self.metrics.inflight_by_model(),
+            replicas={model: {version: [ReplicaLoad.model_validate(r) for r in replicas]
+                              for version, replicas in versions.items()}
+                      for model, versions in self.replicas.inflight().items()})
 
     def stats(self, since: float | None = None, until: float | None = None, *,
-              model_id: str | None = None) -> dict[str, Any]:
-        return {"gateway_id": self.gateway_id,
-                "stats": self.metrics.stats_by_model(since, until, model_id=model_id)}
+              model_id: str | None = None, warmup_version: str | None = None,
+              warmup_requests: int = 0) -> StatsResponse:
+        return StatsResponse(gateway_id=self.gateway_id, stats=self.metrics.stats_by_model(
+            since, until, model_id=model_id, warmup_version=warmup_version,
+            warmup_requests=warmup_requests))
 
 
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -276,7 +283,7 @@ def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
     app = web.Application(middlewares=middlewares)
 
     async def admin_state(_: web.Request) -> web.Response:
-        return web.json_response(gateway.state())
+        return _json(gateway.state())
 
     async def admin_stats(request: web.Request) -> web.Response:
         bounds: dict[str, float | None] = {}
@@ -291,8 +298,15 @@ def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
                                       type="invalid_request_error", param=name,
                                       code="invalid_window")
             bounds[name] = value
-        return web.json_response(gateway.stats(bounds["since"], bounds["until"],
-                                               model_id=request.query.get("model_id")))
+        raw_warmup = request.query.get("warmup_requests", "0")
+        if not raw_warmup.isdigit() or int(raw_warmup) > 1_000_000:
+            return error_response(400, f"warmup_requests must be a count, got {raw_warmup!r}",
+                                  type="invalid_request_error", param="warmup_requests",
+                                  code="invalid_window")
+        return _json(gateway.stats(bounds["since"], bounds["until"],
+                                   model_id=request.query.get("model_id"),
+                                   warmup_version=request.query.get("warmup_version"),
+                                   warmup_requests=int(raw_warmup)))
 
     async def admin_refresh(request: web.Request) -> web.Response:
         try:
@@ -301,7 +315,7 @@ def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
             log.warning("refresh failed, store unreachable: %r", exc)
             return error_response(503, "the store is unreachable; serving the last routes",
                                   type="service_unavailable", code="store_unreachable")
-        return web.json_response(gateway.state())
+        return _json(gateway.state())
 
     app.router.add_get("/admin/state", admin_state)
     app.router.add_get("/admin/stats", admin_stats)
@@ -309,6 +323,13 @@ def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
     app.router.add_get("/metrics", _metrics_handler(gateway))
     app.router.add_get("/admin/metrics/local", _metrics_handler(gateway, local=True))
     return app
+
+
+def _json(model: AdminState | StatsResponse) -> web.Response:
+    """An admin answer: the protocol model as JSON (`turnout.gateway_protocol`); stats
+    leave out what they do not have (no window unless asked, no quantile of nothing)."""
+    text = model.model_dump_json(exclude_none=isinstance(model, StatsResponse))
+    return web.Response(text=text, content_type="application/json")
 
 
 def _metrics_handler(gateway: Gateway, *, local: bool = False) -> Handler:

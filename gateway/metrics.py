@@ -9,12 +9,16 @@ Stats of a version that no longer takes traffic are forgotten after a retention 
 (`forget_unrouted`), so memory and the number of series stay bounded over any number of
 rollouts; see `GATEWAY_STATS_RETENTION_S` for why the default is a day.
 
-Health verdicts need exact figures over a time window, merged across gateways, so each
-version also keeps a timestamped outcome per finished request (`outcomes`): the health
-activity asks every gateway for `[since, until]` and concatenates the windows. Percentiles
-of concatenated raw samples are exact; averaging per-gateway percentiles would not be.
-The outcome also carries the answer's time to first byte when the proxy measured one (a
-streamed answer), so time to first token is a guarded metric like latency.
+Health verdicts need figures over a time window, merged across gateways, and windows may
+last days (a 48-hour A/B test). Each version keeps a timestamped outcome per finished
+request (`outcomes`: latency, error, time to first token and inter-token latency of a
+streamed answer) for the last hour (at most `OUTCOMES` of them), and folds older outcomes
+into per-minute histograms (`turnout.telemetry.sketch`), rolled up into per-hour ones after
+a day and kept for `SKETCH_RETENTION_S`. A window `[since, until]` is answered as
+histograms (`turnout.gateway_protocol.VersionWindow`), which add up exactly across
+gateways; what the minute or hour histograms cannot split is left out and said
+(`judged_since`), and a window reaching past what is kept says it was cut (`cut`).
+Folding runs in the gateway's once-a-second loop (`fold`), not on the request path.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import (
@@ -37,6 +40,12 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+from turnout.gateway_protocol import Summary, VersionWindow
+from turnout.gateway_protocol import VersionStats as VersionStatsView
+from turnout.telemetry.catalogue import SAMPLE_SOURCES, Source
+from turnout.telemetry.sketch import Histogram
+from turnout.telemetry.statistics import quantile
 
 log = logging.getLogger("gateway.metrics")
 
@@ -53,10 +62,15 @@ ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2,
 TOKENS_PER_S_BUCKETS = (1, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000, 2500)
 # How many recent samples per version the in-memory percentiles are computed from.
 WINDOW = 2048
-# Timestamped outcomes kept per version for windowed health queries. 200k outcomes of
-# (float, float, bool, float | None) tuples are ~25 MB at worst; at 100 req/s that is over
-# 30 minutes, longer than any evaluation period a step judges at once.
+# Timestamped outcomes kept raw per version (windows end exactly where they ask): an
+# hour's worth, but at most this many (~30 MB; at 100 req/s that is 33 minutes). Older
+# outcomes are folded into minute histograms.
 OUTCOMES = 200_000
+RAW_KEEP_S = 3600.0
+# Minute histograms are rolled into hour histograms after a day; hours are kept for 31
+# days, the longest window a switch asks for (an A/B test lasts at most 30 days).
+MINUTE_KEEP_S = 24 * 3600.0
+SKETCH_RETENTION_S = 31 * 24 * 3600.0
 # How far before a window's start its backward scan goes on, for wall-clock steps back.
 CLOCK_SLACK_S = 60.0
 # How long the stats of a version that left every route (and has nothing in flight) are
@@ -66,18 +80,56 @@ STATS_RETENTION_S = 24 * 3600.0
 VERSION_FAULTS = frozenset({"connect", "timeout", "5xx", "stream_broken"})
 
 
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile; None on an empty window (too few samples is not 'fast')."""
-    if not sorted_values:
-        return None
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
-    return sorted_values[rank]
+def _summary(samples: deque[float]) -> Summary:
+    values = list(samples)
+    return Summary(p50=quantile(values, 0.50), p95=quantile(values, 0.95),
+                   p99=quantile(values, 0.99), count=len(values))
 
 
-def _summary(samples: deque[float]) -> dict[str, Any]:
-    values = sorted(samples)
-    return {"p50": _percentile(values, 50), "p95": _percentile(values, 95),
-            "p99": _percentile(values, 99), "count": len(values)}
+# One finished request: (unix time at completion, latency ms, is error, time to first
+# token ms or None, inter-token latency ms or None), in completion order.
+Outcome = tuple[float, float, bool, float | None, float | None]
+
+
+@dataclass
+class Slice:
+    """Outcomes of one minute or one hour, as counts and histograms. `first_at` and
+    `last_at` are the times of its first and last outcome: a window takes the slice when
+    both lie inside it."""
+
+    first_at: float = math.inf
+    last_at: float = -math.inf
+    requests: int = 0
+    errors: int = 0
+    samples: dict[Source, Histogram] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome) -> None:
+        self.first_at = min(self.first_at, outcome[0])
+        self.last_at = max(self.last_at, outcome[0])
+        self.requests += 1
+        if outcome[2]:
+            self.errors += 1
+            return
+        _add_samples(self.samples, outcome)
+
+    def merge(self, other: Slice) -> None:
+        self.first_at = min(self.first_at, other.first_at)
+        self.last_at = max(self.last_at, other.last_at)
+        self.requests += other.requests
+        self.errors += other.errors
+        for source, histogram in other.samples.items():
+            self.samples.setdefault(source, Histogram()).merge(histogram)
+
+
+def _add_samples(samples: dict[Source, Histogram], outcome: Outcome) -> None:
+    """A successful outcome's samples, one per source it has."""
+    _, latency_ms, _, ttft_ms, itl_ms = outcome
+    samples.setdefault(Source.LATENCY, Histogram()).add(latency_ms)
+    if ttft_ms is not None:
+        samples.setdefault(Source.TTFT, Histogram()).add(ttft_ms)
+    if itl_ms is not None and itl_ms > 0:
+        samples.setdefault(Source.ITL, Histogram()).add(itl_ms)
+        samples.setdefault(Source.OUTPUT_RATE, Histogram()).add(1000.0 / itl_ms)
 
 
 class BucketCounts:
@@ -110,7 +162,8 @@ class BucketCounts:
 
 @dataclass
 class VersionStats:
-    """Counters of one (model id, version) since the gateway started."""
+    """Counters of one (model id, version) since the gateway started, its recent outcomes
+    and the histograms of older ones."""
 
     requests: int = 0
     errors: int = 0
@@ -120,51 +173,112 @@ class VersionStats:
     itl_ms: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     tokens_per_s: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     output_tokens: int = 0
-    # (unix time at completion, latency ms, is error, time to first byte ms or None), in
-    # completion order.
-    outcomes: deque[tuple[float, float, bool, float | None]] = field(
-        default_factory=lambda: deque(maxlen=OUTCOMES))
+    outcomes: deque[Outcome] = field(default_factory=deque)
+    # Everything that finished before `folded_until` is in `minutes` or `hours` (keyed by
+    # their start); `dropped_until` is the last outcome of the newest histogram dropped as
+    # too old.
+    minutes: dict[int, Slice] = field(default_factory=dict)
+    hours: dict[int, Slice] = field(default_factory=dict)
+    folded_until: float = -math.inf
+    dropped_until: float = -math.inf
     latency_s: BucketCounts = field(default_factory=lambda: BucketCounts(LATENCY_BUCKETS_S))
     ttfb_s: BucketCounts = field(default_factory=lambda: BucketCounts(TTFB_BUCKETS_S))
     itl_s: BucketCounts = field(default_factory=lambda: BucketCounts(ITL_BUCKETS_S))
     tokens_per_s_hist: BucketCounts = field(
         default_factory=lambda: BucketCounts(TOKENS_PER_S_BUCKETS))
 
-    def as_json(self) -> dict[str, Any]:
-        return {"requests": self.requests, "errors": self.errors, "inflight": self.inflight,
-                "latency_ms": _summary(self.latency_ms), "ttfb_ms": _summary(self.ttfb_ms),
-                "itl_ms": _summary(self.itl_ms), "tokens_per_s": _summary(self.tokens_per_s),
-                "output_tokens": self.output_tokens}
+    def histogram_of(self, source: Source) -> BucketCounts:
+        """The Prometheus histogram of one sample source."""
+        return {Source.LATENCY: self.latency_s, Source.TTFT: self.ttfb_s,
+                Source.ITL: self.itl_s, Source.OUTPUT_RATE: self.tokens_per_s_hist}[source]
 
-    def window(self, since: float, until: float) -> dict[str, Any]:
-        """Outcomes finished in [since, until]: counts plus the raw latencies of successes
-        and the raw times to first token of successful streamed answers (`ttft_ms`).
+    def view(self) -> VersionStatsView:
+        return VersionStatsView(
+            requests=self.requests, errors=self.errors, inflight=self.inflight,
+            latency_ms=_summary(self.latency_ms), ttfb_ms=_summary(self.ttfb_ms),
+            itl_ms=_summary(self.itl_ms), tokens_per_s=_summary(self.tokens_per_s),
+            output_tokens=self.output_tokens)
 
-        Raw samples (not percentiles) so windows of several gateways merge exactly.
-        Scanned from the newest outcome back, so a look at the last few seconds costs a
-        few seconds' worth of outcomes, not the whole buffer (the monitor asks every
-        interval). Outcomes are stamped with the wall clock in completion order, so they
-        are sorted but for clock steps; the scan goes `CLOCK_SLACK_S` past `since`.
+    def fold(self, now: float) -> None:
+        """Fold outcomes older than `RAW_KEEP_S` (or beyond `OUTCOMES`) into minute
+        histograms, whole minutes at a time; roll minutes older than a day into hours;
+        drop hours beyond `SKETCH_RETENTION_S`."""
+        outcomes = self.outcomes
+        boundary = math.floor((now - RAW_KEEP_S) / 60) * 60.0
+        if len(outcomes) > OUTCOMES:
+            boundary = max(boundary, math.floor(outcomes[-OUTCOMES - 1][0] / 60) * 60.0 + 60)
+        while outcomes and outcomes[0][0] < boundary:
+            outcome = outcomes.popleft()
+            start = math.floor(outcome[0] / 60) * 60
+            piece = self.minutes.get(start)
+            if piece is None:
+                piece = self.minutes[start] = Slice()
+            piece.add(outcome)
+        if outcomes or self.minutes:
+            self.folded_until = max(self.folded_until, boundary)
+        for start in [m for m in self.minutes if m + 60 <= now - MINUTE_KEEP_S]:
+            minute = self.minutes.pop(start)
+            hour_start = start // 3600 * 3600
+            hour = self.hours.get(hour_start)
+            if hour is None:
+                self.hours[hour_start] = minute
+            else:
+                hour.merge(minute)
+        for start in [h for h in self.hours if h + 3600 <= now - SKETCH_RETENTION_S]:
+            self.dropped_until = max(self.dropped_until, self.hours.pop(start).last_at)
+
+    def warmup_end(self, since: float, until: float, requests: int) -> tuple[float, int]:
+        """Just after the `requests`-th outcome in [since, until] (its warm-up), and how
+        many outcomes that leaves out (all of them, and `until`, when there are fewer)."""
+        times = sorted(o[0] for o in self.outcomes if since <= o[0] <= until)
+        if len(times) < requests:
+            return until, len(times)
+        return math.nextafter(times[requests - 1], math.inf), requests
+
+    def window(self, since: float, until: float) -> VersionWindow:
+        """Outcomes finished in [since, until] as histograms: counts plus the samples of
+        successes (latency) and of successful streamed answers (time to first token,
+        inter-token latency, output rate).
+
+        Recent outcomes are scanned from the newest back, so a look at the last few
+        seconds costs a few seconds' worth of outcomes, not the whole buffer (the monitor
+        asks every interval). Outcomes are stamped with the wall clock in completion
+        order, so they are sorted but for clock steps; the scan goes `CLOCK_SLACK_S` past
+        `since`. Older traffic comes from the minute and hour histograms that lie wholly
+        inside the window: one that straddles `since` is left out, and `judged_since`
+        says where the window then really starts (after that slice's last outcome).
         """
+        judged_since = since
+        pieces: list[Slice] = []
+        if since < self.folded_until:
+            slices = [*self.hours.values(), *self.minutes.values()]
+            straddling = [p.last_at for p in slices if p.first_at < since <= p.last_at]
+            if straddling:
+                judged_since = math.nextafter(max(straddling), math.inf)
+            pieces = [p for p in slices if p.first_at >= judged_since and p.last_at <= until]
+        window = VersionWindow(since=since, until=until, judged_since=judged_since,
+                               cut=since < self.dropped_until)
+        samples: dict[Source, Histogram] = {}
+        stop_before = judged_since - CLOCK_SLACK_S
         requests = errors = 0
-        latencies: list[float] = []
-        ttfts: list[float] = []
-        stop_before = since - CLOCK_SLACK_S
-        for at, latency_ms, error, ttft_ms in reversed(self.outcomes):
+        for outcome in reversed(self.outcomes):
+            at = outcome[0]
             if at < stop_before:
                 break
-            if since <= at <= until:
+            if judged_since <= at <= until:
                 requests += 1
-                if error:
+                if outcome[2]:
                     errors += 1
                 else:
-                    latencies.append(round(latency_ms, 3))
-                    if ttft_ms is not None:
-                        ttfts.append(round(ttft_ms, 3))
-        latencies.reverse()
-        ttfts.reverse()
-        return {"requests": requests, "errors": errors, "latencies_ms": latencies,
-                "ttft_ms": ttfts}
+                    _add_samples(samples, outcome)
+        for piece in pieces:
+            requests += piece.requests
+            errors += piece.errors
+            for source, histogram in piece.samples.items():
+                samples.setdefault(source, Histogram()).merge(histogram)
+        window.requests, window.errors = requests, errors
+        window.samples = {source: h.bins for source, h in samples.items() if h}
+        return window
 
 
 class VersionCollector(Collector):
@@ -188,28 +302,23 @@ class VersionCollector(Collector):
             "events, or the usage of plain answers)", labels=labels)
         inflight = GaugeMetricFamily("turnout_gateway_inflight",
                                      "Requests in flight to a version", labels=labels)
-        histograms = [
-            (HistogramMetricFamily("turnout_gateway_request_latency_seconds",
-                                   "Time from request to last byte of the answer",
-                                   labels=labels), "latency_s"),
-            (HistogramMetricFamily("turnout_gateway_time_to_first_byte_seconds",
-                                   "Time to the first streamed byte of an answer",
-                                   labels=labels), "ttfb_s"),
-            (HistogramMetricFamily("turnout_gateway_inter_token_latency_seconds",
-                                   "Mean time between streamed tokens of an answer",
-                                   labels=labels), "itl_s"),
-            (HistogramMetricFamily("turnout_gateway_output_tokens_per_second",
-                                   "Output tokens per second of a streamed answer after "
-                                   "its first token", labels=labels), "tokens_per_s_hist"),
-        ]
+        # One histogram per sample source of the catalogue, under vLLM-style names, and
+        # the same series under each name earlier releases used (for one release).
+        histograms = []
+        for source, info in SAMPLE_SOURCES.items():
+            histograms.append((HistogramMetricFamily(info.prometheus, info.prometheus_help,
+                                                     labels=labels), source))
+            histograms += [(HistogramMetricFamily(
+                alias, f"{info.prometheus_help} (deprecated name of {info.prometheus})",
+                labels=labels), source) for alias in info.aliases]
         for (model_id, version), stats in sorted(self._stats.items()):
             key = [model_id, version]
             requests.add_metric(key, stats.requests)
             errors.add_metric(key, stats.errors)
             output_tokens.add_metric(key, stats.output_tokens)
             inflight.add_metric(key, stats.inflight)
-            for family, name in histograms:
-                counts: BucketCounts = getattr(stats, name)
+            for family, source in histograms:
+                counts = stats.histogram_of(source)
                 family.add_metric(key, counts.cumulative(), counts.total)
         yield from (requests, errors, output_tokens, inflight)
         yield from (family for family, _ in histograms)
@@ -286,9 +395,11 @@ class GatewayMetrics:
         stats.ttfb_s.observe(seconds)
 
     def generated(self, model_id: str, version: str, tokens: int,
-                  stream_seconds: float | None = None) -> None:
+                  stream_seconds: float | None = None) -> float | None:
         """Tokens of one answer; for a stream, also the time from its first token to its
-        last, which gives the inter-token latency and the output rate."""
+        last, which gives the inter-token latency and the output rate. Returns the
+        inter-token latency (seconds) of a stream with two tokens or more, for the
+        request's outcome (`finished`)."""
         stats = self._get(model_id, version)
         stats.output_tokens += tokens
         if stream_seconds is not None and tokens > 1 and stream_seconds > 0:
@@ -297,10 +408,12 @@ class GatewayMetrics:
             stats.tokens_per_s.append(1.0 / itl)
             stats.itl_s.observe(itl)
             stats.tokens_per_s_hist.observe(1.0 / itl)
+            return itl
+        return None
 
     def finished(self, model_id: str, version: str, seconds: float, *,
                  failure: str | None = None, completed: bool = True,
-                 ttfb_s: float | None = None) -> None:
+                 ttfb_s: float | None = None, itl_s: float | None = None) -> None:
         """End of a request; latency is recorded only for answers that completed.
 
         `failure` is the error class: `connect`, `timeout`, `5xx`, `stream_broken` (the
@@ -310,7 +423,8 @@ class GatewayMetrics:
         errors; a client that left mid-answer says nothing about the version.
         `ttfb_s` is the time to the first streamed byte the proxy measured (None for a
         plain answer, whose first token arrives with its last): it rides on the outcome
-        because `first_byte` has no request id to tie it to this request's outcome.
+        because `first_byte` has no request id to tie it to this request's outcome, and so
+        does `itl_s`, the stream's inter-token latency (`generated`'s answer).
         """
         stats = self._get(model_id, version)
         stats.inflight -= 1
@@ -324,7 +438,8 @@ class GatewayMetrics:
             stats.latency_s.observe(seconds)
         if completed or error:
             stats.outcomes.append((time.time(), seconds * 1000.0, error,
-                                   None if ttfb_s is None else ttfb_s * 1000.0))
+                                   None if ttfb_s is None else ttfb_s * 1000.0,
+                                   None if itl_s is None else itl_s * 1000.0))
 
     def failed_over(self, model_id: str, failed: str, to: str) -> None:
         self._count(self.failovers, (model_id, failed, to), failed, to)
@@ -395,6 +510,13 @@ class GatewayMetrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
 
+    def fold(self, now: float | None = None) -> None:
+        """Fold each version's older outcomes into histograms (see `VersionStats.fold`);
+        called once a second by the gateway's reconcile loop."""
+        at = time.time() if now is None else now
+        for stats in self._stats.values():
+            stats.fold(at)
+
     def inflight_by_model(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
         for (model_id, version), stats in sorted(self._stats.items()):
@@ -402,19 +524,35 @@ class GatewayMetrics:
         return result
 
     def stats_by_model(self, since: float | None = None, until: float | None = None, *,
-                       model_id: str | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+                       model_id: str | None = None, warmup_version: str | None = None,
+                       warmup_requests: int = 0
+                       ) -> dict[str, dict[str, VersionStatsView]]:
         """Counters per model and version (of one model with `model_id`); with `since` or
-        `until`, also each `window`."""
+        `until`, also each `window`.
+
+        With `warmup_version` and `warmup_requests` (a model's new version on its first
+        judged window), the first `warmup_requests` outcomes of that version after `since`
+        are a fresh engine's warm-up: every version's window of that model then starts
+        after them, so target and stable are still judged over the same span."""
         windowed = since is not None or until is not None
         low = -math.inf if since is None else since
         high = math.inf if until is None else until
-        result: dict[str, dict[str, dict[str, Any]]] = {}
+        result: dict[str, dict[str, VersionStatsView]] = {}
+        cuts: dict[str, tuple[float, int]] = {}
+        if windowed and model_id is not None and warmup_version and warmup_requests > 0:
+            warming = self._stats.get((model_id, warmup_version))
+            if warming is not None:
+                cuts[model_id] = warming.warmup_end(low, high, warmup_requests)
         for (model, version), stats in sorted(self._stats.items()):
             if model_id is not None and model != model_id:
                 continue
-            entry = stats.as_json()
+            entry = stats.view()
             if windowed:
-                entry["window"] = stats.window(low, high)
+                cut, excluded = cuts.get(model, (low, 0))
+                entry.window = stats.window(max(low, cut), high)
+                entry.window.since = low
+                if version == warmup_version:
+                    entry.window.warmup_excluded = excluded
             result.setdefault(model, {})[version] = entry
         return result
 
@@ -435,5 +573,5 @@ class UnrecordedMetrics(GatewayMetrics):
 
     def finished(self, model_id: str, version: str, seconds: float, *,
                  failure: str | None = None, completed: bool = True,
-                 ttfb_s: float | None = None) -> None:
+                 ttfb_s: float | None = None, itl_s: float | None = None) -> None:
         pass

@@ -199,6 +199,7 @@ class Proxy:
         failure: str | None = None  # error class, see GatewayMetrics.finished
         completed = False
         ttfb_s: float | None = None  # time to the first streamed byte, for the window
+        itl_s: float | None = None  # a stream's inter-token latency, for the window
         retry: _Retry | None = None  # looked up only once the replica has failed
         try:
             async with self._post(backend, replica, path, body, headers) as upstream:
@@ -213,7 +214,7 @@ class Proxy:
                 content_type = upstream.headers.get("Content-Type", "application/json")
                 if failure != "5xx" or retry is None:
                     if upstream.status == 200 and content_type.startswith("text/event-stream"):
-                        response, failure, completed, ttfb_s = await self._stream(
+                        response, failure, completed, ttfb_s, itl_s = await self._stream(
                             request, upstream, model_id, version, started)
                         return response
                     payload = await upstream.read()
@@ -244,7 +245,8 @@ class Proxy:
         finally:
             replica.inflight -= 1
             self.metrics.finished(model_id, version, time.monotonic() - started,
-                                  failure=failure, completed=completed, ttfb_s=ttfb_s)
+                                  failure=failure, completed=completed, ttfb_s=ttfb_s,
+                                  itl_s=itl_s)
         assert retry is not None
         to, to_replica, to_tried, to_may_fail_over = retry
         self.metrics.failed_over(model_id, version, to.version)
@@ -273,9 +275,10 @@ class Proxy:
     async def _stream(self, request: web.Request, upstream: Answer,
                       model_id: str, version: str,
                       started: float
-                      ) -> tuple[web.StreamResponse, str | None, bool, float | None]:
+                      ) -> tuple[web.StreamResponse, str | None, bool, float | None,
+                                 float | None]:
         """Copy an SSE answer chunk by chunk; returns (response, error class, completed,
-        seconds to the first byte or None when none came).
+        seconds to the first byte or None when none came, inter-token latency or None).
 
         Leaving early (client gone, upstream broken) exits the caller's `async with`, which
         closes the upstream connection, so the engine stops generating for nobody.
@@ -294,14 +297,14 @@ class Proxy:
                     self.metrics.first_byte(model_id, version, meter.ttfb)
                 await response.write(chunk)
             await response.write_eof()
-            self._generated(model_id, version, meter)
-            return response, None, True, meter.ttfb if meter.first_at else None
+            itl = self._generated(model_id, version, meter)
+            return response, None, True, meter.ttfb if meter.first_at else None, itl
         except ConnectionResetError:  # the client went away: nothing left to write to
             log.debug("client left a stream of %s/%s", model_id, version)
-            return response, None, False, None
+            return response, None, False, None, None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             log.warning("stream from %s/%s broke: %r", model_id, version, exc)
-            return response, "stream_broken", False, None
+            return response, "stream_broken", False, None, None
 
     # ------------------------------------------------------------------ mirroring
 
@@ -346,8 +349,9 @@ class Proxy:
         failure: str | None = None
         completed = False
         ttfb_s: float | None = None
+        itl_s: float | None = None
         try:
-            failure, completed, ttfb_s = await self._mirror_exchange(
+            failure, completed, ttfb_s, itl_s = await self._mirror_exchange(
                 path, model_id, shadow, replica, body, headers, started)
         except (aiohttp.SocketTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
             failure = "timeout"
@@ -360,14 +364,15 @@ class Proxy:
         finally:
             replica.inflight -= 1
             self.metrics.finished(model_id, version, time.monotonic() - started,
-                                  failure=failure, completed=completed, ttfb_s=ttfb_s)
+                                  failure=failure, completed=completed, ttfb_s=ttfb_s,
+                                  itl_s=itl_s)
 
     async def _mirror_exchange(self, path: str, model_id: str, shadow: Backend,
                                replica: ReplicaSlot, body: dict[str, Any],
                                headers: dict[str, str], started: float
-                               ) -> tuple[str | None, bool, float | None]:
+                               ) -> tuple[str | None, bool, float | None, float | None]:
         """POST the copy and read its answer to the end; returns (error class, completed,
-        seconds to the first streamed byte or None)."""
+        seconds to the first streamed byte or None, inter-token latency or None)."""
         version = shadow.version
         async with self._post(shadow, replica, path, body, headers) as upstream:
             failure = _status_failure(upstream.status)
@@ -375,10 +380,11 @@ class Proxy:
             if upstream.status == 200 and content_type.startswith("text/event-stream"):
                 return await self._drain(upstream, model_id, version, started)
             self._plain_tokens(model_id, version, upstream.status, await upstream.read())
-            return failure, True, None
+            return failure, True, None, None
 
     async def _drain(self, upstream: Answer, model_id: str, version: str,
-                     started: float) -> tuple[str | None, bool, float | None]:
+                     started: float
+                     ) -> tuple[str | None, bool, float | None, float | None]:
         """Read a shadow's SSE answer to the end, measuring it as `_stream` measures a
         served one (time to first byte, tokens, inter-token time), and drop it."""
         meter = _StreamMeter(started)
@@ -388,9 +394,9 @@ class Proxy:
                     self.metrics.first_byte(model_id, version, meter.ttfb)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             log.debug("shadow stream from %s/%s broke: %r", model_id, version, exc)
-            return "stream_broken", False, None
-        self._generated(model_id, version, meter)
-        return None, True, meter.ttfb if meter.first_at else None
+            return "stream_broken", False, None, None
+        itl = self._generated(model_id, version, meter)
+        return None, True, meter.ttfb if meter.first_at else None, itl
 
     def _post(self, backend: Backend, replica: ReplicaSlot, path: str, body: dict[str, Any],
               headers: dict[str, str]) -> Any:
@@ -420,9 +426,10 @@ class Proxy:
             if usage:
                 self.metrics.generated(model_id, version, int(usage.group(1)))
 
-    def _generated(self, model_id: str, version: str, meter: _StreamMeter) -> None:
-        self.metrics.generated(model_id, version, max(meter.events - 1, 0),  # minus [DONE]
-                               meter.last_at - meter.first_at)
+    def _generated(self, model_id: str, version: str, meter: _StreamMeter) -> float | None:
+        return self.metrics.generated(model_id, version,
+                                      max(meter.events - 1, 0),  # minus [DONE]
+                                      meter.last_at - meter.first_at)
 
     async def stop_mirrors(self) -> None:
         """Cancel the copies still in flight, for a gateway that stops: they are

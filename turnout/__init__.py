@@ -7,9 +7,9 @@ The guide's names live here so that `from turnout import ModelSwitcher, ...` (or
 
 from turnout.alerting import AlertSystem, WebhookHandler, handlers_from_settings, log_alert
 from turnout.cache import ModelCache
+from turnout.client.health_monitor import HealthMonitor
 from turnout.config import ModelSwitchingConfig, get_model_switching_config
 from turnout.domain import Alert, AlertSeverity, AlertState, OmniModelConfig, SwitchingStrategyType
-from turnout.health_monitor import HealthMonitor
 from turnout.sdk import DynamicModelRegistry, ModelSwitcher, SwitchResult, TurnoutAPIError
 from turnout.transitions import TransitionManager
 

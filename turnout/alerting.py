@@ -246,7 +246,7 @@ class WebhookHandler:
         return f"WebhookHandler(host={self.host!r})"
 
     def _pause(self, attempt: int) -> float:
-        return min(self.backoff_s * 2 ** attempt, 5.0)
+        return min(self.backoff_s * 2.0 ** attempt, 5.0)
 
     @staticmethod
     def body(alert: Alert) -> dict[str, Any]:

@@ -96,21 +96,21 @@ class ModelCache:
     def preload(self, model_id: str, version: str, *, priority: int = 0,
                 requested_by: str | None = None) -> dict[str, Any]:
         """`preload_model` by model id and version."""
-        return self._client.request(
+        return self._client.obj(
             "POST", f"/models/{model_id}/versions/{version}/preload",
             json={"priority": priority, "requested_by": requested_by})
 
     def release(self, model_id: str, version: str, *,
                 requested_by: str | None = None) -> dict[str, Any]:
-        return self._client.request("DELETE", f"/models/{model_id}/versions/{version}/preload",
-                                    json={"requested_by": requested_by})
+        return self._client.obj("DELETE", f"/models/{model_id}/versions/{version}/preload",
+                                json={"requested_by": requested_by})
 
     def preload_status(self, model_id: str, version: str) -> dict[str, Any]:
-        return self._client.request("GET", f"/models/{model_id}/versions/{version}/preload")
+        return self._client.obj("GET", f"/models/{model_id}/versions/{version}/preload")
 
     def fleet(self) -> dict[str, Any]:
         """`GET /engines`: hosts with capacity and free memory, every engine with its role."""
-        return self._client.request("GET", "/engines")
+        return self._client.obj("GET", "/engines")
 
     def loaded(self) -> list[str]:
         """Keys of the versions with a ready engine, as last read."""

@@ -1,36 +1,63 @@
-"""Inputs and results of activities, and the names under which they are registered.
+"""Inputs and results of activities, the names they are registered under, the error
+types they raise.
 
-Workflows import these to call activities by name; workers register implementations under
-the same names. Every model has defaults so fields can be added without breaking replay.
+Each activity is declared once, at the end of this module, as an `ActivityRef`: its
+registered name with its input and result types. A reference *is* its name (a `str`), so
+workers register implementations with `@activity.defn(name=c.SET_TRAFFIC)` and old call
+sites keep working, while workflows call through `workflows.calls.execute(c.SET_TRAFFIC,
+input)`, which passes the result type to Temporal and gives the caller that type (checked
+by mypy). Every model has defaults so fields can be added without breaking replay.
+Registered names never change: recorded histories carry them.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
-from turnout.domain import (  # noqa: F401 - health models are part of this contract
-    EngineInfo,
-    HealthThresholds,
-    OperationStatus,
-    Outcome,
-    Verdict,
-    VersionFigures,
-)
+from turnout.domain import Alert, EngineInfo, OperationStatus, Outcome
 from turnout.fleet import Holder, HolderKind
+from turnout.telemetry.verdicts import HealthThresholds, Verdict
 
-# Activity names: the contract between workflows and workers.
-LOAD_VERSION = "load_version"
-UNLOAD_VERSION = "unload_version"
-SET_TRAFFIC = "set_traffic"
-DRAIN_VERSION = "drain_version"
-CHECK_HEALTH = "check_health"
-DESCRIBE_MODEL = "describe_model"
-MARK_LIVE = "mark_live"
-RECORD_OPERATION = "record_operation"
-RAISE_ALERT = "raise_alert"
+InputT = TypeVar("InputT")
+ResultT = TypeVar("ResultT")
+
+
+class ActivityRef(str, Generic[InputT, ResultT]):
+    """An activity's registered name, carrying its input and result types.
+
+    `result_type` is what the workflow asks Temporal to decode the result as (None for
+    activities that return nothing).
+    """
+
+    input_type: type[InputT]
+    result_type: type[ResultT] | None
+
+    def __new__(cls, name: str, input_type: type[InputT],
+                result_type: type[ResultT] | None) -> ActivityRef[InputT, ResultT]:
+        ref = super().__new__(cls, name)
+        ref.input_type = input_type
+        ref.result_type = result_type
+        return ref
+
+
+# ApplicationError types activities raise, as workflows and retry policies name them.
+MODEL_LOAD_ERROR = "ModelLoadError"  # model dir missing / no or unreadable config.json
+VERSION_NOT_FOUND = "VersionNotFound"  # version not registered in the store
+NOT_FOUND = "NotFound"  # model or version not in the store (registry activities)
+ENGINE_EXITED = "EngineExitedError"  # vLLM exited before it became ready
+ENGINE_START_TIMEOUT = "EngineStartTimeout"  # not ready within engine_startup_timeout_s
+ENGINE_STALLED = "EngineStalled"  # no log line, no /health answer for engine_stall_timeout_s
+ENGINE_WARMUP_FAILED = "EngineWarmupError"  # /health OK but the first completion failed
+NO_FREE_PORT = "NoFreePort"  # every port of [engine_port_start, engine_port_end] is taken
+INSUFFICIENT_MEMORY = "InsufficientMemory"  # the engine would not fit in this host's memory
+ENGINE_SLEEP_FAILED = "EngineSleepError"  # vLLM refused /sleep or /wake_up (retried)
+INVALID_ROUTE = "InvalidRoute"  # weights that do not add up, a version without an engine
+GATEWAY_SYNC_TIMEOUT = "GatewaySyncTimeout"  # gateways did not apply a route in time
+PLACEMENT_FAILED = "PlacementFailed"  # a load that fits on no host
+NO_LIVE_HOST = "NoLiveEngineHost"  # no engine host heartbeats (retried)
 
 SWITCH_WORKFLOW = "SwitchWorkflow"
 
@@ -175,7 +202,6 @@ class RecordOperationInput(BaseModel):
 
 # ---------------------------------------------------------------------- health judgment
 
-JUDGE_HEALTH = "judge_health"
 
 
 class JudgeHealthInput(BaseModel):
@@ -190,16 +216,21 @@ class JudgeHealthInput(BaseModel):
     thresholds: HealthThresholds = Field(default_factory=HealthThresholds)
     # A/B tests: publish the full two-sample analysis (error rate and latency tests).
     compare: bool = False
+    # The target's first judged window: leave its warm-up out (the thresholds'
+    # `warmup_requests` and `warmup_seconds`).
+    warmup: bool = False
 
 
 # ---------------------------------------------------------------------- monitoring
 
 MONITOR_WORKFLOW = "MonitorWorkflow"
-LIST_ENGINE_HOSTS = "list_engine_hosts"
-MEASURE_ENGINES = "measure_engines"
-ASSESS_HEALTH = "assess_health"
 # Signal: stop monitoring the model (e.g. the model was retired).
 STOP_MONITOR = "stop"
+
+
+# How often the monitor keeper makes sure every registered model's monitor runs (starting
+# those of new models, restarting those that ended); a new monitor looks at once.
+MONITOR_KEEPER_PERIOD_S = 10.0
 
 
 def monitor_workflow_id(model_id: str) -> str:
@@ -215,6 +246,13 @@ class MonitorInput(BaseModel):
     # How long a look waits for one host's engine measurements (a dead host's queue has
     # no poller, so this bounds the time in queue too); its engines are then left out.
     measure_timeout_s: float = 20
+    # Carried over by continue-as-new: the window the next run's first look judges (0: the
+    # monitoring interval of the settings) and the looks that failed so far.
+    window_s: float = 0
+    failed_looks: int = 0
+    # The monitoring interval of the settings, for the pauses before the first good look
+    # (which then reports it); 0: 30 s.
+    interval_s: float = 0
 
 
 class ModelHostsInput(BaseModel):
@@ -238,12 +276,28 @@ class MeasureEnginesResult(BaseModel):
 
 class AssessHealthInput(BaseModel):
     model_id: str = ""
-    # The window judged ends now and lasts this long (the previous interval).
+    # The window judged ends now and lasts this long (the previous interval); 0: the
+    # monitoring interval of the settings.
     window_s: float = 30
     resources: list[MeasureEnginesResult] = Field(default_factory=list)
     # True: the engine figures are read from the store, where every engine host records
     # them each interval; `resources` is then empty.
     measured_by_hosts: bool = False
+    # Looks of this monitor that failed so far, and the last failure (unix time): kept
+    # with the look for `GET /health/models`.
+    failed_looks: int = 0
+    last_failure: str | None = None
+    last_failure_at: float | None = None
+
+
+class FailedLookInput(BaseModel):
+    """A look that failed: recorded with the model's latest look when the store takes it."""
+
+    model_id: str = ""
+    reason: str = ""
+    at: float = 0
+    failed_looks: int = 0
+    interval_s: float = 30
 
 
 class AssessHealthResult(BaseModel):
@@ -259,7 +313,6 @@ class AssessHealthResult(BaseModel):
 # ---------------------------------------------------------------------- shadow (mirroring)
 
 SHADOW_WORKFLOW = "ShadowWorkflow"
-SET_MIRROR = "set_mirror"
 # Signal: stop mirroring (the workflow then removes the shadow and releases its engine).
 STOP_SHADOW = "stop"
 
@@ -308,9 +361,6 @@ class SetMirrorInput(BaseModel):
 
 # ---------------------------------------------------------------------- the engine fleet
 
-PLACE_VERSION = "place_version"
-RELEASE_VERSION = "release_version"
-RETIRE_VERSION = "retire_version"
 STANDBY_WORKFLOW = "StandbyWorkflow"
 
 
@@ -430,8 +480,6 @@ class PreloadStatus(BaseModel):
 # ---------------------------------------------------------------------- engine crashes
 
 REPLACE_ENGINE_WORKFLOW = "ReplaceEngineWorkflow"
-REFRESH_ROUTE = "refresh_route"
-RESOLVE_ALERT = "resolve_alert"
 
 
 def replace_engine_workflow_id(model_id: str, version: str, host_id: str) -> str:
@@ -460,3 +508,39 @@ class ResolveAlertInput(BaseModel):
     model_id: str = ""
     version: str | None = None
     type: str = ""
+
+
+# ---------------------------------------------------------------------- activity references
+
+LOAD_VERSION = ActivityRef("load_version", LoadVersionInput, LoadVersionResult)
+UNLOAD_VERSION: ActivityRef[UnloadVersionInput, None] = \
+    ActivityRef("unload_version", UnloadVersionInput, None)
+SET_TRAFFIC = ActivityRef("set_traffic", SetTrafficInput, SetTrafficResult)
+SET_MIRROR = ActivityRef("set_mirror", SetMirrorInput, SetTrafficResult)
+REFRESH_ROUTE = ActivityRef("refresh_route", RefreshRouteInput, SetTrafficResult)
+DRAIN_VERSION = ActivityRef("drain_version", DrainVersionInput, DrainVersionResult)
+CHECK_HEALTH = ActivityRef("check_health", CheckHealthInput, HealthVerdict)
+JUDGE_HEALTH = ActivityRef("judge_health", JudgeHealthInput, Verdict)
+DESCRIBE_MODEL = ActivityRef("describe_model", DescribeModelInput, ModelSnapshot)
+MARK_LIVE: ActivityRef[MarkLiveInput, None] = \
+    ActivityRef("mark_live", MarkLiveInput, None)
+RECORD_OPERATION: ActivityRef[RecordOperationInput, None] = \
+    ActivityRef("record_operation", RecordOperationInput, None)
+RAISE_ALERT = ActivityRef("raise_alert", Alert, Alert)
+# The resolved alert, or None when none was firing; workflows do not read it.
+RESOLVE_ALERT: ActivityRef[ResolveAlertInput, None] = \
+    ActivityRef("resolve_alert", ResolveAlertInput, None)
+LIST_ENGINE_HOSTS = ActivityRef("list_engine_hosts", ModelHostsInput, list[str])
+MEASURE_ENGINES = ActivityRef("measure_engines", MeasureEnginesInput, MeasureEnginesResult)
+ASSESS_HEALTH = ActivityRef("assess_health", AssessHealthInput, AssessHealthResult)
+RECORD_FAILED_LOOK: ActivityRef[FailedLookInput, None] = \
+    ActivityRef("record_failed_look", FailedLookInput, None)
+PLACE_VERSION = ActivityRef("place_version", PlaceVersionInput, PlaceVersionResult)
+RELEASE_VERSION = ActivityRef("release_version", ReleaseVersionInput, ReleaseVersionResult)
+RETIRE_VERSION = ActivityRef("retire_version", RetireVersionInput, RetireVersionResult)
+
+ACTIVITIES: tuple[ActivityRef[Any, Any], ...] = (
+    LOAD_VERSION, UNLOAD_VERSION, SET_TRAFFIC, SET_MIRROR, REFRESH_ROUTE, DRAIN_VERSION,
+    CHECK_HEALTH, JUDGE_HEALTH, DESCRIBE_MODEL, MARK_LIVE, RECORD_OPERATION, RAISE_ALERT,
+    RESOLVE_ALERT, LIST_ENGINE_HOSTS, MEASURE_ENGINES, ASSESS_HEALTH, RECORD_FAILED_LOOK,
+    PLACE_VERSION, RELEASE_VERSION, RETIRE_VERSION)

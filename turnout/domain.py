@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -32,6 +32,7 @@ from turnout.limits import (
     SERVED_NAME_MAX,
     bounded_json,
 )
+from turnout.telemetry.verdicts import GuardedMetric, HealthThresholds, Verdict, unique_metrics
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$"
 # Aliases may look like hub ids ("org/name") since clients often send those as `model`.
@@ -341,54 +342,6 @@ class SwitchRequest(BaseModel):
     replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS)
 
 
-# Metrics a rollout can guard. Rates come from request counts (two-proportion test);
-# `latency_*` (request to last byte of successful answers) and `ttft_*` (time to first
-# token of successful streamed answers) are quantiles compared with Mann-Whitney U.
-MetricName = Literal["error_rate", "success_rate", "latency_p50", "latency_p95",
-                     "latency_p99", "ttft_p50", "ttft_p95", "ttft_p99"]
-Direction = Literal["lower_is_better", "higher_is_better"]
-HIGHER_IS_BETTER: frozenset[str] = frozenset({"success_rate"})
-
-
-class GuardedMetric(BaseModel):
-    """One metric a target must not be worse on than the stable version.
-
-    `direction` defaults to the metric's natural one (only `success_rate` is better when
-    higher), so `{"metric": "ttft_p95"}` is enough. `tolerance` is how much worse the
-    target may be before it fails: absolute for rates (0.02 = 2 points), relative for
-    quantiles (0.1 = 10% slower); None takes the thresholds' `error_rate_tolerance` or
-    `latency_tolerance`, so the settings keep governing the defaults.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    metric: MetricName
-    direction: Direction | None = None
-    tolerance: float | None = Field(None, ge=0)
-
-    @model_validator(mode="after")
-    def _natural_direction(self) -> GuardedMetric:
-        if self.direction is None:
-            self.direction = ("higher_is_better" if self.metric in HIGHER_IS_BETTER
-                              else "lower_is_better")
-        return self
-
-
-def _default_guarded_metrics() -> list[GuardedMetric]:
-    return [GuardedMetric(metric="error_rate"), GuardedMetric(metric="latency_p95"),
-            GuardedMetric(metric="ttft_p95")]
-
-
-def _unique_metrics(metrics: list[GuardedMetric] | None) -> list[GuardedMetric] | None:
-    """One entry per metric: two tolerances for one metric would make the verdict ambiguous."""
-    if metrics is not None:
-        names = [m.metric for m in metrics]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"metric guarded more than once: {', '.join(repeated)}")
-    return metrics
-
-
 class SwitchAnalysis(BaseModel):
     """Per-switch overrides of how steps are judged (`SwitchRequest.analysis`)."""
 
@@ -400,70 +353,17 @@ class SwitchAnalysis(BaseModel):
     min_requests: int | None = Field(None, ge=1)
     latency_tolerance: float | None = Field(None, ge=0)
     error_rate_tolerance: float | None = Field(None, ge=0, le=1)
+    # A fresh target engine's first requests (at each gateway) and seconds left out of its
+    # first judged window (`HealthThresholds.warmup_requests`, `warmup_seconds`).
+    warmup_requests: int | None = Field(None, ge=0, le=100_000)
+    warmup_seconds: float | None = Field(None, ge=0, le=3600)
 
-    _check_metrics = field_validator("guarded_metrics")(_unique_metrics)
+    _check_metrics = field_validator("guarded_metrics")(unique_metrics)
 
     def apply(self, thresholds: HealthThresholds) -> HealthThresholds:
         """`thresholds` with every field this request sets (validated on both sides)."""
         update = self.model_dump(exclude_none=True)
         return HealthThresholds.model_validate({**thresholds.model_dump(), **update})
-
-
-class HealthThresholds(BaseModel):
-    """Limits a target must stay within; defaults come from the settings.
-
-    Every field has a default: recorded workflow histories carry older versions of this
-    model and must still deserialize.
-    """
-
-    error_rate_max: float = Field(0.05, ge=0, le=1)
-    latency_p95_ms_max: float = Field(5000, gt=0)
-    latency_p99_ms_max: float | None = Field(None, gt=0)
-    min_requests: int = Field(20, ge=1)
-    # How much worse than the stable version the target may be before it fails.
-    error_rate_tolerance: float = Field(0.02, ge=0, le=1)
-    latency_tolerance: float = Field(0.1, ge=0)
-    confidence: float = Field(0.95, gt=0.5, lt=1)
-    # Metrics compared with the stable version at every judged step.
-    guarded_metrics: list[GuardedMetric] = Field(default_factory=_default_guarded_metrics)
-    # The most judged looks this rollout can take: each look tests at (1 - confidence) /
-    # looks, so the whole rollout's false-rollback rate stays within 1 - confidence.
-    looks: int = Field(1, ge=1, le=10_000)
-
-    _check_metrics = field_validator("guarded_metrics")(_unique_metrics)
-
-
-class VersionFigures(BaseModel):
-    """One version's traffic over a window, merged across every gateway."""
-
-    version: str = ""
-    requests: int = 0
-    errors: int = 0
-    error_rate: float | None = None
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    p99_ms: float | None = None
-    # Time to first token of successful streamed answers (None: none recorded).
-    ttft_samples: int = 0
-    ttft_p50_ms: float | None = None
-    ttft_p95_ms: float | None = None
-
-
-class Verdict(BaseModel):
-    """`healthy`, `unhealthy` or `inconclusive` (too little data: never counted as healthy)."""
-
-    outcome: str = "inconclusive"
-    reason: str = ""
-    target: VersionFigures = Field(default_factory=VersionFigures)
-    stable: VersionFigures | None = None
-    # Per-metric test results: {"error_rate": {"p_value":..., "worse": bool, ...}, ...}
-    analysis: dict[str, Any] = Field(default_factory=dict)
-    window_start: float = 0
-    window_end: float = 0
-
-    @property
-    def healthy(self) -> bool:
-        return self.outcome == "healthy"
 
 
 class SwitchInput(BaseModel):

@@ -215,10 +215,10 @@ class ReplicaBalancer:
         self._sets = sets
         routed = {id(slot) for built in sets.values() for slot in built.active}
         named = {id(slot) for built in sets.values() for slot in built.every}
-        for key, slot in list(self._slots.items()):
+        for slot_key, slot in list(self._slots.items()):
             slot.routed = id(slot) in routed
             if id(slot) not in named and slot.inflight <= 0:
-                del self._slots[key]
+                del self._slots[slot_key]
         return changes
 
     def _judge(self, now: datetime) -> dict[EngineKey, str]:

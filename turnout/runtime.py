@@ -71,8 +71,7 @@ async def connect_temporal(settings: ModelSwitchingConfig, *, attempts: int = 60
                                         namespace=settings.temporal_namespace,
                                         data_converter=pydantic_data_converter,
                                         interceptors=temporal_interceptors(),
-                                        runtime=runtime,
-                                        **({"retry_config": retry} if retry else {}))
+                                        runtime=runtime, retry_config=retry)
         except RuntimeError as exc:
             if attempt == attempts:
                 raise

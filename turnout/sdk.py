@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, Field
@@ -81,6 +81,16 @@ class _Client:
                                      timeout=30) as client:
             return _json(await client.request(method, path, **kwargs))
 
+    # The same, for answers that are a JSON object or a list of objects (checked).
+    def obj(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return _shaped(self.request(method, path, **kwargs), dict, path)
+
+    async def aobj(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return _shaped(await self.arequest(method, path, **kwargs), dict, path)
+
+    def items(self, method: str, path: str, **kwargs: Any) -> list[dict[str, Any]]:
+        return _shaped(self.request(method, path, **kwargs), list, path)
+
 
 def local_model_path(model: str) -> str:
     """`model` as an absolute path when it names a directory here (`./models/v1`,
@@ -89,6 +99,17 @@ def local_model_path(model: str) -> str:
     if not os.path.isabs(path) and os.path.isdir(path):
         return os.path.abspath(path)
     return path if path != model and os.path.isdir(path) else model
+
+
+_Shape = TypeVar("_Shape", dict[str, Any], list[dict[str, Any]])
+
+
+def _shaped(body: Any, kind: type[_Shape], path: str) -> _Shape:
+    """`body` if it is of `kind` (an object, a list); the API never answers otherwise."""
+    if not isinstance(body, kind):
+        raise TurnoutAPIError(502, f"{path} answered {type(body).__name__}, not "
+                                   f"{kind.__name__}")
+    return body
 
 
 def _json(response: httpx.Response) -> Any:
@@ -173,7 +194,7 @@ class DynamicModelRegistry:
         if config.endpoint is None:
             body["model"] = local_model_path(config.model)
         created = self._client.request("POST", "/models", json=body)
-        return created["model_id"]
+        return str(created["model_id"])
 
     def get_model(self, model_id: str) -> ModelInfo:
         return ModelInfo.model_validate(self._client.request("GET", f"/models/{model_id}"))
@@ -246,10 +267,10 @@ class ModelSwitcher:
 
     def get_switch_status(self, operation_id: str) -> dict[str, Any]:
         """`status` (pending/running/paused/completed/failed), `progress` 0..1, and more."""
-        return self._client.request("GET", f"/switch/operations/{operation_id}")
+        return self._client.obj("GET", f"/switch/operations/{operation_id}")
 
     async def aget_switch_status(self, operation_id: str) -> dict[str, Any]:
-        return await self._client.arequest("GET", f"/switch/operations/{operation_id}")
+        return await self._client.aobj("GET", f"/switch/operations/{operation_id}")
 
     async def wait_for(self, operation_id: str, *, timeout: float = 1800,
                        interval: float = 0.5) -> dict[str, Any]:
@@ -300,16 +321,16 @@ class ModelSwitcher:
         version. Returns the rolled-back switch's status, or the new operation's
         acceptance (`operation_id`, `message`); raises `TurnoutAPIError` (409 when there is
         no previous version)."""
-        return self._client.request("POST", f"/models/{model_id}/rollback",
-                                    json=_control_body(reason, requested_by))
+        return self._client.obj("POST", f"/models/{model_id}/rollback",
+                                json=_control_body(reason, requested_by))
 
     def list_operations(self, model_id: str | None = None,
                         status: OperationStatus | str | None = None) -> list[dict[str, Any]]:
         """Switching operations, newest first, optionally of one model and in one status."""
         params = {"model_id": model_id,
                   "status": OperationStatus(status).value if status is not None else None}
-        return self._client.request("GET", "/switch/operations",
-                                    params={k: v for k, v in params.items() if v is not None})
+        return self._client.items("GET", "/switch/operations",
+                                  params={k: v for k, v in params.items() if v is not None})
 
     def list_audit(self, *, model_id: str | None = None, actor: str | None = None,
                    action: str | None = None, since: str | None = None,
@@ -318,17 +339,17 @@ class ModelSwitcher:
         `before` for the page after it."""
         params = {"model_id": model_id, "actor": actor, "action": action, "since": since,
                   "before": before, "limit": limit}
-        return self._client.request("GET", "/audit",
-                                    params={k: v for k, v in params.items() if v is not None})
+        return self._client.items("GET", "/audit",
+                                  params={k: v for k, v in params.items() if v is not None})
 
     def whoami(self) -> dict[str, Any]:
         """The name (the actor in the audit log) and role of the key this client sends."""
-        return self._client.request("GET", "/auth/whoami")
+        return self._client.obj("GET", "/auth/whoami")
 
     def _control(self, operation_id: str, action: str, reason: str | None,
                  requested_by: str | None) -> dict[str, Any]:
-        return self._client.request("POST", f"/switch/operations/{operation_id}/{action}",
-                                    json=_control_body(reason, requested_by))
+        return self._client.obj("POST", f"/switch/operations/{operation_id}/{action}",
+                                json=_control_body(reason, requested_by))
 
     def start_shadow(self, model_id: str, version: str, percentage: float = 100.0, *,
                      duration_minutes: float | None = None,
@@ -337,15 +358,15 @@ class ModelSwitcher:
         returned); see `POST /models/{model_id}/shadow`."""
         body = {"version": version, "percentage": percentage,
                 "duration_minutes": duration_minutes, "requested_by": requested_by}
-        return self._client.request("POST", f"/models/{model_id}/shadow", json=body)
+        return self._client.obj("POST", f"/models/{model_id}/shadow", json=body)
 
     def get_shadow(self, model_id: str) -> dict[str, Any]:
-        return self._client.request("GET", f"/models/{model_id}/shadow")
+        return self._client.obj("GET", f"/models/{model_id}/shadow")
 
     def stop_shadow(self, model_id: str, reason: str | None = None, *,
                     requested_by: str | None = None) -> dict[str, Any]:
-        return self._client.request("DELETE", f"/models/{model_id}/shadow",
-                                    json=_control_body(reason, requested_by))
+        return self._client.obj("DELETE", f"/models/{model_id}/shadow",
+                                json=_control_body(reason, requested_by))
 
     def validate_switch_request(
         self, model_id: str, target_version: str,
@@ -357,7 +378,7 @@ class ModelSwitcher:
                 "strategy": SwitchingStrategyType(strategy_type).value,
                 "strategy_config": strategy_config or {}}
         try:
-            return self._client.request("POST", "/switch/validate", json=body)
+            return self._client.obj("POST", "/switch/validate", json=body)
         except TurnoutAPIError as exc:
             return {"valid": False, "errors": _messages(exc.detail)}
 

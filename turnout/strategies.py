@@ -1,7 +1,11 @@
 """Strategy options and planning: strategy + options → the traffic steps of a switch.
 
-Pure code: the workflow calls `plan_switch` to know what to do, the API and SDK call
-`validate_strategy_config` to refuse bad options before anything starts.
+Pure code, and the strategies' whole say: the API and SDK call `validate_strategy_config`
+and `first_version_problem` to refuse a switch before anything starts and
+`planned_looks` to size its verdicts; the workflow calls `plan_switch` to know its steps,
+`judged_thresholds` for what a step's verdict applies, and `ab_decision` for what
+follows an A/B test. The workflow interprets plan steps; it decides nothing a strategy
+should.
 
 Every plan is bounded: at most `MAX_PLAN_STEPS` steps, and no share or step smaller than
 `MIN_STEP_PERCENT` percentage point. The option models check both (a violation is a
@@ -32,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from turnout.domain import SwitchingStrategyType
+from turnout.telemetry.verdicts import HEALTHY, UNHEALTHY, HealthThresholds, Verdict
 
 # How many times a step judged inconclusive (too few requests) is re-judged before the
 # rollout waits for an operator: too little traffic is never taken for health.
@@ -260,3 +265,80 @@ def plan_switch(strategy: SwitchingStrategyType | str,
 
 def _pct(value: float) -> float:
     return round(float(value), 2)
+
+
+def first_version_problem(strategy: SwitchingStrategyType | str,
+                          live_version: str | None) -> str | None:
+    """Why a strategy cannot switch a model that has nothing live (None if it can): a
+    gradual, canary or A/B switch shifts traffic from the live version, so a model's
+    first version goes live with an immediate switch."""
+    if live_version is None and SwitchingStrategyType(strategy) is not \
+            SwitchingStrategyType.IMMEDIATE:
+        return ("has no live version to shift traffic from: make its first version live "
+                "with an immediate switch")
+    return None
+
+
+def planned_looks(strategy: SwitchingStrategyType | str,
+                  config: dict[str, Any] | None) -> int:
+    """The most judged looks the switch's plan takes, for `HealthThresholds.looks`.
+
+    Every judged step is one look; a plain (non-A/B) judged step may also be re-judged
+    while inconclusive, up to `MAX_INCONCLUSIVE_EXTENSIONS` times, so those count too.
+    Counting them is conservative (an inconclusive look cannot fail), at a small cost in
+    power. An A/B decision is judged once. At least 1: an immediate switch still judges
+    nothing.
+    """
+    steps = plan_switch(strategy, config)
+    judged = [step for step in steps if step.judge and step.hold_seconds > 0]
+    extensions = MAX_INCONCLUSIVE_EXTENSIONS if any(not step.decide for step in judged) else 0
+    return max(1, len(judged) + extensions)
+
+
+def judged_thresholds(strategy: SwitchingStrategyType | str, config: dict[str, Any] | None,
+                      thresholds: HealthThresholds) -> HealthThresholds:
+    """What a step's verdict applies: the switch's thresholds, at the A/B test's own
+    `confidence` for an A/B test. Reads recorded options (a running workflow's)."""
+    options = validate_strategy_config(strategy, config, recorded=True)
+    if isinstance(options, ABTestOptions):
+        return thresholds.model_copy(update={"confidence": options.confidence})
+    return thresholds
+
+
+class Decision(BaseModel):
+    """What follows an A/B test: promote now, or wait for an operator (and why)."""
+
+    promote: bool = False
+    reason: str = ""
+
+
+def rolls_back(step: PlanStep, strategy: SwitchingStrategyType | str,
+               config: dict[str, Any] | None, verdict: Verdict) -> bool:
+    """Whether an unhealthy verdict rolls the switch back on its own.
+
+    Always, but at the end of an A/B test with a `manual` decision whose target is only
+    worse than the stable version (no absolute limit crossed): comparing the two is what
+    that test is for, and its result goes to the operator, who may accept a slower
+    version that answers better. A target over an absolute limit (error rate, p95 or p99
+    latency) hurts users whatever the test: rolled back in every strategy."""
+    if not step.decide or verdict.over_limits:
+        return True
+    options = validate_strategy_config(strategy, config, recorded=True)
+    return not (isinstance(options, ABTestOptions) and options.decision == "manual")
+
+
+def ab_decision(strategy: SwitchingStrategyType | str, config: dict[str, Any] | None,
+                verdict: Verdict) -> Decision:
+    """The end of an A/B test, from its options' `decision` and the final verdict:
+    `auto` promotes a target that is not worse on any guarded metric; otherwise (manual,
+    or an auto test whose verdict is not healthy) an operator decides."""
+    options = validate_strategy_config(strategy, config, recorded=True)
+    assert isinstance(options, ABTestOptions)
+    if options.decision == "auto" and verdict.outcome == HEALTHY:
+        return Decision(promote=True, reason=f"A/B test: target not worse ({verdict.reason})")
+    if options.decision == "manual":
+        why = "the A/B test has ended" if verdict.outcome != UNHEALTHY \
+            else f"the A/B test has ended with the target worse ({verdict.reason})"
+    else:
+        why = f"the A/B test was inconclusive ({verdict.reason})"
+    return Decision(reason=f"{why}; waiting for an operator to promote or roll back")

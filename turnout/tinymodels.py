@@ -56,7 +56,7 @@ def is_complete(path: Path, spec: dict[str, Any]) -> bool:
     if not marker.is_file() or not all((path / name).is_file() for name in required):
         return False
     try:
-        return json.loads(marker.read_text()) == spec
+        return bool(json.loads(marker.read_text()) == spec)
     except (OSError, ValueError):
         return False
 
@@ -79,7 +79,7 @@ def build_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token=None, model_max_length=4096, clean_up_tokenization_spaces=False,
     )
@@ -127,7 +127,7 @@ def make_tiny_model(
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER_FILE).unlink(missing_ok=True)  # incomplete until rewritten below
 
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=VOCAB_SIZE,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -143,9 +143,10 @@ def make_tiny_model(
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=256, eos_token_id=257,
-                                               pad_token_id=258)
+    model = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[no-untyped-call, arg-type]
+    # transformers' classes are untyped where mypy looks: the ignores are for those calls.
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+        bos_token_id=256, eos_token_id=257, pad_token_id=258)
     model.save_pretrained(path, safe_serialization=True)
     build_tokenizer().save_pretrained(path)
     (path / MARKER_FILE).write_text(json.dumps(spec, sort_keys=True))

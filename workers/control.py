@@ -15,7 +15,7 @@ from temporalio.worker import Worker
 from activities.fleet import FleetActivities
 from activities.gateway_admin import GatewayAdmin
 from activities.health import HealthActivities
-from activities.monitoring import MonitorActivities
+from activities.health_looks import HealthLookActivities
 from activities.registry import RegistryActivities
 from activities.traffic import TrafficActivities
 from turnout.config import ModelSwitchingConfig
@@ -23,7 +23,7 @@ from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
 from turnout.tracing import setup_tracing, shutdown_tracing
 from workers.common import stop_event
-from workers.monitors import keep_monitors
+from workers.monitor_keeper import keep_monitors
 from workers.tracing import worker_interceptors
 from workflows import WORKFLOWS
 
@@ -38,14 +38,15 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
     registry = RegistryActivities(store)
     traffic = TrafficActivities(settings, store, admin)
     health = health or HealthActivities(store, settings=settings, admin=admin)
-    monitor = MonitorActivities(settings, store, admin)
+    monitor = HealthLookActivities(settings, store, admin)
     fleet = fleet or FleetActivities(settings, store)
     return Worker(
         client, task_queue=task_queue or settings.control_task_queue, workflows=WORKFLOWS,
         activities=[registry.describe_model, registry.mark_live, registry.record_operation,
                     registry.raise_alert, traffic.set_traffic, traffic.set_mirror,
                     traffic.drain_version, health.check_health, health.judge_health,
-                    monitor.list_engine_hosts, monitor.assess_health, fleet.place_version,
+                    monitor.list_engine_hosts, monitor.assess_health,
+                    monitor.record_failed_look, fleet.place_version,
                     fleet.release_version, fleet.retire_version, traffic.refresh_route,
                     registry.resolve_alert],
         interceptors=worker_interceptors())

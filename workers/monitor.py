@@ -17,13 +17,13 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.gateway_admin import GatewayAdmin
-from activities.monitoring import MonitorActivities
+from activities.health_looks import HealthLookActivities
 from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
 from turnout.tracing import setup_tracing, shutdown_tracing
 from workers.common import stop_event
-from workers.monitors import keep_monitors
+from workers.monitor_keeper import keep_monitors
 from workers.tracing import worker_interceptors
 from workflows import MonitorWorkflow
 
@@ -32,10 +32,11 @@ log = logging.getLogger("turnout.worker.monitor")
 
 def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
                  admin: GatewayAdmin) -> Worker:
-    monitor = MonitorActivities(settings, store, admin)
+    monitor = HealthLookActivities(settings, store, admin)
     return Worker(client, task_queue=settings.resolved_monitor_task_queue,
                   workflows=[MonitorWorkflow],
-                  activities=[monitor.list_engine_hosts, monitor.assess_health],
+                  activities=[monitor.list_engine_hosts, monitor.assess_health,
+                              monitor.record_failed_look],
                   interceptors=worker_interceptors())
 
 

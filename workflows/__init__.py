@@ -1,6 +1,6 @@
 """Workflow definitions: deterministic, no I/O."""
 
-from workflows.monitor import MonitorWorkflow
+from workflows.model_monitor import MonitorWorkflow
 from workflows.preload import PreloadWorkflow
 from workflows.replace import ReplaceEngineWorkflow
 from workflows.shadow import ShadowWorkflow

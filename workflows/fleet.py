@@ -16,17 +16,18 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.fleet import Holder, HolderKind
+    from workflows import calls
     from workflows import options as call
 
 
 async def place_version(holder: Holder, replicas: int | None = None) -> c.PlaceVersionResult:
     """Hold `holder.version` and find hosts for its engines, making room first (evicting
     cached engines) where a host needs it. Raises `ActivityError` when no host can."""
-    placed: c.PlaceVersionResult = await workflow.execute_activity(
+    placed: c.PlaceVersionResult = await calls.execute(
         c.PLACE_VERSION,
         c.PlaceVersionInput(model_id=holder.model_id, version=holder.version,
                             replicas=replicas, holder=holder),
-        result_type=c.PlaceVersionResult, summary=f"place {holder.version}",
+        summary=f"place {holder.version}",
         **call.PLACE_CALL)
     await stop_engines(placed.evict, "cached")
     return placed
@@ -37,9 +38,9 @@ def start_loads(model_id: str, version: str, queues: list[str]
     """Load the version's engine on each host queue at once (a host that has it already
     answers at once). Cancelling one waits until its host has killed the half-started
     engine, so whatever follows finds nothing running."""
-    return [asyncio.ensure_future(workflow.execute_activity(
+    return [asyncio.ensure_future(calls.execute(
         c.LOAD_VERSION, c.LoadVersionInput(model_id=model_id, version=version),
-        result_type=c.LoadVersionResult, task_queue=queue,
+        task_queue=queue,
         start_to_close_timeout=call.LOAD_TIMEOUT, heartbeat_timeout=call.LOAD_HEARTBEAT,
         retry_policy=call.LOAD_RETRY, summary=f"load {version}",
         cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED))
@@ -50,16 +51,16 @@ async def release_version(model_id: str, version: str, kind: HolderKind,
                           holder_id: str) -> None:
     """Let go of `version` for one holder; the engines nothing holds any more are drained
     (no request in flight to them at any gateway) and stopped."""
-    released: c.ReleaseVersionResult = await workflow.execute_activity(
+    released: c.ReleaseVersionResult = await calls.execute(
         c.RELEASE_VERSION,
         c.ReleaseVersionInput(model_id=model_id, version=version, kind=kind,
                               holder_id=holder_id),
-        result_type=c.ReleaseVersionResult, summary=f"release {version}", **call.STORE_CALL)
+        summary=f"release {version}", **call.STORE_CALL)
     if not released.stop:
         return
-    await workflow.execute_activity(
+    await calls.execute(
         c.DRAIN_VERSION, c.DrainVersionInput(model_id=model_id, version=version),
-        result_type=c.DrainVersionResult, start_to_close_timeout=call.DRAIN_TIMEOUT,
+        start_to_close_timeout=call.DRAIN_TIMEOUT,
         heartbeat_timeout=call.HEARTBEAT, retry_policy=call.HEALTH_RETRY,
         summary=f"drain {version}")
     await stop_engines(released.stop, "unheld")
@@ -70,7 +71,7 @@ async def stop_engines(slots: list[c.EngineSlot],
     """Stop each engine on its host; `when` is checked again there, so an engine that was
     taken meanwhile (held again, or serving) is left running. A preload whose engine was
     evicted is told so, and ends."""
-    await asyncio.gather(*(workflow.execute_activity(
+    await asyncio.gather(*(calls.execute(
         c.UNLOAD_VERSION,
         c.UnloadVersionInput(model_id=slot.model_id, version=slot.version, when=when),
         task_queue=slot.task_queue, start_to_close_timeout=call.UNLOAD_TIMEOUT,

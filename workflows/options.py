@@ -9,6 +9,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio.common import RetryPolicy
+from temporalio.workflow import unsafe
+
+with unsafe.imports_passed_through():
+    from turnout import contracts as c
 
 # Store writes are small and idempotent: retry them patiently.
 STORE_CALL = {
@@ -22,18 +26,18 @@ PLACE_CALL = {
     "start_to_close_timeout": timedelta(seconds=30),
     "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
                                 maximum_interval=timedelta(seconds=10), maximum_attempts=35,
-                                non_retryable_error_types=["PlacementFailed"]),
+                                non_retryable_error_types=[c.PLACEMENT_FAILED]),
 }
 # Loading a model can take many minutes on big weights; the heartbeat notices a dead worker.
 LOAD_TIMEOUT = timedelta(minutes=30)
 LOAD_HEARTBEAT = timedelta(seconds=60)
 LOAD_RETRY = RetryPolicy(initial_interval=timedelta(seconds=5), maximum_attempts=3,
-                         non_retryable_error_types=["ModelLoadError"])
+                         non_retryable_error_types=[c.MODEL_LOAD_ERROR])
 # Traffic changes wait for every gateway to confirm; a gateway restart can take a while.
 TRAFFIC_TIMEOUT = timedelta(minutes=3)
 TRAFFIC_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1),
                             maximum_interval=timedelta(seconds=20), maximum_attempts=10,
-                            non_retryable_error_types=["InvalidRoute"])
+                            non_retryable_error_types=[c.INVALID_ROUTE])
 HEALTH_TIMEOUT = timedelta(seconds=60)
 HEALTH_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=3)
 JUDGE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=2), maximum_attempts=5)

@@ -17,7 +17,8 @@ with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.domain import Alert, AlertSeverity
     from turnout.fleet import CACHED_ROLES, EngineRole
-    from turnout.monitoring import AlertType
+    from turnout.telemetry.health import AlertType
+    from workflows import calls
     from workflows import options as call
 
 
@@ -28,7 +29,7 @@ class ReplaceEngineWorkflow:
         slot = input.slot
         cached = EngineRole(input.role) in CACHED_ROLES
         what = f"{slot.version} of {slot.model_id} on {slot.host_id}"
-        await workflow.execute_activity(
+        await calls.execute(
             c.RAISE_ALERT,
             Alert(model_id=slot.model_id, version=slot.version, type=AlertType.ENGINE.value,
                   severity=AlertSeverity.WARNING if cached else AlertSeverity.CRITICAL,
@@ -36,7 +37,7 @@ class ReplaceEngineWorkflow:
                   message=f"{input.role} engine (pid {input.pid}) exited: {input.exit}; "
                           + ("dropped from the cache" if cached else "replacing it"),
                   figures={"host": slot.host_id, "pid": input.pid, "role": input.role}),
-            result_type=Alert, summary="raise engine alert", **call.STORE_CALL)
+            summary="raise engine alert", **call.STORE_CALL)
         if cached:
             self._details(f"dropping the dead {input.role} engine of {what} from the cache")
             await self._unload(slot)
@@ -44,10 +45,10 @@ class ReplaceEngineWorkflow:
         else:
             self._details(f"starting the engine of {what} again")
             try:
-                await workflow.execute_activity(
+                await calls.execute(
                     c.LOAD_VERSION, c.LoadVersionInput(model_id=slot.model_id,
                                                        version=slot.version),
-                    result_type=c.LoadVersionResult, task_queue=slot.task_queue,
+                    task_queue=slot.task_queue,
                     start_to_close_timeout=call.LOAD_TIMEOUT,
                     heartbeat_timeout=call.LOAD_HEARTBEAT, retry_policy=call.LOAD_RETRY,
                     summary=f"start {slot.version} again on {slot.host_id}")
@@ -58,15 +59,15 @@ class ReplaceEngineWorkflow:
                 await self._unload(slot)
                 return f"could not replace the engine of {what}: {err.cause or err}"
             info = workflow.info()
-            await workflow.execute_activity(
+            await calls.execute(
                 c.REFRESH_ROUTE,
                 c.RefreshRouteInput(model_id=slot.model_id,
                                     change_key=f"{info.workflow_id}/{info.run_id}/route"),
-                result_type=c.SetTrafficResult, start_to_close_timeout=call.TRAFFIC_TIMEOUT,
+                start_to_close_timeout=call.TRAFFIC_TIMEOUT,
                 heartbeat_timeout=call.HEARTBEAT, retry_policy=call.TRAFFIC_RETRY,
                 summary=f"route to the new engine of {slot.version}")
             outcome = f"replaced the engine of {what}"
-        await workflow.execute_activity(
+        await calls.execute(
             c.RESOLVE_ALERT,
             c.ResolveAlertInput(model_id=slot.model_id, version=slot.version,
                                 type=AlertType.ENGINE.value),
@@ -75,7 +76,7 @@ class ReplaceEngineWorkflow:
         return outcome
 
     async def _unload(self, slot: c.EngineSlot) -> None:
-        await workflow.execute_activity(
+        await calls.execute(
             c.UNLOAD_VERSION, c.UnloadVersionInput(model_id=slot.model_id,
                                                    version=slot.version),
             task_queue=slot.task_queue, start_to_close_timeout=call.UNLOAD_TIMEOUT,

@@ -19,7 +19,7 @@ from temporalio.exceptions import ActivityError
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.fleet import Holder, HolderKind
-    from workflows import fleet
+    from workflows import calls, fleet
     from workflows import options as call
 
 # The shadow holds its version's engines (placed on the hosts with room) and lets go of
@@ -81,11 +81,10 @@ class ShadowWorkflow:
 
     async def _mirror(self, input: c.ShadowInput, percent: float, key: str) -> None:
         info = workflow.info()
-        await workflow.execute_activity(
+        await calls.execute(
             c.SET_MIRROR,
             c.SetMirrorInput(model_id=input.model_id, version=input.version, percent=percent,
                              change_key=f"{info.workflow_id}/{info.run_id}/mirror-{key}"),
-            result_type=c.SetTrafficResult,
             start_to_close_timeout=call.TRAFFIC_TIMEOUT,
             heartbeat_timeout=call.HEARTBEAT, retry_policy=call.TRAFFIC_RETRY,
             summary=f"mirror {percent:g}% to {input.version}" if percent
@@ -112,16 +111,16 @@ class ShadowWorkflow:
             await fleet.release_version(input.model_id, input.version, HolderKind.SHADOW,
                                         workflow.info().workflow_id)
             return
-        snapshot: c.ModelSnapshot = await workflow.execute_activity(
+        snapshot: c.ModelSnapshot = await calls.execute(
             c.DESCRIBE_MODEL, c.DescribeModelInput(model_id=input.model_id,
                                                    target_version=input.version),
-            result_type=c.ModelSnapshot, summary=f"is {input.version} serving now",
+            summary=f"is {input.version} serving now",
             **call.STORE_CALL)  # type: ignore[arg-type]
         if input.version == snapshot.live_version or \
                 input.version in snapshot.serving_versions:
             return
         await self._drain(input)
-        await workflow.execute_activity(
+        await calls.execute(
             c.UNLOAD_VERSION, c.UnloadVersionInput(model_id=input.model_id,
                                                    version=input.version),
             task_queue=input.engine_task_queue, summary=f"unload {input.version}",
@@ -129,10 +128,10 @@ class ShadowWorkflow:
             retry_policy=call.HEALTH_RETRY)
 
     async def _drain(self, input: c.ShadowInput) -> None:
-        await workflow.execute_activity(
+        await calls.execute(
             c.DRAIN_VERSION, c.DrainVersionInput(model_id=input.model_id,
                                                  version=input.version),
-            result_type=c.DrainVersionResult, summary=f"drain {input.version}",
+            summary=f"drain {input.version}",
             start_to_close_timeout=call.DRAIN_TIMEOUT, heartbeat_timeout=call.HEARTBEAT,
             retry_policy=call.HEALTH_RETRY)
 

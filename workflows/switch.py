@@ -25,17 +25,18 @@ with workflow.unsafe.imports_passed_through():
         Outcome,
         SwitchInput,
         SwitchStatus,
-        Verdict,
     )
     from turnout.fleet import Holder, HolderKind
     from turnout.strategies import (
         MAX_INCONCLUSIVE_EXTENSIONS,
-        ABTestOptions,
         PlanStep,
+        ab_decision,
+        judged_thresholds,
         plan_switch,
-        validate_strategy_config,
+        rolls_back,
     )
-    from workflows import fleet
+    from turnout.telemetry.verdicts import Verdict
+    from workflows import calls, fleet
     from workflows import options as call
 
 _MAX_EXTENSIONS = MAX_INCONCLUSIVE_EXTENSIONS
@@ -53,6 +54,12 @@ _PATCH_LOCAL_JUDGE = "judge-health-locally"
 # room, lets go of versions instead of stopping them, and leaves the replaced version
 # standing by for an instant rollback.
 _PATCH_FLEET = "engine-fleet"
+# The target's first judged window leaves its engine's warm-up out (verdicts that an
+# A/A test cannot fool).
+_PATCH_WARMUP = "verdict-warmup"
+# A manual A/B test whose target is worse than stable (and within every absolute limit)
+# ends waiting for an operator, as the README says, instead of rolling back on its own.
+_PATCH_AB_MANUAL = "ab-manual-decides"
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -86,6 +93,7 @@ class SwitchWorkflow:
         self._shown_phase: str | None = None
         self._fleet = False
         self._step_in_progress: int | None = None
+        self._judged = 0
 
     # ------------------------------------------------------------------ queries and updates
 
@@ -187,10 +195,10 @@ class SwitchWorkflow:
                 MODEL_ID.value_set(input.model_id),
                 TARGET_VERSION.value_set(input.target_version),
                 STRATEGY.value_set(input.strategy.value)])
-        describe = workflow.execute_activity(
+        describe = calls.execute(
             c.DESCRIBE_MODEL,
             c.DescribeModelInput(model_id=input.model_id, target_version=input.target_version),
-            result_type=c.ModelSnapshot, summary="read model", **call.STORE_CALL)
+            summary="read model", **call.STORE_CALL)
         if self._fleet:  # recorded while the model is read: an emergency rollback is waiting
             _, snapshot = await asyncio.gather(self._record("switch_started"), describe)
         else:
@@ -235,7 +243,7 @@ class SwitchWorkflow:
             await self._finish(OperationStatus.FAILED, Outcome.ERROR, reason)
 
         self._set_phase("marking_live", f"marking {self._input.target_version} live", 0.95)
-        await workflow.execute_activity(
+        await calls.execute(
             c.MARK_LIVE, c.MarkLiveInput(model_id=self._input.model_id,
                                          version=self._input.target_version,
                                          operation_id=self._input.operation_id),
@@ -292,7 +300,10 @@ class SwitchWorkflow:
             if not (self._controls and step.judge):
                 return None
             verdict = await self._judge(step, window_start)
-            if verdict.outcome == "unhealthy":
+            if verdict.outcome == "unhealthy" and (
+                    not step.decide or not workflow.patched(_PATCH_AB_MANUAL)
+                    or rolls_back(step, self._input.strategy, self._input.strategy_config,
+                                  verdict)):
                 await self._end_on_stable(Outcome.ROLLED_BACK,
                                           f"automatic rollback: {verdict.reason}")
             if step.decide:
@@ -340,41 +351,34 @@ class SwitchWorkflow:
         assert self._status is not None
         target = self._input.target_version
         self._set_phase("judging", f"judging {target} at {step.target_percent:g}%")
-        options = validate_strategy_config(self._input.strategy, self._input.strategy_config,
-                                           recorded=True)
-        thresholds = self._input.thresholds
-        if isinstance(options, ABTestOptions):
-            thresholds = thresholds.model_copy(update={"confidence": options.confidence})
+        thresholds = judged_thresholds(self._input.strategy, self._input.strategy_config,
+                                       self._input.thresholds)
+        warmup = self._judged == 0 and workflow.patched(_PATCH_WARMUP)
+        self._judged += 1
         judge = c.JudgeHealthInput(
             model_id=self._input.model_id, target_version=target, stable_version=self._stable,
             window_start=window_start.timestamp(), window_end=workflow.now().timestamp(),
-            thresholds=thresholds, compare=step.decide)
-        how = {"result_type": Verdict, "start_to_close_timeout": call.HEALTH_TIMEOUT,
+            thresholds=thresholds, compare=step.decide, warmup=warmup)
+        how = {"start_to_close_timeout": call.HEALTH_TIMEOUT,
                "retry_policy": call.JUDGE_RETRY,
                "summary": f"judge {target} at {step.target_percent:g}%"}
         verdict: Verdict = await (
-            workflow.execute_local_activity(c.JUDGE_HEALTH, judge, **how)
+            calls.execute_local(c.JUDGE_HEALTH, judge, **how)
             if workflow.patched(_PATCH_LOCAL_JUDGE)
-            else workflow.execute_activity(c.JUDGE_HEALTH, judge, **how))
+            else calls.execute(c.JUDGE_HEALTH, judge, **how))
         self._status.last_verdict = verdict
         self._status.verdicts.append(verdict)
         return verdict
 
     async def _decide(self, verdict: Verdict) -> str | None:
         """The end of an A/B test: promote automatically, or wait for an operator."""
-        options = validate_strategy_config(self._input.strategy, self._input.strategy_config,
-                                           recorded=True)
-        assert isinstance(options, ABTestOptions)
-        if options.decision == "auto" and verdict.outcome == "healthy":
-            self._action = (c.PROMOTE, c.ControlRequest(
-                reason=f"A/B test: target not worse ({verdict.reason})",
-                requested_by="turnout"))
+        decision = ab_decision(self._input.strategy, self._input.strategy_config, verdict)
+        if decision.promote:
+            self._action = (c.PROMOTE, c.ControlRequest(reason=decision.reason,
+                                                        requested_by="turnout"))
             return await self._act_on_request()
-        why = "the A/B test has ended" if options.decision == "manual" \
-            else f"the A/B test was inconclusive ({verdict.reason})"
         self._decision_pending = True
-        await self._wait_for_operator(f"{why}; waiting for an operator to promote or roll back",
-                                      until_action=True)
+        await self._wait_for_operator(decision.reason, until_action=True)
         return await self._act_on_request()
 
     async def _wait_for_operator(self, why: str, *, until_action: bool = False) -> None:
@@ -439,7 +443,7 @@ class SwitchWorkflow:
         s = self._current()
         automatic = self._action is None
         verdict = s.last_verdict
-        await workflow.execute_activity(
+        await calls.execute(
             c.RAISE_ALERT,
             Alert(model_id=s.model_id, version=s.target_version, type="rollout",
                   severity=AlertSeverity.CRITICAL if automatic else AlertSeverity.WARNING,
@@ -447,22 +451,22 @@ class SwitchWorkflow:
                         f"{'rolled back automatically' if automatic else outcome.value}",
                   message=reason, operation_id=s.operation_id,
                   figures=verdict.model_dump(mode="json") if verdict else {}),
-            result_type=Alert, summary="raise rollback alert", **call.STORE_CALL)
+            summary="raise rollback alert", **call.STORE_CALL)
 
     async def _check_target(self) -> c.HealthVerdict:
         target = self._input.target_version
         self._set_phase("checking", f"checking that {target} answers")
-        return await workflow.execute_activity(
+        return await calls.execute(
             c.CHECK_HEALTH, c.CheckHealthInput(model_id=self._input.model_id, version=target),
-            result_type=c.HealthVerdict, start_to_close_timeout=call.HEALTH_TIMEOUT,
+            start_to_close_timeout=call.HEALTH_TIMEOUT,
             retry_policy=call.HEALTH_RETRY, summary=f"check {target} answers")
 
     async def _retire(self, version: str) -> None:
         """Drain the old version at every gateway, then stop its engine."""
         self._set_phase("draining", f"draining {version}")
-        drained: c.DrainVersionResult = await workflow.execute_activity(
+        drained: c.DrainVersionResult = await calls.execute(
             c.DRAIN_VERSION, c.DrainVersionInput(model_id=self._input.model_id, version=version),
-            result_type=c.DrainVersionResult, start_to_close_timeout=call.DRAIN_TIMEOUT,
+            start_to_close_timeout=call.DRAIN_TIMEOUT,
             heartbeat_timeout=call.HEARTBEAT, retry_policy=call.HEALTH_RETRY,
             summary=f"drain {version}")
         if not drained.drained:
@@ -472,11 +476,11 @@ class SwitchWorkflow:
             self._set_phase("unloading", f"unloading {version}")
             await self._unload(version)
             return
-        retired: c.RetireVersionResult = await workflow.execute_activity(
+        retired: c.RetireVersionResult = await calls.execute(
             c.RETIRE_VERSION,
             c.RetireVersionInput(model_id=self._input.model_id, version=version,
                                  operation_id=self._input.operation_id),
-            result_type=c.RetireVersionResult, summary=f"retire {version}", **call.STORE_CALL)
+            summary=f"retire {version}", **call.STORE_CALL)
         await fleet.stop_engines(retired.evict, "cached")
         if retired.standby_until is None:
             self._set_phase("unloading", f"unloading {version}")
@@ -512,18 +516,18 @@ class SwitchWorkflow:
                                     self._input.operation_id)
 
     async def _unload(self, version: str) -> None:
-        await workflow.execute_activity(
+        await calls.execute(
             c.UNLOAD_VERSION, c.UnloadVersionInput(model_id=self._input.model_id, version=version),
             task_queue=self._input.engine_task_queue, start_to_close_timeout=call.UNLOAD_TIMEOUT,
             heartbeat_timeout=call.HEARTBEAT, retry_policy=call.HEALTH_RETRY,
             summary=f"unload {version}")
 
     async def _set_traffic(self, weights: dict[str, float], key: str, *, summary: str) -> None:
-        await workflow.execute_activity(
+        await calls.execute(
             c.SET_TRAFFIC,
             c.SetTrafficInput(model_id=self._input.model_id, weights=weights,
                               change_key=f"{self._input.operation_id}/{key}"),
-            result_type=c.SetTrafficResult, start_to_close_timeout=call.TRAFFIC_TIMEOUT,
+            start_to_close_timeout=call.TRAFFIC_TIMEOUT,
             heartbeat_timeout=call.HEARTBEAT, retry_policy=call.TRAFFIC_RETRY,
             summary=summary)
         assert self._status is not None
@@ -586,7 +590,7 @@ class SwitchWorkflow:
     async def _record(self, event: str, *, reason: str | None = None,
                       actor: str | None = None, audit: bool = True) -> None:
         s = self._current()
-        await workflow.execute_activity(
+        await calls.execute(
             c.RECORD_OPERATION,
             c.RecordOperationInput(
                 operation_id=s.operation_id, workflow_id=workflow.info().workflow_id,

@@ -7,6 +7,7 @@ reads them, so it never calls a gateway or an engine itself.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -17,17 +18,20 @@ from api.auth import Operator, Viewer, check_role
 from api.deps import SettingsDep, StoreDep
 from api.errors import ERROR_RESPONSES, FieldErrors
 from api.params import ModelIdPath
+from turnout import contracts as c
 from turnout.auth import thresholds_role
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import MODEL_ID_PATTERN, AuditEntry
+from turnout.domain import MODEL_ID_PATTERN, AuditEntry, ModelInfo
 from turnout.limits import ACTOR_MAX
-from turnout.monitoring import (
+from turnout.store import Store
+from turnout.telemetry.health import (
+    LOOK_SLACK_S,
     ModelHealth,
     MonitorThresholds,
     VersionHealth,
+    VersionState,
     applied_thresholds,
 )
-from turnout.store import Store
 
 router = APIRouter(prefix="/health", tags=["health"], responses=ERROR_RESPONSES)
 
@@ -68,16 +72,56 @@ async def thresholds_for(store: Store, settings: ModelSwitchingConfig,
 
 async def _model_health(store: Store, settings: ModelSwitchingConfig,
                         model_id: str) -> ModelHealth:
-    """The monitor's latest look, or, before its first one, the versions with no data."""
+    """The monitor's latest look as it stands now (`ModelHealth.stale`: its versions are
+    `unknown` when its looks fail or stopped); before its first look, the versions it is
+    about to look at, `no_data`, with when it looks."""
     model = await store.get_model(model_id)
     thresholds = await thresholds_for(store, settings, model_id)
     snapshots = await store.list_health(model_id)
-    if snapshots:
-        return snapshots[0].model_copy(update={"thresholds": thresholds})
-    versions = [VersionHealth(version=model.live_version)] if model.live_version else []
-    return ModelHealth(model_id=model_id, live_version=model.live_version,
-                       versions=versions, thresholds=thresholds,
-                       interval_s=settings.monitoring_interval_s)
+    now = datetime.now(UTC)
+    interval = settings.monitoring_interval_s
+    latest = snapshots[0] if snapshots else None
+    if latest is not None and latest.checked_at is not None:
+        health = latest.model_copy(update={"thresholds": thresholds,
+                                           "versions": _with_registered(latest, model)})
+        return health.stale(now, interval) if settings.enable_health_monitoring else health
+    roles = await store.monitored_versions(model_id, model.live_version)
+    looked = "monitoring is switched off" if not settings.enable_health_monitoring \
+        else "not looked at yet"
+    versions = [VersionHealth.model_validate({"version": version, "role": role,
+                                              "reason": looked})
+                for version, role in roles.items()]
+    versions += [VersionHealth(version=v.version, role="registered", reason=_IDLE)
+                 for v in model.versions if v.version not in roles]
+    # A new model's monitor starts within a keeper period of its registration and looks
+    # at once.
+    due = (model.created_at or now) + timedelta(seconds=c.MONITOR_KEEPER_PERIOD_S)
+    next_look = max(now, due) if settings.enable_health_monitoring else None
+    health = ModelHealth(model_id=model_id, live_version=model.live_version,
+                         versions=versions, thresholds=thresholds, interval_s=interval,
+                         next_look_at=next_look)
+    if latest is not None:  # only failed looks so far
+        health = health.model_copy(update={
+            "failed_looks": latest.failed_looks, "last_failure": latest.last_failure,
+            "last_failure_at": latest.last_failure_at})
+        return health.stale(now, interval)
+    if next_look is not None and (now - due).total_seconds() > 2 * interval + LOOK_SLACK_S:
+        return health.model_copy(update={"versions": [
+            v.model_copy(update={"state": VersionState.UNKNOWN,
+                                 "reason": "no look yet: the monitor is not looking"})
+            for v in versions]})
+    return health
+
+
+_IDLE = "neither live, nor served, nor loaded: nothing to measure"
+
+
+def _with_registered(health: ModelHealth, model: ModelInfo) -> list[VersionHealth]:
+    """The look's versions, then every other registered version (`no_data`)."""
+    looked = {v.version for v in health.versions}
+    return [*health.versions, *(VersionHealth(version=v.version, role="registered",
+                                              reason=_IDLE)
+                                for v in model.versions if v.version not in looked)]
 
 
 @router.get("/models", response_model=HealthReport)

@@ -35,7 +35,7 @@ from turnout.config import ModelSwitchingConfig
 from turnout.runtime import installed_binary, temporal_interceptors
 from turnout.store import Store, upgrade
 from workers import control, engine, monitor
-from workers.monitors import keep_monitors
+from workers.monitor_keeper import keep_monitors
 from workers.stack import SEARCH_ATTRIBUTES
 
 _KEY_MAKERS: dict[str, Callable[[str], SearchAttributeKey[Any]]] = {

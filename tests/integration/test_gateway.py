@@ -7,6 +7,7 @@ aiohttp for admin calls and malformed requests.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from turnout.config import ModelSwitchingConfig
 from turnout.domain import Backend, RegisterModelRequest
 from turnout.rules import MAX_MATCHED_VALUE_CHARS, STORED, RoutingRules
 from turnout.store import Store, upgrade_async
+from turnout.telemetry.catalogue import Source
 
 MODEL = TINY_MODEL
 ALIAS = "org/tiny"
@@ -150,13 +152,18 @@ async def test_streaming_completion_and_chat(env: Env) -> None:
         model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True)
     text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
     assert text == "hello from v1"
-    stats = env.gateway.stats()["stats"][MODEL]["v1"]
-    assert stats["ttfb_ms"]["count"] == 2
+    stats = env.gateway.stats().stats[MODEL]["v1"]
+    assert stats.ttfb_ms.count == 2
     # Three token events 10 ms apart per stream (the fake's pace), [DONE] not counted.
-    assert stats["output_tokens"] == 6 and stats["itl_ms"]["count"] == 2
-    assert 8 <= stats["itl_ms"]["p50"] <= 100 and 10 <= stats["tokens_per_s"]["p50"] <= 125
+    assert stats.output_tokens == 6 and stats.itl_ms.count == 2
+    assert stats.itl_ms.p50 is not None and stats.tokens_per_s.p50 is not None
+    assert 8 <= stats.itl_ms.p50 <= 100 and 10 <= stats.tokens_per_s.p50 <= 125
+    # The streams' inter-token latency and output rate are in the windows verdicts read.
+    window = env.gateway.stats(0, time.time()).stats[MODEL]["v1"].window
+    assert window is not None and window.histogram(Source.ITL).count == 2
+    assert window.histogram(Source.OUTPUT_RATE).count == 2
     await env.client.completions.create(model=MODEL, prompt="hi")  # usage: 3 tokens
-    assert env.gateway.stats()["stats"][MODEL]["v1"]["output_tokens"] == 9
+    assert env.gateway.stats().stats[MODEL]["v1"].output_tokens == 9
     _, text = await env.get("/metrics")
     assert "turnout_gateway_inter_token_latency_seconds_bucket" in text
     assert f'turnout_gateway_output_tokens_total{{model_id="{MODEL}",version="v1"}} 9.0' in text
@@ -248,7 +255,7 @@ async def test_oversized_bodies_are_413_and_counted_apart(tmp_path: Path) -> Non
         assert env.v1.received == []
         status, text = await env.get("/metrics")
         assert 'turnout_gateway_rejected_total{reason="too_large"} 1.0' in text
-        assert MODEL not in env.gateway.stats()["stats"]  # never charged to a version
+        assert MODEL not in env.gateway.stats().model_dump()["stats"]  # never charged to a version
         ok = await env.client.completions.create(model=MODEL, prompt="x" * 1000)
         assert ok.choices[0].text == "hello from v1"
     finally:
@@ -274,7 +281,7 @@ async def test_upstream_failures(env: Env) -> None:
     env.v2.fail_status = 500
     with pytest.raises(openai.InternalServerError):
         await env.client.completions.create(model=MODEL, prompt="x")
-    stats = env.gateway.stats()["stats"][MODEL]
+    stats = env.gateway.stats().model_dump()["stats"][MODEL]
     assert stats["v1"]["errors"] == 1 and stats["v2"]["errors"] == 1
     assert stats["v1"]["inflight"] == 0 and stats["v2"]["inflight"] == 0
 
@@ -293,7 +300,7 @@ async def test_failover_to_the_stable_version_before_the_first_byte(env: Env) ->
                                                        "user": u}) for u in users]
     assert {status for status, _, _ in answers} == {200}
     assert {headers["X-Turnout-Version"] for _, _, headers in answers} == {"v1"}
-    stats = env.gateway.stats()["stats"][MODEL]
+    stats = env.gateway.stats().model_dump()["stats"][MODEL]
     failed_on_v2 = stats["v2"]["errors"]
     assert 5 < failed_on_v2 < 35 and stats["v1"]["errors"] == 0
 
@@ -301,7 +308,7 @@ async def test_failover_to_the_stable_version_before_the_first_byte(env: Env) ->
     statuses = {(await env.post("/v1/completions", json={"model": MODEL, "prompt": "x",
                                                           "user": u}))[0] for u in users}
     assert statuses == {200, 400}
-    assert env.gateway.stats()["stats"][MODEL]["v2"]["errors"] == failed_on_v2
+    assert env.gateway.stats().model_dump()["stats"][MODEL]["v2"]["errors"] == failed_on_v2
     env.v2.fail_status = None
 
     await env.v2.stop()  # connection refused
@@ -317,7 +324,7 @@ async def test_failover_to_the_stable_version_before_the_first_byte(env: Env) ->
     status, text = await env.get("/metrics")
     assert f'turnout_gateway_failovers_total{{model_id="{MODEL}",to="v1",version="v2"}}' in text
     assert 'class="connect"' in text and 'class="5xx"' in text and 'class="4xx"' in text
-    stats = env.gateway.stats()["stats"][MODEL]
+    stats = env.gateway.stats().model_dump()["stats"][MODEL]
     assert stats["v2"]["errors"] > failed_on_v2 and stats["v2"]["inflight"] == 0
 
 
@@ -378,7 +385,7 @@ async def test_client_disconnect_cancels_upstream(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         assert env.v1.cancelled == 1 and env.v1.completed == 0
-        assert env.gateway.state()["inflight"] == {MODEL: {"v1": 0}}
+        assert env.gateway.state().model_dump()["inflight"] == {MODEL: {"v1": 0}}
     finally:
         await close_env(env)
 
@@ -398,11 +405,11 @@ async def test_client_leaving_a_stream_cancels_upstream(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)
         assert env.v1.cancelled == 1 and env.v1.completed == 0
         for _ in range(50):
-            if env.gateway.state()["inflight"] == {MODEL: {"v1": 0}}:
+            if env.gateway.state().model_dump()["inflight"] == {MODEL: {"v1": 0}}:
                 break
             await asyncio.sleep(0.05)
-        assert env.gateway.state()["inflight"] == {MODEL: {"v1": 0}}
-        assert env.gateway.stats()["stats"][MODEL]["v1"]["errors"] == 0
+        assert env.gateway.state().model_dump()["inflight"] == {MODEL: {"v1": 0}}
+        assert env.gateway.stats().model_dump()["stats"][MODEL]["v1"]["errors"] == 0
     finally:
         await close_env(env)
 
@@ -558,7 +565,7 @@ async def test_connections_per_upstream_are_limited(tmp_path: Path) -> None:
             env.client.completions.create(model=MODEL, prompt="x") for _ in range(5)))
         assert [a.choices[0].text for a in answers] == ["hello from v1"] * 5
         assert env.v1.max_active == 2  # the other three waited for a connection
-        assert env.gateway.stats()["stats"][MODEL]["v1"]["errors"] == 0
+        assert env.gateway.stats().model_dump()["stats"][MODEL]["v1"]["errors"] == 0
     finally:
         await close_env(env)
 

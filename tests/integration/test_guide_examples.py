@@ -242,7 +242,7 @@ async def test_health_monitoring_setup(guide_env: ControlPlane) -> None:
         assert [(a.model_id, a.type, a.severity) for a in changed] == [
             ("model_v1.0", "error_rate", AlertSeverity.CRITICAL)]
         await until(lambda: bool(slack))
-        assert slack[0]["text"].startswith("Model Alert: High error rate on model_v1.0\n")
+        assert slack[0]["text"].startswith("Model Alert: High error rate on model_v1.0: ")
         assert "error_rate 96.8% over the critical level 25.0%" in slack[0]["text"]
         # The stack's view is there too (`GET /health/models`).
         health = await health_monitor.aget_model_health()

@@ -28,6 +28,7 @@ from turnout import contracts as c
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Backend
 from turnout.store import Store
+from turnout.telemetry.catalogue import Source
 
 MODEL = TINY_MODEL
 # Both fakes take 20 ms, so latency is dominated by the same sleep on either side and a
@@ -106,8 +107,10 @@ async def test_healthy_target(env: Env) -> None:
     assert verdict.target.requests == seen[("v2", 200)] >= 20
     assert verdict.stable.requests == seen[("v1", 200)] >= 20
     assert verdict.target.errors == 0 and verdict.target.error_rate == 0
-    assert verdict.target.p95_ms is not None and verdict.target.p95_ms >= DELAY_S * 1000
-    assert verdict.reason.startswith(f"p95 {verdict.target.p95_ms:.0f} ms, errors 0.0% over ")
+    p95 = verdict.target.latency_p95_ms
+    # Within the 1% of the windows' histograms.
+    assert p95 is not None and p95 >= DELAY_S * 1000 * 0.99
+    assert verdict.reason.startswith(f"p95 {p95:.0f} ms, errors 0.0% over ")
     assert verdict.window_start == since and verdict.window_end > since
     assert verdict.analysis["gateways"] == {"answered": [env.gateway.gateway_id],
                                             "skipped": []}
@@ -160,14 +163,16 @@ async def test_window_bounds_exclude_outside_requests(env: Env) -> None:
     # The raw admin answer: windowed entries carry the window, plain ones are unchanged.
     [gateway] = await env.store.live_gateways(15)
     body = await env.admin.stats(gateway, middle, end)
-    window = body["stats"][MODEL]["v2"]["window"]
-    assert window["requests"] == good[("v2", 200)] == len(window["latencies_ms"])
+    window = body.stats[MODEL]["v2"].window
+    assert window is not None
+    assert window.requests == good[("v2", 200)] == window.histogram(Source.LATENCY).count
     plain = await env.admin.stats(gateway)
-    assert "window" not in plain["stats"][MODEL]["v2"]
-    assert set(plain["stats"][MODEL]["v2"]) == {
-        "requests", "errors", "inflight", "latency_ms", "ttfb_ms", "itl_ms", "tokens_per_s",
-        "output_tokens"}
-    assert sum(v["requests"] for v in plain["stats"][MODEL].values()) == 280
+    assert plain.stats[MODEL]["v2"].window is None
+    assert sum(v.requests for v in plain.stats[MODEL].values()) == 280
+    async with env.http.get(f"{env.running.admin_url}/admin/stats") as resp:
+        assert set((await resp.json())["stats"][MODEL]["v2"]) == {
+            "requests", "errors", "inflight", "latency_ms", "ttfb_ms", "itl_ms",
+            "tokens_per_s", "output_tokens"}
     async with env.http.get(f"{env.running.admin_url}/admin/stats?since=yesterday") as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["param"] == "since"
@@ -181,3 +186,30 @@ async def test_unreachable_gateway_is_skipped(env: Env) -> None:
     assert verdict.outcome == "healthy", verdict.reason
     assert verdict.analysis["gateways"]["skipped"] == ["dead-gw"]
     assert "(1 of 2 gateways unreachable)" in verdict.reason
+
+
+async def test_a_fresh_targets_warm_up_is_left_out_of_its_first_verdict(env: Env) -> None:
+    """A target whose first answers are slow (a fresh engine warming up) beside a warm
+    stable version: judged with them it fails, with its warm-up left out (the first
+    judged window of a switch) it passes, and the verdict says what was left out."""
+    env.v2._answered, env.v2.cold_requests, env.v2.cold_delay_s = 0, 12, 0.4
+    since = time.time()
+    await env.traffic(240)
+    until = time.time()
+    plain = await env.judge(since, until)
+    assert plain.outcome == "unhealthy", plain.reason
+    assert plain.reason.startswith("p95 latency ")
+    input = c.JudgeHealthInput(
+        model_id=MODEL, target_version="v2", stable_version="v1", window_start=since,
+        window_end=until, warmup=True,
+        thresholds=c.HealthThresholds(warmup_requests=12))
+    warmed = await ActivityEnvironment().run(env.health.judge_health, input)
+    assert warmed.outcome == "healthy", warmed.reason
+    warmup = warmed.analysis["warmup"]
+    assert (warmup["requests"], warmup["excluded"]) == (12, 12)
+    assert since < warmup["judged_since"] < until
+    assert "warm-up left out: the first 12 requests of v2" in warmed.reason
+    # Both sides were judged over the same span: v1's requests before the cut are out too.
+    assert warmed.stable is not None and plain.stable is not None
+    assert warmed.stable.requests < plain.stable.requests
+    assert warmed.target.requests == plain.target.requests - 12

@@ -5,6 +5,9 @@ server, the real gateway's figures, the store's alerts, `GET /health/models`,
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from temporalio.client import WorkflowExecutionStatus
 
 from tests.integration.plane import (
     ControlPlane,
@@ -233,3 +237,86 @@ async def test_monitors_run_on_a_worker_of_their_own_when_given_a_queue(
                 await eventually(looked, "a look with figures, made on the monitor queue")
         handle = plane.env.client.get_workflow_handle(monitor_workflow_id(MODEL))
         assert (await handle.describe()).task_queue == queue
+
+
+async def test_a_model_registered_a_moment_ago_is_listed_as_no_data(
+        plane: ControlPlane) -> None:
+    """Every registered model is in `GET /health/models` from the start: its versions
+    `no_data` with why, and when the monitor looks."""
+    arch = f"Fresh{uuid.uuid4().hex[:6]}"
+    async with plane.http() as client:
+        await register_upstreams(plane, client, arch, STAGE)
+        report = (await client.get("/health/models")).json()
+    [model] = [m for m in report["models"] if m["model_id"] == f"{arch}_{STAGE}"]
+    assert {(v["version"], v["state"]) for v in model["versions"]} == {
+        ("v1", "no_data"), ("v2", "no_data")}
+    assert all(v["reason"] for v in model["versions"]), model
+    assert model["next_look_at"] is not None
+
+
+def _hold_the_store(db_path: str, seconds: float, held: threading.Event) -> None:
+    """A real store outage for writers: another process's write transaction on the SQLite
+    file (readers still read, as they do in WAL mode), for `seconds`."""
+    connection = sqlite3.connect(db_path, timeout=60, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(seconds)
+        connection.execute("ROLLBACK")
+    finally:
+        connection.close()
+
+
+async def test_monitoring_survives_a_store_outage_and_a_stopped_monitor(
+        plane: ControlPlane) -> None:
+    """The store refuses every write for 80 s, longer than a look (a write waits out the
+    store's 30 s busy timeout; a failed look is tried again at the next interval) and the
+    store's own retries: the looks fail, `GET /health/models`
+    says `unknown` with the reason, the monitor keeps running, and when the store is back
+    the next look succeeds and says how many failed. A monitor that ended is started again
+    by the keeper."""
+    handle = plane.env.client.get_workflow_handle(monitor_workflow_id(MODEL))
+    db_path = plane.settings.database_url.split("///", 1)[1]
+    held = threading.Event()
+    async with plane.http() as client:
+        async def looked() -> bool:
+            report = (await client.get("/health/models")).json()
+            model = next(m for m in report["models"] if m["model_id"] == MODEL)
+            return model["checked_at"] is not None
+
+        await eventually(looked, "a first look at v1")
+        outage = asyncio.create_task(asyncio.to_thread(_hold_the_store, db_path, 80, held))
+        await asyncio.to_thread(held.wait, 10)
+
+        async def unknown() -> dict[str, Any] | None:
+            v1 = version_health((await client.get("/health/models")).json(), "v1")
+            return v1 if v1 and v1["state"] == "unknown" else None
+
+        v1 = await eventually(unknown, "v1 unknown while no look succeeds", timeout_s=60)
+        assert v1["reason"].startswith("no look since ")
+        assert (await handle.describe()).status is WorkflowExecutionStatus.RUNNING
+        await outage
+
+        async def recovered() -> dict[str, Any] | None:
+            report = (await client.get("/health/models")).json()
+            model = next(m for m in report["models"] if m["model_id"] == MODEL)
+            v1 = version_health(report, "v1")
+            if v1 and v1["state"] != "unknown" and model["failed_looks"] >= 1:
+                return model
+            return None
+
+        model = await eventually(recovered, "a good look after the outage", timeout_s=90)
+        assert "locked" in model["last_failure"], model
+        assert (await handle.describe()).status is WorkflowExecutionStatus.RUNNING
+
+        # The keeper restarts a monitor that ended (here: terminated by hand).
+        first_run = (await handle.describe()).run_id
+        await handle.terminate("a test stops the monitor")
+
+        async def restarted() -> bool:
+            now = await plane.env.client.get_workflow_handle(
+                monitor_workflow_id(MODEL)).describe()
+            return now.run_id != first_run and \
+                now.status is WorkflowExecutionStatus.RUNNING
+
+        await eventually(restarted, "the monitor started again by the keeper")

@@ -31,17 +31,20 @@ pytestmark = [pytest.mark.asyncio(loop_scope="session"), pytest.mark.both_stores
 ARCH, STAGE = "StrategiesArch", "thinker"
 MODEL_ID = f"{ARCH}_{STAGE}"
 # Both fakes answer after the same 20 ms, so a healthy target is compared with an equally
-# fast stable version; the wide latency tolerance keeps scheduling noise of a busy test
-# machine from failing it (the statistics are unit-tested in tests/unit/test_analysis.py).
+# fast stable version, at the default analysis settings: the latency guards test "slower
+# by more than the tolerance", which scheduling noise of a busy test machine is not
+# (the statistics are unit-tested in tests/unit/telemetry/test_verdicts.py).
 DELAY_S = 0.02
+# A target this much slower is worse than stable on every latency guard (and far within
+# the absolute limits).
+SLOW_S = 0.1
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def plane(tmp_path_factory: pytest.TempPathFactory,
                 new_database: Callable[[Path], str]) -> AsyncIterator[ControlPlane]:
     root = tmp_path_factory.mktemp("strategies")
-    async with control_plane(root, database_url=new_database(root),
-                             latency_tolerance=1.0) as plane:
+    async with control_plane(root, database_url=new_database(root)) as plane:
         for upstream in plane.upstreams.values():
             upstream.delay_s = DELAY_S
         yield plane
@@ -164,3 +167,105 @@ async def test_quiet_canary_is_extended_then_waits_for_an_operator(plane: Contro
         model = (await client.get(f"/models/{MODEL_ID}")).json()
     assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
     assert model["live_version"] == "v2"
+
+
+# The A/B decision paths (README, "Strategies"). The model's live version is v2 here.
+
+
+async def test_a_manual_ab_test_with_a_slower_target_waits_for_an_operator(
+        plane: ControlPlane) -> None:
+    """Worse than stable only (no absolute limit crossed): the test's result goes to the
+    operator, who decides."""
+    plane.upstreams["v1"].delay_s = SLOW_S
+    try:
+        async with plane.http() as client:
+            async with traffic(plane.gateway_url, MODEL_ID):
+                operation_id = await switch(client, "v1", "ab_test", traffic_percentage=50,
+                                            test_duration_hours=0.002)
+                waiting = await wait_phase(client, operation_id, "awaiting_decision")
+            assert waiting["status"] == "paused", waiting
+            verdict = waiting["last_verdict"]
+            assert verdict["outcome"] == "unhealthy", verdict
+            assert "latency" in verdict["reason"] and "vs stable" in verdict["reason"]
+            assert "ended with the target worse" in waiting["message"], waiting["message"]
+            assert waiting["weights"] == {"v1": 50.0, "v2": 50.0}
+            rolled = await client.post(f"/switch/operations/{operation_id}/rollback",
+                                       json={"reason": "slower", "requested_by": "erin"})
+            assert rolled.status_code == 200, rolled.text
+            status = await wait_done(client, operation_id)
+            await record_history(plane, operation_id, "ab-test-manual-worse-operator-rollback")
+    finally:
+        plane.upstreams["v1"].delay_s = DELAY_S
+    assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
+    assert "slower" in status["reason"] and status["weights"] == {"v2": 100.0}
+
+
+async def test_a_manual_ab_test_over_an_absolute_limit_rolls_back_on_its_own(
+        plane: ControlPlane) -> None:
+    plane.upstreams["v1"].fail_fraction = 0.5
+    try:
+        async with plane.http() as client, traffic(plane.gateway_url, MODEL_ID):
+            operation_id = await switch(client, "v1", "ab_test", traffic_percentage=50,
+                                        test_duration_hours=0.002)
+            status = await wait_done(client, operation_id)
+    finally:
+        plane.upstreams["v1"].fail_fraction = 0.0
+    assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
+    assert status["reason"].startswith("automatic rollback: error rate"), status["reason"]
+
+
+async def test_an_auto_ab_test_with_a_slower_target_rolls_back_on_its_own(
+        plane: ControlPlane) -> None:
+    plane.upstreams["v1"].delay_s = SLOW_S
+    try:
+        async with plane.http() as client, traffic(plane.gateway_url, MODEL_ID):
+            operation_id = await switch(client, "v1", "ab_test", traffic_percentage=50,
+                                        test_duration_hours=0.002, decision="auto")
+            status = await wait_done(client, operation_id)
+            await record_history(plane, operation_id, "ab-test-auto-worse-rollback")
+    finally:
+        plane.upstreams["v1"].delay_s = DELAY_S
+    assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
+    assert status["reason"].startswith("automatic rollback: ") and "latency" in \
+        status["reason"], status["reason"]
+    assert status["weights"] == {"v2": 100.0}
+
+
+async def test_an_auto_ab_test_without_traffic_waits_for_an_operator(
+        plane: ControlPlane) -> None:
+    """Inconclusive is never taken for "not worse"."""
+    async with plane.http() as client:
+        operation_id = await switch(client, "v1", "ab_test", traffic_percentage=50,
+                                    test_duration_hours=0.001, decision="auto")
+        waiting = await wait_phase(client, operation_id, "awaiting_decision")
+        assert waiting["last_verdict"]["outcome"] == "inconclusive", waiting
+        assert "the A/B test was inconclusive" in waiting["message"]
+        rolled = await client.post(f"/switch/operations/{operation_id}/rollback",
+                                   json={"reason": "nothing to judge"})
+        assert rolled.status_code == 200, rolled.text
+        status = await wait_done(client, operation_id)
+        await record_history(plane, operation_id, "ab-test-auto-inconclusive-operator-rollback")
+    assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
+
+
+async def test_a_paused_ab_test_holds_its_split_and_clock(plane: ControlPlane) -> None:
+    """Paused during the test, nothing moves: no verdict, the same split, no check due;
+    resumed, it runs the rest of its duration and decides."""
+    async with plane.http() as client, traffic(plane.gateway_url, MODEL_ID):
+        operation_id = await switch(client, "v1", "ab_test", traffic_percentage=50,
+                                    test_duration_hours=0.003, decision="auto")
+        await wait_phase(client, operation_id, "evaluating")
+        paused = await client.post(f"/switch/operations/{operation_id}/pause",
+                                   json={"requested_by": "erin"})
+        assert paused.status_code == 200, paused.text
+        await asyncio.sleep(0.003 * 3600 + 3)  # longer than the whole test
+        held = (await client.get(f"/switch/operations/{operation_id}")).json()
+        assert (held["status"], held["weights"], held["verdicts"]) == (
+            "paused", {"v1": 50.0, "v2": 50.0}, []), held
+        assert held["next_check_at"] is None
+        resumed = await client.post(f"/switch/operations/{operation_id}/resume", json={})
+        assert resumed.status_code == 200, resumed.text
+        status = await wait_done(client, operation_id)
+        await record_history(plane, operation_id, "ab-test-pause-resume-auto-promote")
+    assert (status["status"], status["outcome"]) == ("completed", "promoted"), status
+    assert [v["outcome"] for v in status["verdicts"]] == ["healthy"]

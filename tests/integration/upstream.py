@@ -21,7 +21,8 @@ class FakeUpstream:
     def __init__(self, version: str, served_model_name: str, *, delay_s: float = 0.0,
                  chunk_delay_s: float = 0.0, chunks: int = 3, fail_status: int | None = None,
                  fail_fraction: float = 0.0, host: str = "127.0.0.1",
-                 record: bool = True) -> None:
+                 record: bool = True, cold_requests: int = 0,
+                 cold_delay_s: float = 0.0) -> None:
         self.version = version
         self.served_model_name = served_model_name
         self.delay_s = delay_s
@@ -31,6 +32,9 @@ class FakeUpstream:
         # Fail this share of requests with a 500, spread evenly (deterministic, no RNG):
         # request k fails when floor((k + 1) * f) > floor(k * f).
         self.fail_fraction = fail_fraction
+        # A fresh engine: its first `cold_requests` answers take `cold_delay_s` longer.
+        self.cold_requests = cold_requests
+        self.cold_delay_s = cold_delay_s
         self.failed = 0
         self._answered = 0
         self.host = host
@@ -89,9 +93,10 @@ class FakeUpstream:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
             k, self._answered = self._answered, self._answered + 1
+            delay = self.delay_s + (self.cold_delay_s if k < self.cold_requests else 0.0)
+            if delay:
+                await asyncio.sleep(delay)
             status = self.fail_status
             if status is None and int((k + 1) * self.fail_fraction) > int(k * self.fail_fraction):
                 status = 500

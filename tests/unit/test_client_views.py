@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from turnout.analysis import Sample, judge
 from turnout.client.views import (
     engines_view,
     exit_code,
@@ -18,9 +17,18 @@ from turnout.client.views import (
     operations_view,
     switch_view,
 )
-from turnout.domain import HealthThresholds
+from turnout.telemetry.figures import WindowSamples
+from turnout.telemetry.verdicts import HealthThresholds, judge
 
 NOW = datetime(2026, 12, 1, 14, 30, tzinfo=UTC)
+
+
+def Sample(version: str, requests: int, errors: int,  # noqa: N802 - reads as a type
+           latencies: list[float]) -> WindowSamples:
+    """A version's window from raw samples."""
+    sample = WindowSamples(version)
+    sample.add_values(requests, errors, latencies, [])
+    return sample
 
 
 def render(renderable: Any, *, terminal: bool = True) -> str:

@@ -208,3 +208,29 @@ def test_every_recorded_history_replans_identically() -> None:
         assert plan_switch(strategy, config) == plan_switch(strategy, config, recorded=True)
         seen += 1
     assert seen >= 10
+
+
+def test_the_ab_decision_rules() -> None:
+    """README's table: manual waits unless an absolute limit is crossed; auto promotes a
+    target that is not worse, rolls back a worse one, waits on an inconclusive one."""
+    from turnout.strategies import ab_decision, plan_switch, rolls_back
+    from turnout.telemetry.verdicts import Verdict
+
+    worse = Verdict(outcome="unhealthy", reason="p95 latency 90 ms vs stable 20 ms",
+                    analysis={"error_rate": {"over_limit": False},
+                              "latency": {"over_limit": False}})
+    over = worse.model_copy(update={"analysis": {"error_rate": {"over_limit": True}}})
+    healthy = Verdict(outcome="healthy", reason="fine")
+    quiet = Verdict(outcome="inconclusive", reason="only 3 requests")
+    for decision in ("manual", "auto"):
+        config = {"decision": decision, "test_duration_hours": 1}
+        ab_step = plan_switch("ab_test", config)[0]
+        assert rolls_back(ab_step, "ab_test", config, over)
+        assert rolls_back(ab_step, "ab_test", config, worse) == (decision == "auto")
+        assert ab_decision("ab_test", config, healthy).promote == (decision == "auto")
+        assert not ab_decision("ab_test", config, quiet).promote
+    manual = {"decision": "manual"}
+    assert "ended with the target worse (p95 latency" in ab_decision(
+        "ab_test", manual, worse).reason
+    canary_step = plan_switch("canary", {})[0]
+    assert rolls_back(canary_step, "canary", {}, worse)  # not an A/B test: always

@@ -166,7 +166,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from turnout.health_monitor import HealthMonitor
+    from turnout.client.health_monitor import HealthMonitor
 
     health = HealthMonitor().get_model_health(args.model_id)
     _print([m.model_dump(mode="json") for m in health] if isinstance(health, list)
@@ -175,7 +175,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _alerts(args: argparse.Namespace) -> int:
-    from turnout.health_monitor import HealthMonitor
+    from turnout.client.health_monitor import HealthMonitor
 
     monitor = HealthMonitor()
     if args.acknowledge is not None:
@@ -188,7 +188,7 @@ def _alerts(args: argparse.Namespace) -> int:
 
 
 def _thresholds(args: argparse.Namespace) -> int:
-    from turnout.health_monitor import HealthMonitor
+    from turnout.client.health_monitor import HealthMonitor
 
     changes: dict[str, Any] = {}
     for item in args.set:

@@ -33,10 +33,11 @@ def _transient(exc: Exception) -> bool:
 
 
 def _plain_text(renderable: RenderableType, width: int) -> str:
-    capture = Console(file=io.StringIO(), width=width, no_color=True, force_terminal=False,
+    text = io.StringIO()
+    capture = Console(file=text, width=width, no_color=True, force_terminal=False,
                       color_system=None, highlight=False, emoji=False)
     capture.print(renderable)
-    return capture.file.getvalue()  # type: ignore[attr-defined]
+    return text.getvalue()
 
 
 def watch(fetch: Callable[[], T], render: Render[T], *, done: Callable[[T], bool],

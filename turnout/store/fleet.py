@@ -164,7 +164,7 @@ class FleetStore:
             rows = await session.execute(select(VersionRow.model_id, VersionRow.version,
                                                 VersionRow.weights_bytes)
                                          .where(VersionRow.weights_bytes.is_not(None)))
-            return {(m, v): int(size) for m, v, size in rows.all()}
+            return {(m, v): int(size or 0) for m, v, size in rows.all()}
 
     async def measured_memory(self) -> dict[tuple[str, str, str], int]:
         """The resident memory each host last measured of each of its engines, in bytes."""

@@ -42,7 +42,6 @@ from turnout.limits import (
     WORKFLOW_ID_MAX,
     fit,
 )
-from turnout.monitoring import EngineResources, ModelHealth
 from turnout.rules import STORED as STORED_RULES
 from turnout.rules import ModelRules, RoutingRules
 from turnout.store.db import create_engine, writer
@@ -63,6 +62,7 @@ from turnout.store.schema import (
     VersionRow,
     utcnow,
 )
+from turnout.telemetry.health import EngineResources, ModelHealth
 
 
 class StoreError(Exception):
@@ -86,6 +86,11 @@ RouteChange = Callable[[Route | None], Iterable[Backend]]
 # Compare-and-set attempts of one route write before giving up (each waits for the lock,
 # so more than one or two only happen where the lock does not hold: never, by design).
 _ROUTE_WRITE_ATTEMPTS = 20
+
+
+def _not_before(value: datetime | None, than: datetime) -> bool:
+    aware = _aware(value)
+    return aware is not None and aware >= than
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -386,13 +391,13 @@ class Store(FleetStore):
                     await session.delete(row)
             for (model_id, version), resources in measured.items():
                 figures = resources.model_dump(mode="json")
-                row = rows.get((model_id, version))
-                if row is None:
+                held = rows.get((model_id, version))
+                if held is None:
                     session.add(EngineResourcesRow(model_id=model_id, version=version,
                                                    host=host, figures=figures,
                                                    measured_at=now))
                 else:
-                    row.figures, row.measured_at = figures, now
+                    held.figures, held.measured_at = figures, now
 
     async def engine_resources(self, model_id: str, since: datetime
                                ) -> dict[str, list[EngineResources]]:
@@ -560,7 +565,7 @@ class Store(FleetStore):
                                operation_id=alert.operation_id, state=AlertState.FIRING.value,
                                count=1, first_seen=seen, last_seen=seen)
                 session.add(row)
-            elif alert.last_seen is not None and _aware(row.last_seen) >= seen:
+            elif alert.last_seen is not None and _not_before(row.last_seen, seen):
                 return _alert(row)  # this look was already counted (a retried activity)
             else:
                 row.count += 1
@@ -614,7 +619,7 @@ class Store(FleetStore):
     async def threshold_overrides(self, model_id: str | None = None) -> list[dict[str, Any]]:
         """The threshold keys operators set, in the order they apply: every model's, then
         `model_id`'s (when given). Layer them over the settings with
-        `turnout.monitoring.applied_thresholds(settings, *overrides)`."""
+        `turnout.telemetry.health.applied_thresholds(settings, *overrides)`."""
         keys = [ALL_MODELS] if model_id is None else [ALL_MODELS, model_id]
         async with self._session() as session:
             rows = [await session.get(ThresholdsRow, key) for key in keys]
@@ -647,6 +652,40 @@ class Store(FleetStore):
                                               checked_at=utcnow()))
             else:
                 row.snapshot, row.checked_at = snapshot, utcnow()
+
+    async def record_failed_look(self, model_id: str, reason: str, at: datetime,
+                                 failed_looks: int) -> None:
+        """Keep a failed look with the model's latest one (the figures stay as they were
+        last seen; `ModelHealth.stale` then reads its versions as `unknown`)."""
+        async with self._session.begin() as session:
+            row = await session.get(HealthSnapshotRow, model_id)
+            health = ModelHealth.model_validate(row.snapshot) if row is not None \
+                else ModelHealth(model_id=model_id)
+            health = health.model_copy(update={
+                "last_failure": reason[:2000], "last_failure_at": at,
+                "failed_looks": max(failed_looks, health.failed_looks)})
+            snapshot = health.model_dump(mode="json")
+            if row is None:
+                session.add(HealthSnapshotRow(model_id=model_id, snapshot=snapshot,
+                                              checked_at=utcnow()))
+            else:
+                row.snapshot = snapshot
+
+    async def monitored_versions(self, model_id: str, live_version: str | None
+                                 ) -> dict[str, str]:
+        """The versions the monitor looks at, with their role: the live one, those the
+        route sends traffic to (candidates of a rollout) or copies traffic to (a shadow),
+        and those with a ready engine (cached)."""
+        roles: dict[str, str] = {}
+        if live_version:
+            roles[live_version] = "live"
+        route = await self.get_route(model_id)
+        for backend in route.backends if route else []:
+            roles.setdefault(backend.version, "shadow" if backend.is_shadow else "candidate")
+        for engine in await self.list_engines(model_id=model_id):
+            if engine.state is EngineState.READY:
+                roles.setdefault(engine.version, "cached")
+        return roles
 
     async def list_health(self, model_id: str | None = None) -> list[ModelHealth]:
         query = select(HealthSnapshotRow).order_by(HealthSnapshotRow.model_id)

@@ -166,7 +166,7 @@ class ThresholdsRow(Base):
 
 class EngineResourcesRow(Base):
     """An engine host's latest measurement of one of its engines
-    (`turnout.monitoring.EngineResources` as JSON); written only by that host."""
+    (`turnout.telemetry.health.EngineResources` as JSON); written only by that host."""
 
     __tablename__ = "engine_resources"
 
@@ -178,7 +178,7 @@ class EngineResourcesRow(Base):
 
 
 class HealthSnapshotRow(Base):
-    """The monitor's latest look at a model (`turnout.monitoring.ModelHealth` as JSON)."""
+    """The monitor's latest look at a model (`turnout.telemetry.health.ModelHealth` as JSON)."""
 
     __tablename__ = "health_snapshots"
 

@@ -5,9 +5,10 @@ Two sources of alerts meet here, with one lifecycle:
 - Local records. A process that serves requests itself (the guide's `SwitchingEngine`
   calls `record_request` from a synchronous engine) keeps bounded windows per model key;
   each interval they are judged with the same pure code as the stack's monitor
-  (`turnout.monitoring.evaluate`), and alerts fire, update and resolve like the stored ones:
-  one alert per (model key, type) while firing, a repeat updates it (count, last seen,
-  severity), recovery resolves it and notifies once.
+  (`turnout.telemetry.health.evaluate`), and alerts fire, update and resolve by the same
+  lifecycle as the stored ones (`turnout.telemetry.alerts`): one alert per (model key,
+  type) while firing, a repeat updates it (count, last seen, severity), recovery resolves
+  it and notifies once.
 - The stack. The gateways' traffic is judged by the stack's own monitor, which stores
   alerts and calls the webhooks of the settings. This class polls `GET /alerts` and
   forwards each new or changed stored alert to its `AlertSystem` once, so in-process
@@ -31,19 +32,14 @@ import httpx
 from pydantic import ValidationError
 
 from turnout.alerting import AlertSystem, log_alert
-from turnout.analysis import quantile
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Alert, AlertSeverity, AlertState
-from turnout.monitoring import (
-    AlertType,
-    Breach,
-    HealthFigures,
-    ModelHealth,
-    MonitorThresholds,
-    VersionHealth,
-    evaluate,
-)
 from turnout.sdk import TurnoutAPIError, _Client
+from turnout.telemetry.alerts import AlertKey, apply_plan, plan_alerts
+from turnout.telemetry.catalogue import Source
+from turnout.telemetry.figures import Figures, WindowSamples
+from turnout.telemetry.health import ModelHealth, MonitorThresholds, VersionHealth, evaluate
+from turnout.telemetry.sketch import Histogram
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +50,6 @@ CUSTOM_WINDOW_SIZE = 1_000
 STACK_TIMEOUT_S = 10.0
 # The resolved-alerts query reaches this far before the previous poll (clock skew).
 SINCE_MARGIN = timedelta(seconds=10)
-
-_TITLES = {AlertType.ERROR_RATE: "High error rate", AlertType.LATENCY: "High latency",
-           AlertType.RESOURCE: "High resource usage", AlertType.CUSTOM: "Metric out of range"}
-_RANK = {AlertSeverity.INFO: 0, AlertSeverity.WARNING: 1, AlertSeverity.CRITICAL: 2}
 
 # (monotonic time, latency ms, error, time to first token ms or None)
 _Sample = tuple[float, float, bool, float | None]
@@ -90,8 +82,9 @@ class HealthMonitor:
         self._lock = threading.Lock()
         self._requests: dict[str, deque[_Sample]] = {}
         self._custom: dict[str, dict[str, deque[tuple[float, float]]]] = {}
-        # Local alerts firing, by (model key, type).
-        self._firing: dict[tuple[str, str], Alert] = {}
+        # Local alerts firing, per model key by (version, type): the version is None, a
+        # model key names the model and its version at once.
+        self._firing: dict[str, dict[AlertKey, Alert]] = {}
         # Stored alerts forwarded: id -> (state, count, severity) last seen.
         self._seen: dict[int, tuple[AlertState, int, AlertSeverity]] = {}
         self._last_poll: datetime | None = None
@@ -167,25 +160,22 @@ class HealthMonitor:
 
     # ------------------------------------------------------------------ judging
 
-    def figures(self, model_key: str, *, now: float | None = None) -> HealthFigures:
+    def figures(self, model_key: str, *, now: float | None = None) -> Figures:
         """`model_key`'s figures over the last interval."""
         since = (time.monotonic() if now is None else now) - self.interval_s
         with self._lock:
             samples = [s for s in self._requests.get(model_key, ()) if s[0] >= since]
             custom = {name: [v for t, v in window if t >= since]
                       for name, window in self._custom.get(model_key, {}).items()}
-        latencies = [s[1] for s in samples]
-        ttfts = [s[3] for s in samples if s[3] is not None]
+        window = WindowSamples(model_key)
         errors = sum(1 for s in samples if s[2])
-        return HealthFigures(
-            requests=len(samples), errors=errors,
-            error_rate=errors / len(samples) if samples else None,
-            latency_p50_ms=quantile(latencies, 0.5), latency_p95_ms=quantile(latencies, 0.95),
-            latency_p99_ms=quantile(latencies, 0.99), ttft_p50_ms=quantile(ttfts, 0.5),
-            ttft_p95_ms=quantile(ttfts, 0.95),
-            # A custom metric is a gauge sampled now and then: its interval mean is judged.
-            custom={name: sum(values) / len(values) for name, values in custom.items()
-                    if values})
+        window.add(len(samples), errors, {
+            Source.LATENCY: Histogram.of(s[1] for s in samples),
+            Source.TTFT: Histogram.of(s[3] for s in samples if s[3] is not None)})
+        # A custom metric is a gauge sampled now and then: its interval mean is judged.
+        return window.figures().model_copy(update={
+            "version": "", "custom": {name: sum(values) / len(values)
+                                      for name, values in custom.items() if values}})
 
     def evaluate(self, *, now: float | None = None) -> dict[str, VersionHealth]:
         """Every recorded model key judged over the last interval (`no_data` when it saw
@@ -200,7 +190,7 @@ class HealthMonitor:
 
     def local_alerts(self) -> list[Alert]:
         """Local alerts firing now."""
-        return [a.model_copy() for a in self._firing.values()]
+        return [a.model_copy() for alerts in self._firing.values() for a in alerts.values()]
 
     def check_local(self, *, now: float | None = None) -> list[Alert]:
         """Judge the records and move the local alerts on; returns the alerts that changed
@@ -209,40 +199,12 @@ class HealthMonitor:
         changed: list[Alert] = []
         at = datetime.now(UTC)
         for key, health in self.evaluate(now=now).items():
-            judged = _judged_types(health.figures, self.thresholds_for(key))
-            by_type: dict[str, list[Breach]] = {}
-            for breach in health.breaches:
-                by_type.setdefault(breach.type.value, []).append(breach)
-            for alert_type, breaches in by_type.items():
-                changed.append(self._fire(key, alert_type, breaches, health, at))
-            for alert_type in judged - set(by_type):
-                alert = self._firing.pop((key, alert_type), None)
-                if alert is not None:
-                    alert.state, alert.last_seen = AlertState.RESOLVED, at
-                    alert.title = f"Resolved: {alert.title}"
-                    alert.message = f"{key} is back within its {alert_type} levels " \
-                                    f"({_summary(health.figures)})"
-                    alert.figures = health.figures.model_dump(exclude_none=True)
-                    changed.append(alert.model_copy())
+            firing = self._firing.setdefault(key, {})
+            plan = plan_alerts(key, [health.model_copy(update={"version": ""})],
+                               list(firing.values()), self.thresholds_for(key),
+                               window_s=self.interval_s)
+            changed += apply_plan(firing, plan, at)
         return changed
-
-    def _fire(self, key: str, alert_type: str, breaches: list[Breach], health: VersionHealth,
-              at: datetime) -> Alert:
-        worst = max(breaches, key=lambda b: _RANK[b.severity])
-        title = f"{_TITLES[AlertType(alert_type)]} on {key}"
-        message = "; ".join(b.text for b in breaches) + \
-            f" over the last {self.interval_s:g}s ({_summary(health.figures)})"
-        figures = health.figures.model_dump(exclude_none=True)
-        alert = self._firing.get((key, alert_type))
-        if alert is None:
-            alert = self._firing[(key, alert_type)] = Alert(
-                model_id=key, type=alert_type, severity=worst.severity, title=title,
-                message=message, figures=figures, first_seen=at, last_seen=at)
-        else:
-            alert.count += 1
-            alert.severity, alert.title, alert.message = worst.severity, title, message
-            alert.figures, alert.last_seen = figures, at
-        return alert.model_copy()
 
     # ------------------------------------------------------------------ the stack's alerts
 
@@ -399,31 +361,6 @@ def _rebased(base: MonitorThresholds, overrides: dict[str, Any],
         return base.updated(overrides)
     except ValueError:
         return fallback
-
-
-def _judged_types(figures: HealthFigures, thresholds: MonitorThresholds) -> set[str]:
-    """The alert types these figures say something about: only those may resolve (too
-    few requests says nothing about the error rate, so it does not end an alert)."""
-    judged = set()
-    if figures.requests >= thresholds.min_requests:
-        if figures.error_rate is not None:
-            judged.add(AlertType.ERROR_RATE.value)
-        if figures.latency_p95_ms is not None:
-            judged.add(AlertType.LATENCY.value)
-    if figures.memory_percent is not None or figures.cpu_percent is not None:
-        judged.add(AlertType.RESOURCE.value)
-    if any(name in figures.custom for name in thresholds.custom):
-        judged.add(AlertType.CUSTOM.value)
-    return judged
-
-
-def _summary(figures: HealthFigures) -> str:
-    parts = [f"{figures.requests} requests"]
-    if figures.error_rate is not None:
-        parts.append(f"errors {figures.error_rate:.1%}")
-    if figures.latency_p95_ms is not None:
-        parts.append(f"p95 {figures.latency_p95_ms:.0f} ms")
-    return ", ".join(parts)
 
 
 def _alert_params(model_id: str | None, severity: AlertSeverity | str | None,

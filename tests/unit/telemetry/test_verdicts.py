@@ -1,4 +1,4 @@
-"""Health analysis: statistics against known values, verdict rules on simulated traffic."""
+"""Verdicts: statistics against known values, verdict rules on simulated traffic."""
 
 from __future__ import annotations
 
@@ -9,38 +9,58 @@ from typing import Any
 import pydantic
 import pytest
 
-from api.switching import planned_looks, switch_thresholds
+from api.switching import switch_thresholds
 from gateway.metrics import GatewayMetrics, UnrecordedMetrics
-from turnout.analysis import (
-    Sample,
-    figures,
+from turnout.config import ModelSwitchingConfig
+from turnout.domain import SwitchAnalysis, SwitchRequest
+from turnout.strategies import planned_looks as strategy_looks
+from turnout.telemetry.catalogue import Source
+from turnout.telemetry.figures import WindowSamples
+from turnout.telemetry.sketch import Histogram
+from turnout.telemetry.statistics import (
+    count,
     fisher_exact_greater,
-    judge,
     mann_whitney_u,
     normal_isf,
     quantile,
     quantile_interval,
+    tail_test,
     two_proportion_test,
 )
-from turnout.config import ModelSwitchingConfig
-from turnout.contracts import HealthThresholds
-from turnout.domain import GuardedMetric, SwitchAnalysis, SwitchRequest
+from turnout.telemetry.verdicts import GuardedMetric, HealthThresholds, judge
+
+
+def planned_looks(request: SwitchRequest) -> int:
+    return strategy_looks(request.strategy, request.strategy_config)
+
+
+def Sample(version: str, requests: int = 0, errors: int = 0,  # noqa: N802 - reads as a type
+           latencies: list[float] | None = None,
+           ttft: list[float] | None = None) -> WindowSamples:
+    """A version's window from raw samples."""
+    sample = WindowSamples(version)
+    sample.add_values(requests, errors, latencies or [], ttft or [])
+    return sample
 
 
 def simulate(rng: random.Random, version: str, n: int, *, median_ms: float = 800.0,
              sigma: float = 0.3, error_rate: float = 0.01,
-             ttft_median_ms: float | None = None) -> Sample:
+             ttft_median_ms: float | None = None) -> WindowSamples:
     """n requests with lognormal latencies (LLM latencies are right-skewed) and errors;
     with `ttft_median_ms`, every success is a stream with a lognormal time to first token."""
-    sample = Sample(version, requests=n)
+    errors, latencies, ttft = 0, [], []
     for _ in range(n):
         if rng.random() < error_rate:
-            sample.errors += 1
+            errors += 1
         else:
-            sample.latencies_ms.append(median_ms * rng.lognormvariate(0.0, sigma))
+            latencies.append(median_ms * rng.lognormvariate(0.0, sigma))
             if ttft_median_ms is not None:
-                sample.ttft_ms.append(ttft_median_ms * rng.lognormvariate(0.0, sigma))
-    return sample
+                ttft.append(ttft_median_ms * rng.lognormvariate(0.0, sigma))
+    return Sample(version, n, errors, latencies, ttft)
+
+
+def ttft_count(sample: WindowSamples) -> int:
+    return count(sample.values(Source.TTFT))
 
 
 # ---------------------------------------------------------------------- statistics
@@ -59,13 +79,15 @@ def test_quantile_linear_interpolation() -> None:
 
 
 def test_figures() -> None:
-    f = figures("v2", 200, 10, [float(x) for x in range(1, 191)])
+    """Quantiles of a window are those of its samples within the sketch's 1% (its bins
+    are 2% wide and stand for their centre)."""
+    f = Sample("v2", 200, 10, [float(x) for x in range(1, 191)]).figures()
     assert (f.version, f.requests, f.errors) == ("v2", 200, 10)
     assert f.error_rate == pytest.approx(0.05)
-    assert f.p50_ms == pytest.approx(95.5)
-    assert f.p95_ms == pytest.approx(180.55)
-    empty = figures("v2", 0, 0, [])
-    assert empty.error_rate is None and empty.p95_ms is None
+    assert f.latency_p50_ms == pytest.approx(95.5, rel=0.01)
+    assert f.latency_p95_ms == pytest.approx(180.55, rel=0.01)
+    empty = Sample("v2").figures()
+    assert empty.error_rate is None and empty.latency_p95_ms is None
 
 
 def test_two_proportion_test_known_values() -> None:
@@ -182,12 +204,14 @@ def test_healthy_reason_summarises_figures() -> None:
     verdict = judge(simulate(rng, "v2", 230, error_rate=0.0),
                     simulate(rng, "v1", 230, error_rate=0.0), HealthThresholds())
     assert verdict.outcome == "healthy"
-    assert verdict.reason.startswith(f"p95 {verdict.target.p95_ms:.0f} ms, errors 0.0% over "
+    p95 = verdict.target.latency_p95_ms
+    assert verdict.reason.startswith(f"p95 {p95:.0f} ms, errors 0.0% over "
                                      "230 requests (stable v1: p95 ")
 
 
 def test_twenty_percent_slower_target_is_caught() -> None:
-    """300 vs 300 requests, target truly 20% slower, default settings: caught."""
+    """300 vs 300 requests, target truly 20% slower (twice the tolerance), default
+    settings: caught."""
     thresholds = HealthThresholds()
     rng = random.Random(20)
     verdict = judge(simulate(rng, "v2", 300, median_ms=960), simulate(rng, "v1", 300),
@@ -196,18 +220,49 @@ def test_twenty_percent_slower_target_is_caught() -> None:
     assert verdict.reason.startswith("p95 latency ")
     assert "vs stable" in verdict.reason and "> 10% tolerance" in verdict.reason
     assert verdict.analysis["latency"]["worse"] is True
-    # And not by luck of one seed: the power over 200 runs is high, also at the per-look
-    # alpha of a default canary (10 looks): the p95 tolerance, not significance, binds.
-    # Measured (seed 20, 400 runs): 96% at 1 look and at 10 looks; 98% at n = 500.
-    # Wider latencies (sigma 0.5) need more: 87% at 300, 90% at 500 per side.
-    for looks in (1, planned_looks(SwitchRequest(model_id="m", target_version="v2",
-                                                 strategy="canary"))):
+    assert verdict.analysis["metrics"]["latency_p95"]["margin"] == pytest.approx(1.1)
+    # And not by luck of one seed. The rank test asks whether the target is slower than
+    # stable x 1.1 (the tolerance is in the null hypothesis), which costs some power this
+    # close to the tolerance: measured (seed 20, 400 runs) 94% at 1 look, 86% at the 10
+    # looks of a default canary; a target 50% slower is caught every time (below).
+    for looks, power in ((1, 0.9), (planned_looks(SwitchRequest(
+            model_id="m", target_version="v2", strategy="canary")), 0.8)):
         rng = random.Random(20)
         thresholds = HealthThresholds(looks=looks)
         caught = sum(judge(simulate(rng, "v2", 300, median_ms=960),
                            simulate(rng, "v1", 300), thresholds).outcome == "unhealthy"
                      for _ in range(400))
-        assert caught >= 0.95 * 400, (looks, caught)
+        assert caught >= power * 400, (looks, caught)
+
+
+def test_a_target_fifty_percent_slower_is_caught_95_percent_of_the_time() -> None:
+    """The regression a user must be protected from (+50% latency): at least 95% power at
+    the per-look level of a default canary (10 looks), with wide latencies (sigma 0.5)
+    and 150 requests per side. Measured: 93% with 100 per side, 100% with 300."""
+    looks = planned_looks(SwitchRequest(model_id="m", target_version="v2", strategy="canary"))
+    rng = random.Random(21)
+    thresholds = HealthThresholds(looks=looks)
+    caught = sum(judge(simulate(rng, "v2", 150, median_ms=1200, sigma=0.5, error_rate=0),
+                       simulate(rng, "v1", 150, sigma=0.5, error_rate=0),
+                       thresholds).outcome == "unhealthy" for _ in range(300))
+    assert caught >= 0.95 * 300, caught
+
+
+def test_a_aa_per_look_false_rejections_stay_within_the_level() -> None:
+    """A/A samples: identical versions, and versions a few percent apart (two CPU
+    engines of the same weights on different cores were measured 5% apart at the median,
+    p = 0.01 with 350 requests each). The per-look rate of unhealthy verdicts stays within
+    the level 1 - confidence whatever the number of samples: the tolerance is part of the
+    null hypothesis, so a difference inside it is never significant."""
+    thresholds = HealthThresholds()
+    alpha = 1 - thresholds.confidence
+    for n, apart in ((100, 1.0), (1000, 1.0), (1000, 1.05), (3000, 1.08)):
+        rng = random.Random(n + int(apart * 100))
+        runs = 200
+        flagged = sum(judge(simulate(rng, "v2", n, median_ms=800 * apart, error_rate=0),
+                            simulate(rng, "v1", n, error_rate=0),
+                            thresholds).outcome == "unhealthy" for _ in range(runs))
+        assert flagged <= alpha * runs, (n, apart, flagged)
 
 
 def test_identical_target_rarely_flagged() -> None:
@@ -331,8 +386,8 @@ def test_ttft_regression_is_caught_and_named() -> None:
             assert "vs stable" in verdict.reason and "> 10% tolerance" in verdict.reason
             ttft = verdict.analysis["metrics"]["ttft_p95"]
             assert ttft["worse"] and ttft["material"] and ttft["significant"]
-            assert ttft["samples"] == {"target": len(target.ttft_ms),
-                                       "stable": len(stable.ttft_ms)}
+            assert ttft["samples"] == {"target": ttft_count(target),
+                                       "stable": ttft_count(stable)}
             assert ttft["ratio"] == pytest.approx(ttft["target"] / ttft["stable"])
             assert verdict.target.ttft_p95_ms == pytest.approx(ttft["target"])
             assert verdict.analysis["latency"]["failed"] is False
@@ -356,10 +411,10 @@ def test_metric_without_samples_is_skipped_with_a_note() -> None:
         "skipped: no p95 time to first token samples on stable"
     # A few streams among plain requests: too few to compare, named with the need.
     few = simulate(rng, "v1", 300)
-    few.ttft_ms = [200.0] * 5
+    few.samples[Source.TTFT] = Histogram.of([200.0] * 5)
     some = judge(streamed, few, HealthThresholds())
     assert some.analysis["metrics"]["ttft_p95"]["note"] == (
-        f"not compared: {len(streamed.ttft_ms)} target and 5 stable samples, need 20 each")
+        f"not compared: {ttft_count(streamed)} target and 5 stable samples, need 20 each")
 
 
 def test_higher_is_better_metric_direction() -> None:
@@ -486,43 +541,72 @@ def test_switch_thresholds_merge_the_request_over_the_settings() -> None:
 
 
 def test_gateway_windows_merge_exactly() -> None:
-    """Two gateways' windows concatenated give the figures of all the raw outcomes."""
+    """Two gateways' windows added up give the figures of all the outcomes."""
     rng = random.Random(16)
     gateways = [GatewayMetrics(), GatewayMetrics()]
-    everything = Sample("v2")
+    errors, latencies, ttfts = 0, [], []
     for i in range(240):
         metrics = gateways[i % 2]
         metrics.started("m", "v2")
         seconds = 0.5 * rng.lognormvariate(0.0, 0.4)
         if i % 17 == 0:  # a version fault: counted, no latency, no TTFT
             metrics.finished("m", "v2", seconds, failure="5xx")
-            everything.add(1, 1, [])
+            errors += 1
         elif i % 3 == 0:  # a plain answer: latency, no TTFT
             metrics.finished("m", "v2", seconds)
-            everything.add(1, 0, [round(seconds * 1000, 3)])
+            latencies.append(seconds * 1000)
         else:  # a stream: latency and TTFT
             ttfb = seconds * 0.2
             metrics.first_byte("m", "v2", ttfb)
             metrics.finished("m", "v2", seconds, ttfb_s=ttfb)
-            everything.add(1, 0, [round(seconds * 1000, 3)], [round(ttfb * 1000, 3)])
+            latencies.append(seconds * 1000)
+            ttfts.append(ttfb * 1000)
         if i % 29 == 0:  # a client that left mid-answer says nothing about the version
             metrics.started("m", "v2")
             metrics.finished("m", "v2", 9.0, completed=False, ttfb_s=0.1)
-    merged = Sample("v2")
+    everything = Sample("v2", 240, errors, latencies, ttfts)
+    merged = WindowSamples("v2")
     for metrics in gateways:
-        window = metrics.stats_by_model(0.0, 4e9)["m"]["v2"]["window"]
-        assert set(window) == {"requests", "errors", "latencies_ms", "ttft_ms"}
-        merged.add(window["requests"], window["errors"], window["latencies_ms"],
-                   window["ttft_ms"])
+        window = metrics.stats_by_model(0.0, 4e9)["m"]["v2"].window
+        assert window is not None and not window.cut
+        merged.add_window(window)
     assert merged.figures() == everything.figures()
     assert (merged.requests, merged.errors) == (240, 15)
-    assert sorted(merged.ttft_ms) == sorted(everything.ttft_ms) and len(merged.ttft_ms) == 150
-    assert quantile(merged.ttft_ms, 0.95) == quantile(everything.ttft_ms, 0.95)
+    assert merged.values(Source.TTFT) == everything.values(Source.TTFT) and \
+        ttft_count(merged) == 150
     # Outside the window: nothing.
-    assert gateways[0].stats_by_model(0.0, 1.0)["m"]["v2"]["window"] == {
-        "requests": 0, "errors": 0, "latencies_ms": [], "ttft_ms": []}
-    # A gateway without `ttft_ms` in its window (older version) still merges.
-    merged.add(3, 1, [100.0, 120.0])
-    assert (merged.requests, len(merged.ttft_ms)) == (243, 150)
+    empty = gateways[0].stats_by_model(0.0, 1.0)["m"]["v2"].window
+    assert empty is not None and (empty.requests, empty.errors, empty.samples) == (0, 0, {})
     # Recording switched off accepts the same calls.
     UnrecordedMetrics().finished("m", "v2", 1.0, ttfb_s=0.2)
+
+
+def test_a_tail_regression_is_caught_and_a_few_outliers_alone_are_not() -> None:
+    """A tenth of the target's answers five times slower moves its p95 a lot and its
+    median little: the test of the guarded quantile (`tail_test`) catches it where a rank
+    test of the whole distribution would not. Two outliers in 300 do not."""
+    rng = random.Random(31)
+
+    def latencies(n: int, tail: float = 0.0) -> list[float]:
+        return [800 * rng.lognormvariate(0, 0.4) * (5 if rng.random() < tail else 1)
+                for _ in range(n)]
+
+    stable = Sample("v1", 300, 0, latencies(300))
+    slow_tail = Sample("v2", 300, 0, latencies(300, tail=0.1))
+    verdict = judge(slow_tail, stable, HealthThresholds())
+    assert verdict.outcome == "unhealthy", verdict.reason
+    p95 = verdict.analysis["metrics"]["latency_p95"]
+    assert p95["p_tail"] < p95["p_rank"] and p95["p_value"] == pytest.approx(
+        min(1.0, 2 * p95["p_tail"]))
+    outliers = Sample("v2", 300, 0, latencies(298) + [40_000.0, 50_000.0])
+    assert judge(outliers, stable, HealthThresholds()).outcome == "healthy"
+
+
+def test_tail_test_reads_the_quantile_with_its_margin() -> None:
+    base = [float(v) for v in range(1, 201)]
+    assert tail_test(base, base, 0.95) == pytest.approx(
+        fisher_exact_greater(10, 200, 10, 200))
+    assert tail_test([v * 2 for v in base], base, 0.95) < 1e-6
+    assert tail_test([v * 1.05 for v in base], base, 0.95, margin=1.1) > 0.5
+    assert tail_test([v / 2 for v in base], base, 0.5, upper=False) < 1e-6
+    assert tail_test(base[:5], base, 0.95) is None

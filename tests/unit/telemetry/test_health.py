@@ -1,34 +1,22 @@
-"""The monitor's pure rules: levels, states, thresholds merging and the alert lifecycle."""
+"""The monitor's pure rules: levels, states and thresholds merging."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
+from tests.unit.telemetry.looks import T, busy, health
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Alert, AlertSeverity
-from turnout.monitoring import (
-    HealthFigures,
+from turnout.domain import AlertSeverity
+from turnout.telemetry.figures import Figures
+from turnout.telemetry.health import (
     MetricLimit,
     MonitorThresholds,
-    VersionHealth,
     VersionState,
     applied_thresholds,
     evaluate,
-    plan_alerts,
     summarize,
 )
-
-T = MonitorThresholds()
-
-
-def busy(**figures: float) -> HealthFigures:
-    return HealthFigures(requests=100, **figures)
-
-
-def health(version: str, figures: HealthFigures,
-           thresholds: MonitorThresholds = T) -> VersionHealth:
-    return evaluate(figures, thresholds).model_copy(update={"version": version})
 
 
 def test_states_follow_the_worst_level_crossed() -> None:
@@ -45,7 +33,7 @@ def test_states_follow_the_worst_level_crossed() -> None:
 
 
 def test_a_quiet_version_is_not_judged_on_rates_but_on_resources() -> None:
-    quiet = HealthFigures(requests=3, errors=2, error_rate=0.67, latency_p95_ms=99_000)
+    quiet = Figures(requests=3, errors=2, error_rate=0.67, latency_p95_ms=99_000)
     assert evaluate(quiet, T).state is VersionState.NO_DATA
     hot = quiet.model_copy(update={"memory_percent": 97.0})
     result = evaluate(hot, T)
@@ -90,39 +78,32 @@ def test_updates_are_validated_as_a_whole() -> None:
     assert [field for field, _ in conflicts] == ["cpu_warning_percent"]
 
 
-def firing(version: str, alert_type: str, severity: AlertSeverity) -> Alert:
-    return Alert(model_id="m", version=version, type=alert_type, severity=severity,
-                 title="t")
-
-
-def test_one_alert_per_version_and_type_with_the_worst_severity() -> None:
-    sick = health("v2", busy(error_rate=0.5, memory_percent=90, cpu_percent=99))
-    plan = plan_alerts("m", [sick], [], T)
-    by_type = {a.type: a for a in plan.fire}
-    assert set(by_type) == {"error_rate", "resource"}
-    assert by_type["resource"].severity is AlertSeverity.CRITICAL
-    assert "memory_percent" in by_type["resource"].message
-    assert "cpu_percent" in by_type["resource"].message
-    assert by_type["error_rate"].figures["error_rate"] == 0.5
-    assert plan.resolve == []
-
-
-def test_recovery_resolves_but_silence_does_not() -> None:
-    alerts = [firing("v1", "error_rate", AlertSeverity.CRITICAL),
-              firing("v2", "latency", AlertSeverity.WARNING),
-              firing("v3", "error_rate", AlertSeverity.WARNING),
-              firing("v1", "rollout", AlertSeverity.CRITICAL)]
-    recovered = health("v1", busy(error_rate=0.0, latency_p95_ms=100))
-    quiet = health("v2", HealthFigures(requests=2))
-    # v3 is no longer monitored (rolled back and unloaded); rollout alerts are not ours.
-    plan = plan_alerts("m", [recovered, quiet], alerts, T)
-    assert plan.fire == []
-    assert sorted(plan.resolve, key=str) == [("v1", "error_rate"), ("v3", "error_rate")]
-
-
 def test_summary_names_states_and_breaches() -> None:
     line = summarize("m", [health("v1", busy(error_rate=0.0, latency_p95_ms=120)),
                            health("v2", busy(error_rate=0.3, latency_p95_ms=90))])
     assert line.startswith("m: v1 (live) healthy: 100 req, 0.0% errors, p95 120 ms")
     assert "v2 (live) unhealthy" in line and "error_rate 30.0%" in line
     assert summarize("m", []) == "m: no version to monitor"
+
+
+def test_a_busy_cpu_alone_is_not_trouble_by_default() -> None:
+    """A CPU engine at 100% while it serves fast raises nothing; a full KV cache with
+    requests waiting does; `cpu_alerts` brings CPU levels back, alone or with latency."""
+    busy_and_fast = busy(error_rate=0.0, latency_p95_ms=15, cpu_percent=100.0,
+                         memory_percent=40.0, kv_cache_usage=0.99, queued=0)
+    assert evaluate(busy_and_fast, T).state is VersionState.HEALTHY
+    full = busy_and_fast.model_copy(update={"queued": 3.0})
+    [breach] = evaluate(full, T).breaches
+    assert (breach.metric, breach.severity) == ("kv_cache_usage", AlertSeverity.CRITICAL)
+    assert evaluate(full.model_copy(update={"kv_cache_usage": 0.5}), T).breaches == []
+    on = T.updated({"cpu_alerts": "on"})
+    assert [b.metric for b in evaluate(busy_and_fast, on).breaches] == ["cpu_percent"]
+    with_latency = T.updated({"cpu_alerts": "with_latency"})
+    assert evaluate(busy_and_fast, with_latency).breaches == []
+    slow = busy_and_fast.model_copy(update={"latency_p95_ms": 6000.0})
+    assert {b.metric for b in evaluate(slow, with_latency).breaches} == {
+        "latency_p95_ms", "cpu_percent"}
+    settings = ModelSwitchingConfig(cpu_alerts="with_latency")
+    assert MonitorThresholds.from_settings(settings).cpu_alerts == "with_latency"
+    with pytest.raises(ValidationError):
+        T.updated({"kv_cache_warning": 0.99, "kv_cache_critical": 0.9})

@@ -17,10 +17,10 @@ import pytest
 
 from tests.support import free_port
 from turnout.alerting import AlertSystem
+from turnout.client.health_monitor import HealthMonitor
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Alert, AlertSeverity, AlertState
-from turnout.health_monitor import HealthMonitor
-from turnout.monitoring import MetricLimit, MonitorThresholds, VersionState
+from turnout.telemetry.health import MetricLimit, MonitorThresholds, VersionState
 
 
 def monitor(interval_s: float = 60, handlers: list[Any] | None = None,
@@ -54,8 +54,9 @@ def test_record_request_from_many_threads_loses_nothing() -> None:
     figures = {key: m.figures(key) for key in ("model_v0", "model_v1")}
     assert [f.requests for f in figures.values()] == [8000, 8000]
     assert [f.errors for f in figures.values()] == [800, 800]
-    assert figures["model_v0"].ttft_p50_ms == 5.0
-    assert figures["model_v0"].latency_p50_ms == pytest.approx(999.5)
+    # Within the 1% of the windows' histograms (turnout.telemetry.sketch).
+    assert figures["model_v0"].ttft_p50_ms == pytest.approx(5.0, rel=0.01)
+    assert figures["model_v0"].latency_p50_ms == pytest.approx(999.5, rel=0.01)
 
 
 def test_memory_is_bounded_per_model_key() -> None:
@@ -170,7 +171,7 @@ async def test_monitoring_goes_on_without_the_stack_and_says_so_once(
     assert not m.monitoring
     assert got and got[0].type == "error_rate" and got[0].severity is AlertSeverity.CRITICAL
     outages = [r for r in caplog.records if "unreachable" in r.getMessage()
-               and r.name == "turnout.health_monitor"]
+               and r.name == "turnout.client.health_monitor"]
     assert len(outages) == 1 and outages[0].levelno == logging.WARNING
     await m.stop_monitoring()  # stopping twice is fine
 

@@ -2,7 +2,8 @@
 
 `assess_health` merges what every live gateway saw of each version over the last interval
 with the engines' resource figures, judges each version against the thresholds
-(`turnout.monitoring`), fires, refreshes or resolves the stored alerts, tells the alert
+(`turnout.telemetry.health`), fires, refreshes or resolves the stored alerts (the lifecycle
+of `turnout.telemetry.alerts`), tells the alert
 handlers of every change, and keeps the look for `GET /health/models`. Running it twice for
 the same interval changes nothing more than running it once: alerts are keyed by (model,
 version, type) and the snapshot is replaced.
@@ -13,27 +14,27 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any
 
 from temporalio import activity
 
 from activities.gateway_admin import GatewayAdmin
-from turnout import analysis
 from turnout import contracts as c
 from turnout.alerting import AlertSystem, handlers_from_settings
 from turnout.config import ModelSwitchingConfig
 from turnout.domain import Alert, AlertState, EngineState
-from turnout.monitoring import (
+from turnout.gateway_protocol import VersionStats
+from turnout.store import NotFound, Store
+from turnout.telemetry.alerts import plan_alerts
+from turnout.telemetry.figures import Figures, WindowSamples
+from turnout.telemetry.health import (
     EngineResources,
-    HealthFigures,
     ModelHealth,
+    MonitorThresholds,
     VersionHealth,
     applied_thresholds,
     evaluate,
-    plan_alerts,
     summarize,
 )
-from turnout.store import NotFound, Store
 
 # How much later than its interval a host's measurement may land (CPU sampling, a busy
 # store) before it counts as stale.
@@ -44,29 +45,18 @@ class _Seen:
     """One version's traffic over the window, summed over gateways."""
 
     def __init__(self, version: str) -> None:
-        self.window = analysis.Sample(version)
+        self.window = WindowSamples(version)
         self.inflight = 0
-        # (median, sample count) per gateway, for a count-weighted mean of medians.
-        self.itl_ms: list[tuple[float, int]] = []
-        self.tokens_per_s: list[tuple[float, int]] = []
 
-    def add(self, entry: dict[str, Any]) -> None:
-        self.window.add_window(entry.get("window") or {})
-        self.inflight += int(entry.get("inflight", 0))
-        for name, into in (("itl_ms", self.itl_ms), ("tokens_per_s", self.tokens_per_s)):
-            summary = entry.get(name) or {}
-            if summary.get("p50") is not None and summary.get("count"):
-                into.append((float(summary["p50"]), int(summary["count"])))
+    def add(self, entry: VersionStats) -> None:
+        if entry.window is not None:
+            self.window.add_window(entry.window)
+        self.inflight += entry.inflight
 
 
-def _weighted(pairs: list[tuple[float, int]]) -> float | None:
-    total = sum(n for _, n in pairs)
-    return sum(v * n for v, n in pairs) / total if total else None
-
-
-def _figures(seen: _Seen, engines: list[EngineResources]) -> HealthFigures:
+def _figures(seen: _Seen, engines: list[EngineResources]) -> Figures:
     def present(name: str) -> list[float]:
-        return [getattr(e, name) for e in engines if getattr(e, name) is not None]
+        return [float(v) for e in engines if (v := getattr(e, name)) is not None]
 
     def worst(name: str) -> float | None:
         return max(present(name), default=None)
@@ -75,20 +65,15 @@ def _figures(seen: _Seen, engines: list[EngineResources]) -> HealthFigures:
         values = present(name)
         return sum(values) if values else None
 
-    window = seen.window.figures()
-    return HealthFigures(
-        requests=window.requests, errors=window.errors, error_rate=window.error_rate,
-        latency_p50_ms=window.p50_ms, latency_p95_ms=window.p95_ms,
-        latency_p99_ms=window.p99_ms, ttft_p50_ms=window.ttft_p50_ms,
-        ttft_p95_ms=window.ttft_p95_ms, time_per_output_token_ms=_weighted(seen.itl_ms),
-        output_tokens_per_s=_weighted(seen.tokens_per_s), inflight=seen.inflight,
-        queued=total("queued_requests"), memory_mb=total("memory_mb"),
+    return seen.window.figures().model_copy(update=dict(
+        version="", inflight=seen.inflight, queued=total("queued_requests"),
+        memory_mb=total("memory_mb"),
         # Levels are per engine: the most loaded engine of the version is the one at risk.
         memory_percent=worst("memory_percent"), cpu_percent=worst("cpu_percent"),
-        kv_cache_usage=worst("kv_cache_usage"))
+        kv_cache_usage=worst("kv_cache_usage")))
 
 
-class MonitorActivities:
+class HealthLookActivities:
     def __init__(self, settings: ModelSwitchingConfig, store: Store, admin: GatewayAdmin,
                  alerts: AlertSystem | None = None) -> None:
         self.settings = settings
@@ -117,23 +102,38 @@ class MonitorActivities:
         thresholds = applied_thresholds(
             self.settings, *await self.store.threshold_overrides(model_id))
         until = time.time()
-        seen = await self._gateway_figures(model_id, until - input.window_s, until)
+        window_s = input.window_s or interval
+        seen = await self._gateway_figures(model_id, until - window_s, until)
         resources = await self._resources(input, until)
         versions = []
-        for version, role in (await self._monitored(model_id, live_version)).items():
+        for version, role in (await self.store.monitored_versions(model_id,
+                                                                  live_version)).items():
             engines = resources.get(version, [])
             health = evaluate(_figures(seen.get(version, _Seen(version)), engines), thresholds)
             versions.append(health.model_copy(update={"version": version, "role": role,
                                                       "engines": engines}))
-        await self._update_alerts(model_id, versions, thresholds)
+        await self._update_alerts(model_id, versions, thresholds, window_s)
+        failed_at = input.last_failure_at
         await self.store.save_health(ModelHealth(
             model_id=model_id, live_version=live_version,
-            checked_at=datetime.fromtimestamp(until, UTC), interval_s=input.window_s,
-            versions=versions, thresholds=thresholds))
+            checked_at=datetime.fromtimestamp(until, UTC), interval_s=window_s,
+            next_look_at=datetime.fromtimestamp(until + interval, UTC),
+            versions=versions, thresholds=thresholds, failed_looks=input.failed_looks,
+            last_failure=input.last_failure,
+            last_failure_at=datetime.fromtimestamp(failed_at, UTC) if failed_at else None))
         summary = summarize(model_id, versions)
         activity.logger.info("health: %s", summary)
         return c.AssessHealthResult(summary=summary, interval_s=interval,
                                     states={v.version: v.state.value for v in versions})
+
+    @activity.defn(name=c.RECORD_FAILED_LOOK)
+    async def record_failed_look(self, input: c.FailedLookInput) -> None:
+        """Keep a failed look for `GET /health/models` (when the store takes it)."""
+        activity.logger.warning("look %d at %s failed: %s", input.failed_looks,
+                                input.model_id, input.reason)
+        await self.store.record_failed_look(input.model_id, input.reason,
+                                            datetime.fromtimestamp(input.at, UTC),
+                                            input.failed_looks)
 
     async def _resources(self, input: c.AssessHealthInput, now: float
                          ) -> dict[str, list[EngineResources]]:
@@ -151,21 +151,6 @@ class MonitorActivities:
                     EngineResources.model_validate(e) for e in engines)
         return resources
 
-    async def _monitored(self, model_id: str, live_version: str | None) -> dict[str, str]:
-        """Versions to look at, with their role: the live one, those the route sends
-        traffic to (candidates of a rollout) or copies traffic to (a shadow), and those
-        with a ready engine (cached)."""
-        roles: dict[str, str] = {}
-        if live_version:
-            roles[live_version] = "live"
-        route = await self.store.get_route(model_id)
-        for backend in route.backends if route else []:
-            roles.setdefault(backend.version, "shadow" if backend.is_shadow else "candidate")
-        for engine in await self.store.list_engines(model_id=model_id):
-            if engine.state is EngineState.READY:
-                roles.setdefault(engine.version, "cached")
-        return roles
-
     async def _gateway_figures(self, model_id: str, since: float,
                                until: float) -> dict[str, _Seen]:
         gateways = await self.store.live_gateways(self.settings.gateway_live_after_s)
@@ -177,10 +162,10 @@ class MonitorActivities:
         return seen
 
     async def _update_alerts(self, model_id: str, versions: list[VersionHealth],
-                             thresholds: Any) -> None:
+                             thresholds: MonitorThresholds, window_s: float) -> None:
         firing = await self.store.list_alerts(model_id=model_id, state=AlertState.FIRING)
         before = {(a.version, a.type): a for a in firing}
-        plan = plan_alerts(model_id, versions, firing, thresholds)
+        plan = plan_alerts(model_id, versions, firing, thresholds, window_s=window_s)
         changed: list[Alert] = []
         # The look's time is its first schedule: the same on a retry, so a retried look
         # refreshes its alerts without counting their breaches twice.
@@ -190,8 +175,9 @@ class MonitorActivities:
             previous = before.get((alert.version, alert.type))
             if previous is None or previous.severity is not stored.severity:
                 changed.append(stored)
-        for version, alert_type in plan.resolve:
-            resolved = await self.store.resolve_alert(model_id, version, alert_type)
+        for resolution in plan.resolve:
+            resolved = await self.store.resolve_alert(model_id, resolution.version,
+                                                      resolution.type)
             if resolved is not None:
                 changed.append(resolved)
         for alert in changed:

@@ -1,10 +1,10 @@
-"""Continuous health of model versions: thresholds, figures, states and breaches.
+"""Continuous health of model versions: thresholds, states and the levels crossed.
 
 Pure code shared by the stack's monitor (a workflow that looks at every live and candidate
 version each interval), `GET /health/models`, and the guide's in-process `HealthMonitor`.
-A rollout step's verdict (`turnout.analysis`) compares a target with the stable version;
-this module instead judges one version on its own against warning and critical levels, the
-way an on-call engineer reads a dashboard.
+A rollout step's verdict (`turnout.telemetry.verdicts`) compares a target with the stable
+version; this module instead judges one version on its own against warning and critical
+levels, the way an on-call engineer reads a dashboard.
 
 States: `no_data` (too few requests in the interval and no resource figures to judge: says
 nothing), `healthy`, `degraded` (a warning level crossed), `unhealthy` (a critical one).
@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from turnout.config import ModelSwitchingConfig
-from turnout.domain import Alert, AlertSeverity
+from turnout.domain import AlertSeverity
+from turnout.telemetry.figures import Figures
 
 
 class VersionState(StrEnum):
@@ -27,6 +28,9 @@ class VersionState(StrEnum):
     DEGRADED = "degraded"
     UNHEALTHY = "unhealthy"
     NO_DATA = "no_data"
+    # The monitor's looks fail (the reason is in `ModelHealth.last_failure`), or its last
+    # look is too old to stand for now: nothing is known.
+    UNKNOWN = "unknown"
 
 
 class AlertType(StrEnum):
@@ -51,7 +55,12 @@ class MetricLimit(BaseModel):
 LEVEL_PAIRS = (("error_rate_warning", "error_rate_critical"),
                ("latency_p95_warning", "latency_p95_critical"),
                ("memory_warning_percent", "memory_critical_percent"),
-               ("cpu_warning_percent", "cpu_critical_percent"))
+               ("cpu_warning_percent", "cpu_critical_percent"),
+               ("kv_cache_warning", "kv_cache_critical"))
+# How busy CPUs are judged: a CPU engine busy with its work is not unhealthy, so by default
+# CPU levels raise nothing (`off`); `with_latency` judges them only while the version's p95
+# latency is over its warning level too; `on` judges them alone.
+CpuAlerts = Literal["off", "with_latency", "on"]
 
 
 class MonitorThresholds(BaseModel):
@@ -73,6 +82,12 @@ class MonitorThresholds(BaseModel):
     cpu_warning_percent: float = Field(90, gt=0, le=100,
                                        description="engine CPU, % of all host cores")
     cpu_critical_percent: float = Field(98, gt=0, le=100)
+    cpu_alerts: CpuAlerts = Field("off", description="off, with_latency or on")
+    # A KV cache this full (fraction) while requests wait in the engine's queue: the
+    # engine is out of room for the work it is given.
+    kv_cache_warning: float = Field(0.90, gt=0, le=1,
+                                    description="KV cache use with requests queued, 0..1")
+    kv_cache_critical: float = Field(0.98, gt=0, le=1)
     # Fewer requests than this in an interval: error rate and latency are not judged.
     min_requests: int = Field(10, ge=1)
     custom: dict[str, MetricLimit] = Field(default_factory=dict)
@@ -107,7 +122,8 @@ class MonitorThresholds(BaseModel):
                                                settings.memory_warning_percent),
                    cpu_warning_percent=settings.cpu_warning_percent,
                    cpu_critical_percent=max(settings.cpu_critical_percent,
-                                            settings.cpu_warning_percent))
+                                            settings.cpu_warning_percent),
+                   cpu_alerts=settings.cpu_alerts)
 
     def updated(self, changes: dict[str, Any]) -> MonitorThresholds:
         """A copy with `changes` applied and validated as a whole (raises ValidationError)."""
@@ -145,28 +161,6 @@ class EngineResources(BaseModel):
     kv_cache_usage: float | None = Field(None, description="fraction 0..1")
 
 
-class HealthFigures(BaseModel):
-    """One version over one monitoring interval, merged across gateways and engines."""
-
-    requests: int = 0
-    errors: int = 0
-    error_rate: float | None = None
-    latency_p50_ms: float | None = None
-    latency_p95_ms: float | None = None
-    latency_p99_ms: float | None = None
-    ttft_p50_ms: float | None = None
-    ttft_p95_ms: float | None = None
-    time_per_output_token_ms: float | None = None
-    output_tokens_per_s: float | None = None
-    inflight: int = 0
-    queued: float | None = None
-    memory_mb: float | None = None
-    memory_percent: float | None = None
-    cpu_percent: float | None = None
-    kv_cache_usage: float | None = None
-    custom: dict[str, float] = Field(default_factory=dict)
-
-
 class Breach(BaseModel):
     """One level crossed: the alert it raises is keyed by (model, version, type, metric)."""
 
@@ -184,9 +178,12 @@ class Breach(BaseModel):
 
 class VersionHealth(BaseModel):
     version: str
-    role: Literal["live", "candidate", "shadow", "cached"] = "live"
+    # `registered`: neither live, nor served, nor loaded: nothing to measure.
+    role: Literal["live", "candidate", "shadow", "cached", "registered"] = "live"
     state: VersionState = VersionState.NO_DATA
-    figures: HealthFigures = Field(default_factory=HealthFigures)
+    # Why the state is `no_data` or `unknown` (None when the look judged it).
+    reason: str | None = None
+    figures: Figures = Field(default_factory=Figures)
     breaches: list[Breach] = Field(default_factory=list)
     engines: list[EngineResources] = Field(default_factory=list)
 
@@ -198,8 +195,35 @@ class ModelHealth(BaseModel):
     live_version: str | None = None
     checked_at: datetime | None = None
     interval_s: float | None = None
+    # When the monitor looks next (at the latest: a new monitor spreads its looks).
+    next_look_at: datetime | None = None
     versions: list[VersionHealth] = Field(default_factory=list)
     thresholds: MonitorThresholds = Field(default_factory=MonitorThresholds)
+    # Looks of the model's monitor that failed (counted since it started), and the last.
+    failed_looks: int = 0
+    last_failure: str | None = None
+    last_failure_at: datetime | None = None
+
+    def stale(self, now: datetime, interval_s: float) -> ModelHealth:
+        """This look as it stands at `now`: versions `unknown`, with the reason, when the
+        last look failed after it or when it is older than two intervals (the monitor is
+        not looking); as it is otherwise."""
+        failed = self.last_failure_at is not None and (
+            self.checked_at is None or self.last_failure_at > self.checked_at)
+        old = self.checked_at is not None and \
+            (now - self.checked_at).total_seconds() > 2 * interval_s + LOOK_SLACK_S
+        if not (failed or old):
+            return self
+        since = f"since {self.checked_at:%H:%M:%S} UTC" if self.checked_at else "yet"
+        reason = f"no look {since}" + (f": the last failed ({self.last_failure})"
+                                       if failed else ": the monitor is not looking")
+        versions = [v.model_copy(update={"state": VersionState.UNKNOWN, "reason": reason})
+                    for v in self.versions]
+        return self.model_copy(update={"versions": versions})
+
+
+# How late a look may be (a busy worker, a slow store) before its model counts as unwatched.
+LOOK_SLACK_S = 15.0
 
 
 def _fmt(metric: str, value: float) -> str:
@@ -223,12 +247,23 @@ def _level(value: float | None, warning: float | None, critical: float | None,
     return None
 
 
-def evaluate(figures: HealthFigures, thresholds: MonitorThresholds) -> VersionHealth:
+def _cpu_judged(figures: Figures, thresholds: MonitorThresholds) -> bool:
+    """Whether this look judges the engines' CPU (`MonitorThresholds.cpu_alerts`)."""
+    if thresholds.cpu_alerts == "with_latency":
+        return (figures.requests >= thresholds.min_requests
+                and figures.latency_p95_ms is not None
+                and figures.latency_p95_ms > thresholds.latency_p95_warning)
+    return thresholds.cpu_alerts == "on"
+
+
+def evaluate(figures: Figures, thresholds: MonitorThresholds) -> VersionHealth:
     """State and breaches of one version (the `version` field is left for the caller).
 
     Rates and latencies are judged only on `min_requests` or more requests: two failures
     out of three requests are an anecdote, not a 66% error rate. Resource figures are
-    judged whenever present.
+    judged whenever present, on what hurts: memory near the limit, a full KV cache with
+    requests queued, and busy CPUs only as `cpu_alerts` says (not by default: a CPU engine
+    busy with its work is not unhealthy).
     """
     checks: list[tuple[AlertType, str, float | None, float | None, float | None, bool]] = []
     enough = figures.requests >= thresholds.min_requests
@@ -239,12 +274,16 @@ def evaluate(figures: HealthFigures, thresholds: MonitorThresholds) -> VersionHe
             (AlertType.LATENCY, "latency_p95_ms", figures.latency_p95_ms,
              thresholds.latency_p95_warning, thresholds.latency_p95_critical, True),
         ]
-    checks += [
-        (AlertType.RESOURCE, "memory_percent", figures.memory_percent,
-         thresholds.memory_warning_percent, thresholds.memory_critical_percent, True),
-        (AlertType.RESOURCE, "cpu_percent", figures.cpu_percent,
-         thresholds.cpu_warning_percent, thresholds.cpu_critical_percent, True),
-    ]
+    checks.append((AlertType.RESOURCE, "memory_percent", figures.memory_percent,
+                   thresholds.memory_warning_percent, thresholds.memory_critical_percent,
+                   True))
+    if _cpu_judged(figures, thresholds):
+        checks.append((AlertType.RESOURCE, "cpu_percent", figures.cpu_percent,
+                       thresholds.cpu_warning_percent, thresholds.cpu_critical_percent,
+                       True))
+    if (figures.queued or 0) > 0:  # a full cache hurts only when work waits for it
+        checks.append((AlertType.RESOURCE, "kv_cache_usage", figures.kv_cache_usage,
+                       thresholds.kv_cache_warning, thresholds.kv_cache_critical, True))
     for name, limit in thresholds.custom.items():
         checks.append((AlertType.CUSTOM, name, figures.custom.get(name), limit.warning,
                        limit.critical, limit.direction == "above"))
@@ -269,64 +308,21 @@ def evaluate(figures: HealthFigures, thresholds: MonitorThresholds) -> VersionHe
     return VersionHealth(version="", state=state, figures=figures, breaches=breaches)
 
 
-
-# Alert types the monitor owns (a rollout alert is the switch workflow's to raise).
-MONITOR_ALERT_TYPES = frozenset({AlertType.ERROR_RATE.value, AlertType.LATENCY.value,
-                                 AlertType.RESOURCE.value, AlertType.CUSTOM.value})
-
-
-class AlertPlan(BaseModel):
-    """What one look changes: alerts to fire or refresh, and (version, type) to resolve."""
-
-    fire: list[Alert] = Field(default_factory=list)
-    resolve: list[tuple[str | None, str]] = Field(default_factory=list)
-
-
-def _judged_types(health: VersionHealth, thresholds: MonitorThresholds) -> set[str]:
-    """Alert types this look had figures for: only those may resolve an alert."""
-    f = health.figures
+def judged_types(figures: Figures, thresholds: MonitorThresholds) -> set[str]:
+    """The alert types these figures say something about: only those may resolve an alert
+    (too few requests says nothing about the error rate, so it does not end one)."""
     judged = set()
-    if f.requests >= thresholds.min_requests:
-        judged |= {AlertType.ERROR_RATE.value, AlertType.LATENCY.value}
-    if f.memory_percent is not None or f.cpu_percent is not None:
+    if figures.requests >= thresholds.min_requests:
+        if figures.error_rate is not None:
+            judged.add(AlertType.ERROR_RATE.value)
+        if figures.latency_p95_ms is not None:
+            judged.add(AlertType.LATENCY.value)
+    if figures.memory_percent is not None or \
+            (figures.cpu_percent is not None and _cpu_judged(figures, thresholds)):
         judged.add(AlertType.RESOURCE.value)
-    if any(name in f.custom for name in thresholds.custom):
+    if any(name in figures.custom for name in thresholds.custom):
         judged.add(AlertType.CUSTOM.value)
     return judged
-
-
-def plan_alerts(model_id: str, versions: list[VersionHealth], firing: list[Alert],
-                thresholds: MonitorThresholds) -> AlertPlan:
-    """One alert per (model, version, type) with the worst severity of its breaches.
-
-    A firing alert is resolved when its version was judged on that type and crossed no
-    level, or when the version is no longer monitored (rolled back, unloaded). A version
-    that merely went quiet keeps its alert: no data is not a recovery.
-    """
-    plan = AlertPlan()
-    monitored = {h.version: h for h in versions}
-    for health in versions:
-        by_type: dict[str, list[Breach]] = {}
-        for breach in health.breaches:
-            by_type.setdefault(breach.type.value, []).append(breach)
-        for alert_type, breaches in by_type.items():
-            worst = max(breaches, key=lambda b: b.severity is AlertSeverity.CRITICAL)
-            text = "; ".join(b.text for b in breaches)
-            plan.fire.append(Alert(
-                model_id=model_id, version=health.version, type=alert_type,
-                severity=worst.severity, title=f"{model_id} {health.version}: {worst.text}",
-                message=f"{health.role} version {health.version} of {model_id}: {text} "
-                        f"(over {health.figures.requests} requests).",
-                figures={"breaches": [b.model_dump(mode="json") for b in breaches],
-                         **health.figures.model_dump(mode="json", exclude_none=True)}))
-    firing_now = {(a.version, a.type) for a in plan.fire}
-    for alert in firing:
-        if alert.type not in MONITOR_ALERT_TYPES or (alert.version, alert.type) in firing_now:
-            continue
-        health = monitored.get(alert.version or "")
-        if health is None or alert.type in _judged_types(health, thresholds):
-            plan.resolve.append((alert.version, alert.type))
-    return plan
 
 
 def summarize(model_id: str, versions: list[VersionHealth]) -> str:

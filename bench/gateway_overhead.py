@@ -15,6 +15,9 @@ Printed, each measured side by side in one run:
   alternated: c=1 latency and c=64 streams;
 - workers (`--only workers`): one gateway process against two on one port
   (`GATEWAY_WORKERS=2`), alternated, with the caveat of a 2-core machine printed;
+- ab (`--only ab --baseline DIR[,DIR...]`): this tree's gateway against the gateways of
+  other checkouts (`git archive main | tar -x -C DIR`), alternated in one run: c=1
+  latency, streams/s at 64 and 256 and CPU per stream, to measure a change side by side;
 - added latency at concurrency 1 (non-streamed completions): p50 and p99, direct and
   through the gateway, and their difference;
 - throughput of streamed answers (64 chunks) at concurrency 64 and 256: ratio gateway /
@@ -39,6 +42,7 @@ On a 2-core machine the client, the upstream and the gateway share the cores, so
 throughput ratio includes the gateway's CPU competing with the other two.
 
     python -m bench.gateway_overhead [--seconds 8] [--rounds 2] [--only peers,tracing,overhead]
+    python -m bench.gateway_overhead --only ab --baseline /tmp/turnout-main
 """
 
 from __future__ import annotations
@@ -256,9 +260,11 @@ async def split(session: aiohttp.ClientSession, store: Store, gateway: Target,
 
 def start_gateway(root: Path, db_url: str, name: str, port: int, admin_port: int,
                   metrics: bool = True, keyed: bool = False,
-                  extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+                  extra_env: dict[str, str] | None = None,
+                  tree: Path | None = None) -> subprocess.Popen[bytes]:
     """A gateway process (admin endpoints without a token: they listen on 127.0.0.1);
-    `keyed`: it requires `CLIENT_KEY` from clients; `extra_env` over its environment."""
+    `keyed`: it requires `CLIENT_KEY` from clients; `extra_env` over its environment;
+    `tree`: the checkout whose code it runs (its working directory), this one's if None."""
     env = {**os.environ, **(extra_env or {}), "VLLM_MODEL_SWITCHING_DATABASE_URL": db_url,
            "VLLM_MODEL_SWITCHING_GATEWAY_PORT": str(port),
            "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_PORT": str(admin_port),
@@ -267,7 +273,7 @@ def start_gateway(root: Path, db_url: str, name: str, port: int, admin_port: int
     with (root / f"{name}.log").open("w") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", "--gateway-id", name, "--log-level", "WARNING"],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tree)
 
 
 def start_upstream(*args: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -385,11 +391,13 @@ class Setup:
 @contextlib.contextmanager
 def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
                                   *upstream_args: str,
-                                  env: dict[str, dict[str, str]] | None = None
+                                  env: dict[str, dict[str, str]] | None = None,
+                                  trees: dict[str, Path] | None = None
                                   ) -> Iterator[Setup]:
     """Start the upstream, write the model's route, start one gateway per entry of
     `gateways` (name → per-request metrics on; the one named "keyed" requires client
-    keys; `env[name]` over its environment); stop them all at the end."""
+    keys; `env[name]` over its environment; `trees[name]` the checkout it runs); stop
+    them all at the end."""
     root = Path(tempfile.mkdtemp(prefix=f"turnout-bench-{name}-"))
     db_url = f"sqlite+aiosqlite:///{root}/turnout.db"
     upgrade(db_url)
@@ -400,7 +408,8 @@ def gateways_in_front_of_upstream(name: str, gateways: dict[str, bool],
         ports = {gateway: (free_port(), free_port()) for gateway in gateways}
         started = {gateway: start_gateway(root, db_url, gateway, *ports[gateway],
                                           metrics=metrics, keyed=gateway == "keyed",
-                                          extra_env=(env or {}).get(gateway))
+                                          extra_env=(env or {}).get(gateway),
+                                          tree=(trees or {}).get(gateway))
                    for gateway, metrics in gateways.items()}
         processes.extend(started.values())
         yield Setup(db_url, urls, ports, {k: p.pid for k, p in started.items()},
@@ -670,10 +679,63 @@ def run_overhead(seconds: float, rounds: int, chunk_delay_s: float) -> None:
                                          pinned=True, spread_s=spread_s))
 
 
-SECTIONS = ("peers", "tracing", "workers", "overhead")
+async def ab_cost(setup: Setup, names: list[str], seconds: float, rounds: int,
+                  spread_s: float = 0.0) -> None:
+    """This tree's gateway against the baselines' (`names[1:]`), alternated with direct:
+    c=1 latency, streams/s at 64 and 256, CPU per stream; ratios this / each baseline.
+    `spread_s`: the loops' starts spread over it (a paced upstream, see `run_for`)."""
+    mine = {os.getpid(), setup.upstream_pid, *setup.pids.values()}
+    print(f"ab, before: {neighbours(mine)}", flush=True)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as session:
+        direct = Target("direct", setup.urls["a"], "a")
+        await run_for(1.0, 8, lambda: one(session, direct, stream=True))
+        targets = [direct, *await warmed(session, setup, names)]
+        lat = await latency(session, targets, rounds * 5, per_round=100)
+        runs = {c: await streams(session, targets, setup.pids, c, seconds, rounds, spread_s)
+                for c in (64, 256)}
+    this = names[0]
+    for name in names:
+        added = (lat[name][0] - lat["direct"][0]) * 1000
+        line = [f"  {name}: added p50 at c=1 {added:.3f} ms"]
+        for concurrency, r in runs.items():
+            line.append(f"c={concurrency} {r.rate[name]:.0f} streams/s (direct "
+                        f"{r.rate['direct']:.0f}), CPU {r.cpu_ms[name]:.3f} ms per stream")
+        if name != this:
+            ratios = ", ".join(
+                f"c={c} streams {_ratio(r.rate[this], r.rate[name])}, CPU "
+                f"{_ratio(r.cpu_ms[this], r.cpu_ms[name])}" for c, r in runs.items())
+            line.append(f"{this} / {name}: {ratios}")
+        print("; ".join(line), flush=True)
+    print(f"ab, after: {neighbours(mine)}", flush=True)
 
 
-def main(seconds: float, rounds: int, chunk_delay_s: float, only: list[str]) -> None:
+def run_ab(seconds: float, rounds: int, baselines: list[Path],
+           chunk_delay_s: float = 0.0) -> None:
+    """`chunk_delay_s` > 0: behind an upstream pacing its chunks that far apart, as an
+    engine does (each chunk then crosses the gateway on its own: per-chunk costs show)."""
+    for tree in baselines:
+        if not (tree / "gateway" / "__main__.py").is_file():
+            raise SystemExit(f"--baseline {tree}: not a checkout with gateway/")
+    if not baselines:
+        raise SystemExit("--only ab needs --baseline DIR[,DIR...]")
+    trees = {f"baseline {tree.name}": tree.resolve() for tree in baselines}
+    names = ["this tree", *trees]
+    paced = ("--chunk-delay-s", str(chunk_delay_s)) if chunk_delay_s > 0 else ()
+    print(f"ab: this tree ({Path.cwd()}) against " + ", ".join(
+        f"{name} ({tree})" for name, tree in trees.items())
+        + (f", upstream chunks {chunk_delay_s * 1000:g} ms apart" if paced else
+           ", fast upstream"), flush=True)
+    with gateways_in_front_of_upstream("ab", dict.fromkeys(names, True), *paced,
+                                       trees=trees) as setup:
+        asyncio.run(ab_cost(setup, names, seconds, rounds, CHUNKS * chunk_delay_s))
+
+
+SECTIONS = ("peers", "tracing", "workers", "overhead", "ab")
+
+
+def main(seconds: float, rounds: int, chunk_delay_s: float, only: list[str],
+         baselines: list[Path] | None = None, ab_chunk_delay_s: float = 0.0) -> None:
     if "peers" in only:
         run_peers(seconds, rounds)
     if "tracing" in only:
@@ -682,6 +744,8 @@ def main(seconds: float, rounds: int, chunk_delay_s: float, only: list[str]) -> 
         run_workers(seconds, rounds)
     if "overhead" in only:
         run_overhead(seconds, rounds, chunk_delay_s)
+    if "ab" in only:
+        run_ab(seconds, rounds, baselines or [], ab_chunk_delay_s)
 
 
 if __name__ == "__main__":
@@ -693,11 +757,18 @@ if __name__ == "__main__":
     parser.add_argument("--paced-chunk-delay-s", type=float, default=0.01,
                         help="also measure throughput behind an upstream pacing its chunks "
                              "this far apart (0: skip)")
-    parser.add_argument("--only", default=",".join(SECTIONS),
+    parser.add_argument("--baseline", default="",
+                        help="for --only ab: comma-separated checkouts whose gateways "
+                             "this tree's is measured against")
+    parser.add_argument("--ab-chunk-delay-s", type=float, default=0.0,
+                        help="for --only ab: an upstream pacing its chunks this far apart "
+                             "(0: as fast as it can)")
+    parser.add_argument("--only", default=",".join(SECTIONS[:-1]),
                         help=f"comma-separated sections to run, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown sections {sorted(unknown)}; known: {SECTIONS}")
-    main(args.seconds, args.rounds, args.paced_chunk_delay_s, sections)
+    main(args.seconds, args.rounds, args.paced_chunk_delay_s, sections,
+         [Path(b) for b in args.baseline.split(",") if b], args.ab_chunk_delay_s)

@@ -7,6 +7,7 @@ aiohttp for admin calls and malformed requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httptools
 import openai
 import pytest
 import pytest_asyncio
@@ -658,5 +660,46 @@ async def test_metrics_can_live_on_the_admin_listener_only(tmp_path: Path) -> No
         assert (await env.get("/metrics"))[0] == 404
         status, text = await env.get("/metrics", admin=True)
         assert status == 200 and "turnout_gateway_requests_total" in text
+    finally:
+        await close_env(env)
+
+
+class _Collected:
+    """httptools callbacks: an HTTP answer's headers and de-framed body."""
+
+    def __init__(self) -> None:
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+async def test_a_stream_reaches_http_1_0_and_1_1_clients_whole(tmp_path: Path,
+                                                              version: str) -> None:
+    """Every event of a 40-chunk stream arrives, in order, framed as the client's HTTP
+    version wants it: chunked for 1.1, the bare stream up to the close for 1.0."""
+    env = await make_env(tmp_path, v1_chunks=40, v1_chunk_delay=0.001)
+    try:
+        host, port = env.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps({"model": MODEL, "prompt": "x", "stream": True}).encode()
+        writer.write(f"POST /v1/completions HTTP/{version}\r\nHost: {host}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        raw = await asyncio.wait_for(reader.read(), 10)  # to the close
+        writer.close()
+        answer = _Collected()
+        httptools.HttpResponseParser(answer).feed_data(raw)
+        assert (answer.headers.get(b"transfer-encoding") == b"chunked") == (version == "1.1")
+        events = [e for e in bytes(answer.body).split(b"\n\n") if e]
+        assert all(e.startswith(b"data: ") for e in events), events
+        assert events[-1] == b"data: [DONE]" and len(events) == 41
+        texts = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]]
+        assert "".join(texts) == "hello from v1"
     finally:
         await close_env(env)

@@ -193,3 +193,73 @@ async def test_no_content_has_no_body(pool: Upstreams) -> None:
         assert server.connections == 1
     finally:
         await server.stop()
+
+
+async def test_not_modified_has_no_body_whatever_its_length_says(pool: Upstreams) -> None:
+    server = await Server(lambda n: [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"]
+                          ).start()
+    try:
+        assert [await post(pool, server) for _ in range(2)] == [(304, b"")] * 2
+        assert server.connections == 1
+    finally:
+        await server.stop()
+
+
+async def test_an_interim_answer_is_skipped_for_the_one_after_it(pool: Upstreams) -> None:
+    server = await Server(lambda n: [b"HTTP/1.1 100 Continue\r\n\r\n"] + plain(b'{"n": 1}')
+                          ).start()
+    try:
+        assert [await post(pool, server) for _ in range(2)] == [(200, b'{"n": 1}')] * 2
+        assert server.connections == 1
+    finally:
+        await server.stop()
+
+
+async def test_a_body_without_length_ends_with_the_connection(pool: Upstreams) -> None:
+    server = await Server(lambda n: [b"HTTP/1.1 200 OK\r\n\r\nuntil ", b"the end"],
+                          close_after=True).start()
+    try:
+        assert [await post(pool, server) for _ in range(2)] == [(200, b"until the end")] * 2
+        assert server.connections == 2
+    finally:
+        await server.stop()
+
+
+async def test_headers_without_end_are_refused(pool: Upstreams) -> None:
+    server = await Server(lambda n: [b"HTTP/1.1 200 OK\r\n"]
+                          + [b"X-Filler: " + b"x" * 1000 + b"\r\n"] * 100).start()
+    try:
+        with pytest.raises(aiohttp.ClientPayloadError, match="headers too long"):
+            await post(pool, server)
+    finally:
+        await server.stop()
+
+
+async def test_no_answer_at_all_is_a_read_timeout() -> None:
+    quick = Upstreams(max_per_host=4, connect_timeout_s=2, read_timeout_s=0.3)
+    server = await Server(lambda n: [b"", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+                          pause_s=1.0).start()
+    try:
+        with pytest.raises(aiohttp.SocketTimeoutError, match="no answer"):
+            await post(quick, server)
+    finally:
+        await server.stop()
+        await quick.close()
+
+
+async def test_a_slow_stream_with_no_long_silence_is_read_whole() -> None:
+    """Bytes 0.1 s apart for over three times the 0.3 s read timeout: never silent long."""
+    quick = Upstreams(max_per_host=4, connect_timeout_s=2, read_timeout_s=0.3)
+    events = [b"data: %d\n\n" % i for i in range(10)]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" \
+           b"Transfer-Encoding: chunked\r\n\r\n"
+    server = await Server(lambda n: [head, *(framed[i:i + 14] for i in
+                                             range(0, len(framed), 14)), b"0\r\n\r\n"],
+                          pause_s=0.1).start()
+    try:
+        assert await post(quick, server) == (200, b"".join(events))
+        assert await post(quick, server) == (200, b"".join(events))  # the timer re-armed
+    finally:
+        await server.stop()
+        await quick.close()

@@ -26,6 +26,7 @@ from temporalio.workflow import ParentClosePolicy
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.domain import (
+        VERDICTS_KEPT,
         Alert,
         AlertSeverity,
         OperationStatus,
@@ -406,7 +407,8 @@ class SwitchWorkflow:
             if workflow.patched(_PATCH_LOCAL_JUDGE)
             else calls.execute(c.JUDGE_HEALTH, judge, **how))
         self._status.last_verdict = verdict
-        self._status.verdicts.append(verdict)
+        self._status.verdicts = [*self._status.verdicts[-(VERDICTS_KEPT - 1):], verdict]
+        self._status.verdict_count += 1
         return verdict
 
     async def _decide(self, verdict: Verdict) -> str | None:

@@ -60,6 +60,9 @@ class FakeCluster:
     # Outcomes `judge_health` returns in turn; "healthy" once they run out.
     verdicts: list[str] = field(default_factory=list)
     slow_load: bool = False
+    # A verdict as a real judgment returns it (figures, analysis): its outcome and
+    # window are replaced; None: a small one.
+    real_verdict: c.Verdict | None = None
     # Set: `judge_health` answers only once it is set (a look still being judged).
     judging: asyncio.Event | None = None
     alerts: list[Alert] = field(default_factory=list)
@@ -190,6 +193,10 @@ class FakeCluster:
             reason = {"healthy": "p95 800 ms, errors 0.1% over 300 requests",
                       "unhealthy": "error rate 12.0% > 5.0% limit",
                       "inconclusive": "only 3 requests, need 20"}[outcome]
+            if self.real_verdict is not None:
+                return self.real_verdict.model_copy(update={
+                    "outcome": outcome, "reason": reason, "window_start": input.window_start,
+                    "window_end": input.window_end})
             return c.Verdict(outcome=outcome, reason=reason,
                              window_start=input.window_start, window_end=input.window_end,
                              analysis={"compared": input.compare})

@@ -249,9 +249,19 @@ class SwitchWorkflow:
             c.DESCRIBE_MODEL,
             c.DescribeModelInput(model_id=input.model_id, target_version=input.target_version),
             summary="read model", **call.STORE_CALL)
-        if self._fleet:  # recorded while the model is read: an emergency rollback is waiting
+        if self._fleet and not self._never_give_up:
             _, snapshot = await asyncio.gather(self._record("switch_started"), describe)
             return snapshot
+        if self._fleet:  # recorded while the model is read: an emergency rollback is waiting
+            # Both ended before a failure is acted on: a record of the start landing after
+            # the record of the end would show the switch running again.
+            started, read = await asyncio.gather(self._record("switch_started"), describe,
+                                                 return_exceptions=True)
+            for result in (read, started):
+                if isinstance(result, BaseException):
+                    raise result
+            assert isinstance(read, c.ModelSnapshot)
+            return read
         await self._record("switch_started")
         return await describe
 

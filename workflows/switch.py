@@ -86,6 +86,12 @@ PHASE = SearchAttributeKey.for_keyword("TurnoutPhase")
 TRAFFIC_PERCENT = SearchAttributeKey.for_int("TurnoutTrafficPercent")
 
 _ENDING = (c.ROLLBACK, c.ABORT, c.PROMOTE)
+# Pauses, and resumes of a switch waiting after inconclusive looks, are all that can grow
+# a switch's history without end (a plan is bounded: tests/workflow/test_history_limits.py).
+# Past these, well short of Temporal's 51,200 events and 50 MB, they are refused: a paused
+# switch may still be resumed, and any switch promoted, rolled back or aborted.
+_CONTROL_HISTORY_EVENTS = 20_000
+_CONTROL_HISTORY_BYTES = 20 * 1024 * 1024
 
 
 class _Finished(Exception):
@@ -174,12 +180,15 @@ class SwitchWorkflow:
     @pause.validator
     def _may_pause(self, request: c.ControlRequest) -> None:
         self._require_active(c.PAUSE)
+        self._require_history_room(c.PAUSE)
         if self._paused:
             raise ApplicationError("the switch is already paused")
 
     @resume.validator
     def _may_resume(self, request: c.ControlRequest) -> None:
         self._require_active(c.RESUME)
+        if self._phase() == "awaiting_decision":  # each round looks again: it adds up
+            self._require_history_room(c.RESUME)  # (an operator's pause may always end)
         if not self._paused:
             raise ApplicationError("the switch is not paused")
         if self._decision_pending:
@@ -192,6 +201,14 @@ class SwitchWorkflow:
             raise ApplicationError(f"cannot {action}: the switch has already ended")
         if self._action is not None:
             raise ApplicationError(f"cannot {action}: {self._action[0]} is already under way")
+
+    def _require_history_room(self, action: str) -> None:
+        info = workflow.info()
+        events, size = info.get_current_history_length(), info.get_current_history_size()
+        if events > _CONTROL_HISTORY_EVENTS or size > _CONTROL_HISTORY_BYTES:
+            raise ApplicationError(
+                f"cannot {action}: this switch's history is nearly full ({events} events, "
+                f"{size / 1e6:.1f} MB); promote, roll back or abort it")
 
     async def _request(self, action: str, request: c.ControlRequest) -> SwitchStatus:
         """Record the request for the main loop; return once it has acted on it."""

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 
 from turnout import contracts as c
 from turnout.domain import VERDICTS_KEPT, Outcome
@@ -30,11 +30,13 @@ MAX_PAYLOAD_BYTES = 2 * 1024 * 1024
 SUGGEST_CONTINUE_AS_NEW_BYTES = 4 * 1024 * 1024
 
 
-async def measure(handle: WorkflowHandle) -> tuple[int, int, int]:
+async def measure(handle: WorkflowHandle, *, completed: bool = True) -> tuple[int, int, int]:
     """Events, bytes, and the largest single event of the workflow's history."""
     history = await handle.fetch_history()
     sizes = [event.ByteSize() for event in history.events]
-    assert history.events[-1].event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
+    if completed:
+        assert history.events[-1].event_type == \
+            EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED
     return len(sizes), sum(sizes), max(sizes)
 
 
@@ -82,3 +84,29 @@ async def test_a_48_hour_ab_test_with_many_controls_stays_within_limits(
           f"{size / 1e6:.2f} MB, largest event {largest / 1e6:.2f} MB")
     assert events < MAX_EVENTS / 4
     assert size < SUGGEST_CONTINUE_AS_NEW_BYTES
+
+
+async def test_pauses_are_refused_before_the_history_fills_then_the_switch_still_ends(
+        harness: Harness) -> None:
+    """Only pauses and resumes grow a history without end: past 20,000 events they are
+    refused with the reason, and rollback (or promote, abort) still ends the switch."""
+    config = {"traffic_percentage": 20, "test_duration_hours": 48}
+    pairs = 0
+    async with rollout(harness, "ab_test", config) as handle:
+        await until(handle, evaluating_at(20))
+        while True:
+            try:
+                await control(handle, c.PAUSE)
+            except WorkflowUpdateFailedError as err:
+                assert "history is nearly full" in str(err.cause)
+                assert "roll back" in str(err.cause)
+                break
+            await control(handle, c.RESUME)
+            pairs += 1
+            assert pairs < 2000, "pauses were never refused"
+        events, size, _ = await measure(handle, completed=False)
+        assert 20_000 < events < 20_100 and size < MAX_HISTORY_BYTES / 2
+        await control(handle, c.ROLLBACK, "enough")
+        result = await handle.result()
+    assert result.outcome is Outcome.ROLLED_BACK
+    assert pairs > 700  # an operator's pauses are refused only after hundreds

@@ -32,6 +32,7 @@ lint: install
 bench: install
 	$(PY) -m bench.switch_time
 	$(PY) -m bench.control_latency
+	$(PY) -m bench.store_load
 	$(PY) -m bench.gateway_overhead
 	$(PY) -m bench.concurrent_canaries
 	$(PY) -m bench.monitoring_overhead

@@ -171,7 +171,7 @@ class TrafficActivities:
         engines = await self.store.list_engines(model_id=model_id, version=version)
         if not any(e.state is EngineState.READY for e in engines):
             raise ApplicationError(f"{model_id} {version} has no ready engine",
-                                   type=c.INVALID_ROUTE, non_retryable=True)
+                                   type=c.NO_READY_ENGINE, non_retryable=True)
         last_seen = {h.host_id: h.last_seen for h in await self.store.list_hosts()
                      if h.last_seen is not None}
         named, silent = route_engines(engines, last_seen, datetime.now(UTC),

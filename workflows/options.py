@@ -20,6 +20,17 @@ STORE_CALL = {
     "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
                                 maximum_interval=timedelta(seconds=30), maximum_attempts=20),
 }
+# What must happen however long the store is away (marking the target live, an
+# operation's final record): retried without limit, at most a minute apart.
+STORE_UNTIL_DONE = {
+    "start_to_close_timeout": timedelta(seconds=30),
+    "retry_policy": RetryPolicy(initial_interval=timedelta(seconds=1),
+                                maximum_interval=timedelta(seconds=60), maximum_attempts=0),
+}
+# Restoring a rollback's stable version that keeps failing: the wait before the next try
+# doubles from the first to the last (each try itself retries as TRAFFIC_RETRY says).
+RESTORE_BACKOFF_FIRST = timedelta(seconds=15)
+RESTORE_BACKOFF_MAX = timedelta(minutes=5)
 # Placing a load waits (with these retries, about 5 minutes) for an engine host to
 # heartbeat, e.g. while the engine workers start; a load that fits nowhere fails at once.
 PLACE_CALL = {

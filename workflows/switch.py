@@ -9,16 +9,24 @@ show.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    WorkflowAlreadyStartedError,
+)
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from turnout import contracts as c
     from turnout.domain import (
+        VERDICTS_KEPT,
         Alert,
         AlertSeverity,
         OperationStatus,
@@ -60,6 +68,16 @@ _PATCH_WARMUP = "verdict-warmup"
 # A manual A/B test whose target is worse than stable (and within every absolute limit)
 # ends waiting for an operator, as the README says, instead of rolling back on its own.
 _PATCH_AB_MANUAL = "ab-manual-decides"
+# Rollback is never given up and every end is recorded: restoring the stable version
+# retries until it succeeds (loading it again when its engine is gone, alerting after the
+# first failed try); marking the target live and the final record retry as long as the
+# store is away; a failure while cleaning up (retiring the replaced version, releasing
+# the target, the rollback alert) is noted in the reason instead of failing the switch.
+_PATCH_NEVER_GIVE_UP = "rollback-never-given-up"
+# A pause freezes the switch wherever it comes (loading, shifting, judging), not only in
+# the evaluation wait: the next route change waits for resume. Before it a switch paused
+# outside the wait still applied its next step.
+_PATCH_PAUSE_EVERYWHERE = "pause-holds-every-step"
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -68,6 +86,12 @@ PHASE = SearchAttributeKey.for_keyword("TurnoutPhase")
 TRAFFIC_PERCENT = SearchAttributeKey.for_int("TurnoutTrafficPercent")
 
 _ENDING = (c.ROLLBACK, c.ABORT, c.PROMOTE)
+# Pauses, and resumes of a switch waiting after inconclusive looks, are all that can grow
+# a switch's history without end (a plan is bounded: tests/workflow/test_history_limits.py).
+# Past these, well short of Temporal's 51,200 events and 50 MB, they are refused: a paused
+# switch may still be resumed, and any switch promoted, rolled back or aborted.
+_CONTROL_HISTORY_EVENTS = 20_000
+_CONTROL_HISTORY_BYTES = 20 * 1024 * 1024
 
 
 class _Finished(Exception):
@@ -94,6 +118,9 @@ class SwitchWorkflow:
         self._fleet = False
         self._step_in_progress: int | None = None
         self._judged = 0
+        self._never_give_up = False
+        self._cleanup_failures: list[str] = []
+        self._pause_everywhere = False
 
     # ------------------------------------------------------------------ queries and updates
 
@@ -153,12 +180,15 @@ class SwitchWorkflow:
     @pause.validator
     def _may_pause(self, request: c.ControlRequest) -> None:
         self._require_active(c.PAUSE)
+        self._require_history_room(c.PAUSE)
         if self._paused:
             raise ApplicationError("the switch is already paused")
 
     @resume.validator
     def _may_resume(self, request: c.ControlRequest) -> None:
         self._require_active(c.RESUME)
+        if self._phase() == "awaiting_decision":  # each round looks again: it adds up
+            self._require_history_room(c.RESUME)  # (an operator's pause may always end)
         if not self._paused:
             raise ApplicationError("the switch is not paused")
         if self._decision_pending:
@@ -171,6 +201,14 @@ class SwitchWorkflow:
             raise ApplicationError(f"cannot {action}: the switch has already ended")
         if self._action is not None:
             raise ApplicationError(f"cannot {action}: {self._action[0]} is already under way")
+
+    def _require_history_room(self, action: str) -> None:
+        info = workflow.info()
+        events, size = info.get_current_history_length(), info.get_current_history_size()
+        if events > _CONTROL_HISTORY_EVENTS or size > _CONTROL_HISTORY_BYTES:
+            raise ApplicationError(
+                f"cannot {action}: this switch's history is nearly full ({events} events, "
+                f"{size / 1e6:.1f} MB); promote, roll back or abort it")
 
     async def _request(self, action: str, request: c.ControlRequest) -> SwitchStatus:
         """Record the request for the main loop; return once it has acted on it."""
@@ -185,6 +223,8 @@ class SwitchWorkflow:
         self._input = input
         self._controls = workflow.patched(_PATCH_CONTROLS)
         self._fleet = workflow.patched(_PATCH_FLEET)
+        self._never_give_up = workflow.patched(_PATCH_NEVER_GIVE_UP)
+        self._pause_everywhere = workflow.patched(_PATCH_PAUSE_EVERYWHERE)
         now = workflow.now()
         self._status = SwitchStatus(
             operation_id=input.operation_id, model_id=input.model_id,
@@ -195,15 +235,16 @@ class SwitchWorkflow:
                 MODEL_ID.value_set(input.model_id),
                 TARGET_VERSION.value_set(input.target_version),
                 STRATEGY.value_set(input.strategy.value)])
-        describe = calls.execute(
-            c.DESCRIBE_MODEL,
-            c.DescribeModelInput(model_id=input.model_id, target_version=input.target_version),
-            summary="read model", **call.STORE_CALL)
-        if self._fleet:  # recorded while the model is read: an emergency rollback is waiting
-            _, snapshot = await asyncio.gather(self._record("switch_started"), describe)
-        else:
-            await self._record("switch_started")
-            snapshot = await describe
+        try:
+            snapshot = await self._start()
+        except ActivityError as err:
+            if not self._never_give_up:
+                raise
+            try:  # nothing was changed yet: only the record says how it ended
+                await self._finish(OperationStatus.FAILED, Outcome.ERROR,
+                                   f"reading {input.model_id} failed: {_cause(err)}")
+            except _Finished as done:
+                return done.status
         self._stable = snapshot.live_version \
             if snapshot.live_version != input.target_version else None
         self._status.from_version = self._stable
@@ -218,13 +259,37 @@ class SwitchWorkflow:
             return done.status
         raise AssertionError("a switch always ends in _finish")
 
+    async def _start(self) -> c.ModelSnapshot:
+        """Read the model and record that the switch started."""
+        input = self._input
+        describe = calls.execute(
+            c.DESCRIBE_MODEL,
+            c.DescribeModelInput(model_id=input.model_id, target_version=input.target_version),
+            summary="read model", **call.STORE_CALL)
+        if self._fleet and not self._never_give_up:
+            _, snapshot = await asyncio.gather(self._record("switch_started"), describe)
+            return snapshot
+        if self._fleet:  # recorded while the model is read: an emergency rollback is waiting
+            # Both ended before a failure is acted on: a record of the start landing after
+            # the record of the end would show the switch running again.
+            started, read = await asyncio.gather(self._record("switch_started"), describe,
+                                                 return_exceptions=True)
+            for result in (read, started):
+                if isinstance(result, BaseException):
+                    raise result
+            assert isinstance(read, c.ModelSnapshot)
+            return read
+        await self._record("switch_started")
+        return await describe
+
     async def _switch(self, plan: list[PlanStep]) -> None:
         try:
             await self._load_target()
         except ActivityError as err:
             reason = f"loading {self._input.target_version} failed: {_cause(err)}"
             if self._fleet:  # the replicas that did load are let go as well
-                await self._let_go(self._input.target_version)
+                await self._cleanup(f"releasing {self._input.target_version}",
+                                    self._let_go(self._input.target_version))
             await self._finish(OperationStatus.FAILED, Outcome.LOAD_FAILED, reason)
         try:
             for index, step in enumerate(plan):
@@ -247,9 +312,10 @@ class SwitchWorkflow:
             c.MARK_LIVE, c.MarkLiveInput(model_id=self._input.model_id,
                                          version=self._input.target_version,
                                          operation_id=self._input.operation_id),
-            summary=f"mark {self._input.target_version} live", **call.STORE_CALL)
-        if self._stable:
-            await self._retire(self._stable)
+            summary=f"mark {self._input.target_version} live",
+            **(call.STORE_UNTIL_DONE if self._never_give_up else call.STORE_CALL))
+        if self._stable:  # the switch has happened: the rest is cleaning up
+            await self._cleanup(f"retiring {self._stable}", self._retire(self._stable))
         await self._finish(OperationStatus.COMPLETED, Outcome.PROMOTED, self._promoted_by)
 
     async def _load_target(self) -> None:
@@ -283,6 +349,7 @@ class SwitchWorkflow:
     async def _run_step(self, index: int, step: PlanStep) -> str | None:
         """One step: shift traffic, hold (pausable), judge. Returns PROMOTE to skip ahead."""
         self._step_in_progress = index + 1
+        await self._while_paused()
         if await self._act_on_request() == c.PROMOTE:
             return c.PROMOTE
         await self._shift(step.target_percent, f"step-{index}")
@@ -367,19 +434,29 @@ class SwitchWorkflow:
             if workflow.patched(_PATCH_LOCAL_JUDGE)
             else calls.execute(c.JUDGE_HEALTH, judge, **how))
         self._status.last_verdict = verdict
-        self._status.verdicts.append(verdict)
+        self._status.verdicts = [*self._status.verdicts[-(VERDICTS_KEPT - 1):], verdict]
+        self._status.verdict_count += 1
         return verdict
 
     async def _decide(self, verdict: Verdict) -> str | None:
         """The end of an A/B test: promote automatically, or wait for an operator."""
         decision = ab_decision(self._input.strategy, self._input.strategy_config, verdict)
         if decision.promote:
+            await self._while_paused()  # paused while judging: the operator decides first
+            if self._stopping():
+                return await self._act_on_request()
             self._action = (c.PROMOTE, c.ControlRequest(reason=decision.reason,
                                                         requested_by="turnout"))
             return await self._act_on_request()
         self._decision_pending = True
         await self._wait_for_operator(decision.reason, until_action=True)
         return await self._act_on_request()
+
+    async def _while_paused(self) -> None:
+        """Paused (`_PATCH_PAUSE_EVERYWHERE`): wait for resume, or for an operator's
+        rollback, abort or promote, before the next route change."""
+        if self._pause_everywhere and self._paused:
+            await workflow.wait_condition(lambda: not self._paused or self._stopping())
 
     async def _wait_for_operator(self, why: str, *, until_action: bool = False) -> None:
         self._paused = True
@@ -435,23 +512,32 @@ class SwitchWorkflow:
         assert self._action is None or self._action[0] in _ENDING
         self._applied.update((c.ROLLBACK, c.ABORT))
         if self._controls and workflow.patched(_PATCH_ALERTS):
-            await self._alert(outcome, reason)
-        await self._let_go(self._input.target_version)
+            await self._cleanup("the rollback alert", self._alert(outcome, reason))
+        await self._cleanup(f"releasing {self._input.target_version}",
+                            self._let_go(self._input.target_version))
         await self._finish(OperationStatus.FAILED, outcome, reason)
 
     async def _alert(self, outcome: Outcome, reason: str) -> None:
         s = self._current()
         automatic = self._action is None
         verdict = s.last_verdict
+        await self._raise_rollout_alert(
+            AlertSeverity.CRITICAL if automatic else AlertSeverity.WARNING,
+            f"{s.target_version} of {s.model_id} "
+            f"{'rolled back automatically' if automatic else outcome.value}",
+            reason, verdict.model_dump(mode="json") if verdict else {},
+            summary="raise rollback alert")
+
+    async def _raise_rollout_alert(self, severity: AlertSeverity, title: str, message: str,
+                                   figures: dict[str, Any], *, summary: str) -> None:
+        """The switch's one `rollout` alert (raised again: refreshed, not added)."""
+        s = self._current()
         await calls.execute(
             c.RAISE_ALERT,
             Alert(model_id=s.model_id, version=s.target_version, type="rollout",
-                  severity=AlertSeverity.CRITICAL if automatic else AlertSeverity.WARNING,
-                  title=f"{s.target_version} of {s.model_id} "
-                        f"{'rolled back automatically' if automatic else outcome.value}",
-                  message=reason, operation_id=s.operation_id,
-                  figures=verdict.model_dump(mode="json") if verdict else {}),
-            summary="raise rollback alert", **call.STORE_CALL)
+                  severity=severity, title=title, message=message,
+                  operation_id=s.operation_id, figures=figures),
+            summary=summary, **call.STORE_CALL)
 
     async def _check_target(self) -> c.HealthVerdict:
         target = self._input.target_version
@@ -499,12 +585,81 @@ class SwitchWorkflow:
                            f"{retired.standby_until:%H:%M:%S} UTC")
 
     async def _restore(self) -> None:
-        """Send all traffic back to the stable version (first thing on any failure)."""
-        if not self._stable:
-            await self._set_traffic({}, "restore", summary="remove traffic from target")
+        """Send all traffic back to the stable version (first thing on any failure).
+
+        Never given up (`_PATCH_NEVER_GIVE_UP`): a failed try is tried again after a
+        growing wait, the stable version is loaded again when it has no ready engine, and
+        after the first failed try a `rollout` alert says the rollback is not done."""
+        weights = {self._stable: 100.0} if self._stable else {}
+        summary = f"restore 100% to {self._stable}" if self._stable \
+            else "remove traffic from target"
+        if not self._never_give_up:
+            await self._set_traffic(weights, "restore", summary=summary)
             return
-        await self._set_traffic({self._stable: 100.0}, "restore",
-                                summary=f"restore 100% to {self._stable}")
+        failures, reloaded, what = 0, False, ""
+        while True:
+            try:  # each try under a key of its own: the route is written again, anew
+                await self._set_traffic(weights, "restore" if failures == 0
+                                        else f"restore-{failures}", summary=summary)
+                break
+            except ActivityError as err:
+                failures += 1
+                what = f"restoring {self._stable or 'no traffic'} failed ({failures}x): " \
+                       f"{_cause(err)}"
+                workflow.logger.error("%s: %s", self._input.model_id, what)
+                self._set_phase("rolling_back", f"{what}; trying again")
+                if failures == 1:
+                    await self._cleanup("the alert", self._raise_rollout_alert(
+                        AlertSeverity.CRITICAL,
+                        f"rollback of {self._input.model_id} to "
+                        f"{self._stable or 'no traffic'} is failing", what, {},
+                        summary="alert: restoring fails"), note=False)
+                # Its engine is gone: load it again and try at once, but only once in a
+                # row (a reload that did not make it routable waits like any failure).
+                if self._stable and not reloaded and _error_type(err) == c.NO_READY_ENGINE:
+                    reloaded = await self._cleanup(f"loading {self._stable} again",
+                                                   self._reload(self._stable), note=False)
+                    if reloaded:
+                        continue
+                reloaded = False
+                wait = min(call.RESTORE_BACKOFF_FIRST * 2 ** (failures - 1),
+                           call.RESTORE_BACKOFF_MAX)
+                await workflow.sleep(wait, summary=f"wait {_duration(wait.total_seconds())} "
+                                                   f"before restoring again")
+        if failures:  # the failing alert says it is over (a rollback's own alert follows)
+            await self._cleanup("the alert", self._raise_rollout_alert(
+                AlertSeverity.WARNING,
+                f"traffic of {self._input.model_id} restored to "
+                f"{self._stable or 'no version'} after {failures} failed "
+                f"{'try' if failures == 1 else 'tries'}", f"the last: {what}", {},
+                summary="alert: restored"), note=False)
+
+    async def _reload(self, version: str) -> None:
+        """Load `version` again where it serves (its engines died): held by the route."""
+        queues = [self._input.engine_task_queue]
+        if self._fleet:
+            placed = await fleet.place_version(
+                Holder(model_id=self._input.model_id, version=version,
+                       kind=HolderKind.SERVING, holder_id=self._input.model_id))
+            queues = [] if placed.warm else [slot.task_queue for slot in placed.replicas]
+        for load in fleet.start_loads(self._input.model_id, version, queues):
+            await load
+
+    async def _cleanup(self, what: str, step: Awaitable[None], *, note: bool = True) -> bool:
+        """Run a step that must not fail the switch (`_PATCH_NEVER_GIVE_UP`): a failure is
+        logged and, with `note`, named in the operation's final reason. Whether it ran."""
+        if not self._never_give_up:
+            await step
+            return True
+        try:
+            await step
+        except (ActivityError, ChildWorkflowError, WorkflowAlreadyStartedError) as err:
+            workflow.logger.error("%s of %s failed: %s", what, self._input.operation_id,
+                                  _cause(err))
+            if note:
+                self._cleanup_failures.append(f"{what} failed: {_cause(err)}")
+            return False
+        return True
 
     async def _let_go(self, version: str) -> None:
         """This switch no longer needs `version`: stop its engines unless something else
@@ -573,6 +728,8 @@ class SwitchWorkflow:
         s = self._current()
         s.status = status
         s.outcome = outcome
+        if self._cleanup_failures:
+            reason = "; ".join(([reason] if reason else []) + self._cleanup_failures)
         s.reason = reason
         if status is OperationStatus.COMPLETED:
             s.progress = 1.0
@@ -599,7 +756,9 @@ class SwitchWorkflow:
                 outcome=s.outcome, reason=reason or s.reason,
                 actor=actor or self._input.requested_by, audit=audit,
                 details={"from_version": s.from_version, "weights": s.weights}),
-            summary=event.replace("_", " "), **call.STORE_CALL)
+            summary=event.replace("_", " "),
+            **(call.STORE_UNTIL_DONE if self._never_give_up and s.status.terminal
+               else call.STORE_CALL))
 
 
 def _cause(err: BaseException) -> str:
@@ -609,6 +768,13 @@ def _cause(err: BaseException) -> str:
     if isinstance(err, ApplicationError):
         return err.message
     return str(err)
+
+
+def _error_type(err: BaseException) -> str | None:
+    """The `ApplicationError.type` an activity failed with, if any."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err.type if isinstance(err, ApplicationError) else None
 
 
 def _duration(seconds: float) -> str:

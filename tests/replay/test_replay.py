@@ -2,6 +2,7 @@
 
 Histories come from real runs; re-record new ones with
 `RECORD_HISTORIES=1 pytest tests/integration/test_api.py tests/integration/test_controls.py
+tests/integration/test_rollback_recovery.py
 tests/integration/test_strategies.py tests/integration/test_monitoring.py
 tests/integration/test_shadow.py`
 and are never regenerated once committed: a change that breaks replay of a running

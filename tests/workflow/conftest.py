@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -29,6 +30,12 @@ ENGINE_QUEUE = "turnout-engines-test"
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def time_env() -> AsyncIterator[WorkflowEnvironment]:
+    async with time_skipping_server() as env:
+        yield env
+
+
+@asynccontextmanager
+async def time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=installed_binary("temporal-test-server"),
         data_converter=pydantic_data_converter)
@@ -53,6 +60,11 @@ class FakeCluster:
     # Outcomes `judge_health` returns in turn; "healthy" once they run out.
     verdicts: list[str] = field(default_factory=list)
     slow_load: bool = False
+    # A verdict as a real judgment returns it (figures, analysis): its outcome and
+    # window are replaced; None: a small one.
+    real_verdict: c.Verdict | None = None
+    # Set: `judge_health` answers only once it is set (a look still being judged).
+    judging: asyncio.Event | None = None
     alerts: list[Alert] = field(default_factory=list)
     calls: list[tuple[str, Any]] = field(default_factory=list)
     routes: list[dict[str, float]] = field(default_factory=list)
@@ -66,6 +78,21 @@ class FakeCluster:
     holders: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
     standby_minutes: float = 0
     warm: set[str] = field(default_factory=set)
+    # Injected failures: (activity name, which inputs, the error, how many times left).
+    faults: list[list[Any]] = field(default_factory=list)
+
+    def fail(self, name: str, error: Exception, *, times: int = 1,
+             when: Callable[[Any], bool] = lambda _input: True) -> None:
+        """Make the next `times` calls of activity `name` whose input `when` accepts raise
+        `error` (the call is still recorded)."""
+        self.faults.append([name, when, error, times])
+
+    def _fault(self, name: str, input: Any) -> None:
+        self.calls.append((name, input))
+        for fault in self.faults:
+            if fault[0] == name and fault[3] > 0 and fault[1](input):
+                fault[3] -= 1
+                raise fault[2]
 
     def _slot(self, version: str) -> c.EngineSlot:
         return c.EngineSlot(model_id="m", version=version, host_id="test",
@@ -77,7 +104,7 @@ class FakeCluster:
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name=c.DESCRIBE_MODEL)
         async def describe_model(input: c.DescribeModelInput) -> c.ModelSnapshot:
-            self.calls.append((c.DESCRIBE_MODEL, input))
+            self._fault(c.DESCRIBE_MODEL, input)
             return c.ModelSnapshot(model_id=input.model_id, live_version=self.live_version,
                                    target_exists=True, serving_versions=self.serving)
 
@@ -132,7 +159,7 @@ class FakeCluster:
 
         @activity.defn(name=c.SET_TRAFFIC)
         async def set_traffic(input: c.SetTrafficInput) -> c.SetTrafficResult:
-            self.calls.append((c.SET_TRAFFIC, input))
+            self._fault(c.SET_TRAFFIC, input)
             if input.change_key not in self.change_keys:
                 self.change_keys.add(input.change_key)
                 self.routes.append(dict(input.weights))
@@ -148,7 +175,7 @@ class FakeCluster:
 
         @activity.defn(name=c.DRAIN_VERSION)
         async def drain_version(input: c.DrainVersionInput) -> c.DrainVersionResult:
-            self.calls.append((c.DRAIN_VERSION, input))
+            self._fault(c.DRAIN_VERSION, input)
             return c.DrainVersionResult()
 
         @activity.defn(name=c.CHECK_HEALTH)
@@ -160,29 +187,35 @@ class FakeCluster:
         @activity.defn(name=c.JUDGE_HEALTH)
         async def judge_health(input: c.JudgeHealthInput) -> c.Verdict:
             self.calls.append((c.JUDGE_HEALTH, input))
+            if self.judging is not None:
+                await self.judging.wait()
             outcome = self.verdicts.pop(0) if self.verdicts else "healthy"
             reason = {"healthy": "p95 800 ms, errors 0.1% over 300 requests",
                       "unhealthy": "error rate 12.0% > 5.0% limit",
                       "inconclusive": "only 3 requests, need 20"}[outcome]
+            if self.real_verdict is not None:
+                return self.real_verdict.model_copy(update={
+                    "outcome": outcome, "reason": reason, "window_start": input.window_start,
+                    "window_end": input.window_end})
             return c.Verdict(outcome=outcome, reason=reason,
                              window_start=input.window_start, window_end=input.window_end,
                              analysis={"compared": input.compare})
 
         @activity.defn(name=c.RAISE_ALERT)
         async def raise_alert(alert: Alert) -> Alert:
-            self.calls.append((c.RAISE_ALERT, alert))
+            self._fault(c.RAISE_ALERT, alert)
             self.alerts.append(alert)
             return alert
 
         @activity.defn(name=c.MARK_LIVE)
         async def mark_live(input: c.MarkLiveInput) -> None:
-            self.calls.append((c.MARK_LIVE, input))
+            self._fault(c.MARK_LIVE, input)
             self.live_version = input.version
             self.holders[input.version] = {("serving", "m")}
 
         @activity.defn(name=c.RECORD_OPERATION)
         async def record_operation(input: c.RecordOperationInput) -> None:
-            self.calls.append((c.RECORD_OPERATION, input))
+            self._fault(c.RECORD_OPERATION, input)
 
         @activity.defn(name=c.REFRESH_ROUTE)
         async def refresh_route(input: c.RefreshRouteInput) -> c.SetTrafficResult:
@@ -224,3 +257,12 @@ class Harness:
 @pytest_asyncio.fixture(loop_scope="session")
 async def harness(time_env: WorkflowEnvironment) -> Harness:
     return Harness(time_env, FakeCluster(), f"control-{uuid.uuid4()}")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_harness() -> AsyncIterator[Harness]:
+    """A harness on a time-skipping server of its own, for a test that mixes real time
+    (`auto_time_skipping_disabled`) with skipped time: the server has been seen to stay
+    locked after such a test (later tests then ran their timers in real time)."""
+    async with time_skipping_server() as env:
+        yield Harness(env, FakeCluster(), f"control-{uuid.uuid4()}")

@@ -212,3 +212,44 @@ async def test_actions_are_refused_once_the_switch_has_ended(harness: Harness) -
             # The validator refuses, or the server does: the workflow is closed.
             with pytest.raises((WorkflowUpdateFailedError, RPCError)):
                 await control(handle, action)
+
+
+async def test_a_pause_during_a_slow_load_holds_the_first_step_until_resume(
+        harness: Harness) -> None:
+    """Paused while the target loads: the load finishes, but no route changes (and no
+    timer runs) until the operator resumes."""
+    harness.cluster.slow_load = True
+    async with rollout(harness, "canary", CANARY) as handle:
+        await until(handle, lambda s: s.phase == "loading")
+        await control(handle, c.PAUSE, "checking the weights first")
+        harness.cluster.slow_load = False  # the load completes while paused
+        await until(handle, lambda _s: "v2" in harness.cluster.loaded)
+        await harness.env.sleep(10 * 3600)  # far past every evaluation period
+        still = await status_of(handle)
+        assert (still.status, still.weights) == (OperationStatus.PAUSED, {"v1": 100})
+        assert harness.cluster.routes == []
+        await control(handle, c.RESUME)
+        result = await handle.result()
+    assert result.outcome is Outcome.PROMOTED
+    assert harness.cluster.routes == [{"v2": 10, "v1": 90}, {"v2": 55, "v1": 45}, {"v2": 100}]
+
+
+async def test_a_pause_while_judging_the_end_of_an_ab_test_holds_its_auto_promote(
+        harness: Harness) -> None:
+    """Paused while the last look is judged: the automatic promote waits for resume."""
+    harness.cluster.judging = asyncio.Event()
+    config = {"traffic_percentage": 50, "test_duration_hours": 48, "decision": "auto"}
+    async with rollout(harness, "ab_test", config) as handle:
+        await until(handle, evaluating_at(50))
+        await harness.env.sleep(48 * 3600)
+        await until(handle, lambda s: s.phase == "judging")
+        await control(handle, c.PAUSE, "want to read the analysis")
+        harness.cluster.judging.set()  # the verdict: healthy, not worse
+        await until(handle, lambda s: s.last_verdict is not None)
+        await harness.env.sleep(24 * 3600)
+        assert harness.cluster.routes == [{"v2": 50, "v1": 50}]
+        assert (await status_of(handle)).status is OperationStatus.PAUSED
+        await control(handle, c.RESUME)
+        result = await handle.result()
+    assert result.outcome is Outcome.PROMOTED and "not worse" in result.reason
+    assert harness.cluster.routes == [{"v2": 50, "v1": 50}, {"v2": 100}]

@@ -160,7 +160,7 @@ def switch_view(status: dict[str, Any], now: datetime, *, plain: bool = False
     if verdict:
         outcome = verdict.get("outcome", "?")
         parts.append(Text.assemble(
-            f"last check ({len(verdicts)} so far): ",
+            f"last check ({status.get('verdict_count') or len(verdicts)} so far): ",
             (outcome, "" if plain else _OUTCOME_STYLE.get(outcome, "")),
             f" — {verdict.get('reason', '')}"))
         if (verdict.get("analysis") or {}).get("metrics"):

@@ -124,6 +124,14 @@ def summary(canaries: list[Canary]) -> list[str]:
                          if e.get("failed")})
         if failed:
             lines.append(f"  metrics that failed a look: {', '.join(failed)}")
+        for name in ("latency_p95", "ttft_p95"):
+            ratios = sorted(e["ratio"] for c in runs for v in c.verdicts
+                            if (e := v["analysis"].get("metrics", {}).get(name, {}))
+                            .get("compared") and e.get("ratio") is not None)
+            if ratios:
+                lines.append(f"  {name} target/stable over {len(ratios)} compared looks: "
+                             f"median {statistics.median(ratios):.3f}, "
+                             f"min {ratios[0]:.3f}, max {ratios[-1]:.3f}")
         walls = [c.wall_s for c in runs]
         lines.append(f"  wall time per canary: median {statistics.median(walls):.1f} s, "
                      f"min {min(walls):.1f} s, max {max(walls):.1f} s")
@@ -388,27 +396,30 @@ async def main(args: argparse.Namespace) -> None:
             bench = Bench(api, models, canary)
             await bench.go_live()
             sender = asyncio.create_task(load.run())
-            async with contextlib.AsyncExitStack() as resources:
-                proxy = (await resources.enter_async_context(degraded_endpoint(bench, args))
-                         if "degraded" in arms else None)
-                # The arms alternate, so a run cut short by --max-minutes has both.
-                for i in range(1, args.n + 1):
-                    if deadline is not None and time.monotonic() > deadline:
-                        print(f"--max-minutes reached: {i - 1} of {args.n} rounds run",
-                              flush=True)
-                        break
-                    if "aa" in arms:
-                        target = await bench.register_engine_version("aa")
-                        canaries.append(await bench.run_canary("aa", target))
-                        report(canaries[-1], i, args.n)
-                    if proxy is not None:
-                        target = await bench.register("dg", model="degraded",
-                                                      endpoint=proxy.url,
-                                                      served_model_name="degraded")
-                        canaries.append(await bench.run_canary("degraded", target))
-                        report(canaries[-1], i, args.n)
-                        if canaries[-1].outcome == "promoted":  # a miss: restore
-                            await bench.go_live()
+            try:
+                async with contextlib.AsyncExitStack() as resources:
+                    proxy = (await resources.enter_async_context(degraded_endpoint(bench, args))
+                             if "degraded" in arms else None)
+                    # The arms alternate, so a run cut short by --max-minutes has both.
+                    for i in range(1, args.n + 1):
+                        if deadline is not None and time.monotonic() > deadline:
+                            print(f"--max-minutes reached: {i - 1} of {args.n} rounds run",
+                                  flush=True)
+                            break
+                        if "aa" in arms:
+                            target = await bench.register_engine_version("aa")
+                            canaries.append(await bench.run_canary("aa", target))
+                            report(canaries[-1], i, args.n)
+                        if proxy is not None:
+                            target = await bench.register("dg", model="degraded",
+                                                          endpoint=proxy.url,
+                                                          served_model_name="degraded")
+                            canaries.append(await bench.run_canary("degraded", target))
+                            report(canaries[-1], i, args.n)
+                            if canaries[-1].outcome == "promoted":  # a miss: restore
+                                await bench.go_live()
+            except (RuntimeError, httpx.HTTPError) as exc:  # keep what was measured
+                print(f"stopped early: {exc!r}", flush=True)
     finally:
         load.stop()
         if sender is not None:

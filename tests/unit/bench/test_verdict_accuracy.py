@@ -33,17 +33,18 @@ def test_rate_line_names_the_count_the_share_and_the_interval() -> None:
         "A/A false rollbacks: 1/20 = 5.0% (95% Wilson interval 0.9%-23.6%); goal <= 5%")
 
 
-def _verdict(outcome: str, failed: str | None = None) -> dict:
+def _verdict(outcome: str, failed: str | None = None, ratio: float | None = None) -> dict:
     return {"outcome": outcome, "reason": "", "analysis": {"metrics": {
-        "error_rate": {"failed": failed == "error_rate"},
-        "latency_p95": {"failed": failed == "latency_p95"}}}}
+        "error_rate": {"failed": failed == "error_rate", "compared": True},
+        "latency_p95": {"failed": failed == "latency_p95", "ratio": ratio,
+                        "compared": ratio is not None}}}}
 
 
 def test_the_summary_tallies_each_arm_and_leaves_failed_runs_out_of_the_rates() -> None:
     canaries = [
-        Canary("aa", "aa1", "promoted", 90.0, verdicts=[_verdict("healthy")]),
+        Canary("aa", "aa1", "promoted", 90.0, verdicts=[_verdict("healthy", ratio=0.9)]),
         Canary("aa", "aa2", "rolled_back", 80.0,
-               verdicts=[_verdict("unhealthy", "latency_p95")]),
+               verdicts=[_verdict("unhealthy", "latency_p95", ratio=1.6)]),
         Canary("aa", "aa3", "stuck", 200.0, verdicts=[_verdict("inconclusive")]),
         Canary("aa", "aa4", "error", 10.0),
         Canary("degraded", "dg1", "rolled_back", 20.0,
@@ -56,7 +57,10 @@ def test_the_summary_tallies_each_arm_and_leaves_failed_runs_out_of_the_rates() 
     # canary that never reached a verdict (its engine failed to load) is no trial.
     assert lines[1].startswith("  A/A false rollbacks: 1/3 = 33.3% ")
     assert lines[2] == "  metrics that failed a look: latency_p95"
-    assert lines[3] == "  wall time per canary: median 85.0 s, min 10.0 s, max 200.0 s"
-    assert lines[4] == "degraded: promoted 1, rolled_back 1, stuck 0, error 0"
-    assert lines[5].startswith("  degraded target detected (rolled back): 1/2 = 50.0% ")
+    # Only compared looks give a ratio (the inconclusive one compared nothing).
+    assert lines[3] == ("  latency_p95 target/stable over 2 compared looks: median 1.250, "
+                        "min 0.900, max 1.600")
+    assert lines[4] == "  wall time per canary: median 85.0 s, min 10.0 s, max 200.0 s"
+    assert lines[5] == "degraded: promoted 1, rolled_back 1, stuck 0, error 0"
+    assert lines[6].startswith("  degraded target detected (rolled back): 1/2 = 50.0% ")
     assert summary([c for c in canaries if c.arm == "aa"])[-1].startswith("  wall time")

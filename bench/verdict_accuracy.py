@@ -202,10 +202,12 @@ class Load:
 class DegradingProxy:
     """An OpenAI endpoint in front of an engine that answers later or fails on purpose.
 
-    Each answer is read whole from the engine, then held `slowdown` x the time the engine
-    took (so every latency quantile, time to first token included, is `1 + slowdown`
-    times the engine's), or replaced by a 500 for an evenly spread `error_share` of the
-    requests (deterministic: request k fails when floor((k+1) f) > floor(k f)).
+    Every chunk of the engine's answer (a whole answer, or each piece of a stream) is
+    passed on at `1 + slowdown` times the time the engine took to send it, so latency,
+    time to first token and inter-token latency all grow by `slowdown` (plus this hop's
+    own cost, which the verdicts' figures show). An evenly spread `error_share` of the
+    requests is failed with a 500 instead, without reaching the engine (deterministic:
+    request k fails when floor((k+1) f) > floor(k f)).
     """
 
     def __init__(self, upstream: str, engine_model: str, served_model_name: str, *,
@@ -245,22 +247,47 @@ class DegradingProxy:
             {"id": self.served_model_name, "object": "model", "created": 0,
              "owned_by": "bench"}]})
 
-    async def _forward(self, request: web.Request) -> web.Response:
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._client is not None
         body = await request.json()
         body["model"] = self.engine_model
         k, self._k = self._k, self._k + 1
-        started = time.monotonic()
-        answer = await self._client.post(request.path, json=body)
-        if self.slowdown:
-            await asyncio.sleep(self.slowdown * (time.monotonic() - started))
         if int((k + 1) * self.error_share) > int(k * self.error_share):
             return web.json_response({"error": {"message": "degraded on purpose",
                                                 "type": "server_error", "param": None,
                                                 "code": None}}, status=500)
-        return web.Response(body=answer.content, status=answer.status_code,
-                            content_type=answer.headers.get("content-type", "").split(";")[0]
-                            or "application/json")
+        started = time.monotonic()
+        chunks: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        async with self._client.stream("POST", request.path, json=body) as answer:
+            reader = asyncio.create_task(self._read(answer, started, chunks))
+            response = web.StreamResponse(status=answer.status_code, headers={
+                "Content-Type": answer.headers.get("content-type", "application/json")})
+            try:
+                while (item := await chunks.get()) is not None:
+                    arrived, chunk = item
+                    # Sent at (1 + slowdown) x the time the engine took to this chunk.
+                    await asyncio.sleep(max(0.0, started + (1 + self.slowdown) * arrived
+                                            - time.monotonic()))
+                    if not response.prepared:
+                        await response.prepare(request)
+                    await response.write(chunk)
+            finally:
+                reader.cancel()
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _read(answer: httpx.Response, started: float,
+                    chunks: asyncio.Queue[tuple[float, bytes] | None]) -> None:
+        """The engine's bytes as they come, stamped with their time since the request:
+        read apart from the writer, so holding one chunk never delays reading the next."""
+        try:
+            async for chunk in answer.aiter_raw():
+                await chunks.put((time.monotonic() - started, chunk))
+        finally:
+            await chunks.put(None)
 
 
 class Bench:

@@ -117,6 +117,7 @@ class Proxy:
         self.upstreams: Upstreams | None = None  # set when the app starts
         # Upstream URLs parsed once, not on every request.
         self._urls: dict[str, URL] = {}
+        self._missing_credentials: set[str] = set()  # variables logged as missing, until set
         self.mirror_max_inflight = mirror_max_inflight
         # Copies to shadow versions still running: held here so that the loop keeps them
         # alive (it only keeps weak references), they count against the cap, and the
@@ -410,7 +411,7 @@ class Proxy:
         """
         assert self.upstreams is not None, "gateway app not started"
         if backend.api_key_env:
-            headers = {**headers, **_credential(backend)}
+            headers = {**headers, **self._credential(backend)}
         text = replica.base + path
         url = self._urls.get(text)
         if url is None:
@@ -431,6 +432,23 @@ class Proxy:
                                       max(meter.events - 1, 0),  # minus [DONE]
                                       meter.last_at - meter.first_at)
 
+    def _credential(self, backend: Backend) -> dict[str, str]:
+        """The backend's bearer header. A missing variable is logged once until it is set
+        again (then its next loss is logged too), not on every request."""
+        name = backend.api_key_env or ""
+        try:
+            header = bearer_header(name)
+        except LookupError:
+            if name not in self._missing_credentials:
+                self._missing_credentials.add(name)
+                log.error("credential variable %s of version %s is not set in the gateway's "
+                          "environment: its requests fail (and fail over)", name,
+                          backend.version)
+            raise MissingCredential(f"the gateway has no credential for version "
+                                    f"{backend.version!r} ({name} is not set)") from None
+        self._missing_credentials.discard(name)
+        return header
+
     async def stop_mirrors(self) -> None:
         """Cancel the copies still in flight, for a gateway that stops: they are
         measurements nobody waits for. Each records its end (in-flight count back down,
@@ -443,22 +461,6 @@ class Proxy:
 
 class MissingCredential(aiohttp.ClientConnectionError):
     """A backend's credential variable is not set in the gateway's environment."""
-
-
-_missing_credentials: set[str] = set()  # variables already logged as missing
-
-
-def _credential(backend: Backend) -> dict[str, str]:
-    try:
-        return bearer_header(backend.api_key_env)
-    except LookupError:
-        name = backend.api_key_env or ""
-        if name not in _missing_credentials:
-            _missing_credentials.add(name)
-            log.error("credential variable %s of version %s is not set in the gateway's "
-                      "environment: its requests fail (and fail over)", name, backend.version)
-        raise MissingCredential(f"the gateway has no credential for version "
-                                f"{backend.version!r} ({name} is not set)") from None
 
 
 def _upstream_headers(request: web.Request) -> dict[str, str]:

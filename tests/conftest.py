@@ -20,6 +20,34 @@ def pytest_configure(config: pytest.Config) -> None:
                    "PostgreSQL server (the `store_kind` parameter)")
 
 
+# `.ci/run` sets this: on CI every test must run, so a skip (vLLM or transformers missing,
+# too few cores) fails the run instead of passing quietly.
+FAIL_ON_SKIP = os.environ.get("TURNOUT_FAIL_ON_SKIP", "") not in ("", "0", "false")
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    if report.skipped:  # a whole module skipped at import (`importorskip`)
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if FAIL_ON_SKIP and _skipped and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FAIL_ON_SKIP and _skipped:
+        terminalreporter.write_line(
+            f"TURNOUT_FAIL_ON_SKIP: {len(_skipped)} skipped, which fails this run: "
+            + ", ".join(_skipped[:20]), red=True)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests of a `both_stores` module that use a store run once per store kind, grouped by
     kind (the module's fixtures are set up once for each)."""

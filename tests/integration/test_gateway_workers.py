@@ -153,7 +153,7 @@ async def test_a_versions_requests_are_counted_once_when_merged(
     finally:
         await admin.close()
     assert skipped == []
-    assert sum(v["window"]["requests"] for w in windows for v in w.values()) == 30
+    assert sum(v.window.requests for w in windows for v in w.values() if v.window) == 30
     # Prometheus: whichever worker a scrape lands on, it shows both workers' requests.
     for _ in range(6):
         after = await merged_requests(workers.url)

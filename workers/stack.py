@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +67,32 @@ class Process:
 
 # The processes every stack runs; `add_process` may add more.
 _CORE = ("temporal", "control-worker", "engine-worker", "gateway", "api")
+# How long stopping the engines may take before the stack gives up on them (a hung store).
+_STOP_ENGINES_S = 120
+
+
+class StackConflict(RuntimeError):
+    """Another stack runs from this state directory, or a port of this one is taken."""
+
+
+def dies_with_launcher(argv: list[str]) -> list[str]:
+    """`argv` run so that it gets SIGTERM when the launcher's thread that started it ends,
+    however it ends (SIGKILL, a terminal closed hard): Linux's parent-death signal, set by
+    util-linux's `setpriv` before it execs the command (same pid, nothing left between).
+    Without `setpriv` (not Linux) the command runs as given."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
+
+
+def _port_taken(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass
@@ -83,19 +112,18 @@ class Stack:
     processes: dict[str, Process] = field(default_factory=dict)
     _started_at: datetime = field(default_factory=lambda: datetime.now(UTC), init=False,
                                   repr=False)
+    _lock: Any = field(default=None, init=False, repr=False)  # the state dir's lock file
+    _made_admin_token: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.settings.gateway_admin_token:
             # Gateway admin endpoints always want a token; a local stack makes its own, hands
             # it to the gateway and the control worker through their environment, and keeps
-            # it (owner-only) for the operator.
+            # it (owner-only) for the operator once it holds its state directory (`claim`).
             token = secrets.token_urlsafe(24)
             self.settings = self.settings.model_copy(update={"gateway_admin_token": token})
-            self.admin_token_path.parent.mkdir(parents=True, exist_ok=True)
-            self.admin_token_path.touch(mode=0o600)
-            self.admin_token_path.chmod(0o600)
-            self.admin_token_path.write_text(token + "\n")
+            self._made_admin_token = True
         python = sys.executable
         host, _, port = self.settings.temporal_address.rpartition(":")
         temporal = [installed_binary("temporal"),
@@ -151,8 +179,72 @@ class Stack:
             else self.settings.gateway_host
         return f"http://{host}:{self.settings.gateway_port}"
 
+    @property
+    def lock_path(self) -> Path:
+        return Path(self.settings.state_dir) / "stack.lock"
+
+    def claim(self) -> None:
+        """Hold this state directory's lock for as long as the stack runs (a second stack
+        on it says so at once, `StackConflict`, instead of meeting the first one's servers
+        or overwriting its admin token), then write the admin token file.
+
+        The lock is the kernel's (`flock`): it goes with the process holding it, so a stack
+        killed with SIGKILL leaves nothing to clean up; its servers end with it
+        (`dies_with_launcher`), its engines are adopted by the next stack's engine worker.
+        """
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.lock_path.open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise StackConflict(
+                f"another turnout stack (pid {holder}) runs from {self.settings.state_dir}: "
+                f"stop it first (Ctrl-C in its terminal, or kill {holder}), or give this "
+                "one another --state-dir and other ports") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
+        if self._made_admin_token:
+            path, token = self.admin_token_path, self.settings.gateway_admin_token or ""
+            path.touch(mode=0o600)
+            path.chmod(0o600)
+            path.write_text(token + "\n")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the last descriptor releases the flock
+            self._lock = None
+
+    def check_ports(self) -> None:
+        """`StackConflict` naming the first of this stack's ports that is taken."""
+        s = self.settings
+        host, _, port = s.temporal_address.rpartition(":")
+        ports = [("temporal", "TEMPORAL_ADDRESS", host or "127.0.0.1", int(port)),
+                 ("gateway", "GATEWAY_PORT", s.gateway_host or "127.0.0.1", s.gateway_port),
+                 ("gateway admin", "GATEWAY_ADMIN_PORT", s.gateway_admin_host,
+                  s.gateway_admin_port),
+                 ("api", "API_PORT", s.api_host, s.api_port)]
+        if not self.headless:
+            ports.append(("Temporal Web UI", "--ui-port", host or "127.0.0.1",
+                          self.temporal_ui_port))
+        for name, setting, bind_host, number in ports:
+            if _port_taken(bind_host, number):
+                where = setting if setting.startswith("--") \
+                    else ModelSwitchingConfig.env_name(setting.lower())
+                raise StackConflict(
+                    f"port {number} ({name}) is already in use: another turnout stack or "
+                    f"another server holds it; stop it, or set {where}")
+
     async def start(self) -> None:
         self._started_at = datetime.now(UTC)
+        if self._lock is None:
+            self.claim()
+        self.check_ports()
         self.temporal_db.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(upgrade, self.settings.database_url)
         self.start_process("temporal")
@@ -190,7 +282,8 @@ class Stack:
         if process.running:
             return
         logfile = process.log_path.open("ab")
-        process.popen = subprocess.Popen(process.argv, env=self.environment(name),
+        process.popen = subprocess.Popen(dies_with_launcher(process.argv),
+                                         env=self.environment(name),
                                          stdout=logfile, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         logfile.close()
@@ -224,11 +317,18 @@ class Stack:
     async def stop(self, *, stop_engines: bool = True) -> None:
         """Stop in reverse order of dependence, then the engines this stack started."""
         extra = [name for name in self.processes if name not in _CORE]
-        for name in (*extra, "api", "gateway", "control-worker", "engine-worker"):
-            await asyncio.to_thread(self._terminate, name)
-        if stop_engines:
-            await self.stop_engines()
-        await asyncio.to_thread(self._terminate, "temporal")
+        try:
+            for name in (*extra, "api", "gateway", "control-worker", "engine-worker"):
+                await asyncio.to_thread(self._terminate, name)
+            if stop_engines:
+                try:
+                    await asyncio.wait_for(self.stop_engines(), _STOP_ENGINES_S)
+                except TimeoutError:
+                    log.error("stopping the engines took over %ds; left running (see `turnout "
+                              "engines`; the next stack adopts them)", _STOP_ENGINES_S)
+            await asyncio.to_thread(self._terminate, "temporal")
+        finally:
+            self.release()
 
     async def stop_engines(self) -> None:
         from activities.engines import EngineActivities
@@ -259,7 +359,11 @@ class Stack:
             log.warning("%s did not stop in %gs; killing it", name, grace_s)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.popen.pid, signal.SIGKILL)
-            process.popen.wait(timeout=10)
+            try:
+                process.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # stuck in the kernel: not waited for forever
+                log.error("%s (pid %d) did not end after SIGKILL; left behind", name,
+                          process.popen.pid)
 
     async def wait_for_port(self, address: str, name: str, timeout_s: float = 60) -> None:
         host, _, port = address.rpartition(":")
@@ -312,16 +416,24 @@ def default_stack(root: Path, **overrides: Any) -> Stack:
     return Stack(settings=settings, temporal_db=root / "temporal.db", log_dir=root / "logs")
 
 
-async def _run(args: argparse.Namespace) -> None:
+async def _run(args: argparse.Namespace) -> int:
     from turnout.tinymodels import ensure_tiny_models
 
     root = args.state_dir
-    models = await asyncio.to_thread(ensure_tiny_models, root / "models")
     stack = default_stack(root)
     stack.temporal_ui_port = args.ui_port
+    try:
+        stack.claim()
+        stack.check_ports()
+    except StackConflict as exc:
+        stack.release()
+        log.error("%s", exc)
+        return 1
+    models = await asyncio.to_thread(ensure_tiny_models, root / "models")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal was closed; the servers would end with us anyway, but cleanly.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stack.start()
@@ -337,6 +449,7 @@ async def _run(args: argparse.Namespace) -> None:
         print("\nstopping turnout ...", flush=True)
         await stack.stop()
         print("stopped.", flush=True)
+    return 0
 
 
 def _print_banner(stack: Stack, models: dict[str, Path]) -> None:
@@ -378,7 +491,7 @@ def main() -> None:
     args = parser.parse_args()
     args.state_dir = Path(args.state_dir).resolve()
     setup_logging(os.environ.get("TURNOUT_LOG_LEVEL", "INFO"))
-    asyncio.run(_run(args))
+    sys.exit(asyncio.run(_run(args)))
 
 
 if __name__ == "__main__":

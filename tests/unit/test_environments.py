@@ -187,7 +187,10 @@ def test_the_stack_starts_each_process_with_its_environment(tmp_path: Path) -> N
 def test_a_generated_admin_token_reaches_only_its_holders(tmp_path: Path) -> None:
     stack = Stack(settings=ModelSwitchingConfig(state_dir=str(tmp_path)),
                   temporal_db=tmp_path / "t.db", log_dir=tmp_path / "logs", base_env=PARENT)
+    assert not stack.admin_token_path.exists()  # written once the stack holds its directory
+    stack.claim()
     token = stack.admin_token_path.read_text().strip()
+    stack.release()
     assert oct(stack.admin_token_path.stat().st_mode & 0o777) == "0o600"
     holds = {name for name in stack.processes if token in _values(stack.environment(name))}
     assert holds == {"gateway", "control-worker"}  # monitors run on the control worker

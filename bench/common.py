@@ -30,6 +30,9 @@ def bench_stack(name: str, **overrides: Any) -> Stack:
                "temporal_address": f"127.0.0.1:{free_port()}", "api_port": free_port(),
                "gateway_port": free_port(), "gateway_admin_port": free_port(),
                "engine_host": f"bench-{name}",
+               # Engines away from `make run`'s 8100-8199: a bench beside it once took the
+               # port a `make run` engine bound first, and its warm-up reached that engine.
+               "engine_port_start": 26100, "engine_port_end": 26199,
                # the benchmarks' fake engines are endpoints on 127.0.0.1
                "allow_private_endpoints": True, **overrides})
     print(f"stack state and logs: {root}", flush=True)

@@ -78,6 +78,12 @@ _PATCH_NEVER_GIVE_UP = "rollback-never-given-up"
 # the evaluation wait: the next route change waits for resume. Before it a switch paused
 # outside the wait still applied its next step.
 _PATCH_PAUSE_EVERYWHERE = "pause-holds-every-step"
+# Every look of a step judges the step's window from its start, so the evidence of
+# inconclusive looks adds up under light traffic (also after an operator resumes a step
+# that waited); before it each extension judged a fresh window and a quiet canary could
+# stay inconclusive however long it ran. The warm-up is left out of every look whose
+# window starts where the first judged one did.
+_PATCH_ACCUMULATE = "inconclusive-looks-accumulate"
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -118,6 +124,8 @@ class SwitchWorkflow:
         self._fleet = False
         self._step_in_progress: int | None = None
         self._judged = 0
+        self._accumulate = False
+        self._warmup_window: datetime | None = None  # where the first judged window began
         self._never_give_up = False
         self._cleanup_failures: list[str] = []
         self._pause_everywhere = False
@@ -225,6 +233,7 @@ class SwitchWorkflow:
         self._fleet = workflow.patched(_PATCH_FLEET)
         self._never_give_up = workflow.patched(_PATCH_NEVER_GIVE_UP)
         self._pause_everywhere = workflow.patched(_PATCH_PAUSE_EVERYWHERE)
+        self._accumulate = workflow.patched(_PATCH_ACCUMULATE)
         now = workflow.now()
         self._status = SwitchStatus(
             operation_id=input.operation_id, model_id=input.model_id,
@@ -359,8 +368,10 @@ class SwitchWorkflow:
         if step.hold_seconds <= 0:
             return None
         extensions = 0
+        window_start = workflow.now()
         while True:
-            window_start = workflow.now()
+            if not self._accumulate:
+                window_start = workflow.now()
             await self._hold(step)
             if await self._act_on_request() == c.PROMOTE:
                 return c.PROMOTE
@@ -420,7 +431,12 @@ class SwitchWorkflow:
         self._set_phase("judging", f"judging {target} at {step.target_percent:g}%")
         thresholds = judged_thresholds(self._input.strategy, self._input.strategy_config,
                                        self._input.thresholds)
-        warmup = self._judged == 0 and workflow.patched(_PATCH_WARMUP)
+        if self._accumulate:
+            if self._warmup_window is None:
+                self._warmup_window = window_start
+            warmup = window_start == self._warmup_window and workflow.patched(_PATCH_WARMUP)
+        else:
+            warmup = self._judged == 0 and workflow.patched(_PATCH_WARMUP)
         self._judged += 1
         judge = c.JudgeHealthInput(
             model_id=self._input.model_id, target_version=target, stable_version=self._stable,

@@ -161,10 +161,11 @@ async def wait_done(client: httpx.AsyncClient, operation_id: str) -> dict[str, A
 
 
 @asynccontextmanager
-async def traffic(gateway_url: str, model_id: str) -> AsyncIterator[dict[str, int]]:
-    """Send completions through the gateway, one after another, until the block ends:
-    health judgments need requests (too few is inconclusive, never healthy).
-    Yields a live count of answers per version."""
+async def traffic(gateway_url: str, model_id: str,
+                  pace_s: float = 0) -> AsyncIterator[dict[str, int]]:
+    """Send completions through the gateway, one after another (`pace_s` apart: light
+    traffic), until the block ends: health judgments need requests (too few is
+    inconclusive, never healthy). Yields a live count of answers per version."""
     seen: dict[str, int] = {}
 
     async def send() -> None:
@@ -176,6 +177,8 @@ async def traffic(gateway_url: str, model_id: str) -> AsyncIterator[dict[str, in
                 version = answer.headers.get("x-turnout-version", "none")
                 seen[version] = seen.get(version, 0) + 1
                 i += 1
+                if pace_s:
+                    await asyncio.sleep(pace_s)
 
     task = asyncio.create_task(send())
     try:

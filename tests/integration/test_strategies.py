@@ -269,3 +269,23 @@ async def test_a_paused_ab_test_holds_its_split_and_clock(plane: ControlPlane) -
         await record_history(plane, operation_id, "ab-test-pause-resume-auto-promote")
     assert (status["status"], status["outcome"]) == ("completed", "promoted"), status
     assert [v["outcome"] for v in status["verdicts"]] == ["healthy"]
+
+
+async def test_a_canary_under_light_traffic_adds_up_its_looks_and_promotes(
+        plane: ControlPlane) -> None:
+    """About 5 target requests a second and 3-s looks: each look alone has ~15 of the 20
+    requests a verdict needs, so judged one by one the canary stays inconclusive and ends
+    waiting for an operator; extended over the step's whole window, the evidence adds up
+    and a healthy target is promoted."""
+    async with plane.http() as client, traffic(plane.gateway_url, MODEL_ID, pace_s=0.08):
+        operation_id = await switch(client, "v2", "canary", initial_percentage=50,
+                                    step_percentage=50, evaluation_period_minutes=0.05)
+        status = await wait_done(client, operation_id)
+        await record_history(plane, operation_id, "canary-light-traffic-looks-add-up")
+    assert (status["status"], status["outcome"]) == ("completed", "promoted"), status
+    outcomes = [v["outcome"] for v in status["verdicts"]]
+    first = outcomes.index("healthy")
+    assert first >= 1 and set(outcomes[:first]) == {"inconclusive"}, outcomes
+    looks = status["verdicts"][:first + 1]
+    assert len({v["window_start"] for v in looks}) == 1  # one growing window
+    assert looks[-1]["window_end"] - looks[-1]["window_start"] >= 2 * 3

@@ -98,6 +98,25 @@ async def test_inconclusive_extends_the_step_and_is_never_taken_for_health(
     assert harness.cluster.routes[:2] == [{"v2": 10, "v1": 90}, {"v2": 55, "v1": 45}]
 
 
+async def test_an_inconclusive_look_is_extended_over_the_steps_whole_window(
+        harness: Harness) -> None:
+    """Evidence adds up: each extension judges the step from its start (light traffic
+    reaches the minimum), the warm-up left out of each of them; the next step judges a
+    window of its own, warm-up included."""
+    harness.cluster.verdicts = ["inconclusive", "inconclusive", "healthy"]
+    async with rollout(harness, "canary", CANARY) as handle:
+        result = await handle.result()
+    assert result.outcome is Outcome.PROMOTED
+    looks = [i for n, i in harness.cluster.calls if n == c.JUDGE_HEALTH]
+    first_step, second_step = looks[:3], looks[3]
+    assert len({look.window_start for look in first_step}) == 1
+    assert [look.window_end for look in first_step] == sorted(
+        look.window_end for look in first_step)
+    assert all(look.warmup for look in first_step)
+    assert second_step.window_start >= first_step[-1].window_end
+    assert not second_step.warmup
+
+
 async def test_endlessly_inconclusive_waits_for_an_operator(harness: Harness) -> None:
     harness.cluster.verdicts = ["inconclusive"] * 4
     async with rollout(harness, "canary", CANARY) as handle:
@@ -110,6 +129,9 @@ async def test_endlessly_inconclusive_waits_for_an_operator(harness: Harness) ->
         await control(handle, c.RESUME)
         result = await handle.result()
     assert result.outcome is Outcome.PROMOTED
+    # Resumed, the step's next look still judges the step from its start.
+    looks = [i for n, i in harness.cluster.calls if n == c.JUDGE_HEALTH]
+    assert len({look.window_start for look in looks[:5]}) == 1
 
 
 async def test_a_48_hour_ab_test_publishes_its_analysis_and_waits_for_promote(

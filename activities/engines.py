@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -77,6 +76,7 @@ from turnout.fleet import (
 )
 from turnout.redaction import answer_summary
 from turnout.registration import is_hub_id, model_dir_problem, stored_endpoint_problem
+from turnout.runtime import port_free
 from turnout.store import NotFound, Store
 from turnout.store.fleet import read_fleet
 
@@ -806,7 +806,7 @@ class EngineActivities:
         s = self.settings
         taken = {e.port for e in await self.store.list_engines(host=self.host) if e.port}
         for port in range(s.engine_port_start, s.engine_port_end + 1):
-            if port not in taken and _port_free(s.engine_bind_host, port):
+            if port not in taken and port_free(s.engine_bind_host, port):
                 return port
         raise ApplicationError(
             f"no free engine port in {s.engine_port_start}-{s.engine_port_end} on {self.host}",
@@ -942,16 +942,6 @@ def _popen_on_cores(cores: frozenset[int] | None, argv: list[str],
 
 def _gib(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def _port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _group_leader(pid: int) -> bool:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,22 @@ def installed_binary(name: str) -> str:
     if found is None:
         raise FileNotFoundError(f"{name} is not installed (pip install the package that has it)")
     return found
+
+
+def port_free(host: str, port: int, *, reuse_address: bool = False) -> bool:
+    """Whether a TCP listener could bind `host:port` now. With `reuse_address` a port
+    whose old connections linger in TIME_WAIT counts as free (servers that set
+    SO_REUSEADDR, as Temporal, uvicorn and aiohttp do, can bind it); only a listener
+    takes it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 _PR_SET_PDEATHSIG = 1

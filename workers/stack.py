@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import httpx
 
 from turnout.config import ModelSwitchingConfig, redact_url
 from turnout.environments import TEMPORAL, process_environment, role_of, settings_environment
-from turnout.runtime import installed_binary, setup_logging
+from turnout.runtime import installed_binary, port_free, setup_logging
 from turnout.store import Store, upgrade
 
 log = logging.getLogger("turnout.stack")
@@ -82,17 +81,6 @@ def dies_with_launcher(argv: list[str]) -> list[str]:
     Without `setpriv` (not Linux) the command runs as given."""
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else argv
-
-
-def _port_taken(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 @dataclass
@@ -233,7 +221,7 @@ class Stack:
             ports.append(("Temporal Web UI", "--ui-port", host or "127.0.0.1",
                           self.temporal_ui_port))
         for name, setting, bind_host, number in ports:
-            if _port_taken(bind_host, number):
+            if not port_free(bind_host, number, reuse_address=True):
                 where = setting if setting.startswith("--") \
                     else ModelSwitchingConfig.env_name(setting.lower())
                 raise StackConflict(

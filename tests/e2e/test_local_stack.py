@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from workers.stack import _port_taken
+from turnout.runtime import port_free
 
 PORTS = {"TEMPORAL_ADDRESS": "127.0.0.1:26333", "API_PORT": "26301",
          "GATEWAY_PORT": "26300", "GATEWAY_ADMIN_PORT": "26302",
@@ -130,8 +130,8 @@ def test_a_stack_killed_hard_leaves_nothing_running_and_the_next_one_starts(
         launcher.wait(10)
         wait_until(lambda: not any(alive(p) for p in servers), 60,
                    f"the servers {sorted(p for p in servers if alive(p))} to end")
-        wait_until(lambda: not any(_port_taken("127.0.0.1", p) for p in LISTENING), 30,
-                   "the ports to be free")
+        wait_until(lambda: all(port_free("127.0.0.1", p, reuse_address=True)
+                               for p in LISTENING), 30, "the ports to be free")
     finally:
         if launcher.popen.poll() is None:
             launcher.popen.kill()

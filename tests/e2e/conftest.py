@@ -44,12 +44,13 @@ def model_roots(tmp_path_factory: pytest.TempPathFactory,
 
 
 def e2e_stack(root: Path, *, ui_port: int, base_env: Mapping[str, str] | None = None,
-              **settings: Any) -> Stack:
-    """A headless stack of real parts keeping its state in `root`, with `settings` (each
-    module its own ports and engine host id, so modules never meet)."""
+              database_url: str | None = None, **settings: Any) -> Stack:
+    """A headless stack of real parts keeping its state in `root` (its store a SQLite file
+    there unless `database_url` says otherwise), with `settings` (each module its own ports
+    and engine host id, so modules never meet)."""
     config = ModelSwitchingConfig.from_env(
-        {}, state_dir=str(root), database_url=f"sqlite+aiosqlite:///{root}/turnout.db",
-        **settings)
+        {}, state_dir=str(root),
+        database_url=database_url or f"sqlite+aiosqlite:///{root}/turnout.db", **settings)
     return Stack(settings=config, temporal_db=root / "temporal.db", log_dir=root / "logs",
                  temporal_ui_port=ui_port, headless=True,
                  base_env=dict(base_env) if base_env is not None else None,

@@ -21,6 +21,7 @@ from api.auth import OPEN_PATHS, AuthenticationMiddleware, FailureAudit, Viewer,
 from api.limits import BodyLimitMiddleware
 from api.params import single_query_values
 from api.routers import alerts, audit, engines, health, meta, models, rules, shadow, switch
+from api.switching import finish_recording
 from turnout import tracing
 from turnout.auth import KeyRing, keyring_from_settings
 from turnout.config import ModelSwitchingConfig
@@ -58,6 +59,7 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
+        await finish_recording(app.state.store, settings.api_backend_timeout_s)
         if store is None:
             await app.state.store.close()
 

@@ -208,7 +208,6 @@ async def test_a_gateway_replica_killed_under_streaming_load(
         evaluating = await wait_phase(stack, operation_id, "evaluating", timeout_s=120)
         print(f"first canary step applied {time.monotonic() - killed_at:.1f} s after the "
               "kill, the killed replica still down")
-        assert not stack.processes[REPLICA].running
         half = await route(store)
         assert half.weights() == {"v1": 50.0, "v2": 50.0}, half
         assert half.generation == before.generation + 1  # the step applied once
@@ -253,31 +252,40 @@ async def test_temporal_down_when_a_switch_is_requested(
     body = {"model_id": MODEL_ID, "target_version": target, "strategy": "immediate",
             "requested_by": "chaos"}
     operations, before = await operation_ids(stack), await route(store)
-    stack.kill_process("temporal", signal.SIGKILL)
-    try:
-        began = time.monotonic()
+    async with load(stack.gateway_url, MODEL_ID) as clients:
+        await until(lambda: bool(clients.served), "a request served")
+        stack.kill_process("temporal", signal.SIGKILL)
+        try:
+            served = len(clients.served)
+            began = time.monotonic()
+            async with httpx.AsyncClient(base_url=stack.api_url, timeout=15) as client:
+                r = await client.post("/switch", json=body)
+                elapsed = time.monotonic() - began
+                ready = await client.get("/readyz")
+            assert r.status_code == 503, r.text
+            assert "Temporal" in r.json()["detail"], r.text
+            assert elapsed < 2 * BACKEND_TIMEOUT_S, elapsed
+            print(f"503 after {elapsed:.1f} s")
+            assert ready.status_code == 503 and \
+                ready.json()["checks"] == {"store": "ok", "temporal": "failed"}, ready.text
+            # Nothing half-created: no operation, the route as it was; the gateway serves.
+            assert await operation_ids(stack) == operations
+            assert await route(store) == before
+            assert len(clients.served) > served
+        finally:
+            stack.start_process("temporal")
+        await stack.wait_for_port(stack.settings.temporal_address, "temporal")
+        deadline = time.monotonic() + 60
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=15) as client:
-            r = await client.post("/switch", json=body)
-        elapsed = time.monotonic() - began
-        assert r.status_code == 503, r.text
-        assert "Temporal" in r.json()["detail"], r.text
-        assert elapsed < 2 * BACKEND_TIMEOUT_S, elapsed
-        print(f"503 after {elapsed:.1f} s")
-        # Nothing half-created: no operation, the route as it was.
-        assert await operation_ids(stack) == operations
-        assert await route(store) == before
-    finally:
-        stack.start_process("temporal")
-    await stack.wait_for_port(stack.settings.temporal_address, "temporal")
-    deadline = time.monotonic() + 60
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=15) as client:
-        while (r := await client.post("/switch", json=body)).status_code == 503:
-            assert time.monotonic() < deadline, f"still 503 a minute after: {r.text}"
-            await asyncio.sleep(0.5)
-    assert r.status_code == 202, r.text
-    operation_id = r.json()["operation_id"]
-    assert await operation_ids(stack) == [operation_id, *operations]
-    s = await wait_end(stack, operation_id, timeout_s=120)
+            while (r := await client.post("/switch", json=body)).status_code == 503:
+                assert time.monotonic() < deadline, f"still 503 a minute after: {r.text}"
+                await asyncio.sleep(0.5)
+        assert r.status_code == 202, r.text
+        operation_id = r.json()["operation_id"]
+        assert await operation_ids(stack) == [operation_id, *operations]
+        s = await wait_end(stack, operation_id, timeout_s=120)
+        await clients.wait_served_by(target)
+    assert clients.failures == [], clients.failures[:5]
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
     after = await route(store)
     assert after.weights() == {target: 100.0} and after.generation == before.generation + 1
@@ -328,27 +336,29 @@ async def test_the_api_killed_between_starting_and_recording_a_switch(
     target = await other_version(store)
     operations, before = await operation_ids(stack), await route(store)
     previous = await last_run(temporal)
-    async with operations_locked(stack.settings.database_url):
-        request = asyncio.create_task(api(stack, "POST", "/switch", json={
-            "model_id": MODEL_ID, "target_version": target, "strategy": "immediate"}))
-        run_id, operation_id = await new_run(temporal, previous)
-        # In the window: the workflow runs, nothing is recorded, the API has not answered.
-        with pytest.raises(NotFound):
-            await store.get_operation(operation_id)
-        assert not request.done()
-        stack.kill_process("api", signal.SIGKILL)
-        with pytest.raises(httpx.HTTPError):  # the fault is visible: the client got no answer
-            await request
-    stack.start_process("api")
-    await stack.wait_for_http(f"{stack.api_url}/healthz", "api")
-    s = await wait_end(stack, operation_id, timeout_s=120)
+    async with load(stack.gateway_url, MODEL_ID) as clients:
+        async with operations_locked(stack.settings.database_url):
+            request = asyncio.create_task(api(stack, "POST", "/switch", json={
+                "model_id": MODEL_ID, "target_version": target, "strategy": "immediate"}))
+            _, operation_id = await new_run(temporal, previous)
+            # In the window: the workflow runs, nothing is recorded, no answer yet.
+            with pytest.raises(NotFound):
+                await store.get_operation(operation_id)
+            assert not request.done()
+            stack.kill_process("api", signal.SIGKILL)
+            with pytest.raises(httpx.HTTPError):  # the fault is visible: no answer came
+                await request
+        stack.start_process("api")
+        await stack.wait_for_http(f"{stack.api_url}/healthz", "api")
+        s = await wait_end(stack, operation_id, timeout_s=120)
+        await clients.wait_served_by(target)
+    assert clients.failures == [], clients.failures[:5]
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
     assert await operation_ids(stack) == [operation_id, *operations]
     assert (await status(stack, operation_id))["target_version"] == target
     after = await route(store)
     assert after.weights() == {target: 100.0} and after.generation == before.generation + 1
     assert (await store.get_operation(operation_id)).workflow_id == WORKFLOW_ID
-    assert run_id != previous
 
 
 async def test_a_switch_under_way_is_accepted_when_the_store_stalls_its_record(
@@ -361,24 +371,27 @@ async def test_a_switch_under_way_is_accepted_when_the_store_stalls_its_record(
     target = await other_version(store)
     operations, before = await operation_ids(stack), await route(store)
     previous = await last_run(temporal)
-    async with operations_locked(stack.settings.database_url):
-        began = time.monotonic()
-        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as client:
-            r = await client.post("/switch", json={
-                "model_id": MODEL_ID, "target_version": target, "strategy": "immediate",
-                "requested_by": "alice (on call)"})
-        elapsed = time.monotonic() - began
-        assert r.status_code == 202, r.text
-        accepted = r.json()
-        assert "the store did not answer" in accepted["message"], accepted
-        # The answer came once the API gave up waiting for the store, not after the lock.
-        assert elapsed < 2 * BACKEND_TIMEOUT_S + 5, elapsed
-        print(f"202 after {elapsed:.1f} s")
-        run_id, operation_id = await new_run(temporal, previous)
-        assert accepted["operation_id"] == operation_id
-        with pytest.raises(NotFound):  # still not recorded: the lock held it
-            await store.get_operation(operation_id)
-    s = await wait_end(stack, operation_id, timeout_s=120)
+    async with load(stack.gateway_url, MODEL_ID) as clients:
+        async with operations_locked(stack.settings.database_url):
+            began = time.monotonic()
+            async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as client:
+                r = await client.post("/switch", json={
+                    "model_id": MODEL_ID, "target_version": target,
+                    "strategy": "immediate", "requested_by": "alice (on call)"})
+            elapsed = time.monotonic() - began
+            assert r.status_code == 202, r.text
+            accepted = r.json()
+            assert "the store did not answer" in accepted["message"], accepted
+            # Once the API gave up waiting for the store, not once the lock ended.
+            assert elapsed < 2 * BACKEND_TIMEOUT_S + 5, elapsed
+            print(f"202 after {elapsed:.1f} s")
+            run_id, operation_id = await new_run(temporal, previous)
+            assert accepted["operation_id"] == operation_id
+            with pytest.raises(NotFound):  # still not recorded: the lock held it
+                await store.get_operation(operation_id)
+        s = await wait_end(stack, operation_id, timeout_s=120)
+        await clients.wait_served_by(target)
+    assert clients.failures == [], clients.failures[:5]
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
     assert await operation_ids(stack) == [operation_id, *operations]
     after = await route(store)

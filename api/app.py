@@ -16,12 +16,11 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from temporalio.client import Client
 
-from api import errors
+from api import errors, records
 from api.auth import OPEN_PATHS, AuthenticationMiddleware, FailureAudit, Viewer, route_role
 from api.limits import BodyLimitMiddleware
 from api.params import single_query_values
 from api.routers import alerts, audit, engines, health, meta, models, rules, shadow, switch
-from api.switching import finish_recording
 from turnout import tracing
 from turnout.auth import KeyRing, keyring_from_settings
 from turnout.config import ModelSwitchingConfig
@@ -59,7 +58,7 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
-        await finish_recording(app.state.store, settings.api_backend_timeout_s)
+        await records.finish(app.state.store, settings.api_backend_timeout_s)
         if store is None:
             await app.state.store.close()
 

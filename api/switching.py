@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 from datetime import timedelta
+from functools import partial
 
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
@@ -14,6 +15,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api import records
 from api.errors import ActiveSwitchConflict
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import STATUS_QUERY, SWITCH_WORKFLOW
@@ -26,7 +28,7 @@ from turnout.domain import (
     SwitchRequest,
     SwitchStatus,
 )
-from turnout.store import NotFound, Store, is_unavailable
+from turnout.store import NotFound, Store
 from turnout.strategies import (
     StrategyConfigError,
     first_version_problem,
@@ -39,11 +41,6 @@ _QUERY_TIMEOUT = timedelta(seconds=5)
 # How long a switch that has reported its end may take to close its run.
 # A busy worker (engines saturating the CPU) has taken over 10 s to close a finished run.
 _CLOSE_WAIT_S = 60.0
-# How long the API keeps trying to record a switch it started while the store did not
-# answer; the switch itself records the operation as soon as the store answers.
-_RECORD_RETRY_S = 600.0
-# The background records of started switches, with the store each writes to.
-_recording: dict[asyncio.Task[None], Store] = {}
 
 
 class FieldError(BaseModel):
@@ -66,6 +63,9 @@ class SwitchAccepted(BaseModel):
     status: OperationStatus = OperationStatus.PENDING
     success: bool = True
     message: str
+    # False: the switch has started but the store did not answer the API; the operation's
+    # record appears once it does (the switch writes it), the API's audit entry follows.
+    recorded: bool = True
 
 
 class OperationView(SwitchStatus):
@@ -196,82 +196,26 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
                        operation_id=operation_id, details=request.model_dump(mode="json"))
     message = f"{request.strategy.value} switch of {request.model_id} to " \
               f"{request.target_version} started"
-    try:
-        await _record_start(store, record, entry)
-    except Exception as exc:
-        # The switch is under way whatever the store does: a failure answer would be
-        # false, and the client's retry would meet the running switch (409).
-        _keep_recording(store, record, entry, exc)
+    # The switch is under way whatever the store does now: the answer says so.
+    recorded = await records.record(store, partial(_record_start, store, record, entry),
+                                    f"the record of operation {operation_id} ({message}, "
+                                    f"workflow {workflow_id})")
+    if not recorded:
         message += "; the store did not answer: its record appears once it does"
     log.info("started %s switch of %s to %s for %s: operation %s", request.strategy.value,
              request.model_id, request.target_version, actor, operation_id)
-    return SwitchAccepted(operation_id=operation_id, workflow_id=workflow_id, message=message)
+    return SwitchAccepted(operation_id=operation_id, workflow_id=workflow_id, message=message,
+                          recorded=recorded)
 
 
-async def _record_start(store: Store, record: OperationRecord, entry: AuditEntry, *,
-                        again: bool = False) -> None:
+async def _record_start(store: Store, record: OperationRecord, entry: AuditEntry,
+                        again: bool) -> None:
     """What the API records of a switch it started: the operation (also created by the
     switch's first activity, whichever comes first), its run and the request's audit
-    entry. `again`: an earlier try may have written the entry before it failed."""
+    entry (`switch_started`, written by the switch, names the actor too)."""
     await store.create_operation(record)
     await store.set_operation_run(record.operation_id, record.run_id or "")
-    if again and entry.operation_id and \
-            await store.has_audit(entry.action, entry.operation_id):
-        return
-    await store.audit(entry)
-
-
-def _keep_recording(store: Store, record: OperationRecord, entry: AuditEntry,
-                    exc: Exception) -> None:
-    """Write the record of a started switch in the background, trying again while the
-    store does not answer (up to `_RECORD_RETRY_S`). A failure retrying cannot mend is
-    logged and left: the switch's own records keep the operation visible."""
-    context = (f"operation {record.operation_id} ({record.strategy.value} switch of "
-               f"{record.model_id} to {record.target_version}, workflow {record.workflow_id})")
-    if not is_unavailable(exc):
-        log.error("%s started, but the API could not record it", context, exc_info=exc)
-        return
-    log.warning("%s started, but the store did not answer the API (%r); the switch "
-                "records the operation itself once it does, and the API keeps trying to "
-                "add its run and the switch_requested audit entry", context, exc)
-    task = asyncio.create_task(_record_later(store, record, entry, context),
-                               name=f"record {record.operation_id}")
-    _recording[task] = store
-    task.add_done_callback(lambda done: _recording.pop(done, None))
-
-
-async def _record_later(store: Store, record: OperationRecord, entry: AuditEntry,
-                        context: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _RECORD_RETRY_S
-    delay = 1.0
-    while True:
-        await asyncio.sleep(delay)
-        try:
-            await _record_start(store, record, entry, again=True)
-        except Exception as exc:
-            if is_unavailable(exc) and loop.time() + delay < deadline:
-                delay = min(delay * 2, 30.0)
-                continue
-            log.error("gave up recording %s: the run id and the switch_requested audit "
-                      "entry are missing (%r)", context, exc)
-            return
-        log.info("recorded %s once the store answered again", context)
-        return
-
-
-async def finish_recording(store: Store, timeout_s: float) -> None:
-    """At shutdown: let the background records of `store`'s started switches end (for up
-    to `timeout_s`), then cancel what is left, saying which."""
-    tasks = [task for task, owner in _recording.items() if owner is store]
-    if not tasks:
-        return
-    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
-    for task in pending:
-        log.error("shutting down before %s was written: the switch's own record keeps the "
-                  "operation visible, without its switch_requested audit entry",
-                  task.get_name())
-        task.cancel()
+    await records.audit_once(store, entry, again)
 
 
 async def operation_view(client: Client, store: Store, operation_id: str) -> OperationView:

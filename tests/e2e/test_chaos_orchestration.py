@@ -292,14 +292,15 @@ async def test_temporal_down_when_a_switch_is_requested(
 
 
 @asynccontextmanager
-async def operations_locked(database_url: str) -> AsyncIterator[None]:
-    """Hold a lock on the operations table that lets reads through but blocks every insert
-    and update, until the block ends: the store stalls the writes of operation records."""
+async def operations_locked(database_url: str, tables: str = "operations"
+                            ) -> AsyncIterator[None]:
+    """Hold a lock on the operations table (or `tables`) that lets reads through but blocks
+    every insert and update, until the block ends: the store stalls those writes."""
     conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://",
                                                       "postgresql://", 1))
     try:
         async with conn.transaction():
-            await conn.execute("LOCK TABLE operations IN SHARE ROW EXCLUSIVE MODE")
+            await conn.execute(f"LOCK TABLE {tables} IN SHARE ROW EXCLUSIVE MODE")
             yield
             # Leaving the block commits the transaction (it wrote nothing): the lock ends.
     finally:
@@ -407,3 +408,45 @@ async def test_a_switch_under_way_is_accepted_when_the_store_stalls_its_record(
     entries = (await api(stack, "GET", "/audit", params={
         "operation_id": operation_id, "action": "switch_requested"})).json()
     assert entries[0]["details"]["requested_by"] == "alice (on call)"
+
+
+async def test_an_emergency_rollback_is_accepted_when_the_store_stalls(
+        stack: Stack, store: Store, temporal: Client,
+        fakes: dict[str, FakeUpstream]) -> None:
+    """Operations and audit log locked past API_BACKEND_TIMEOUT_S: `POST
+    /models/{id}/rollback` starts the immediate switch back and answers 202 (not a 503
+    after one more timeout for its audit entry); once the store answers, the rollback
+    completes and its entries are written, each once."""
+    model = await store.get_model(MODEL_ID)
+    assert model.previous_version is not None
+    operations, before = await operation_ids(stack), await route(store)
+    previous = await last_run(temporal)
+    async with load(stack.gateway_url, MODEL_ID) as clients:
+        async with operations_locked(stack.settings.database_url, "operations, audit_log"):
+            began = time.monotonic()
+            r = await api(stack, "POST", f"/models/{MODEL_ID}/rollback",
+                          json={"reason": "chaos", "requested_by": "bob"})
+            elapsed = time.monotonic() - began
+            assert r.status_code == 202, r.text
+            accepted = r.json()
+            assert accepted["recorded"] is False, accepted
+            # One wait for the store, not one per write.
+            assert elapsed < 2 * BACKEND_TIMEOUT_S, elapsed
+            print(f"rollback 202 after {elapsed:.1f} s")
+            _, operation_id = await new_run(temporal, previous)
+            assert accepted["operation_id"] == operation_id
+        s = await wait_end(stack, operation_id, timeout_s=120)
+        await clients.wait_served_by(model.previous_version)
+    assert clients.failures == [], clients.failures[:5]
+    assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
+    assert await operation_ids(stack) == [operation_id, *operations]
+    after = await route(store)
+    assert after.weights() == {model.previous_version: 100.0}
+    assert after.generation == before.generation + 1
+    deadline = time.monotonic() + 60
+    while not {"switch_requested", "emergency_rollback", "switch_completed"} <= \
+            set(actions := await audit_actions(stack, operation_id)):
+        assert time.monotonic() < deadline, actions
+        await asyncio.sleep(0.5)
+    assert actions.count("switch_requested") == actions.count("emergency_rollback") == 1, \
+        actions

@@ -1,7 +1,7 @@
 """Chaos on the orchestration side, real processes and real signals: a gateway replica
 killed under streaming load, Temporal killed while `POST /switch` arrives, the API killed
 between starting a switch's workflow and recording its operation, and the store stalling
-the API's record of a switch it has started.
+the API's records of a switch and of an emergency rollback it has started.
 
 Each asserts what a user relies on: no client request fails where another replica can
 serve it, no step is applied twice (route generations), the switch ends as it would have
@@ -292,7 +292,7 @@ async def test_temporal_down_when_a_switch_is_requested(
 
 
 @asynccontextmanager
-async def operations_locked(database_url: str, tables: str = "operations"
+async def writes_blocked(database_url: str, tables: str = "operations"
                             ) -> AsyncIterator[None]:
     """Hold a lock on the operations table (or `tables`) that lets reads through but blocks
     every insert and update, until the block ends: the store stalls those writes."""
@@ -338,7 +338,7 @@ async def test_the_api_killed_between_starting_and_recording_a_switch(
     operations, before = await operation_ids(stack), await route(store)
     previous = await last_run(temporal)
     async with load(stack.gateway_url, MODEL_ID) as clients:
-        async with operations_locked(stack.settings.database_url):
+        async with writes_blocked(stack.settings.database_url):
             request = asyncio.create_task(api(stack, "POST", "/switch", json={
                 "model_id": MODEL_ID, "target_version": target, "strategy": "immediate"}))
             _, operation_id = await new_run(temporal, previous)
@@ -373,7 +373,7 @@ async def test_a_switch_under_way_is_accepted_when_the_store_stalls_its_record(
     operations, before = await operation_ids(stack), await route(store)
     previous = await last_run(temporal)
     async with load(stack.gateway_url, MODEL_ID) as clients:
-        async with operations_locked(stack.settings.database_url):
+        async with writes_blocked(stack.settings.database_url):
             began = time.monotonic()
             async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as client:
                 r = await client.post("/switch", json={
@@ -422,7 +422,7 @@ async def test_an_emergency_rollback_is_accepted_when_the_store_stalls(
     operations, before = await operation_ids(stack), await route(store)
     previous = await last_run(temporal)
     async with load(stack.gateway_url, MODEL_ID) as clients:
-        async with operations_locked(stack.settings.database_url, "operations, audit_log"):
+        async with writes_blocked(stack.settings.database_url, "operations, audit_log"):
             began = time.monotonic()
             r = await api(stack, "POST", f"/models/{MODEL_ID}/rollback",
                           json={"reason": "chaos", "requested_by": "bob"})

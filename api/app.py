@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from temporalio.client import Client
 
-from api import errors
+from api import errors, records
 from api.auth import OPEN_PATHS, AuthenticationMiddleware, FailureAudit, Viewer, route_role
 from api.limits import BodyLimitMiddleware
 from api.params import single_query_values
@@ -58,6 +58,7 @@ def create_app(settings: ModelSwitchingConfig | None = None, *, store: Store | N
             connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await connecting
+        await records.finish(app.state.store, settings.api_backend_timeout_s)
         if store is None:
             await app.state.store.close()
 

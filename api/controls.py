@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from enum import StrEnum
+from functools import partial
 
 from fastapi import HTTPException, status
 from temporalio.client import (
@@ -21,6 +22,7 @@ from temporalio.client import (
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api import records
 from api.switching import (
     OperationView,
     SwitchAccepted,
@@ -103,13 +105,22 @@ def _as_actor(request: c.ControlRequest | None, actor: str) -> c.ControlRequest:
 
 async def _audit(store: Store, action: str, actor: str, note: c.ControlRequest | None,
                  result: SwitchStatus) -> None:
-    await store.audit(AuditEntry(
+    """Audit an applied control: applied, it is under way whatever the store does now
+    (`api.records`). A retry after a write that committed but did not answer in time may
+    write the entry twice (a control can be applied more than once per operation)."""
+    entry = AuditEntry(
         actor=actor, action=action, model_id=result.model_id,
         operation_id=result.operation_id,
         details={"reason": note.reason if note else None,
                  "requested_by": note.requested_by if note else None,
                  "status": result.status.value, "phase": result.phase,
-                 "weights": result.weights}))
+                 "weights": result.weights})
+
+    async def write(_: bool) -> None:
+        await store.audit(entry)
+
+    await records.record(store, write, f"the {action} audit entry of operation "
+                                       f"{result.operation_id}")
 
 
 async def control_operation(client: Client, store: Store, operation_id: str,
@@ -166,11 +177,15 @@ async def emergency_rollback(client: Client, store: Store, settings: ModelSwitch
         model_id=model_id, target_version=model.previous_version,
         strategy=SwitchingStrategyType.IMMEDIATE, reason=reason,
         requested_by=note), actor)
-    await store.audit(AuditEntry(
+    entry = AuditEntry(
         actor=actor, action="emergency_rollback", model_id=model_id,
         operation_id=accepted.operation_id,
         details={"reason": request.reason, "requested_by": note,
-                 "from_version": model.live_version, "to_version": model.previous_version}))
+                 "from_version": model.live_version, "to_version": model.previous_version})
+    # Under way: a store that did not answer the switch's record is not waited for again.
+    await records.record(store, partial(records.audit_once, store, entry),
+                         f"the emergency_rollback audit entry of operation "
+                         f"{accepted.operation_id}", try_now=accepted.recorded)
     log.warning("emergency rollback of %s by %s: immediate switch %s -> %s, operation %s",
                 model_id, actor, model.live_version, model.previous_version,
                 accepted.operation_id)

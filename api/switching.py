@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 from datetime import timedelta
+from functools import partial
 
 from fastapi import HTTPException
 from pydantic import BaseModel, Field
@@ -14,6 +15,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api import records
 from api.errors import ActiveSwitchConflict
 from turnout.config import ModelSwitchingConfig
 from turnout.contracts import STATUS_QUERY, SWITCH_WORKFLOW
@@ -61,6 +63,9 @@ class SwitchAccepted(BaseModel):
     status: OperationStatus = OperationStatus.PENDING
     success: bool = True
     message: str
+    # False: the switch has started but the store did not answer the API; the operation's
+    # record appears once it does (the switch writes it), the API's audit entry follows.
+    recorded: bool = True
 
 
 class OperationView(SwitchStatus):
@@ -182,20 +187,35 @@ async def start_switch(client: Client, store: Store, settings: ModelSwitchingCon
                 continue
             raise ActiveSwitchConflict(request.model_id,
                                        status.operation_id if status else None) from None
-    await store.create_operation(OperationRecord(
+    record = OperationRecord(
         operation_id=operation_id, workflow_id=workflow_id, run_id=handle.first_execution_run_id,
         model_id=request.model_id, target_version=request.target_version,
         strategy=request.strategy, strategy_config=request.strategy_config,
-        requested_by=actor))
-    await store.set_operation_run(operation_id, handle.first_execution_run_id or "")
-    await store.audit(AuditEntry(actor=actor, action="switch_requested",
-                                 model_id=request.model_id, operation_id=operation_id,
-                                 details=request.model_dump(mode="json")))
+        requested_by=actor)
+    entry = AuditEntry(actor=actor, action="switch_requested", model_id=request.model_id,
+                       operation_id=operation_id, details=request.model_dump(mode="json"))
+    message = f"{request.strategy.value} switch of {request.model_id} to " \
+              f"{request.target_version} started"
+    # The switch is under way whatever the store does now: the answer says so.
+    recorded = await records.record(store, partial(_record_start, store, record, entry),
+                                    f"the record of operation {operation_id} ({message}, "
+                                    f"workflow {workflow_id})")
+    if not recorded:
+        message += "; the store did not answer: its record appears once it does"
     log.info("started %s switch of %s to %s for %s: operation %s", request.strategy.value,
              request.model_id, request.target_version, actor, operation_id)
-    return SwitchAccepted(operation_id=operation_id, workflow_id=workflow_id,
-                          message=f"{request.strategy.value} switch of {request.model_id} to "
-                                  f"{request.target_version} started")
+    return SwitchAccepted(operation_id=operation_id, workflow_id=workflow_id, message=message,
+                          recorded=recorded)
+
+
+async def _record_start(store: Store, record: OperationRecord, entry: AuditEntry,
+                        again: bool) -> None:
+    """What the API records of a switch it started: the operation (also created by the
+    switch's first activity, whichever comes first), its run and the request's audit
+    entry (`switch_started`, written by the switch, names the actor too)."""
+    await store.create_operation(record)
+    await store.set_operation_run(record.operation_id, record.run_id or "")
+    await records.audit_once(store, entry, again)
 
 
 async def operation_view(client: Client, store: Store, operation_id: str) -> OperationView:

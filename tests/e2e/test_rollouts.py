@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ import openai
 import pytest
 import pytest_asyncio
 
+from tests.e2e import client as e2e
+from tests.e2e.client import Load, api, status, wait_end, wait_phase
 from tests.integration.upstream import FakeUpstream
 from turnout.config import ModelSwitchingConfig
 from turnout.store import Store
@@ -32,50 +33,6 @@ from workers.stack import Stack
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 
 MODEL_ID = "Rollout_chat"
-
-
-class Load:
-    """One client sending completions through the gateway without pause."""
-
-    def __init__(self, gateway_url: str) -> None:
-        self.gateway_url = gateway_url
-        self.served: list[str] = []
-        self.failures: list[tuple[str, str]] = []
-        self._stop = asyncio.Event()
-
-    async def run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.gateway_url, timeout=60) as client:
-            while not self._stop.is_set():
-                try:
-                    r = await client.post("/v1/completions", json={
-                        "model": MODEL_ID, "prompt": "Hello", "max_tokens": 2})
-                    version = r.headers.get("x-turnout-version", "?")
-                    if r.status_code == 200:
-                        self.served.append(version)
-                    else:
-                        self.failures.append((version, f"HTTP {r.status_code}"))
-                except httpx.HTTPError as exc:
-                    self.failures.append(("?", repr(exc)))
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    async def wait_served_by(self, version: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while version not in self.served:
-            assert time.monotonic() < deadline, f"no request served by {version}"
-            await asyncio.sleep(0.05)
-
-
-@asynccontextmanager
-async def load(stack: Stack) -> AsyncIterator[Load]:
-    client = Load(stack.gateway_url)
-    task = asyncio.create_task(client.run())
-    try:
-        yield client
-    finally:
-        client.stop()
-        await task
 
 
 async def crash_orchestration(stack: Stack, client: Load, *, outage_s: float,
@@ -95,52 +52,13 @@ async def crash_orchestration(stack: Stack, client: Load, *, outage_s: float,
     stack.start_process("control-worker")
 
 
-async def api(stack: Stack, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
-        return await client.request(method, path, **kwargs)
+def load(stack: Stack) -> AbstractAsyncContextManager[Load]:
+    return e2e.load(stack.gateway_url, MODEL_ID)
 
 
 async def start(stack: Stack, version: str, strategy: str, config: dict[str, Any],
                 **request: Any) -> str:
-    r = await api(stack, "POST", "/switch", json={
-        "model_id": MODEL_ID, "target_version": version, "strategy": strategy,
-        "strategy_config": config, **request})
-    assert r.status_code == 202, r.text
-    return r.json()["operation_id"]
-
-
-async def status(stack: Stack, operation_id: str) -> dict[str, Any]:
-    r = await api(stack, "GET", f"/switch/operations/{operation_id}")
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-async def wait_end(stack: Stack, operation_id: str, timeout_s: float = 600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            s = await status(stack, operation_id)
-        except (httpx.HTTPError, AssertionError):
-            await asyncio.sleep(1)  # the API may be waiting for a restarted Temporal
-            continue
-        if s["status"] in ("completed", "failed"):
-            return s
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"operation {operation_id} did not end in {timeout_s}s")
-
-
-async def wait_phase(stack: Stack, operation_id: str, phase: str,
-                     timeout_s: float = 600) -> dict[str, Any]:
-    """Wait for a phase; the first one may follow a vLLM engine's start, measured at
-    40 s to over 5 minutes on a 2-core machine already serving the live version."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        s = await status(stack, operation_id)
-        if s["phase"] == phase:
-            return s
-        assert s["status"] not in ("completed", "failed"), s
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"operation {operation_id} never reached {phase}")
+    return await e2e.start(stack, MODEL_ID, version, strategy, config, **request)
 
 
 async def register(stack: Stack, version: str, **fields: Any) -> None:
@@ -340,11 +258,8 @@ async def test_a_canary_survives_sigkill_in_the_middle_of_a_traffic_shift(
     """A second real gateway replica is frozen (SIGSTOP) just before a step, so the shift's
     activity has written the new route but still waits for that replica to confirm it; then
     both workers and Temporal are killed. The retried shift must not apply the step again."""
-    stack.add_process("gateway-replica", [sys.executable, "-m", "gateway", "--port", "18003",
-                                          "--admin-port", "18004", "--gateway-id",
-                                          "e2e-replica"])
-    stack.start_process("gateway-replica")
-    await stack.wait_for_http("http://127.0.0.1:18003/health", "gateway-replica")
+    await e2e.start_gateway_replica(stack, "gateway-replica", port=18003, admin_port=18004,
+                                    gateway_id="e2e-replica")
     store = Store.from_url(stack.settings.database_url)
     try:
         async with load(stack) as client:

@@ -65,7 +65,7 @@ from turnout.cpu_cores import (
 )
 from turnout.domain import SERVED_NAME_PATTERN, EngineInfo, EngineState, VersionInfo
 from turnout.engine_args import TRUST_REMOTE_CODE_SETTING, EngineArgsError, engine_argv
-from turnout.environments import engine_environment
+from turnout.environments import ENGINE_HOST_ENV, engine_environment
 from turnout.fleet import (
     CACHED_ROLES,
     GIB,
@@ -301,6 +301,21 @@ def is_engine_process(pid: int | None, port: int | None = None) -> bool:
     return True
 
 
+def unrecorded_engines(host: str, known: set[int]) -> list[int]:
+    """vLLM servers that `host` started (ENGINE_HOST_ENV) and whose pid is not in `known`:
+    the leaders of their sessions only, since vLLM's own children go with them."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.pid in known or API_SERVER_MODULE not in (proc.info["cmdline"] or ()):
+                continue
+            if _group_leader(proc.pid) and proc.environ().get(ENGINE_HOST_ENV) == host:
+                found.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue  # gone meanwhile, or another user's
+    return found
+
+
 class EngineActivities:
     """Temporal activities that manage the vLLM servers of one host.
 
@@ -418,7 +433,17 @@ class EngineActivities:
                 log.info("engine %s:%s pid=%s is gone: forgetting it", engine.model_id,
                          engine.version, engine.pid)
             await self.store.delete_engine(engine.model_id, engine.version, self.host)
+        await self._stop_unrecorded({engine.pid for engine in kept if engine.pid})
         return kept
+
+    async def _stop_unrecorded(self, kept: set[int]) -> None:
+        """Stop this host's engines that no record knows: a worker killed between starting
+        vLLM and writing its record leaves one running in its own session, holding memory
+        and a port that nothing would ever free."""
+        for pid in unrecorded_engines(self.host, kept):
+            log.warning("engine pid=%s of host %s has no record (its worker died while "
+                        "starting it): stopping it", pid, self.host)
+            await self._stop(pid, None, grace_s=5)
 
     @property
     def _sleep_mode(self) -> bool:
@@ -679,6 +704,9 @@ class EngineActivities:
                     _popen_on_cores, cores, argv, stdin=subprocess.DEVNULL, stdout=log_file,
                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self._children[proc.pid] = proc
+            # Before the record is written (the store may be slow or away): a retried
+            # attempt adopts this process rather than starting a second one.
+            _heartbeat({"pid": proc.pid, "port": port, "phase": "started"})
             engine = EngineInfo(model_id=version.model_id, version=version.version,
                                 host=self.host, url=self._url(port),
                                 served_model_name=name, port=port, pid=proc.pid,
@@ -707,8 +735,10 @@ class EngineActivities:
                     "PYTHONUNBUFFERED": "1"}
         if omp_bind is not None:
             defaults[OMP_BIND_ENV] = omp_bind
-        return engine_environment(os.environ, defaults, passthrough=s.engine_env_passthrough,
-                                  denied=s.endpoint_credential_envs)
+        env = engine_environment(os.environ, defaults, passthrough=s.engine_env_passthrough,
+                                 denied=s.endpoint_credential_envs)
+        env[ENGINE_HOST_ENV] = self.host
+        return env
 
     async def _finish_start(self, engine: EngineInfo, log_path: Path) -> EngineInfo:
         """Wait for /health, warm up, mark READY; on any failure or cancel, kill and forget."""

@@ -77,6 +77,10 @@ ENGINE_ENV_PREFIXES = (
 # it refuses the gateway, which sends none), hub tokens (engines load local models only)
 # and vLLM's development mode (it opens endpoints such as collective_rpc on the engine's
 # port; turnout sets it itself only for sleep mode, ENGINE_SLEEP_MODE).
+# Set in every engine's environment to the host id that started it: a restarted engine
+# worker finds the engines of its host that it never recorded (killed between starting
+# one and writing its record) and stops them, so no orphan holds memory or a port.
+ENGINE_HOST_ENV = "TURNOUT_ENGINE_HOST"
 ENGINE_ENV_DENIED = frozenset({"VLLM_API_KEY", "HF_TOKEN", "HF_API_TOKEN",
                                "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN",
                                "VLLM_SERVER_DEV_MODE"})

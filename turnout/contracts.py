@@ -57,6 +57,7 @@ ENGINE_SLEEP_FAILED = "EngineSleepError"  # vLLM refused /sleep or /wake_up (ret
 INVALID_ROUTE = "InvalidRoute"  # weights that do not add up, nothing to mirror
 NO_READY_ENGINE = "NoReadyEngine"  # a route names a version none of whose engines is ready
 GATEWAY_SYNC_TIMEOUT = "GatewaySyncTimeout"  # gateways did not apply a route in time
+STORE_UNAVAILABLE = "StoreUnavailable"  # the database did not answer (a switch waits it out)
 PLACEMENT_FAILED = "PlacementFailed"  # a load that fits on no host
 NO_LIVE_HOST = "NoLiveEngineHost"  # no engine host heartbeats (retried)
 

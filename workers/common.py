@@ -1,9 +1,15 @@
-"""What worker mains share beyond `turnout.runtime`: an orderly shutdown on signals."""
+"""What worker mains share beyond `turnout.runtime`: an orderly shutdown on signals, and
+the interceptors every worker runs."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+
+from temporalio.worker import Interceptor
+
+from workers.store_outages import StoreOutages
+from workers.tracing import worker_interceptors as tracing_interceptors
 
 
 def stop_event() -> asyncio.Event:
@@ -13,3 +19,9 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, event.set)
     return event
+
+
+def worker_interceptors() -> list[Interceptor]:
+    """For every worker's `Worker(interceptors=...)`: store outages named as such, then the
+    tracing attributes (when tracing is on)."""
+    return [StoreOutages(), *tracing_interceptors()]

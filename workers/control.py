@@ -22,9 +22,8 @@ from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
 from turnout.tracing import setup_tracing, shutdown_tracing
-from workers.common import stop_event
+from workers.common import stop_event, worker_interceptors
 from workers.monitor_keeper import keep_monitors
-from workers.tracing import worker_interceptors
 from workflows import WORKFLOWS
 
 log = logging.getLogger("turnout.worker.control")

@@ -24,8 +24,7 @@ from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import HostClaimed, Store
 from turnout.tracing import setup_tracing, shutdown_tracing
-from workers.common import stop_event
-from workers.tracing import worker_interceptors
+from workers.common import stop_event, worker_interceptors
 
 log = logging.getLogger("turnout.worker.engine")
 # How often this host looks for engines that died.

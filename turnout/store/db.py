@@ -80,6 +80,27 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
 
 
+# The packages a store call's exception comes from when the database itself is at fault.
+_DATABASE_CLIENTS = frozenset({"sqlalchemy", "asyncpg", "aiosqlite", "sqlite3"})
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """`is_unavailable`, raised by the database's client: a refused connection of an HTTP
+    client (also an `OSError`) is another part's fault, which waiting for the store would
+    not mend."""
+    if not is_unavailable(exc):
+        return False
+    if isinstance(exc, sa_exc.SQLAlchemyError):
+        return True
+    frame = exc.__traceback__
+    while frame is not None:
+        module = frame.tb_frame.f_globals.get("__name__", "")
+        if module.partition(".")[0] in _DATABASE_CLIENTS:
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def alembic_config(database_url: str):  # type: ignore[no-untyped-def]
     from alembic.config import Config
 

@@ -9,9 +9,9 @@ show.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import SearchAttributeKey
@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import options as call
 
 _MAX_EXTENSIONS = MAX_INCONCLUSIVE_EXTENSIONS
+T = TypeVar("T")
 
 # The patch that brought health judgment, operator controls and search attributes: runs
 # started before it replay with the first behaviour.
@@ -84,6 +85,18 @@ _PATCH_PAUSE_EVERYWHERE = "pause-holds-every-step"
 # stay inconclusive however long it ran. The warm-up is left out of every look whose
 # window starts where the first judged one did.
 _PATCH_ACCUMULATE = "inconclusive-looks-accumulate"
+# A store outage longer than an activity's retries no longer ends a switch: a judgment or
+# a step's traffic shift that failed because the store did not answer (STORE_UNAVAILABLE)
+# is tried again after a wait, the gateways serving the split they have meanwhile; an
+# operator's rollback or abort still ends it. Before it the switch was interrupted and
+# rolled back, though nothing was wrong with the target; and a judgment that failed for any
+# reason failed the workflow itself (a local activity's failure is not an ActivityError),
+# leaving the split as it was: now it interrupts the switch, which restores stable.
+_PATCH_STORE_OUTAGE = "store-outage-waits"
+# The waits between tries while the store is away: doubling, at most a minute (a day-long
+# outage adds some 1,500 timers to the history, within its limits).
+_STORE_WAIT_FIRST = timedelta(seconds=5)
+_STORE_WAIT_MAX = timedelta(seconds=60)
 
 MODEL_ID = SearchAttributeKey.for_keyword("TurnoutModelId")
 TARGET_VERSION = SearchAttributeKey.for_keyword("TurnoutTargetVersion")
@@ -310,7 +323,12 @@ class SwitchWorkflow:
                     Outcome.ROLLED_BACK,
                     f"{self._input.target_version} did not answer after the switch: "
                     f"{verdict.reason}")
-        except ActivityError as err:
+        except (ActivityError, ApplicationError) as err:
+            # A judgment (a local activity) fails as its own error; before the patch it
+            # failed the whole workflow, leaving the split where it was.
+            if not isinstance(err, ActivityError) \
+                    and not workflow.patched(_PATCH_STORE_OUTAGE):
+                raise
             reason = f"switch interrupted in phase {self._phase()}: {_cause(err)}"
             workflow.logger.error(reason)
             await self._restore()
@@ -445,10 +463,11 @@ class SwitchWorkflow:
         how = {"start_to_close_timeout": call.HEALTH_TIMEOUT,
                "retry_policy": call.JUDGE_RETRY,
                "summary": f"judge {target} at {step.target_percent:g}%"}
-        verdict: Verdict = await (
-            calls.execute_local(c.JUDGE_HEALTH, judge, **how)
-            if workflow.patched(_PATCH_LOCAL_JUDGE)
-            else calls.execute(c.JUDGE_HEALTH, judge, **how))
+        local = workflow.patched(_PATCH_LOCAL_JUDGE)
+        verdict: Verdict = await self._while_store_away(
+            lambda: calls.execute_local(c.JUDGE_HEALTH, judge, **how) if local
+            else calls.execute(c.JUDGE_HEALTH, judge, **how),
+            f"judging {target} at {step.target_percent:g}%")
         self._status.last_verdict = verdict
         self._status.verdicts = [*self._status.verdicts[-(VERDICTS_KEPT - 1):], verdict]
         self._status.verdict_count += 1
@@ -518,8 +537,39 @@ class SwitchWorkflow:
         weights = {target: percent}
         if self._stable and percent < 100:
             weights[self._stable] = round(100 - percent, 2)
-        self._set_phase("shifting", f"shifting traffic to {percent:g}% on {target}")
-        await self._set_traffic(weights, key, summary=f"shift traffic to {percent:g}%")
+        what = f"shifting traffic to {percent:g}% on {target}"
+        self._set_phase("shifting", what)
+        await self._while_store_away(
+            lambda: self._set_traffic(weights, key, summary=f"shift traffic to {percent:g}%"),
+            what)
+
+    async def _while_store_away(self, call_: Callable[[], Awaitable[T]], what: str) -> T:
+        """`call_()`, tried again after a wait while it fails because the store is away
+        (patch store-outage-waits); an operator's rollback or abort asked for meanwhile
+        ends the switch as it would at any other time. Any other failure is raised."""
+        wait = _STORE_WAIT_FIRST
+        while True:
+            try:
+                return await call_()
+            except (ActivityError, ApplicationError) as err:
+                if not (_store_away(err) and workflow.patched(_PATCH_STORE_OUTAGE)):
+                    raise
+                await self._act_on_request()
+                phase = self._current().phase
+                again = _duration(wait.total_seconds())
+                self._set_phase(phase, f"{what}: the store did not answer "
+                                       f"({_cause(err)}); trying again in {again}")
+                workflow.logger.warning("%s: the store did not answer; trying again in %s",
+                                        what, again)
+                try:
+                    await workflow.wait_condition(
+                        self._stopping, timeout=wait,
+                        timeout_summary=f"wait for the store, then try {what} again")
+                except TimeoutError:
+                    pass
+                await self._act_on_request()
+                self._set_phase(phase, what)
+                wait = min(wait * 2, _STORE_WAIT_MAX)
 
     async def _end_on_stable(self, outcome: Outcome, reason: str) -> None:
         """Route everything back to the stable version first, then release the target."""
@@ -775,6 +825,13 @@ class SwitchWorkflow:
             summary=event.replace("_", " "),
             **(call.STORE_UNTIL_DONE if self._never_give_up and s.status.terminal
                else call.STORE_CALL))
+
+
+def _store_away(err: ActivityError | ApplicationError) -> bool:
+    """Whether an activity failed (after its retries) because the store did not answer. (A
+    local activity's failure comes as its own error, a regular one's as the cause.)"""
+    cause = err if isinstance(err, ApplicationError) else err.cause
+    return isinstance(cause, ApplicationError) and cause.type == c.STORE_UNAVAILABLE
 
 
 def _cause(err: BaseException) -> str:

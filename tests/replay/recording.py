@@ -15,7 +15,7 @@ from temporalio.client import Client
 HISTORIES = Path(__file__).parent / "histories"
 # Bump when a workflow changes in a way that needs a new patch, then record the histories
 # of the tests that take the new path: old files stay.
-WORKFLOW_VERSION = "v8"
+WORKFLOW_VERSION = "v9"
 
 
 def recording() -> bool:

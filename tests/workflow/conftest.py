@@ -186,7 +186,7 @@ class FakeCluster:
 
         @activity.defn(name=c.JUDGE_HEALTH)
         async def judge_health(input: c.JudgeHealthInput) -> c.Verdict:
-            self.calls.append((c.JUDGE_HEALTH, input))
+            self._fault(c.JUDGE_HEALTH, input)
             if self.judging is not None:
                 await self.judging.wait()
             outcome = self.verdicts.pop(0) if self.verdicts else "healthy"

@@ -20,9 +20,13 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from tests.support import free_port
 from turnout.runtime import parent_death_signal
@@ -200,3 +204,20 @@ def start_postgres() -> PostgresServer:
         shutil.rmtree(root, ignore_errors=True)
         raise
     return server
+
+
+@asynccontextmanager
+async def writes_blocked(database_url: str, tables: str = "operations"
+                         ) -> AsyncIterator[None]:
+    """Hold a lock on the operations table (or `tables`, comma-separated) that lets reads
+    through but blocks every insert and update until the block ends: the store stalls
+    those writes (the chaos tests' window between two steps of a process)."""
+    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://",
+                                                      "postgresql://", 1))
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {tables} IN SHARE ROW EXCLUSIVE MODE")
+            yield
+            # Leaving the block commits the transaction (it wrote nothing): the lock ends.
+    finally:
+        await conn.close()

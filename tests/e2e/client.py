@@ -13,6 +13,9 @@ from typing import Any
 
 import httpx
 
+from tests.replay.recording import recording, save_history
+from turnout.runtime import connect_temporal
+from turnout.store import Store
 from workers.stack import Stack
 
 
@@ -29,12 +32,14 @@ class Load:
         self.stream = stream
         self.served: list[str] = []
         self.failures: list[tuple[str, str]] = []
+        self.failure_seconds: list[float] = []  # how long each failed request took
         self.in_flight = 0
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
         async with httpx.AsyncClient(base_url=self.gateway_url, timeout=60) as client:
             while not self._stop.is_set():
+                failed, began = len(self.failures), time.monotonic()
                 try:
                     if self.stream:
                         await self._streamed(client)
@@ -42,6 +47,9 @@ class Load:
                         await self._plain(client)
                 except httpx.HTTPError as exc:
                     self.failures.append(("?", repr(exc)))
+                if len(self.failures) > failed:
+                    self.failure_seconds.append(time.monotonic() - began)
+                    await asyncio.sleep(0.05)  # no busy loop while nothing can serve
 
     async def _plain(self, client: httpx.AsyncClient) -> None:
         r = await client.post("/v1/completions", json={
@@ -50,7 +58,7 @@ class Load:
         if r.status_code == 200:
             self.served.append(version)
         else:
-            self.failures.append((version, f"HTTP {r.status_code}"))
+            self.failures.append((version, f"HTTP {r.status_code} {r.text[:200]}"))
 
     async def _streamed(self, client: httpx.AsyncClient) -> None:
         async with client.stream("POST", "/v1/completions", json={
@@ -73,6 +81,15 @@ class Load:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def served_more(self, count: int, timeout_s: float = 120) -> None:
+        """Wait until `count` more requests than now have been served."""
+        goal = len(self.served) + count
+        deadline = time.monotonic() + timeout_s
+        while len(self.served) < goal:
+            assert time.monotonic() < deadline, f"{count} more answers not served in " \
+                                                f"{timeout_s:g} s"
+            await asyncio.sleep(0.05)
 
     async def wait_served_by(self, version: str, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -160,3 +177,24 @@ async def start_gateway_replica(stack: Stack, name: str, *, port: int, admin_por
     url = f"http://127.0.0.1:{port}"
     await stack.wait_for_http(f"{url}/health", name)
     return url
+
+
+async def record(stack: Stack, name: str, workflow_id: str, run_id: str | None = None) -> None:
+    """With RECORD_HISTORIES=1, keep the workflow's history, once it has ended, for the
+    replay tests."""
+    if recording():
+        client = await connect_temporal(stack.settings)
+        await asyncio.wait_for(client.get_workflow_handle(workflow_id, run_id=run_id)
+                               .result(), 120)
+        await save_history(client, name, workflow_id, run_id)
+
+
+async def record_switch(stack: Stack, name: str, operation_id: str) -> None:
+    if not recording():
+        return
+    store = Store.from_url(stack.settings.database_url)
+    try:
+        operation = await store.get_operation(operation_id)
+    finally:
+        await store.close()
+    await record(stack, f"switch-{name}", operation.workflow_id, operation.run_id)

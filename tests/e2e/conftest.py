@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests.postgres import PostgresServer, start_postgres
 from turnout.config import ModelSwitchingConfig
 from workers.stack import Stack
 
@@ -67,6 +68,15 @@ async def running(stack: Stack) -> AsyncIterator[Stack]:
     finally:
         await stack.stop()
         _dump_logs_on_failure(stack.log_dir)
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the module's own, not the session's: the chaos modules lock
+    its tables and stop it."""
+    server = start_postgres()
+    yield server
+    server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 
-import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
@@ -36,7 +34,7 @@ from tests.e2e.client import (
 )
 from tests.e2e.conftest import e2e_stack, running
 from tests.integration.upstream import FakeUpstream
-from tests.postgres import PostgresServer, start_postgres
+from tests.postgres import PostgresServer, writes_blocked
 from turnout.contracts import STATUS_QUERY
 from turnout.domain import Route, SwitchStatus
 from turnout.routing import pick_backend
@@ -56,16 +54,8 @@ BACKEND_TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    """A server of this module's own (not the session's): its tests lock its tables."""
-    server = start_postgres()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def database_url(postgres: PostgresServer) -> str:
-    return postgres.create_database("chaos_orch")
+def database_url(own_postgres: PostgresServer) -> str:
+    return own_postgres.create_database("chaos_orch")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -289,22 +279,6 @@ async def test_temporal_down_when_a_switch_is_requested(
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
     after = await route(store)
     assert after.weights() == {target: 100.0} and after.generation == before.generation + 1
-
-
-@asynccontextmanager
-async def writes_blocked(database_url: str, tables: str = "operations"
-                            ) -> AsyncIterator[None]:
-    """Hold a lock on the operations table (or `tables`) that lets reads through but blocks
-    every insert and update, until the block ends: the store stalls those writes."""
-    conn = await asyncpg.connect(database_url.replace("postgresql+asyncpg://",
-                                                      "postgresql://", 1))
-    try:
-        async with conn.transaction():
-            await conn.execute(f"LOCK TABLE {tables} IN SHARE ROW EXCLUSIVE MODE")
-            yield
-            # Leaving the block commits the transaction (it wrote nothing): the lock ends.
-    finally:
-        await conn.close()
 
 
 async def new_run(temporal: Client, previous: str | None) -> tuple[str, str]:

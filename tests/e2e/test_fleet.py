@@ -21,6 +21,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from tests.e2e.client import record, record_switch
 from tests.e2e.conftest import e2e_stack, running
 from tests.replay.recording import recording, save_history
 from turnout import contracts as c
@@ -89,27 +90,6 @@ async def eventually(check: Any, what: str, timeout_s: float) -> Any:
             return found
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.5)
-
-
-async def record(stack: Stack, name: str, workflow_id: str, run_id: str | None = None) -> None:
-    """With RECORD_HISTORIES=1, keep the workflow's history, once it has ended, for the
-    replay tests."""
-    if recording():
-        client = await connect_temporal(stack.settings)
-        await asyncio.wait_for(client.get_workflow_handle(workflow_id, run_id=run_id)
-                               .result(), 120)
-        await save_history(client, name, workflow_id, run_id)
-
-
-async def record_switch(stack: Stack, name: str, operation_id: str) -> None:
-    if not recording():
-        return
-    store = Store.from_url(stack.settings.database_url)
-    try:
-        operation = await store.get_operation(operation_id)
-    finally:
-        await store.close()
-    await record(stack, f"switch-{name}", operation.workflow_id, operation.run_id)
 
 
 async def preload(stack: Stack, version: str, priority: int) -> httpx.Response:

@@ -34,14 +34,16 @@ def launcher_env() -> dict[str, str]:
 
 
 class Launcher:
-    """`make run`'s command, in a session of its own like a terminal's foreground job; its
-    output in a file (a pipe nobody reads would block it)."""
+    """`make run`'s command (or `turnout up`, which runs it in its place), in a session of
+    its own like a terminal's foreground job; its output in a file (a pipe nobody reads
+    would block it)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, cli: bool = False) -> None:
         self.out_path = state_dir.parent / f"launcher-{time.monotonic_ns()}.out"
+        command = ["turnout.client.cli", "up"] if cli else ["workers.stack"]
         with self.out_path.open("w") as out:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "workers.stack", "--state-dir", str(state_dir),
+                [sys.executable, "-m", *command, "--state-dir", str(state_dir),
                  "--ui-port", str(UI_PORT)],
                 env=launcher_env(), stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
@@ -101,8 +103,8 @@ def state_dir(tmp_path: Path, tiny_models: dict[str, Path]) -> Iterator[Path]:
     yield root
 
 
-def started(state_dir: Path) -> Launcher:
-    launcher = Launcher(state_dir)
+def started(state_dir: Path, *, cli: bool = False) -> Launcher:
+    launcher = Launcher(state_dir, cli=cli)
     try:
         wait_until(lambda: api_ready() or launcher.popen.poll() is not None, 120, "the API")
     except AssertionError:
@@ -121,7 +123,7 @@ def stop(launcher: Launcher) -> int:
 
 def test_a_stack_killed_hard_leaves_nothing_running_and_the_next_one_starts(
         state_dir: Path) -> None:
-    launcher = started(state_dir)
+    launcher = started(state_dir, cli=True)  # `turnout up`: the same process, exec'ed
     try:
         servers = children(launcher.pid)
         # Temporal, the control and engine workers, the gateway and the API.

@@ -38,6 +38,8 @@ def _print(data: Any) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "workers.stack", "--state-dir", args.state_dir]
+    if args.ui_port is not None:
+        argv += ["--ui-port", str(args.ui_port)]
     os.execv(sys.executable, argv)  # replaces this process: Ctrl-C reaches the stack directly
 
 
@@ -60,9 +62,9 @@ def _register(args: argparse.Namespace) -> int:
     from turnout.sdk import DynamicModelRegistry
 
     config = OmniModelConfig(model=args.model, model_arch=args.arch, model_stage=args.stage,
-                             engine_args=json.loads(args.engine_args))
+                             engine_args=args.engine_args)
     model_id = DynamicModelRegistry().register_model(config, args.version,
-                                                     json.loads(args.metadata),
+                                                     args.metadata,
                                                      aliases=args.alias)
     _print({"model_id": model_id, "version": args.version})
     return 0
@@ -74,7 +76,7 @@ def _switch(args: argparse.Namespace) -> int:
     switcher = ModelSwitcher()
     result = asyncio.run(switcher.switch_model(
         args.model_id, args.version, SwitchingStrategyType(args.strategy),
-        json.loads(args.config), wait=False if args.watch else (args.wait or None),
+        args.config, wait=False if args.watch else (args.wait or None),
         requested_by=os.environ.get("USER")))
     if args.watch and result.success and result.operation_id:
         return _watch_switch(switcher, result.operation_id, args.interval)
@@ -280,6 +282,18 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(value: str) -> dict[str, Any]:
+    """A JSON object option: argparse then names the option a bad value was given to."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg} at character {exc.pos}): "
+                                         f"{value[:80]!r}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, not {value[:80]!r}")
+    return parsed
+
+
 def _interval(value: str) -> float:
     seconds = float(value)
     if not 0.1 <= seconds <= 3600:
@@ -299,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole stack locally (what `make run` does)")
     up.add_argument("--state-dir", default=".turnout")
+    up.add_argument("--ui-port", type=int, help="the Temporal Web UI's port (default 8233)")
     up.set_defaults(func=_up)
 
     make = sub.add_parser("make-models", help="make two tiny model versions (v1, v2) in DIR")
@@ -314,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--arch", required=True, help="model_arch")
     reg.add_argument("--stage", default="default", help="model_stage")
     reg.add_argument("--version", required=True)
-    reg.add_argument("--metadata", default="{}", help="JSON object")
-    reg.add_argument("--engine-args", default="{}", help="JSON object of vLLM options")
+    reg.add_argument("--metadata", type=_json_object, default={}, help="JSON object")
+    reg.add_argument("--engine-args", type=_json_object, default={},
+                     help="JSON object of vLLM options")
     reg.add_argument("--alias", action="append", default=[])
     reg.set_defaults(func=_register)
 
@@ -324,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("version")
     sw.add_argument("--strategy", default="immediate",
                     choices=[s.value for s in SwitchingStrategyType])
-    sw.add_argument("--config", default="{}", help="strategy_config as a JSON object")
+    sw.add_argument("--config", type=_json_object, default={},
+                    help="strategy_config as a JSON object")
     sw.add_argument("--wait", action="store_true", help="wait until it ends")
     _watch_flags(sw, "follow the switch live until it ends; exit code 0 only if promoted")
     sw.set_defaults(func=_switch)

@@ -133,6 +133,32 @@ async def test_v1_goes_live(stack: Stack, tiny_models: dict[str, Path]) -> None:
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
 
 
+async def test_a_rollback_while_the_target_engine_starts_stops_it(stack: Stack,
+                                                                  store: Store) -> None:
+    """An operator rolls back while v2's vLLM server is starting: the call answers at
+    once, the half-started engine is stopped (no process, no record), v1 serves on."""
+    v1 = await ready_engine(store, "v1")
+    async with load(stack) as client:
+        operation_id = await start(stack, "v2", "canary", {
+            "initial_percentage": 50, "step_percentage": 50,
+            "evaluation_period_minutes": 1})
+
+        async def starting() -> list[int]:
+            return unrecorded_engines(HOST, {v1.pid or 0})
+        [pid] = await eventually(starting, "v2's vLLM server to start", 120)
+        began = time.monotonic()
+        r = await e2e.api(stack, "POST", f"/switch/operations/{operation_id}/rollback",
+                          json={"reason": "wrong build"})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - began < 30
+        s = await e2e.wait_end(stack, operation_id)
+        await e2e.record_switch(stack, "canary-rollback-while-loading", operation_id)
+    assert (s["status"], s["outcome"]) == ("failed", "rolled_back"), s
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert await store.get_engine(MODEL_ID, "v2", HOST) is None
+    assert client.failures == [] and set(client.served) == {"v1"}
+
+
 async def test_an_engine_worker_killed_before_recording_its_engine_leaves_no_orphan(
         stack: Stack, store: Store, database_url: str) -> None:
     """The engine worker is killed after starting v2's vLLM server but before its record is

@@ -16,10 +16,10 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
@@ -27,6 +27,7 @@ import pytest_asyncio
 
 from activities.engines import unrecorded_engines
 from tests.e2e import client as e2e
+from tests.e2e.client import eventually
 from tests.e2e.conftest import e2e_stack, running
 from tests.postgres import PostgresServer, writes_blocked
 from turnout.domain import EngineInfo, EngineState, Route
@@ -39,7 +40,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 ARCH, STAGE = "Chaos", "chat"
 MODEL_ID = f"{ARCH}_{STAGE}"
 HOST = "e2e-chaos"
-T = TypeVar("T")
 # The canary the engine-worker test starts, which the next test's fault ends.
 CANARY: dict[str, str] = {}
 
@@ -63,14 +63,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, model_roots: list[str]
         yield started
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def store(stack: Stack) -> AsyncIterator[Store]:
-    """The test's own view of the stack's store."""
-    view = Store.from_url(stack.settings.database_url)
-    yield view
-    await view.close()
-
-
 def load(stack: Stack) -> Any:
     return e2e.load(stack.gateway_url, MODEL_ID)
 
@@ -78,16 +70,6 @@ def load(stack: Stack) -> Any:
 async def start(stack: Stack, version: str, strategy: str,
                 config: dict[str, Any] | None = None) -> str:
     return await e2e.start(stack, MODEL_ID, version, strategy, config or {})
-
-
-async def eventually(check: Callable[[], Awaitable[T]], what: str, timeout_s: float) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 async def ready_engine(store: Store, version: str, not_pid: int | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from datetime import timedelta
 
 from temporalio.worker import Interceptor
 
@@ -19,6 +20,12 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, event.set)
     return event
+
+
+# Heartbeats reach the server at most this far apart (Temporal's default is 80% of the
+# heartbeat timeout, up to 60 s): an activity learns of its cancellation, say an operator's
+# rollback while an engine starts, within this, and the rollback's answer waits on it.
+HEARTBEAT_THROTTLE = timedelta(seconds=2)
 
 
 def worker_interceptors() -> list[Interceptor]:

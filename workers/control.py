@@ -22,7 +22,7 @@ from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import Store
 from turnout.tracing import setup_tracing, shutdown_tracing
-from workers.common import stop_event, worker_interceptors
+from workers.common import HEARTBEAT_THROTTLE, stop_event, worker_interceptors
 from workers.monitor_keeper import keep_monitors
 from workflows import WORKFLOWS
 
@@ -48,7 +48,9 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, store: Store,
                     monitor.record_failed_look, fleet.place_version,
                     fleet.release_version, fleet.retire_version, traffic.refresh_route,
                     registry.resolve_alert],
-        interceptors=worker_interceptors())
+        interceptors=worker_interceptors(),
+        max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+        default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
 
 
 async def main() -> None:

@@ -24,7 +24,7 @@ from turnout.config import ModelSwitchingConfig
 from turnout.runtime import connect_temporal, setup_logging
 from turnout.store import HostClaimed, Store
 from turnout.tracing import setup_tracing, shutdown_tracing
-from workers.common import stop_event, worker_interceptors
+from workers.common import HEARTBEAT_THROTTLE, stop_event, worker_interceptors
 
 log = logging.getLogger("turnout.worker.engine")
 # How often this host looks for engines that died.
@@ -38,7 +38,9 @@ def build_worker(client: Client, settings: ModelSwitchingConfig, engines: Engine
     return Worker(client, task_queue=task_queue or settings.engine_task_queue,
                   activities=[engines.load_version, engines.unload_version,
                               resources.measure_engines],
-                  max_concurrent_activities=4, interceptors=worker_interceptors())
+                  max_concurrent_activities=4, interceptors=worker_interceptors(),
+                  max_heartbeat_throttle_interval=HEARTBEAT_THROTTLE,
+                  default_heartbeat_throttle_interval=HEARTBEAT_THROTTLE)
 
 
 async def keep_measuring(resources: ResourceActivities, settings: ModelSwitchingConfig,

@@ -53,6 +53,9 @@ _ASSESS = {
 # instead of ending the monitor; a run's first look judges the interval the previous run
 # ended with (or the activity's own setting), not a default of 30 s.
 _PATCH_OUTAGES = "monitor-survives-failed-looks"
+# A stop signalled during a run's last pause ends the monitor; before it the run still
+# continued as new, and the new run (which the signal never reached) monitored on.
+_PATCH_STOP_LAST_PAUSE = "monitor-stop-in-the-last-pause"
 # Under that patch a look is tried once and given up with its error: trying it again is
 # the next look's job, an interval later.
 _ASSESS_BOUNDED = {
@@ -102,6 +105,8 @@ class MonitorWorkflow:
                 await workflow.wait_condition(lambda: self._stopped,
                                               timeout=timedelta(seconds=interval),
                                               timeout_summary=f"next look in {interval:g} s")
+            if self._stopped and workflow.patched(_PATCH_STOP_LAST_PAUSE):
+                break
             if self._looks >= input.looks_per_run or \
                     workflow.info().is_continue_as_new_suggested():
                 workflow.continue_as_new(input.model_copy(update={

@@ -93,6 +93,10 @@ _PATCH_ACCUMULATE = "inconclusive-looks-accumulate"
 # reason failed the workflow itself (a local activity's failure is not an ActivityError),
 # leaving the split as it was: now it interrupts the switch, which restores stable.
 _PATCH_STORE_OUTAGE = "store-outage-waits"
+# A rollback or abort while the target is being placed (waiting for an engine host, say)
+# cancels the placement and is carried out at once; before it the request waited for the
+# placement to end, up to its five minutes of retries, and the operator's call timed out.
+_PATCH_ROLLBACK_WHILE_PLACING = "rollback-while-placing"
 # The waits between tries while the store is away: doubling, at most a minute (a day-long
 # outage adds some 1,500 timers to the history, within its limits).
 _STORE_WAIT_FIRST = timedelta(seconds=5)
@@ -350,9 +354,13 @@ class SwitchWorkflow:
         self._set_phase("loading", f"loading {target}", 0.0)
         queues = [self._input.engine_task_queue]
         if self._fleet:
-            placed = await fleet.place_version(
-                Holder(model_id=self._input.model_id, version=target, kind=HolderKind.SWITCH,
-                       holder_id=self._input.operation_id), self._input.replicas)
+            holder = Holder(model_id=self._input.model_id, version=target,
+                            kind=HolderKind.SWITCH, holder_id=self._input.operation_id)
+            if self._controls and workflow.patched(_PATCH_ROLLBACK_WHILE_PLACING):
+                placed = await self._unless_abandoned(
+                    asyncio.ensure_future(fleet.place_version(holder, self._input.replicas)))
+            else:
+                placed = await fleet.place_version(holder, self._input.replicas)
             self._current().warm_start = placed.warm
             # Warm: every replica is a ready engine that answered just now; nothing to load.
             queues = [] if placed.warm else [slot.task_queue for slot in placed.replicas]
@@ -372,6 +380,19 @@ class SwitchWorkflow:
         results = [await load for load in loads]
         if self._fleet and results:  # loaded engines woken or found running start warm too
             self._current().warm_start = all(r.already_running for r in results)
+
+    async def _unless_abandoned(self, task: asyncio.Future[T]) -> T:
+        """`task`'s result, or, when a rollback or abort comes first, `task` cancelled and
+        the request carried out (which ends the switch)."""
+        await workflow.wait_condition(lambda: task.done() or self._abandoning())
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except (ActivityError, asyncio.CancelledError):
+                pass
+            await self._act_on_request()
+        return await task
 
     async def _run_step(self, index: int, step: PlanStep) -> str | None:
         """One step: shift traffic, hold (pausable), judge. Returns PROMOTE to skip ahead."""

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -17,6 +17,19 @@ from tests.replay.recording import recording, save_history
 from turnout.runtime import connect_temporal
 from turnout.store import Store
 from workers.stack import Stack
+
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], Awaitable[T]], what: str, timeout_s: float) -> T:
+    """`check()`'s first true result, looked for every 0.2 s for up to `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = await check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        await asyncio.sleep(0.2)
 
 
 class Load:

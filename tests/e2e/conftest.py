@@ -13,6 +13,7 @@ import pytest_asyncio
 
 from tests.postgres import PostgresServer, start_postgres
 from turnout.config import ModelSwitchingConfig
+from turnout.store import Store
 from workers.stack import Stack
 
 # Ports away from the defaults so the tests can run beside a `make run`.
@@ -87,6 +88,14 @@ async def stack(tmp_path_factory: pytest.TempPathFactory,
                                  model_roots=model_roots, allow_private_endpoints=True,
                                  **E2E_SETTINGS)) as started:
         yield started
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def store(stack: Stack) -> AsyncIterator[Store]:
+    """The test's own view of the module's stack's store."""
+    view = Store.from_url(stack.settings.database_url)
+    yield view
+    await view.close()
 
 
 def _dump_logs_on_failure(log_dir: Path) -> None:

@@ -16,10 +16,10 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
@@ -27,6 +27,7 @@ import pytest_asyncio
 
 from activities.engines import unrecorded_engines
 from tests.e2e import client as e2e
+from tests.e2e.client import eventually
 from tests.e2e.conftest import e2e_stack, running
 from tests.postgres import PostgresServer, writes_blocked
 from turnout.domain import EngineInfo, EngineState, Route
@@ -39,7 +40,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="session")]
 ARCH, STAGE = "Chaos", "chat"
 MODEL_ID = f"{ARCH}_{STAGE}"
 HOST = "e2e-chaos"
-T = TypeVar("T")
 # The canary the engine-worker test starts, which the next test's fault ends.
 CANARY: dict[str, str] = {}
 
@@ -63,14 +63,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, model_roots: list[str]
         yield started
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def store(stack: Stack) -> AsyncIterator[Store]:
-    """The test's own view of the stack's store."""
-    view = Store.from_url(stack.settings.database_url)
-    yield view
-    await view.close()
-
-
 def load(stack: Stack) -> Any:
     return e2e.load(stack.gateway_url, MODEL_ID)
 
@@ -78,16 +70,6 @@ def load(stack: Stack) -> Any:
 async def start(stack: Stack, version: str, strategy: str,
                 config: dict[str, Any] | None = None) -> str:
     return await e2e.start(stack, MODEL_ID, version, strategy, config or {})
-
-
-async def eventually(check: Callable[[], Awaitable[T]], what: str, timeout_s: float) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
-        await asyncio.sleep(0.2)
 
 
 async def ready_engine(store: Store, version: str, not_pid: int | None = None,
@@ -131,6 +113,32 @@ async def test_v1_goes_live(stack: Stack, tiny_models: dict[str, Path]) -> None:
         assert r.status_code == 201, r.text
     s = await e2e.wait_end(stack, await start(stack, "v1", "immediate"))
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
+
+
+async def test_a_rollback_while_the_target_engine_starts_stops_it(stack: Stack,
+                                                                  store: Store) -> None:
+    """An operator rolls back while v2's vLLM server is starting: the call answers at
+    once, the half-started engine is stopped (no process, no record), v1 serves on."""
+    v1 = await ready_engine(store, "v1")
+    async with load(stack) as client:
+        operation_id = await start(stack, "v2", "canary", {
+            "initial_percentage": 50, "step_percentage": 50,
+            "evaluation_period_minutes": 1})
+
+        async def starting() -> list[int]:
+            return unrecorded_engines(HOST, {v1.pid or 0})
+        [pid] = await eventually(starting, "v2's vLLM server to start", 120)
+        began = time.monotonic()
+        r = await e2e.api(stack, "POST", f"/switch/operations/{operation_id}/rollback",
+                          json={"reason": "wrong build"})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - began < 30
+        s = await e2e.wait_end(stack, operation_id)
+        await e2e.record_switch(stack, "canary-rollback-while-loading", operation_id)
+    assert (s["status"], s["outcome"]) == ("failed", "rolled_back"), s
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert await store.get_engine(MODEL_ID, "v2", HOST) is None
+    assert client.failures == [] and set(client.served) == {"v1"}
 
 
 async def test_an_engine_worker_killed_before_recording_its_engine_leaves_no_orphan(
@@ -238,9 +246,17 @@ async def test_a_store_outage_during_a_canary(stack: Stack, store: Store,
     back the canary goes on to promote as it would have, each step applied once, and the
     monitor looks again."""
     async with load(stack) as client:
-        operation_id = await start(stack, "v2", "canary", {
-            "initial_percentage": 50, "step_percentage": 50,
-            "evaluation_period_minutes": 0.5})
+        # Judged on its error rate only: what is tested is the outage. (The latency guards
+        # of an A/A canary are tested at their defaults in test_rollouts.py and measured by
+        # bench.verdict_accuracy; on this 2-core machine, shared with the rest of the run,
+        # v2's core was ~20% slower over the outage's window in 2 of 3 runs.)
+        r = await e2e.api(stack, "POST", "/switch", json={
+            "model_id": MODEL_ID, "target_version": "v2", "strategy": "canary",
+            "strategy_config": {"initial_percentage": 50, "step_percentage": 50,
+                                "evaluation_period_minutes": 0.5},
+            "analysis": {"guarded_metrics": [{"metric": "error_rate"}]}})
+        assert r.status_code == 202, r.text
+        operation_id = r.json()["operation_id"]
         await e2e.wait_phase(stack, operation_id, "evaluating")
         await client.served_more(10)
         before = await route(store)
@@ -269,6 +285,8 @@ async def test_a_store_outage_during_a_canary(stack: Stack, store: Store,
         health = await eventually(looked_again, "a look of the monitor after the outage", 60)
     assert (s["status"], s["outcome"]) == ("completed", "promoted"), s
     assert client.failures == [], client.failures[:5]
+    # The judgment that the outage held up was made once the store answered.
+    assert s["verdicts"][-1]["outcome"] == "healthy", s["verdicts"][-1]
     # The monitor's looks failed while the store was away, and it says so.
     assert health["failed_looks"] > 0, health
     final = await route(store)

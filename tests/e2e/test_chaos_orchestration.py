@@ -74,14 +74,6 @@ async def stack(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def store(stack: Stack) -> AsyncIterator[Store]:
-    """The test's own view of the stack's store."""
-    view = Store.from_url(stack.settings.database_url)
-    yield view
-    await view.close()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def temporal(stack: Stack) -> Client:
     return await connect_temporal(stack.settings)
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from tests.e2e.client import record, record_switch
+from tests.e2e.client import eventually, record, record_switch
 from tests.e2e.conftest import e2e_stack, running
 from tests.replay.recording import recording, save_history
 from turnout import contracts as c
@@ -80,16 +80,6 @@ async def engines(stack: Stack) -> dict[str, dict[str, Any]]:
     """Version -> its engine as `GET /engines` shows it (one host here)."""
     report = (await call(stack, "GET", "/engines")).json()
     return {e["version"]: e for e in report["engines"] if e["model_id"] == MODEL_ID}
-
-
-async def eventually(check: Any, what: str, timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.5)
 
 
 async def preload(stack: Stack, version: str, priority: int) -> httpx.Response:

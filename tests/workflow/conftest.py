@@ -131,7 +131,7 @@ class FakeCluster:
 
         @activity.defn(name=c.PLACE_VERSION)
         async def place_version(input: c.PlaceVersionInput) -> c.PlaceVersionResult:
-            self.calls.append((c.PLACE_VERSION, input))
+            self._fault(c.PLACE_VERSION, input)
             if input.holder is not None:
                 self.holders.setdefault(input.version, set()).add(
                     (input.holder.kind.value, input.holder.holder_id))

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from turnout import contracts as c
@@ -224,6 +225,21 @@ async def test_rollback_while_loading_cancels_the_load(harness: Harness) -> None
         result = await handle.result()
     assert result.outcome is Outcome.ROLLED_BACK
     assert harness.cluster.names().count(c.LOAD_VERSION) == 1
+    assert harness.cluster.routes == [{"v1": 100}]
+
+
+async def test_rollback_while_placing_cancels_the_placement(harness: Harness) -> None:
+    """No engine host is live yet: the placement retries for minutes; a rollback meanwhile
+    is carried out at once (its update answers), nothing loaded, traffic where it was."""
+    harness.cluster.fail(c.PLACE_VERSION, ApplicationError(
+        "no engine host is live", type="NoLiveEngineHost"), times=10_000)
+    async with rollout(harness, "canary", CANARY) as handle:
+        await until(handle, lambda s: s.phase == "loading")
+        after = await control(handle, c.ROLLBACK, "no hosts today")
+        assert after.weights == {"v1": 100}
+        result = await handle.result()
+    assert result.outcome is Outcome.ROLLED_BACK and "no hosts today" in result.reason
+    assert c.LOAD_VERSION not in harness.cluster.names()
     assert harness.cluster.routes == [{"v1": 100}]
 
 

@@ -13,7 +13,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,22 +160,51 @@ async def wait_done(client: httpx.AsyncClient, operation_id: str) -> dict[str, A
     raise AssertionError(f"operation {operation_id} did not end: {status}")
 
 
+@dataclass
+class Traffic:
+    """What the clients of a `traffic()` block got: answers counted as served only when
+    they succeeded (2xx); every other answer, and every transport error, is a failure."""
+    served: dict[str, int] = field(default_factory=dict)  # 2xx answers per version
+    # (version header or "none", what went wrong) of each failed request.
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def count(self, answer: httpx.Response) -> None:
+        version = answer.headers.get("x-turnout-version", "none")
+        if answer.is_success:
+            self.served[version] = self.served.get(version, 0) + 1
+        else:
+            self.failures.append((version, f"{answer.status_code}: {answer.text[:200]}"))
+
+    def check(self, may_fail: tuple[str, ...]) -> None:
+        """Every request succeeded, but for answers from a version in `may_fail` (the
+        ones a test makes fail on purpose)."""
+        unexpected = [f for f in self.failures if f[0] not in may_fail]
+        sent = sum(self.served.values()) + len(self.failures)
+        assert not unexpected, (f"{len(unexpected)} of {sent} client requests failed, "
+                                f"first {unexpected[:5]}")
+
+
 @asynccontextmanager
-async def traffic(gateway_url: str, model_id: str,
-                  pace_s: float = 0) -> AsyncIterator[dict[str, int]]:
+async def traffic(gateway_url: str, model_id: str, pace_s: float = 0,
+                  may_fail: tuple[str, ...] = ()) -> AsyncIterator[Traffic]:
     """Send completions through the gateway, one after another (`pace_s` apart: light
     traffic), until the block ends: health judgments need requests (too few is
-    inconclusive, never healthy). Yields a live count of answers per version."""
-    seen: dict[str, int] = {}
+    inconclusive, never healthy). Yields a live count of what the clients got; when the
+    block ends without an error, asserts that every request succeeded (the promise of a
+    zero-downtime shift) except answers from the versions in `may_fail`, the ones the
+    test makes fail."""
+    seen = Traffic()
 
     async def send() -> None:
         async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as gateway:
             i = 0
             while True:
-                answer = await gateway.post("/v1/completions", json={
-                    "model": model_id, "prompt": "hi", "user": f"user-{i}"})
-                version = answer.headers.get("x-turnout-version", "none")
-                seen[version] = seen.get(version, 0) + 1
+                try:
+                    seen.count(await gateway.post("/v1/completions", json={
+                        "model": model_id, "prompt": "hi", "user": f"user-{i}"}))
+                except httpx.HTTPError as error:
+                    seen.failures.append(("none", f"{type(error).__name__}: {error}"))
+                    await asyncio.sleep(0.05)  # a refused connection fails at once
                 i += 1
                 if pace_s:
                     await asyncio.sleep(pace_s)
@@ -187,6 +216,7 @@ async def traffic(gateway_url: str, model_id: str,
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    seen.check(may_fail)
 
 
 async def record_history(plane: ControlPlane, operation_id: str, scenario: str) -> None:

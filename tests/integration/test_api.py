@@ -284,6 +284,7 @@ async def test_immediate_switch_routes_the_gateway(plane: ControlPlane) -> None:
         async with httpx.AsyncClient(base_url=plane.gateway_url) as gateway:
             answer = await gateway.post("/v1/completions",
                                         json={"model": MODEL_ID, "prompt": "hi"})
+        assert answer.status_code == 200, answer.text
         assert answer.headers["x-turnout-version"] == "v1"
         assert (await client.get(f"/models/{MODEL_ID}")).json()["live_version"] == "v1"
         await record_history(plane, status["operation_id"], "immediate-first")

@@ -162,6 +162,9 @@ async def test_abort_returns_traffic_and_ends_the_switch(plane: ControlPlane) ->
 
 @pytest.mark.parametrize("action", ACTIONS)
 async def test_actions_on_a_finished_switch_are_409(plane: ControlPlane, action: str) -> None:
+    # One switch ended each way by the tests before (they run in file order): none missing,
+    # or this would check nothing.
+    assert finished.keys() == {"promoted", "rolled_back", "aborted"}, finished
     async with plane.http() as client:
         for operation_id in finished.values():
             response = await control(client, operation_id, action, reason="too late")

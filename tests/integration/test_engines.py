@@ -38,6 +38,11 @@ pytest.importorskip("vllm")
 
 MODEL_ID = "TinyLlama_chat"
 HOST = "testhost"
+# Engine ports of these tests: fixed (the tests check where an engine lands), below the
+# kernel's ephemeral range (32768+, where vLLM's own sockets land) and apart from a running
+# `make run` (8000-8002, engines 8100-8199) and the e2e modules' stacks, so the tests run
+# beside either.
+PORT_START, PORT_END = 21150, 21199
 
 
 def _gone(pid: int) -> bool:
@@ -74,7 +79,7 @@ def settings(tmp_path: Path, tiny_models: dict[str, Path]) -> ModelSwitchingConf
     roots = [str(tmp_path), *{str(path.parent) for path in tiny_models.values()}]
     return ModelSwitchingConfig(state_dir=str(tmp_path / "state"), engine_host=HOST,
                                 model_roots=roots,
-                                engine_port_start=8150, engine_port_end=8199,
+                                engine_port_start=PORT_START, engine_port_end=PORT_END,
                                 engine_startup_timeout_s=300, engine_kv_cache_gib=1)
 
 
@@ -106,7 +111,7 @@ async def test_load_serve_reload_readopt_unload(store: Store, settings: ModelSwi
     assert not result.already_running
     assert engine.state is EngineState.READY and engine.host == HOST
     assert engine.served_model_name == f"{MODEL_ID}:v1"
-    assert 8150 <= (engine.port or 0) <= 8199 and engine.pid
+    assert PORT_START <= (engine.port or 0) <= PORT_END and engine.pid
     assert any(b and b.get("pid") == engine.pid and b.get("port") == engine.port
                for b in beats)
     assert await asyncio.to_thread(Path(engine.log_path or "").is_file)
@@ -140,8 +145,8 @@ async def test_load_serve_reload_readopt_unload(store: Store, settings: ModelSwi
     await dead.wait()
     await _register(store, tiny_models["tiny-v2"], "v2")
     await store.save_engine(EngineInfo(model_id=MODEL_ID, version="v2", host=HOST,
-                                       url="http://127.0.0.1:8199", served_model_name="x",
-                                       port=8199, pid=dead.pid, state=EngineState.READY))
+                                       url=f"http://127.0.0.1:{PORT_END}", served_model_name="x",
+                                       port=PORT_END, pid=dead.pid, state=EngineState.READY))
     restarted = EngineActivities(settings, store)
     kept = await restarted.readopt()
     assert [(e.version, e.pid) for e in kept] == [("v1", engine.pid)]

@@ -215,6 +215,7 @@ async def test_sticky_user_split(env: Env) -> None:
         async with env.http.post(f"{env.url}/v1/completions",
                                  json={"model": MODEL, "prompt": "x"},
                                  headers={"X-Turnout-User": user}) as resp:
+            assert resp.status == 200, await resp.text()
             seen[user].add(resp.headers["X-Turnout-Version"])
     assert all(len(versions) == 1 for versions in seen.values())
     assert set().union(*seen.values()) == {"v1", "v2"}
@@ -397,7 +398,7 @@ async def test_client_leaving_a_stream_cancels_upstream(tmp_path: Path) -> None:
     try:
         async with env.http.post(f"{env.url}/v1/completions",
                                  json={"model": MODEL, "prompt": "x", "stream": True}) as resp:
-            assert resp.headers["X-Turnout-Version"] == "v1"
+            assert (resp.status, resp.headers["X-Turnout-Version"]) == (200, "v1")
             first = await resp.content.readany()
             assert first.startswith(b"data: ")
             resp.close()  # drop the connection mid-stream

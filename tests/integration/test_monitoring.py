@@ -127,7 +127,7 @@ async def test_health_models_reports_figures_of_the_live_version(plane: ControlP
 async def test_an_erroring_version_raises_one_alert_then_resolves_it(
         plane: ControlPlane, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
     upstream = plane.upstreams["v1"]
-    async with plane.http() as client, traffic(plane.gateway_url, MODEL):
+    async with plane.http() as client, traffic(plane.gateway_url, MODEL, may_fail=("v1",)):
         upstream.fail_fraction = 0.5
 
         async def firing() -> list[dict[str, Any]]:

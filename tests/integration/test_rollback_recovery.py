@@ -60,7 +60,7 @@ async def test_a_rollback_whose_stable_engine_is_gone_restores_it(
             status = await wait_done(client, operation_id)
             await record_history(plane, operation_id, "canary-rollback-stable-engine-gone")
             assert (status["status"], status["outcome"]) == ("failed", "rolled_back"), status
-        assert seen.get("v1", 0) > 0 and seen.get("v2", 0) > 0
+        assert seen.served.get("v1", 0) > 0 and seen.served.get("v2", 0) > 0
         [engine] = await plane.store.list_engines(model_id=MODEL_ID, version="v1")
         assert engine.state is EngineState.READY
         async with httpx.AsyncClient(base_url=plane.gateway_url, timeout=30) as gateway:

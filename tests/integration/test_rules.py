@@ -44,6 +44,16 @@ async def eventually_served_by(plane: ControlPlane, expected: set[str], **kwargs
     assert await served_by(plane, **kwargs) == expected
 
 
+async def gateway_reads_the_store(plane: ControlPlane) -> None:
+    """Have the plane's gateway read the model's route and rules now (what its one-second
+    reconcile does) and answer when it has: what it serves next is decided on them."""
+    async with httpx.AsyncClient(timeout=30) as admin:
+        response = await admin.post(
+            f"http://127.0.0.1:{plane.settings.gateway_admin_port}/admin/routes/refresh",
+            params={"model_id": MODEL_ID})
+    assert response.status_code == 200, response.text
+
+
 async def test_setup_v1_live_and_a_slow_canary_to_v2(plane: ControlPlane) -> None:
     async with plane.http() as client:
         await register_upstreams(plane, client, ARCH, STAGE)
@@ -91,8 +101,11 @@ async def test_rules_steer_within_a_rollout_and_a_rollback_overrules_them(
         assert put.status_code == 200, put.text
         # Authentication is off here: the actor is `anonymous` (`requested_by` is a note).
         assert (put.json()["updated_by"], len(put.json()["rules"])) == ("anonymous", 2)
-        # v2 is not served yet: its rules are skipped, everything stays on v1.
-        await eventually_served_by(plane, {"v1"}, headers={"X-Beta": "yes"})
+        # v2 is not served yet: its rules are skipped, everything stays on v1 — asked once
+        # the gateway has read these rules (before, v1 would answer anyway).
+        await gateway_reads_the_store(plane)
+        assert await served_by(plane, headers={"X-Beta": "yes"}) == {"v1"}
+        assert await served_by(plane, prompt="word " * 500) == {"v1"}
 
         started = await client.post("/switch", json={
             "model_id": MODEL_ID, "target_version": "v2", "strategy": "canary",

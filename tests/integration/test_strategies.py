@@ -89,13 +89,14 @@ async def test_gradual_judges_each_step_then_completes(plane: ControlPlane) -> N
     [verdict] = status["verdicts"]
     assert verdict["outcome"] == "healthy", verdict
     assert verdict["target"]["requests"] >= 20 and verdict["stable"]["requests"] >= 20
-    assert seen.get("v1", 0) > 0 and seen.get("v2", 0) > 0
+    assert seen.served.get("v1", 0) > 0 and seen.served.get("v2", 0) > 0
 
 
 async def test_unhealthy_canary_rolls_back_on_its_own(plane: ControlPlane) -> None:
     plane.upstreams["v1"].fail_fraction = 0.5  # the target (v1) now fails half its requests
     try:
-        async with plane.http() as client, traffic(plane.gateway_url, MODEL_ID):
+        async with plane.http() as client, \
+                traffic(plane.gateway_url, MODEL_ID, may_fail=("v1",)):
             operation_id = await switch(client, "v1", "canary", initial_percentage=30,
                                         step_percentage=30, evaluation_period_minutes=0.05)
             status = await wait_done(client, operation_id)
@@ -127,7 +128,7 @@ async def test_ab_test_publishes_its_analysis_and_waits_for_an_operator(
         analysis = waiting["last_verdict"]["analysis"]
         assert {"error_rate", "latency"} <= analysis.keys()
         assert "not_worse" in analysis["error_rate"] and "winner" in analysis["latency"]
-        assert seen.get("v1", 0) > 0 and seen.get("v2", 0) > 0
+        assert seen.served.get("v1", 0) > 0 and seen.served.get("v2", 0) > 0
         refused = await client.post(f"/switch/operations/{operation_id}/resume")
         assert refused.status_code == 409 and "promote or roll back" in refused.text
         promoted = await client.post(f"/switch/operations/{operation_id}/promote",
@@ -204,7 +205,8 @@ async def test_a_manual_ab_test_over_an_absolute_limit_rolls_back_on_its_own(
         plane: ControlPlane) -> None:
     plane.upstreams["v1"].fail_fraction = 0.5
     try:
-        async with plane.http() as client, traffic(plane.gateway_url, MODEL_ID):
+        async with plane.http() as client, \
+                traffic(plane.gateway_url, MODEL_ID, may_fail=("v1",)):
             operation_id = await switch(client, "v1", "ab_test", traffic_percentage=50,
                                         test_duration_hours=0.002)
             status = await wait_done(client, operation_id)

@@ -151,7 +151,12 @@ class SwitchWorkflow:
 
     @workflow.query(name=c.STATUS_QUERY, description="Phase, progress, weights, verdicts")
     def status(self) -> SwitchStatus | None:
-        return self._status
+        s = self._status
+        if s is not None and s.status.terminal and not self._finished:
+            # Its end is being recorded: a reader told "completed" now could find the
+            # operation's record and audit entry not yet written.
+            return s.model_copy(update={"status": OperationStatus.RUNNING})
+        return s
 
     def trace_step(self) -> int | None:
         """The plan step in progress (1-based; None before the first), for the traces of

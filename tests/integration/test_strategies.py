@@ -38,6 +38,11 @@ DELAY_S = 0.02
 # A target this much slower is worse than stable on every latency guard (and far within
 # the absolute limits).
 SLOW_S = 0.1
+# An A/B test of a SLOW_S target lasts this long: the one sequential client sends that
+# target 5-8 requests a second, and its first 25 are left out as warm-up, so 7.2 s
+# (0.002 h) left 19-30 judged requests, on the edge of the 20 a verdict needs (CI judged
+# one "inconclusive: only 19"); 14.4 s leaves well over 20 on a busy machine too.
+SLOW_AB_HOURS = 0.004
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -182,7 +187,7 @@ async def test_a_manual_ab_test_with_a_slower_target_waits_for_an_operator(
         async with plane.http() as client:
             async with traffic(plane.gateway_url, MODEL_ID):
                 operation_id = await switch(client, "v1", "ab_test", traffic_percentage=50,
-                                            test_duration_hours=0.002)
+                                            test_duration_hours=SLOW_AB_HOURS)
                 waiting = await wait_phase(client, operation_id, "awaiting_decision")
             assert waiting["status"] == "paused", waiting
             verdict = waiting["last_verdict"]
@@ -222,7 +227,7 @@ async def test_an_auto_ab_test_with_a_slower_target_rolls_back_on_its_own(
     try:
         async with plane.http() as client, traffic(plane.gateway_url, MODEL_ID):
             operation_id = await switch(client, "v1", "ab_test", traffic_percentage=50,
-                                        test_duration_hours=0.002, decision="auto")
+                                        test_duration_hours=SLOW_AB_HOURS, decision="auto")
             status = await wait_done(client, operation_id)
             await record_history(plane, operation_id, "ab-test-auto-worse-rollback")
     finally:

@@ -133,6 +133,7 @@ def switch_thresholds(settings: ModelSwitchingConfig, request: SwitchRequest
     thresholds = HealthThresholds(error_rate_max=settings.error_rate_warning,
                                   latency_p95_ms_max=settings.latency_warning_ms,
                                   latency_tolerance=settings.latency_tolerance,
+                                  latency_tolerance_ms=settings.latency_tolerance_ms,
                                   min_requests=settings.min_requests,
                                   warmup_requests=settings.warmup_requests,
                                   warmup_seconds=settings.warmup_seconds)

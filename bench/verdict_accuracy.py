@@ -4,7 +4,7 @@ degraded target, at the default analysis settings.
 On the real stack (Temporal dev server, workers, gateway, API) with real vLLM CPU engines on
 tiny models, one light client sending completions (streamed and not, a few prompt lengths)
 through the gateway without pause, and no analysis override (the settings' defaults:
-error rate, p95 latency and p95 time to first token guarded, 10% latency tolerance,
+error rate, p95 latency and p95 time to first token guarded, 10% and 20 ms latency tolerance,
 95% confidence, a fresh target's first 25 requests left out):
 
 - `aa`: N canaries of an A/A pair: each target has the stable version's weights and its

@@ -352,6 +352,7 @@ class SwitchAnalysis(BaseModel):
     confidence: float | None = Field(None, gt=0.5, lt=1)
     min_requests: int | None = Field(None, ge=1)
     latency_tolerance: float | None = Field(None, ge=0)
+    latency_tolerance_ms: float | None = Field(None, ge=0, le=60_000)
     error_rate_tolerance: float | None = Field(None, ge=0, le=1)
     # A fresh target engine's first requests (at each gateway) and seconds left out of its
     # first judged window (`HealthThresholds.warmup_requests`, `warmup_seconds`).

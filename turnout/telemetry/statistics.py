@@ -176,7 +176,16 @@ def fisher_exact_greater(e1: int, n1: int, e2: int, n2: int) -> float | None:
     return min(1.0, p)
 
 
-def mann_whitney_u(a: Samples, b: Samples, *, margin: float = 1.0,
+def _scaled(pairs: list[tuple[float, int]], margin: float,
+            shift: float) -> list[tuple[float, int]]:
+    """`pairs` under the null hypothesis's tolerance: each value times `margin`, or plus
+    `shift` where that is more (a monotone map, so the pairs stay in order)."""
+    if shift > 0:
+        return [(max(value * margin, value + shift), c) for value, c in pairs]
+    return [(value * margin, c) for value, c in pairs]
+
+
+def mann_whitney_u(a: Samples, b: Samples, *, margin: float = 1.0, shift: float = 0.0,
                    min_size: int = MWU_MIN_SAMPLE) -> float | None:
     """One-sided p-value of "values of `a` are stochastically greater than those of `b`
     multiplied by `margin`".
@@ -191,10 +200,11 @@ def mann_whitney_u(a: Samples, b: Samples, *, margin: float = 1.0,
     whether `a` is more than 10% greater than `b`, so a difference within the tolerance
     (two engines on different cores, say 5% apart) is never called significant however
     many samples there are, while a plain test (`margin=1`) would call any systematic
-    difference significant once the samples are many.
+    difference significant once the samples are many. `shift` (> 0) is an absolute
+    tolerance beside it: `b`'s values are raised by at least `shift`.
     """
     pa = _pairs(a)
-    pb = [(value * margin, c) for value, c in _pairs(b)]
+    pb = _scaled(_pairs(b), margin, shift)
     n1, n2 = sum(c for _, c in pa), sum(c for _, c in pb)
     if n1 < min_size or n2 < min_size or n1 == 0 or n2 == 0:
         return None
@@ -224,7 +234,7 @@ def mann_whitney_u(a: Samples, b: Samples, *, margin: float = 1.0,
     return normal_sf(z)
 
 
-def tail_test(a: Samples, b: Samples, q: float, *, margin: float = 1.0,
+def tail_test(a: Samples, b: Samples, q: float, *, margin: float = 1.0, shift: float = 0.0,
               upper: bool = True, min_size: int = MWU_MIN_SAMPLE) -> float | None:
     """One-sided p-value of "the q-quantile of `a` is above that of `b` x `margin`"
     (`upper=False`: below it), a two-sample quantile test in the manner of Mood's median
@@ -234,11 +244,11 @@ def tail_test(a: Samples, b: Samples, q: float, *, margin: float = 1.0,
     shares of each side beyond M with Fisher's exact test. Only counts beyond one point
     matter, so it answers for the quantile a guard names (a p95 regression carried by a
     tenth of the requests, which a rank test of the whole distribution hardly sees),
-    and a difference in the bulk within the margin leaves it unmoved. None when either
-    side has fewer than `min_size` values.
+    and a difference in the bulk within the margin leaves it unmoved. `shift` as in
+    `mann_whitney_u`. None when either side has fewer than `min_size` values.
     """
     pa = _pairs(a)
-    pb = [(value * margin, c) for value, c in _pairs(b)]
+    pb = _scaled(_pairs(b), margin, shift)
     n1, n2 = sum(c for _, c in pa), sum(c for _, c in pb)
     if n1 < min_size or n2 < min_size:
         return None

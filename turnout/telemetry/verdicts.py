@@ -11,7 +11,11 @@ simulated traffic. A verdict rests on four ideas:
   and a tolerance), so a slow hour for everyone does not fail the target. A relative
   failure needs both a *material* difference (worse than the tolerance) and a
   *significant* one (a one-sided test), so noise on small samples does not roll back a
-  good release and a statistically real but negligible difference does not either. A
+  good release and a statistically real but negligible difference does not either.
+  Metrics in milliseconds also have an absolute tolerance (`latency_tolerance_ms`): two
+  identical engines on a CPU host that runs other processes differ at p95 by a scheduler
+  time slice or two (measured here: 22 vs 30 ms, +37%, p = 0.006 over 500 requests each),
+  which no user notices and a relative tolerance alone calls a regression. A
   metric without enough samples on either side (no streamed answers, hence no time to
   first token) is not compared, with a note: it can neither fail nor vouch for the target.
 - Repeated looks stay valid. A rollout judges one look per step (and re-judges an
@@ -122,6 +126,10 @@ class HealthThresholds(BaseModel):
     # How much worse than the stable version the target may be before it fails.
     error_rate_tolerance: float = Field(0.02, ge=0, le=1)
     latency_tolerance: float = Field(0.1, ge=0)
+    # An absolute tolerance beside the relative one, for the metrics in milliseconds
+    # (latency, time to first token, inter-token latency): the target fails one only when
+    # it is worse by more than both. 0 in histories recorded before it existed.
+    latency_tolerance_ms: float = Field(0, ge=0, le=60_000)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     # Metrics compared with the stable version at every judged step.
     guarded_metrics: list[GuardedMetric] = Field(default_factory=_default_guarded_metrics)
@@ -227,10 +235,13 @@ def compare_metric(metric: GuardedMetric, target: WindowSamples, stable: WindowS
     higher = metric.direction == "higher_is_better"
     alpha = per_look_alpha(thresholds)
     tolerance = _tolerance(metric, thresholds)
+    floor = (thresholds.latency_tolerance_ms
+             if entry_of.unit == "ms" and not is_rate and not higher else 0.0)
     entry: dict[str, Any] = {
         "metric": name, "label": entry_of.label, "direction": metric.direction,
         "kind": entry_of.kind.value, "unit": entry_of.unit, "test": entry_of.test,
-        "tolerance": tolerance, "alpha": alpha, "confidence": thresholds.confidence,
+        "tolerance": tolerance, "tolerance_ms": floor or None, "alpha": alpha,
+        "confidence": thresholds.confidence,
         "looks": thresholds.looks, "min_samples": thresholds.min_requests,
         "target": None, "stable": None, "samples": {"target": 0, "stable": 0},
         "change": None, "interval": None, "p_value": None,
@@ -268,18 +279,22 @@ def compare_metric(metric: GuardedMetric, target: WindowSamples, stable: WindowS
         entry["ratio"] = None
         entry["target_interval"] = quantile_interval(t_values, q, alpha)
         entry["stable_interval"] = quantile_interval(s_values, q, alpha)
+        entry["difference"] = None
         if entry["target"] is not None and entry["stable"]:
             ratio = entry["target"] / entry["stable"]
             entry["ratio"] = ratio
             entry["change"] = 1.0 - ratio if higher else ratio - 1.0
+            entry["difference"] = entry["target"] - entry["stable"]
         if stable is not None:
-            _worse_beyond_tolerance(entry, t_values, s_values, q, tolerance, higher)
+            _worse_beyond_tolerance(entry, t_values, s_values, q, tolerance, higher,
+                                    floor)
             if compare:
                 worse, better = ((s_values, t_values) if higher else (t_values, s_values))
                 entry["p_value_better"] = mann_whitney_u(better, worse)
     entry["samples"] = {"target": n_t, "stable": n_s}
     entry["significant"] = entry["p_value"] is not None and entry["p_value"] < alpha
-    entry["material"] = entry["change"] is not None and entry["change"] > tolerance
+    entry["material"] = (entry["change"] is not None and entry["change"] > tolerance
+                         and (not floor or entry["difference"] > floor))
 
     need = thresholds.min_requests
     if stable is None:
@@ -302,7 +317,8 @@ def compare_metric(metric: GuardedMetric, target: WindowSamples, stable: WindowS
 
 
 def _worse_beyond_tolerance(entry: dict[str, Any], target: Samples, stable: Samples,
-                            q: float, tolerance: float, higher: bool) -> None:
+                            q: float, tolerance: float, higher: bool,
+                            floor: float = 0.0) -> None:
     """The p-value of "the target is worse than stable by more than the tolerance", for a
     quantile (or throughput) metric: the tolerance is in the null hypothesis, so two
     engines a few percent apart are never called significantly different however many
@@ -313,7 +329,8 @@ def _worse_beyond_tolerance(entry: dict[str, Any], target: Samples, stable: Samp
     smaller p-value doubled: a rank test of the whole distribution (Mann-Whitney U:
     powerful for a version slower everywhere, blind to a few outliers) and a test of the
     guarded quantile itself (`tail_test`: sees a regression carried by the slowest tenth
-    of the requests).
+    of the requests). With an absolute tolerance `floor` (ms) stable's values are raised
+    by at least that much too: "worse by more than 10% and by more than 20 ms".
     """
     if higher:
         margin = max(0.0, 1.0 - tolerance)
@@ -322,8 +339,8 @@ def _worse_beyond_tolerance(entry: dict[str, Any], target: Samples, stable: Samp
             else None
     else:
         margin = 1.0 + tolerance
-        rank = mann_whitney_u(target, stable, margin=margin)
-        tail = tail_test(target, stable, q, margin=margin)
+        rank = mann_whitney_u(target, stable, margin=margin, shift=floor)
+        tail = tail_test(target, stable, q, margin=margin, shift=floor)
     p_values = [p for p in (rank, tail) if p is not None]
     entry["margin"] = margin
     entry["p_rank"], entry["p_tail"] = rank, tail
@@ -342,6 +359,8 @@ def _relative_failure(entry: dict[str, Any]) -> str:
                 f"({points:+.1f} points {bound} tolerance, {p})")
     percent = (entry["ratio"] - 1) * 100
     bound = f"< -{tol * 100:.0f}%" if higher else f"> {tol * 100:.0f}%"
+    if entry.get("tolerance_ms"):
+        bound += f" and {entry['difference']:+.0f} ms > {entry['tolerance_ms']:g} ms"
     unit = entry.get("unit", "ms")
     return (f"{label} {_amount(entry['target'], unit)} vs stable "
             f"{_amount(entry['stable'], unit)} ({percent:+.0f}% {bound} tolerance, {p})")

@@ -610,3 +610,57 @@ def test_tail_test_reads_the_quantile_with_its_margin() -> None:
     assert tail_test([v * 1.05 for v in base], base, 0.95, margin=1.1) > 0.5
     assert tail_test([v / 2 for v in base], base, 0.5, upper=False) < 1e-6
     assert tail_test(base[:5], base, 0.95) is None
+
+
+def test_tail_and_rank_tests_read_an_absolute_tolerance() -> None:
+    base = [10 + v / 10 for v in range(200)]  # 10-30 ms
+    slower = [v + 8 for v in base]  # 8 ms slower everywhere: 27-80% in relative terms
+    assert tail_test(slower, base, 0.95, margin=1.1) < 0.05
+    assert tail_test(slower, base, 0.95, margin=1.1, shift=20) > 0.5
+    assert mann_whitney_u(slower, base, margin=1.1) < 0.05
+    assert mann_whitney_u(slower, base, margin=1.1, shift=20) > 0.5
+    # No shift, or a shift smaller than the relative margin, is the relative test.
+    assert mann_whitney_u(slower, base, margin=1.1, shift=0.5) == pytest.approx(
+        mann_whitney_u(slower, base, margin=1.1))
+    assert tail_test([v / 2 for v in base], base, 0.5, upper=False, shift=0) < 1e-6
+
+
+def test_a_few_milliseconds_at_the_tail_of_fast_answers_are_not_a_regression() -> None:
+    """What an A/A canary on a busy CPU host looked like (stable p95 22 ms, target 30 ms,
+    the medians alike): the relative tolerance alone rolled it back (p = 0.006); with the
+    default absolute tolerance of the settings it is healthy, while a target slower by
+    more than both tolerances still fails, named in milliseconds."""
+    rng = random.Random(41)
+
+    def fast(n: int, tail_ms: float) -> list[float]:
+        return [14 * rng.lognormvariate(0, 0.15) + (tail_ms if rng.random() < 0.08 else 0)
+                for _ in range(n)]
+
+    stable, target = Sample("v1", 580, 0, fast(580, 8)), Sample("v2", 510, 0, fast(510, 16))
+    relative_only = HealthThresholds()
+    assert relative_only.latency_tolerance_ms == 0  # histories recorded before it
+    verdict = judge(target, stable, relative_only)
+    assert verdict.outcome == "unhealthy", verdict.reason
+    settings = ModelSwitchingConfig()
+    assert settings.latency_tolerance_ms == 20
+    thresholds = switch_thresholds(settings, SwitchRequest(
+        model_id="m", target_version="v2", strategy="canary"))
+    assert thresholds.latency_tolerance_ms == 20
+    verdict = judge(target, stable, thresholds)
+    assert verdict.outcome == "healthy", verdict.reason
+    p95 = verdict.analysis["metrics"]["latency_p95"]
+    assert p95["tolerance_ms"] == 20 and 0 < p95["difference"] < 20 and not p95["material"]
+    # 60 ms slower at the tail is worse by more than both tolerances.
+    slow = Sample("v2", 510, 0, fast(510, 60))
+    verdict = judge(slow, stable, thresholds)
+    assert verdict.outcome == "unhealthy", verdict.reason
+    assert "ms > 20 ms tolerance" in verdict.reason, verdict.reason
+    # Error rate is not in milliseconds: its tolerance is untouched.
+    assert verdict.analysis["metrics"]["error_rate"]["tolerance_ms"] is None
+    # A request can ask for no absolute tolerance.
+    strict = switch_thresholds(settings, SwitchRequest(
+        model_id="m", target_version="v2", strategy="canary",
+        analysis=SwitchAnalysis(latency_tolerance_ms=0)))
+    assert judge(target, stable, strict).outcome == "unhealthy"
+    with pytest.raises(pydantic.ValidationError, match="latency_tolerance_ms"):
+        SwitchAnalysis(latency_tolerance_ms=-1)

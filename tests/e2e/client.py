@@ -16,6 +16,7 @@ import httpx
 from tests.replay.recording import recording, save_history
 from turnout.runtime import connect_temporal
 from turnout.store import Store
+from turnout.telemetry.statistics import quantile
 from workers.stack import Stack
 
 T = TypeVar("T")
@@ -47,6 +48,8 @@ class Load:
         self.failures: list[tuple[str, str]] = []
         self.failure_seconds: list[float] = []  # how long each failed request took
         self.in_flight = 0
+        # (monotonic time it ended, version, seconds) of each plain answer served.
+        self.timeline: list[tuple[float, str, float]] = []
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -65,11 +68,14 @@ class Load:
                     await asyncio.sleep(0.05)  # no busy loop while nothing can serve
 
     async def _plain(self, client: httpx.AsyncClient) -> None:
+        began = time.monotonic()
         r = await client.post("/v1/completions", json={
             "model": self.model_id, "prompt": "Hello", "max_tokens": 2})
         version = r.headers.get("x-turnout-version", "?")
         if r.status_code == 200:
             self.served.append(version)
+            ended = time.monotonic()
+            self.timeline.append((ended, version, ended - began))
         else:
             self.failures.append((version, f"HTTP {r.status_code} {r.text[:200]}"))
 
@@ -91,6 +97,24 @@ class Load:
             self.served.append(version)
         else:
             self.failures.append((version, f"stream ended without [DONE]: {lines[-1:]}"))
+
+    def latency_slices(self, seconds: float = 3.0) -> str:
+        """The plain answers' latency per version in slices of `seconds`, one line each
+        (count, p50, p95 in ms): where a verdict's figures came from, as the client saw them."""
+        if not self.timeline:
+            return "no plain answers"
+        start = self.timeline[0][0]
+        slices: dict[int, dict[str, list[float]]] = {}
+        for ended, version, took in self.timeline:
+            slices.setdefault(int((ended - start) // seconds), {}).setdefault(
+                version, []).append(took * 1000)
+        lines = []
+        for index in sorted(slices):
+            parts = [f"{version} n={len(values)} p50={quantile(values, 0.5):.0f} "
+                     f"p95={quantile(values, 0.95):.0f}"
+                     for version, values in sorted(slices[index].items())]
+            lines.append(f"  {index * seconds:5.0f} s  " + "; ".join(parts))
+        return "\n".join(lines)
 
     def stop(self) -> None:
         self._stop.set()

@@ -146,13 +146,15 @@ async def test_a_healthy_canary_promotes_under_load(stack: Stack) -> None:
         # 12 keyed users on a 50/50 split: both versions answer (all on one: p < 0.001).
         assert await openai_answers_during(stack) == {"v1", "v2"}
         s = await wait_end(stack, operation_id)
-    assert (s["status"], s["outcome"]) == ("completed", "promoted"), explain(s)
+    assert (s["status"], s["outcome"]) == ("completed", "promoted"), \
+        f"{explain(s)}\nas the client saw it:\n{client.latency_slices()}"
     assert judged(s) == ["healthy"], explain(s)
     defaults = ModelSwitchingConfig()
     for verdict in s["verdicts"]:
         metrics = verdict["analysis"]["metrics"]
         assert tuple(metrics) == DEFAULT_GUARDED, metrics
         assert metrics["latency_p95"]["tolerance"] == defaults.latency_tolerance
+        assert metrics["latency_p95"]["tolerance_ms"] == defaults.latency_tolerance_ms
     # The healthy verdict compared the target with v1 on its error rate and p95 (the
     # few streamed answers may be too few for time to first token: noted, not compared).
     [healthy] = [v for v in s["verdicts"] if v["outcome"] == "healthy"]

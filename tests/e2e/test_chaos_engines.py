@@ -246,17 +246,12 @@ async def test_a_store_outage_during_a_canary(stack: Stack, store: Store,
     back the canary goes on to promote as it would have, each step applied once, and the
     monitor looks again."""
     async with load(stack) as client:
-        # Judged on its error rate only: what is tested is the outage. (The latency guards
-        # of an A/A canary are tested at their defaults in test_rollouts.py and measured by
-        # bench.verdict_accuracy; on this 2-core machine, shared with the rest of the run,
-        # v2's core was ~20% slower over the outage's window in 2 of 3 runs.)
-        r = await e2e.api(stack, "POST", "/switch", json={
-            "model_id": MODEL_ID, "target_version": "v2", "strategy": "canary",
-            "strategy_config": {"initial_percentage": 50, "step_percentage": 50,
-                                "evaluation_period_minutes": 0.5},
-            "analysis": {"guarded_metrics": [{"metric": "error_rate"}]}})
-        assert r.status_code == 202, r.text
-        operation_id = r.json()["operation_id"]
+        # At the default analysis settings: v2 read 19 vs 16 ms at p95 over the outage's
+        # window in 2 of 3 runs on this shared 2-core machine, which the absolute latency
+        # tolerance (LATENCY_TOLERANCE_MS) is for.
+        operation_id = await start(stack, "v2", "canary", {
+            "initial_percentage": 50, "step_percentage": 50,
+            "evaluation_period_minutes": 0.5})
         await e2e.wait_phase(stack, operation_id, "evaluating")
         await client.served_more(10)
         before = await route(store)

@@ -235,12 +235,12 @@ def compare_metric(metric: GuardedMetric, target: WindowSamples, stable: WindowS
     higher = metric.direction == "higher_is_better"
     alpha = per_look_alpha(thresholds)
     tolerance = _tolerance(metric, thresholds)
-    floor = (thresholds.latency_tolerance_ms
-             if entry_of.unit == "ms" and not is_rate and not higher else 0.0)
+    tolerance_ms = (thresholds.latency_tolerance_ms
+                    if entry_of.unit == "ms" and not higher else 0.0)
     entry: dict[str, Any] = {
         "metric": name, "label": entry_of.label, "direction": metric.direction,
         "kind": entry_of.kind.value, "unit": entry_of.unit, "test": entry_of.test,
-        "tolerance": tolerance, "tolerance_ms": floor or None, "alpha": alpha,
+        "tolerance": tolerance, "tolerance_ms": tolerance_ms or None, "alpha": alpha,
         "confidence": thresholds.confidence,
         "looks": thresholds.looks, "min_samples": thresholds.min_requests,
         "target": None, "stable": None, "samples": {"target": 0, "stable": 0},
@@ -287,14 +287,14 @@ def compare_metric(metric: GuardedMetric, target: WindowSamples, stable: WindowS
             entry["difference"] = entry["target"] - entry["stable"]
         if stable is not None:
             _worse_beyond_tolerance(entry, t_values, s_values, q, tolerance, higher,
-                                    floor)
+                                    tolerance_ms)
             if compare:
                 worse, better = ((s_values, t_values) if higher else (t_values, s_values))
                 entry["p_value_better"] = mann_whitney_u(better, worse)
     entry["samples"] = {"target": n_t, "stable": n_s}
     entry["significant"] = entry["p_value"] is not None and entry["p_value"] < alpha
     entry["material"] = (entry["change"] is not None and entry["change"] > tolerance
-                         and (not floor or entry["difference"] > floor))
+                         and (not tolerance_ms or entry["difference"] > tolerance_ms))
 
     need = thresholds.min_requests
     if stable is None:
@@ -318,7 +318,7 @@ def compare_metric(metric: GuardedMetric, target: WindowSamples, stable: WindowS
 
 def _worse_beyond_tolerance(entry: dict[str, Any], target: Samples, stable: Samples,
                             q: float, tolerance: float, higher: bool,
-                            floor: float = 0.0) -> None:
+                            tolerance_ms: float = 0.0) -> None:
     """The p-value of "the target is worse than stable by more than the tolerance", for a
     quantile (or throughput) metric: the tolerance is in the null hypothesis, so two
     engines a few percent apart are never called significantly different however many
@@ -329,7 +329,7 @@ def _worse_beyond_tolerance(entry: dict[str, Any], target: Samples, stable: Samp
     smaller p-value doubled: a rank test of the whole distribution (Mann-Whitney U:
     powerful for a version slower everywhere, blind to a few outliers) and a test of the
     guarded quantile itself (`tail_test`: sees a regression carried by the slowest tenth
-    of the requests). With an absolute tolerance `floor` (ms) stable's values are raised
+    of the requests). With an absolute `tolerance_ms` stable's values are raised
     by at least that much too: "worse by more than 10% and by more than 20 ms".
     """
     if higher:
@@ -339,8 +339,8 @@ def _worse_beyond_tolerance(entry: dict[str, Any], target: Samples, stable: Samp
             else None
     else:
         margin = 1.0 + tolerance
-        rank = mann_whitney_u(target, stable, margin=margin, shift=floor)
-        tail = tail_test(target, stable, q, margin=margin, shift=floor)
+        rank = mann_whitney_u(target, stable, margin=margin, shift=tolerance_ms)
+        tail = tail_test(target, stable, q, margin=margin, shift=tolerance_ms)
     p_values = [p for p in (rank, tail) if p is not None]
     entry["margin"] = margin
     entry["p_rank"], entry["p_tail"] = rank, tail

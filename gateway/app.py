@@ -4,6 +4,9 @@ Two listeners: the client one (OpenAI endpoints, `/health`, `/metrics` unless
 `GATEWAY_METRICS_ON_CLIENT=false`; with `GATEWAY_API_KEYS` set, everything there but
 `/health` needs a client key) and the admin one (`/admin/*` and `/metrics`, token-protected
 when `GATEWAY_ADMIN_TOKEN` is set); the client listener never exposes an admin action.
+The client listener runs on the gateway's own HTTP/1.1 server (`gateway.http`, for its
+latency), the admin one on aiohttp (a few calls a second, where aiohttp's query parsing
+and middlewares cost nothing that matters).
 A gateway holds its routes in memory and reconciles them with the store every second
 (and at once on `POST /admin/routes/refresh`, which the traffic activity calls after
 writing a route). It heartbeats into the store so the traffic activity knows which
@@ -26,7 +29,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import ClientKeys, client_key_auth
-from gateway.errors import Handler, error_response, openai_errors
+from gateway.errors import Handler as AdminHandler
+from gateway.errors import admin_error, openai_errors, server_error
+from gateway.http import (
+    Handler,
+    HttpServer,
+    Middleware,
+    Request,
+    Response,
+    Routes,
+    json_response,
+    with_middlewares,
+)
 from gateway.metrics import GatewayMetrics, UnrecordedMetrics
 from gateway.proxy import UPSTREAM_CONNECT_TIMEOUT_S, UPSTREAM_READ_TIMEOUT_S, Proxy
 from gateway.upstream import Upstreams
@@ -42,7 +56,6 @@ log = logging.getLogger("gateway")
 
 RECONCILE_INTERVAL_S = 1.0
 HEARTBEAT_INTERVAL_S = 2.0
-# Prompts with long contexts can be large; aiohttp's default limit is 1 MiB.
 
 def client_host(bind_host: str) -> str:
     """The address other processes use to reach a server bound to `bind_host`."""
@@ -209,67 +222,82 @@ class Gateway:
             warmup_requests=warmup_requests))
 
 
-GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
-
-
 def _admin_auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     """Require `Authorization: Bearer <token>` when a token is configured."""
     expected = f"Bearer {token}".encode() if token else None
 
     @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def middleware(request: web.Request, handler: AdminHandler) -> web.StreamResponse:
         if expected is not None:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                return error_response(401, "a valid admin bearer token is required",
+                return admin_error(401, "a valid admin bearer token is required",
                                       type="authentication_error", code="invalid_admin_token")
         return await handler(request)
 
     return middleware
 
 
+class ClientApp:
+    """The client listener: the OpenAI endpoints, `/health` and `/metrics` on
+    `gateway.http`, and the `Gateway` they serve, which starts before the listener opens
+    and stops after it closed (its in-flight requests finished, see `HttpServer.stop`)."""
+
+    def __init__(self, gateway: Gateway, routes: Routes,
+                 middlewares: list[Middleware]) -> None:
+        self.gateway = gateway
+        self.middlewares = middlewares  # outermost first
+        self.handler = with_middlewares(routes, middlewares)
+        self.server: HttpServer | None = None
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        await self.gateway.start()
+        server = HttpServer(self.handler, error=server_error,
+                            max_body_bytes=self.gateway.settings.gateway_max_body_bytes)
+        try:
+            await server.start(host, port, reuse_port=reuse_port)
+        except BaseException:
+            await self.gateway.stop()
+            raise
+        self.server = server
+
+    async def cleanup(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        await self.gateway.stop()
+
+
 def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
                admin_url: str | None = None, *,
-               worker: int | None = None) -> web.Application:
-    """The client-facing gateway app; the caller owns `store` and closes it after the app.
+               worker: int | None = None) -> ClientApp:
+    """The client-facing gateway; the caller owns `store` and closes it after the app.
 
     Its `Gateway` (`gateway_of(app)`) starts and stops with it. Serve the admin endpoints
-    with `create_admin_app` (or run both with `start_gateway`). Run it with handler
-    cancellation on (see `serve`) so that a client disconnect cancels the upstream request.
+    with `create_admin_app` (or run both with `start_gateway`). A client that goes away
+    cancels its request's handler, so the engine call is closed too.
     """
     gateway = Gateway(settings, store, gateway_id, admin_url, worker=worker)
     keys = ClientKeys(settings.gateway_api_keys)
     # Without keys no middleware is added: the request path is as it was.
-    middlewares = [openai_errors, client_key_auth(keys, gateway.metrics)] if keys \
-        else [openai_errors]
+    middlewares: list[Middleware] = [client_key_auth(keys, gateway.metrics)] if keys else []
     if gateway.tracer is not None:
         from gateway.tracing import traced_requests
 
         middlewares.insert(0, traced_requests(gateway.tracer,
                                               settings.gateway_trace_sample))
-    app = web.Application(middlewares=middlewares,
-                          client_max_size=settings.gateway_max_body_bytes)
-    app[GATEWAY_KEY] = gateway
+    routes = Routes(server_error)
 
-    async def on_startup(_: web.Application) -> None:
-        await gateway.start()
+    async def health(_: Request) -> Response:
+        return json_response({"status": "ok"})
 
-    async def on_cleanup(_: web.Application) -> None:
-        await gateway.stop()
-
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
-
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    app.router.add_get("/health", health)
+    routes.add("GET", "/health", health)
     if settings.gateway_metrics_on_client:
-        app.router.add_get("/metrics", _metrics_handler(gateway))
-    app.router.add_get("/v1/models", gateway.proxy.list_models)
-    app.router.add_post("/v1/completions", gateway.proxy.completions)
-    app.router.add_post("/v1/chat/completions", gateway.proxy.chat_completions)
-    return app
+        routes.add("GET", "/metrics", _client_metrics(gateway))
+    routes.add("GET", "/v1/models", gateway.proxy.list_models)
+    routes.add("POST", "/v1/completions", gateway.proxy.completions)
+    routes.add("POST", "/v1/chat/completions", gateway.proxy.chat_completions)
+    return ClientApp(gateway, routes, middlewares)
 
 
 def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
@@ -294,13 +322,13 @@ def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
             except ValueError:
                 value = math.nan
             if value is not None and not math.isfinite(value):
-                return error_response(400, f"{name} must be unix seconds, got {raw!r}",
+                return admin_error(400, f"{name} must be unix seconds, got {raw!r}",
                                       type="invalid_request_error", param=name,
                                       code="invalid_window")
             bounds[name] = value
         raw_warmup = request.query.get("warmup_requests", "0")
         if not raw_warmup.isdigit() or int(raw_warmup) > 1_000_000:
-            return error_response(400, f"warmup_requests must be a count, got {raw_warmup!r}",
+            return admin_error(400, f"warmup_requests must be a count, got {raw_warmup!r}",
                                   type="invalid_request_error", param="warmup_requests",
                                   code="invalid_window")
         return _json(gateway.stats(bounds["since"], bounds["until"],
@@ -313,7 +341,7 @@ def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
             await gateway.reconcile(request.query.get("model_id"))
         except Exception as exc:
             log.warning("refresh failed, store unreachable: %r", exc)
-            return error_response(503, "the store is unreachable; serving the last routes",
+            return admin_error(503, "the store is unreachable; serving the last routes",
                                   type="service_unavailable", code="store_unreachable")
         return _json(gateway.state())
 
@@ -332,29 +360,41 @@ def _json(model: AdminState | StatsResponse) -> web.Response:
     return web.Response(text=text, content_type="application/json")
 
 
-def _metrics_handler(gateway: Gateway, *, local: bool = False) -> Handler:
+async def _metrics_text(gateway: Gateway, *, local: bool = False) -> bytes:
     """`/metrics`: this gateway's, summed with its sibling workers' unless `local`."""
+    body = generate_latest(gateway.metrics.registry)
+    if not local and gateway.siblings and gateway.sibling_client is not None:
+        others = await sibling_metrics(gateway.sibling_client, gateway.siblings)
+        body = merge_metrics([body.decode(), *others]).encode()
+    return body
+
+
+def _metrics_handler(gateway: Gateway, *, local: bool = False) -> AdminHandler:
     async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(gateway.metrics.registry)
-        if not local and gateway.siblings and gateway.sibling_client is not None:
-            others = await sibling_metrics(gateway.sibling_client, gateway.siblings)
-            body = merge_metrics([body.decode(), *others]).encode()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=await _metrics_text(gateway, local=local),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return metrics
 
 
-def gateway_of(app: web.Application) -> Gateway:
-    return app[GATEWAY_KEY]
+def _client_metrics(gateway: Gateway) -> Handler:
+    async def metrics(_: Request) -> Response:
+        return Response(await _metrics_text(gateway), 200,
+                        {"Content-Type": CONTENT_TYPE_LATEST})
+
+    return metrics
 
 
-async def serve(app: web.Application, host: str, port: int, *,
-                reuse_port: bool = False) -> web.AppRunner:
-    """Start `app` on host:port with handler cancellation on; stop with `runner.cleanup()`.
-    `reuse_port`: share the port with other processes (SO_REUSEPORT), as gateway workers do."""
+def gateway_of(app: ClientApp) -> Gateway:
+    return app.gateway
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start the admin `app` on host:port with handler cancellation on; stop with
+    `runner.cleanup()`."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     return runner
 
@@ -366,7 +406,7 @@ class AdminBindError(ValueError):
 @dataclass
 class RunningGateway:
     gateway: Gateway
-    client: web.AppRunner
+    client: ClientApp
     admin: web.AppRunner
     client_url: str
     admin_url: str
@@ -389,14 +429,15 @@ async def start_gateway(settings: ModelSwitchingConfig, store: Store,
     admin_runner = await serve(create_admin_app(gateway_of(app), settings.gateway_admin_token),
                                settings.gateway_admin_host, gateway_of(app).admin_port)
     try:
-        client_runner = await serve(app, settings.gateway_host, settings.gateway_port,
-                                    reuse_port=worker is not None)
+        # Workers share the client port (SO_REUSEPORT), see gateway.workers.
+        await app.start(settings.gateway_host, settings.gateway_port,
+                        reuse_port=worker is not None)
     except BaseException:
         await admin_runner.cleanup()
         raise
     gateway = gateway_of(app)
     return RunningGateway(
-        gateway, client_runner, admin_runner,
+        gateway, app, admin_runner,
         f"http://{client_host(settings.gateway_host)}:{settings.gateway_port}",
         gateway.admin_url)
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Callable, Iterable
 
-from aiohttp import web
-
-from gateway.errors import Handler, error_response
+from gateway.errors import error_response
+from gateway.http import AnyResponse, Handler, Request
 from gateway.metrics import GatewayMetrics
 from turnout.config import MAX_KEY_CHARS
 
@@ -53,13 +52,12 @@ class ClientKeys:
 
 
 def client_key_auth(keys: ClientKeys, metrics: GatewayMetrics
-                    ) -> Callable[..., Awaitable[web.StreamResponse]]:
+                    ) -> Callable[[Request, Handler], Awaitable[AnyResponse]]:
     """A middleware answering 401 in OpenAI's shape (what OpenAI SDKs raise as
     `AuthenticationError`) to requests without a valid key; counted in
     `turnout_gateway_rejected_total{reason="unauthorized"}`, never logged per request."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def middleware(request: Request, handler: Handler) -> AnyResponse:
         if request.path in OPEN_PATHS:
             return await handler(request)
         authorization = request.headers.get("Authorization")

@@ -24,10 +24,10 @@ import time
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from yarl import URL
 
 from gateway.errors import error_response
+from gateway.http import BodyTooLarge, Request, Response, StreamResponse, json_response
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import Answer, Upstreams
 from turnout import tracing
@@ -39,8 +39,9 @@ from turnout.transitions import TransitionManager
 log = logging.getLogger("gateway.proxy")
 
 VERSION_HEADER = "X-Turnout-Version"
-# Where a traced request's model id is left for its span (`gateway.tracing`).
-MODEL_KEY: web.RequestKey[str] = web.RequestKey("turnout_model_id", str)
+# Where a traced request's model id is left for its span (`gateway.tracing`), in
+# `Request.state`.
+MODEL_KEY = "turnout_model_id"
 USER_HEADER = "X-Turnout-User"
 # No total timeout: a long generation is legitimate. A stalled engine is cut after this long
 # without a single byte.
@@ -124,21 +125,21 @@ class Proxy:
         # gateway can cancel them when it stops.
         self.mirrors: set[asyncio.Task[None]] = set()
 
-    async def list_models(self, request: web.Request) -> web.Response:
+    async def list_models(self, request: Request) -> Response:
         now = int(time.time())
         data = [{"id": name, "object": "model", "created": now, "owned_by": "turnout"}
                 for name in self.transitions.table.served_names()]
-        return web.json_response({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: Request) -> Response | StreamResponse:
         return await self._forward(request, "/v1/completions")
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def chat_completions(self, request: Request) -> Response | StreamResponse:
         return await self._forward(request, "/v1/chat/completions")
 
     # ------------------------------------------------------------------ forwarding
 
-    async def _forward(self, request: web.Request, path: str) -> web.StreamResponse:
+    async def _forward(self, request: Request, path: str) -> Response | StreamResponse:
         body, problem = await _parse_body(request, self.max_body_bytes)
         if problem is not None:
             self.metrics.reject("too_large" if problem.status == 413 else "bad_request")
@@ -157,7 +158,7 @@ class Proxy:
                                   type="invalid_request_error", param="model",
                                   code="model_not_found")
         if self.traced:
-            request[MODEL_KEY] = model_id
+            request.state[MODEL_KEY] = model_id
         user = body.get("user")
         user_key = user if isinstance(user, str) and user else request.headers.get(USER_HEADER)
         choice = self.transitions.choose(model_id, body=body, headers=request.headers,
@@ -173,10 +174,10 @@ class Proxy:
         body["model"] = choice.backend.served_model_name
         return await self._send(request, path, model_id, choice.backend, body)
 
-    async def _send(self, request: web.Request, path: str, model_id: str, backend: Backend,
+    async def _send(self, request: Request, path: str, model_id: str, backend: Backend,
                     body: dict[str, Any], replica: ReplicaSlot | None = None, *,
                     tried: ReplicaSlot | None = None,
-                    may_fail_over: bool = True) -> web.StreamResponse:
+                    may_fail_over: bool = True) -> Response | StreamResponse:
         """Forward to one replica of a version (`replica`, or the one with the fewest
         requests in flight). A failure before anything reached the client (connection
         refused or reset, connect timeout, a 5xx answer) is counted as that version's error
@@ -221,9 +222,8 @@ class Proxy:
                     payload = await upstream.read()
                     completed = True
                     self._plain_tokens(model_id, version, upstream.status, payload)
-                    return web.Response(body=payload, status=upstream.status,
-                                        headers={"Content-Type": content_type,
-                                                 VERSION_HEADER: version})
+                    return Response(payload, upstream.status,
+                                    {"Content-Type": content_type, VERSION_HEADER: version})
         except (aiohttp.SocketTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
             failure = "timeout"
             log.warning("upstream %s of %s/%s timed out: %r", replica.url, model_id, version,
@@ -273,10 +273,10 @@ class Proxy:
                 return stable, replica, None, False
         return None
 
-    async def _stream(self, request: web.Request, upstream: Answer,
+    async def _stream(self, request: Request, upstream: Answer,
                       model_id: str, version: str,
                       started: float
-                      ) -> tuple[web.StreamResponse, str | None, bool, float | None,
+                      ) -> tuple[StreamResponse, str | None, bool, float | None,
                                  float | None]:
         """Copy an SSE answer chunk by chunk; returns (response, error class, completed,
         seconds to the first byte or None when none came, inter-token latency or None).
@@ -284,7 +284,7 @@ class Proxy:
         Leaving early (client gone, upstream broken) exits the caller's `async with`, which
         closes the upstream connection, so the engine stops generating for nobody.
         """
-        response = web.StreamResponse(status=200, headers={
+        response = StreamResponse(200, {
             "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",
@@ -309,7 +309,7 @@ class Proxy:
 
     # ------------------------------------------------------------------ mirroring
 
-    def _maybe_mirror(self, request: web.Request, path: str, model_id: str, shadow: Backend,
+    def _maybe_mirror(self, request: Request, path: str, model_id: str, shadow: Backend,
                       chosen_version: str, body: dict[str, Any]) -> None:
         """Copy this request to the model's shadow with probability `mirror_percent / 100`.
 
@@ -463,7 +463,7 @@ class MissingCredential(aiohttp.ClientConnectionError):
     """A backend's credential variable is not set in the gateway's environment."""
 
 
-def _upstream_headers(request: web.Request) -> dict[str, str]:
+def _upstream_headers(request: Request) -> dict[str, str]:
     """Headers sent upstream: JSON plus the few client headers worth passing on."""
     headers = {"Content-Type": "application/json"}
     headers.update({h: request.headers[h] for h in _FORWARDED_HEADERS if h in request.headers})
@@ -479,11 +479,11 @@ def _status_failure(status: int) -> str | None:
     return None
 
 
-async def _parse_body(request: web.Request, limit: int
-                      ) -> tuple[dict[str, Any] | None, web.Response | None]:
+async def _parse_body(request: Request, limit: int
+                      ) -> tuple[dict[str, Any] | None, Response | None]:
     try:
         raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
+    except BodyTooLarge:
         return None, error_response(413, f"the request body is larger than the gateway's "
                                          f"limit of {limit} bytes",
                                     type="invalid_request_error", code="request_too_large")

@@ -1,67 +1,81 @@
 """Spans of the gateway when tracing is on (`turnout.tracing`).
 
-- Admin listener: every call (`POST /admin/routes/refresh` from a traffic activity,
-  `GET /admin/stats` from a verdict), joined to the caller's trace by its `traceparent`:
-  a switch's trace shows each gateway applying its routes.
-- Client listener: only with `GATEWAY_TRACE_SAMPLE` > 0, a sampled share of requests
-  (and every request that arrives with a `traceparent`), each span naming the model and
-  the version that answered; the engine call carries the span's `traceparent` on, so an
-  engine that traces (vLLM's `--otlp-traces-endpoint`) continues the trace. With a share
-  of 0 the middleware is not installed at all.
+- Admin listener (aiohttp): every call (`POST /admin/routes/refresh` from a traffic
+  activity, `GET /admin/stats` from a verdict), joined to the caller's trace by its
+  `traceparent`: a switch's trace shows each gateway applying its routes.
+- Client listener (`gateway.http`): only with `GATEWAY_TRACE_SAMPLE` > 0, a sampled share
+  of requests (and every request that arrives with a `traceparent`), each span naming the
+  model and the version that answered; the engine call carries the span's `traceparent`
+  on, so an engine that traces (vLLM's `--otlp-traces-endpoint`) continues the trace. With
+  a share of 0 the middleware is not installed at all.
 
-aiohttp middlewares over the OpenTelemetry API (the contrib aiohttp instrumentation on
-the package index cannot be installed beside the SDK vLLM brings, see `api.tracing`).
+Middlewares over the OpenTelemetry API (the contrib aiohttp instrumentation on the package
+index cannot be installed beside the SDK vLLM brings, see `api.tracing`).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 from aiohttp import web
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from gateway.errors import Handler
+from gateway.errors import Handler as AdminHandler
+from gateway.http import AnyResponse, Handler, Middleware, Request
 from gateway.proxy import MODEL_KEY, VERSION_HEADER
 from turnout import tracing
 
 
-def traced_requests(tracer: Tracer, sample: float) -> web.Middleware:
-    """A span for `sample` of the requests (1.0: all); the others pass untouched."""
+def traced_requests(tracer: Tracer, sample: float) -> Middleware:
+    """A span for `sample` of the client requests (1.0: all); the others pass untouched."""
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def middleware(request: Request, handler: Handler) -> AnyResponse:
         if "traceparent" not in request.headers and random.random() >= sample:
             return await handler(request)
-        return await _in_span(tracer, request, handler)
+        with _span(tracer, request.method, request.path, request.path,
+                   request.headers) as span:
+            response = await handler(request)
+            _answered(span, response.status, response.headers, request.state.get(MODEL_KEY))
+            return response
 
     return middleware
 
 
-def traced_admin(tracer: Tracer) -> web.Middleware:
+def traced_admin(tracer: Tracer) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await _in_span(tracer, request, handler)
+    async def middleware(request: web.Request,
+                         handler: AdminHandler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else request.path
+        with _span(tracer, request.method, request.path, path, request.headers) as span:
+            response = await handler(request)
+            _answered(span, response.status, response.headers, None)
+            return response
 
     return middleware
 
 
-async def _in_span(tracer: Tracer, request: web.Request,
-                   handler: Handler) -> web.StreamResponse:
-    route = request.match_info.route.resource
-    path = route.canonical if route is not None else request.path
+@contextmanager
+def _span(tracer: Tracer, method: str, path: str, route: str,
+          headers: Mapping[str, str]) -> Any:
     with tracer.start_as_current_span(
-            f"{request.method} {path}", context=tracing.extract(request.headers),
+            f"{method} {route}", context=tracing.extract(headers),
             kind=SpanKind.SERVER, record_exception=True,
-            attributes={"http.request.method": request.method, "url.path": request.path,
-                        "http.route": path}) as span:
-        response = await handler(request)
-        span.set_attribute("http.response.status_code", response.status)
-        model_id = request.get(MODEL_KEY)
-        if model_id is not None:
-            span.set_attribute(tracing.MODEL_ID, model_id)
-        version = response.headers.get(VERSION_HEADER)
-        if version is not None:
-            span.set_attribute(tracing.VERSION, version)
-        if response.status >= 500:
-            span.set_status(Status(StatusCode.ERROR))
-        return response
+            attributes={"http.request.method": method, "url.path": path,
+                        "http.route": route}) as span:
+        yield span
+
+
+def _answered(span: Span, status: int, headers: Mapping[str, str],
+              model_id: str | None) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if model_id is not None:
+        span.set_attribute(tracing.MODEL_ID, model_id)
+    version = headers.get(VERSION_HEADER)
+    if version is not None:
+        span.set_attribute(tracing.VERSION, version)
+    if status >= 500:
+        span.set_status(Status(StatusCode.ERROR))

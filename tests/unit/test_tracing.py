@@ -42,7 +42,7 @@ settings = ModelSwitchingConfig.from_env({}, gateway_trace_sample=1.0)
 app = api.app.create_app(settings)
 assert not [m for m in app.user_middleware if m.cls.__name__ == "TracingMiddleware"]
 client = gateway.app.create_app(settings, store=None, gateway_id="unit")
-assert len(client.middlewares) == 1  # openai_errors only
+assert client.middlewares == []  # no client keys, no tracing: none
 assert not gateway.app.gateway_of(client).proxy.traced
 admin = gateway.app.create_admin_app(gateway.app.gateway_of(client), None)
 assert len(admin.middlewares) == 2  # openai_errors, admin auth

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.admin_port:
         overrides["gateway_admin_port"] = args.admin_port
     try:
-        settings = ModelSwitchingConfig.from_env(**overrides)
+        settings = ModelSwitchingConfig.from_env(None, **overrides)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -4,9 +4,8 @@ Two listeners: the client one (OpenAI endpoints, `/health`, `/metrics` unless
 `GATEWAY_METRICS_ON_CLIENT=false`; with `GATEWAY_API_KEYS` set, everything there but
 `/health` needs a client key) and the admin one (`/admin/*` and `/metrics`, token-protected
 when `GATEWAY_ADMIN_TOKEN` is set); the client listener never exposes an admin action.
-The client listener runs on the gateway's own HTTP/1.1 server (`gateway.http`, for its
-latency), the admin one on aiohttp (a few calls a second, where aiohttp's query parsing
-and middlewares cost nothing that matters).
+Both listeners run on the gateway's own HTTP/1.1 server (`gateway.http`), for the client
+listener's latency.
 A gateway holds its routes in memory and reconciles them with the store every second
 (and at once on `POST /admin/routes/refresh`, which the traffic activity calls after
 writing a route). It heartbeats into the store so the traffic activity knows which
@@ -25,13 +24,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import ClientKeys, client_key_auth
-from gateway.errors import Handler as AdminHandler
-from gateway.errors import admin_error, openai_errors, server_error
+from gateway.errors import error_response, server_error
 from gateway.http import (
+    AnyResponse,
     Handler,
     HttpServer,
     Middleware,
@@ -222,49 +220,64 @@ class Gateway:
             warmup_requests=warmup_requests))
 
 
-def _admin_auth(token: str | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+def _admin_auth(token: str | None) -> Middleware:
     """Require `Authorization: Bearer <token>` when a token is configured."""
     expected = f"Bearer {token}".encode() if token else None
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: AdminHandler) -> web.StreamResponse:
+    async def middleware(request: Request, handler: Handler) -> AnyResponse:
         if expected is not None:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                return admin_error(401, "a valid admin bearer token is required",
+                return error_response(401, "a valid admin bearer token is required",
                                       type="authentication_error", code="invalid_admin_token")
         return await handler(request)
 
     return middleware
 
 
-class ClientApp:
-    """The client listener: the OpenAI endpoints, `/health` and `/metrics` on
-    `gateway.http`, and the `Gateway` they serve, which starts before the listener opens
-    and stops after it closed (its in-flight requests finished, see `HttpServer.stop`)."""
+class Listener:
+    """Routes inside middlewares (the first outermost), served by `gateway.http`."""
 
-    def __init__(self, gateway: Gateway, routes: Routes,
-                 middlewares: list[Middleware]) -> None:
-        self.gateway = gateway
-        self.middlewares = middlewares  # outermost first
+    def __init__(self, routes: Routes, middlewares: list[Middleware], *,
+                 max_body_bytes: int) -> None:
+        self.middlewares = middlewares
         self.handler = with_middlewares(routes, middlewares)
+        self.max_body_bytes = max_body_bytes
         self.server: HttpServer | None = None
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
-        await self.gateway.start()
         server = HttpServer(self.handler, error=server_error,
-                            max_body_bytes=self.gateway.settings.gateway_max_body_bytes)
-        try:
-            await server.start(host, port, reuse_port=reuse_port)
-        except BaseException:
-            await self.gateway.stop()
-            raise
+                            max_body_bytes=self.max_body_bytes)
+        await server.start(host, port, reuse_port=reuse_port)
         self.server = server
 
-    async def cleanup(self) -> None:
+    async def stop(self) -> None:
+        """Stop listening; in-flight requests finish first (see `HttpServer.stop`)."""
         if self.server is not None:
             await self.server.stop()
             self.server = None
+
+
+class ClientApp(Listener):
+    """The client listener (the OpenAI endpoints, `/health`, `/metrics`) and the `Gateway`
+    they serve, which starts before the listener opens and stops after it closed."""
+
+    def __init__(self, gateway: Gateway, routes: Routes,
+                 middlewares: list[Middleware]) -> None:
+        super().__init__(routes, middlewares,
+                         max_body_bytes=gateway.settings.gateway_max_body_bytes)
+        self.gateway = gateway
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        await self.gateway.start()
+        try:
+            await super().start(host, port, reuse_port=reuse_port)
+        except BaseException:
+            await self.gateway.stop()
+            raise
+
+    async def stop(self) -> None:
+        await super().stop()
         await self.gateway.stop()
 
 
@@ -293,71 +306,76 @@ def create_app(settings: ModelSwitchingConfig, store: Store, gateway_id: str,
 
     routes.add("GET", "/health", health)
     if settings.gateway_metrics_on_client:
-        routes.add("GET", "/metrics", _client_metrics(gateway))
+        routes.add("GET", "/metrics", _metrics_handler(gateway))
     routes.add("GET", "/v1/models", gateway.proxy.list_models)
     routes.add("POST", "/v1/completions", gateway.proxy.completions)
     routes.add("POST", "/v1/chat/completions", gateway.proxy.chat_completions)
     return ClientApp(gateway, routes, middlewares)
 
 
-def create_admin_app(gateway: Gateway, token: str | None) -> web.Application:
+# Admin calls carry no body (a refresh names its model in the query).
+ADMIN_MAX_BODY_BYTES = 64 * 1024
+
+
+def create_admin_app(gateway: Gateway, token: str | None) -> Listener:
     """The admin endpoints of `gateway`: state, windowed stats, route refresh, metrics."""
-    middlewares = [openai_errors, _admin_auth(token)]
+    middlewares = [_admin_auth(token)]
     tracer = tracing.tracer()
     if tracer is not None:
-        from gateway.tracing import traced_admin
+        from gateway.tracing import traced_requests
 
-        middlewares.insert(0, traced_admin(tracer))
-    app = web.Application(middlewares=middlewares)
+        middlewares.insert(0, traced_requests(tracer, 1.0))  # every admin call
 
-    async def admin_state(_: web.Request) -> web.Response:
+    async def admin_state(_: Request) -> Response:
         return _json(gateway.state())
 
-    async def admin_stats(request: web.Request) -> web.Response:
+    async def admin_stats(request: Request) -> Response:
+        query = request.query()
         bounds: dict[str, float | None] = {}
         for name in ("since", "until"):
-            raw = request.query.get(name)
+            raw = query.get(name)
             try:
                 value = None if raw in (None, "") else float(raw)
             except ValueError:
                 value = math.nan
             if value is not None and not math.isfinite(value):
-                return admin_error(400, f"{name} must be unix seconds, got {raw!r}",
+                return error_response(400, f"{name} must be unix seconds, got {raw!r}",
                                       type="invalid_request_error", param=name,
                                       code="invalid_window")
             bounds[name] = value
-        raw_warmup = request.query.get("warmup_requests", "0")
+        raw_warmup = query.get("warmup_requests", "0")
         if not raw_warmup.isdigit() or int(raw_warmup) > 1_000_000:
-            return admin_error(400, f"warmup_requests must be a count, got {raw_warmup!r}",
+            return error_response(400, f"warmup_requests must be a count, got {raw_warmup!r}",
                                   type="invalid_request_error", param="warmup_requests",
                                   code="invalid_window")
         return _json(gateway.stats(bounds["since"], bounds["until"],
-                                   model_id=request.query.get("model_id"),
-                                   warmup_version=request.query.get("warmup_version"),
+                                   model_id=query.get("model_id"),
+                                   warmup_version=query.get("warmup_version"),
                                    warmup_requests=int(raw_warmup)))
 
-    async def admin_refresh(request: web.Request) -> web.Response:
+    async def admin_refresh(request: Request) -> Response:
         try:
-            await gateway.reconcile(request.query.get("model_id"))
+            await gateway.reconcile(request.query().get("model_id"))
         except Exception as exc:
             log.warning("refresh failed, store unreachable: %r", exc)
-            return admin_error(503, "the store is unreachable; serving the last routes",
+            return error_response(503, "the store is unreachable; serving the last routes",
                                   type="service_unavailable", code="store_unreachable")
         return _json(gateway.state())
 
-    app.router.add_get("/admin/state", admin_state)
-    app.router.add_get("/admin/stats", admin_stats)
-    app.router.add_post("/admin/routes/refresh", admin_refresh)
-    app.router.add_get("/metrics", _metrics_handler(gateway))
-    app.router.add_get("/admin/metrics/local", _metrics_handler(gateway, local=True))
-    return app
+    routes = Routes(server_error)
+    routes.add("GET", "/admin/state", admin_state)
+    routes.add("GET", "/admin/stats", admin_stats)
+    routes.add("POST", "/admin/routes/refresh", admin_refresh)
+    routes.add("GET", "/metrics", _metrics_handler(gateway))
+    routes.add("GET", "/admin/metrics/local", _metrics_handler(gateway, local=True))
+    return Listener(routes, middlewares, max_body_bytes=ADMIN_MAX_BODY_BYTES)
 
 
-def _json(model: AdminState | StatsResponse) -> web.Response:
+def _json(model: AdminState | StatsResponse) -> Response:
     """An admin answer: the protocol model as JSON (`turnout.gateway_protocol`); stats
     leave out what they do not have (no window unless asked, no quantile of nothing)."""
     text = model.model_dump_json(exclude_none=isinstance(model, StatsResponse))
-    return web.Response(text=text, content_type="application/json")
+    return Response(text.encode(), 200, {"Content-Type": "application/json"})
 
 
 async def _metrics_text(gateway: Gateway, *, local: bool = False) -> bytes:
@@ -369,17 +387,10 @@ async def _metrics_text(gateway: Gateway, *, local: bool = False) -> bytes:
     return body
 
 
-def _metrics_handler(gateway: Gateway, *, local: bool = False) -> AdminHandler:
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=await _metrics_text(gateway, local=local),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    return metrics
-
-
-def _client_metrics(gateway: Gateway) -> Handler:
+def _metrics_handler(gateway: Gateway, *, local: bool = False) -> Handler:
+    """`/metrics`: this gateway's, summed with its sibling workers' unless `local`."""
     async def metrics(_: Request) -> Response:
-        return Response(await _metrics_text(gateway), 200,
+        return Response(await _metrics_text(gateway, local=local), 200,
                         {"Content-Type": CONTENT_TYPE_LATEST})
 
     return metrics
@@ -387,16 +398,6 @@ def _client_metrics(gateway: Gateway) -> Handler:
 
 def gateway_of(app: ClientApp) -> Gateway:
     return app.gateway
-
-
-async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Start the admin `app` on host:port with handler cancellation on; stop with
-    `runner.cleanup()`."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return runner
 
 
 class AdminBindError(ValueError):
@@ -407,13 +408,13 @@ class AdminBindError(ValueError):
 class RunningGateway:
     gateway: Gateway
     client: ClientApp
-    admin: web.AppRunner
+    admin: Listener
     client_url: str
     admin_url: str
 
     async def stop(self) -> None:
-        await self.admin.cleanup()
-        await self.client.cleanup()  # stops the gateway's loops and leaves the store
+        await self.admin.stop()
+        await self.client.stop()  # stops the gateway's loops and leaves the store
 
 
 async def start_gateway(settings: ModelSwitchingConfig, store: Store,
@@ -426,18 +427,18 @@ async def start_gateway(settings: ModelSwitchingConfig, store: Store,
             f"refusing to serve admin endpoints on {settings.gateway_admin_host} without "
             "VLLM_MODEL_SWITCHING_GATEWAY_ADMIN_TOKEN: set a token or bind them to 127.0.0.1")
     app = create_app(settings, store, gateway_id, worker=worker)
-    admin_runner = await serve(create_admin_app(gateway_of(app), settings.gateway_admin_token),
-                               settings.gateway_admin_host, gateway_of(app).admin_port)
+    admin = create_admin_app(gateway_of(app), settings.gateway_admin_token)
+    await admin.start(settings.gateway_admin_host, gateway_of(app).admin_port)
     try:
         # Workers share the client port (SO_REUSEPORT), see gateway.workers.
         await app.start(settings.gateway_host, settings.gateway_port,
                         reuse_port=worker is not None)
     except BaseException:
-        await admin_runner.cleanup()
+        await admin.stop()
         raise
     gateway = gateway_of(app)
     return RunningGateway(
-        gateway, app, admin_runner,
+        gateway, app, admin,
         f"http://{client_host(settings.gateway_host)}:{settings.gateway_port}",
         gateway.admin_url)
 

@@ -1,12 +1,12 @@
-"""The client listener's HTTP/1.1 server: asyncio protocols, requests parsed by llhttp.
+"""The gateway's HTTP/1.1 server: asyncio protocols, requests parsed by llhttp.
 
-Why not aiohttp's server, which the admin listener still runs on: measured side by side at
+Why not aiohttp's server, which both listeners ran on before: measured side by side at
 concurrency 1 (non-streamed completions against the benchmark's upstream, 2026-12-02), a
 minimal aiohttp handler around the gateway's upstream client added 0.32 ms to a request
 and the same handler on this server 0.15 ms; the gateway on aiohttp added 0.37 ms and
 vLLM's Rust router 0.29 ms. aiohttp's per-request machinery (request and response
 objects, its handler task, middleware chain, header multidicts both ways) was most of
-what the gateway added. The client listener needs little of a general server: a few
+what the gateway added. The gateway needs little of a general server: a few
 fixed paths, JSON bodies read whole (bounded), answers whole or streamed chunk by chunk,
 keep-alive, and the handler cancelled when its client goes away, so that an engine stops
 generating for nobody (as aiohttp's `handler_cancellation`).
@@ -32,6 +32,7 @@ import email.utils
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -45,6 +46,7 @@ MAX_HEAD_BYTES = 64 * 1024  # request line and headers (llhttp sets no bound)
 KEEPALIVE_S = 75.0  # as aiohttp's server: a kept-alive connection idle this long is closed
 MAX_PIPELINED = 16  # requests read ahead on one connection before reading pauses
 SHUTDOWN_GRACE_S = 60.0  # in-flight requests finish within this when the server stops
+BACKLOG = 2048  # connections waiting to be accepted (uvicorn's; asyncio's default is 100)
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
@@ -77,6 +79,14 @@ class Request:
         self._body = body
         self._too_large = too_large
         self._limit = limit
+
+    def query(self) -> dict[str, str]:
+        """The query's parameters, the first value of each (admin calls; the OpenAI
+        endpoints read none)."""
+        params: dict[str, str] = {}
+        for name, value in urllib.parse.parse_qsl(self.query_string, keep_blank_values=True):
+            params.setdefault(name, value)
+        return params
 
     async def read(self) -> bytes:
         if self._too_large:
@@ -494,7 +504,7 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Connection(self), host, port, reuse_address=True,
-            reuse_port=reuse_port or None)
+            reuse_port=reuse_port or None, backlog=BACKLOG)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop listening, close idle connections, give requests under way `grace_s` to

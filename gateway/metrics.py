@@ -153,7 +153,8 @@ class BucketCounts:
         self.total += value
 
     def cumulative(self) -> list[tuple[str, float]]:
-        running, result = 0, []
+        running = 0
+        result: list[tuple[str, float]] = []
         for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
             running += count
             result.append((bound, running))

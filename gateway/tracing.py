@@ -1,42 +1,39 @@
 """Spans of the gateway when tracing is on (`turnout.tracing`).
 
-- Admin listener (aiohttp): every call (`POST /admin/routes/refresh` from a traffic
+- Admin listener: every call (`POST /admin/routes/refresh` from a traffic
   activity, `GET /admin/stats` from a verdict), joined to the caller's trace by its
   `traceparent`: a switch's trace shows each gateway applying its routes.
-- Client listener (`gateway.http`): only with `GATEWAY_TRACE_SAMPLE` > 0, a sampled share
+- Client listener: only with `GATEWAY_TRACE_SAMPLE` > 0, a sampled share
   of requests (and every request that arrives with a `traceparent`), each span naming the
   model and the version that answered; the engine call carries the span's `traceparent`
   on, so an engine that traces (vLLM's `--otlp-traces-endpoint`) continues the trace. With
   a share of 0 the middleware is not installed at all.
 
-Middlewares over the OpenTelemetry API (the contrib aiohttp instrumentation on the package
-index cannot be installed beside the SDK vLLM brings, see `api.tracing`).
+A middleware of `gateway.http` over the OpenTelemetry API.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from aiohttp import web
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from gateway.errors import Handler as AdminHandler
 from gateway.http import AnyResponse, Handler, Middleware, Request
 from gateway.proxy import MODEL_KEY, VERSION_HEADER
 from turnout import tracing
 
 
 def traced_requests(tracer: Tracer, sample: float) -> Middleware:
-    """A span for `sample` of the client requests (1.0: all); the others pass untouched."""
+    """A span for `sample` of the requests (1.0: all, as on the admin listener); the others
+    pass untouched."""
 
     async def middleware(request: Request, handler: Handler) -> AnyResponse:
         if "traceparent" not in request.headers and random.random() >= sample:
             return await handler(request)
-        with _span(tracer, request.method, request.path, request.path,
-                   request.headers) as span:
+        with _span(tracer, request.method, request.path, request.headers) as span:
             response = await handler(request)
             _answered(span, response.status, response.headers, request.state.get(MODEL_KEY))
             return response
@@ -44,28 +41,14 @@ def traced_requests(tracer: Tracer, sample: float) -> Middleware:
     return middleware
 
 
-def traced_admin(tracer: Tracer) -> Callable[..., Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def middleware(request: web.Request,
-                         handler: AdminHandler) -> web.StreamResponse:
-        route = request.match_info.route.resource
-        path = route.canonical if route is not None else request.path
-        with _span(tracer, request.method, request.path, path, request.headers) as span:
-            response = await handler(request)
-            _answered(span, response.status, response.headers, None)
-            return response
-
-    return middleware
-
-
 @contextmanager
-def _span(tracer: Tracer, method: str, path: str, route: str,
-          headers: Mapping[str, str]) -> Any:
+def _span(tracer: Tracer, method: str, path: str, headers: Mapping[str, str]) -> Any:
+    # The gateway's paths are fixed: each is its own route.
     with tracer.start_as_current_span(
-            f"{method} {route}", context=tracing.extract(headers),
+            f"{method} {path}", context=tracing.extract(headers),
             kind=SpanKind.SERVER, record_exception=True,
             attributes={"http.request.method": method, "url.path": path,
-                        "http.route": route}) as span:
+                        "http.route": path}) as span:
         yield span
 
 

@@ -47,7 +47,7 @@ _MAX_HEAD = 64 * 1024  # bytes of an answer before its headers end (llhttp sets 
 class Headers(dict[str, str]):
     """Response headers by lower-case name; `get` takes any case."""
 
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, name: str, default: Any = None) -> Any:
         return super().get(name.lower(), default)
 
 

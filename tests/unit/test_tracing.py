@@ -45,7 +45,7 @@ client = gateway.app.create_app(settings, store=None, gateway_id="unit")
 assert client.middlewares == []  # no client keys, no tracing: none
 assert not gateway.app.gateway_of(client).proxy.traced
 admin = gateway.app.create_admin_app(gateway.app.gateway_of(client), None)
-assert len(admin.middlewares) == 2  # openai_errors, admin auth
+assert len(admin.middlewares) == 1  # admin auth only: no tracing
 headers = {}
 tracing.inject(headers)
 assert headers == {}

@@ -246,6 +246,9 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         self._length: str | None = None  # the Content-Length header of the message
         self._continue = False  # it asked for `Expect: 100-continue`
+        self._upgrade = False  # it carries `Upgrade` (llhttp then leaves its body to us)
+        self._raw_left = 0  # bytes of such a body still to come
+        self._method, self._version, self._keep = "", "1.1", True  # of the message
         self._in_message = False
         self._too_large = False  # the message being read passed the body limit
         self._discarding = False  # a too-large message was handed on: its rest is dropped
@@ -276,11 +279,16 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
+        if self._raw_left:
+            data = self._take_raw_body(data)
+            if not data:
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # `Upgrade: h2c` and the like, which a server may ignore: the request is
-            # answered in HTTP/1.1; a new parser reads what follows it.
+            # `Upgrade: h2c` (curl --http2 on http://) and the like, which a server may
+            # ignore: the request is answered in HTTP/1.1. llhttp stops at the end of its
+            # head; its body (Content-Length) is read here, then a new parser reads on.
             if self._in_message:
                 self._refuse(400, "protocol upgrades are not supported", "unsupported_upgrade")
                 return
@@ -310,6 +318,7 @@ class _Connection(asyncio.Protocol):
         self._url, self._headers, self._body = [], [], []
         self._body_bytes = self._head_bytes = 0
         self._length, self._continue, self._too_large = None, False, False
+        self._upgrade = False
         self._active_at = self.loop.time()  # its head and body must come within keepalive_s
 
     def on_url(self, url: bytes) -> None:
@@ -325,11 +334,17 @@ class _Connection(asyncio.Protocol):
             self._length = text
         elif len(name) == 6 and name.lower() == b"expect":
             self._continue = text.lower() == "100-continue"
+        elif len(name) == 7 and name.lower() == b"upgrade":
+            self._upgrade = True
         self._check_head()
 
     def on_headers_complete(self) -> None:
         if self.closed:
             return
+        parser = self.parser
+        self._method = parser.get_method().decode("latin-1")
+        self._version = parser.get_http_version()
+        self._keep = parser.should_keep_alive()
         length = self._length
         if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
             self._hand_on_too_large()
@@ -350,7 +365,21 @@ class _Connection(asyncio.Protocol):
         if self._discarding or self.closed:
             return
         self._in_message = False
+        if self._upgrade and self._length is not None and self._length.isdigit() and \
+                int(self._length) > self._body_bytes:
+            self._raw_left = int(self._length) - self._body_bytes  # see data_received
+            return
         self._enqueue()
+
+    def _take_raw_body(self, data: bytes) -> bytes:
+        """The body of an upgrade request from `data`; returns what follows it."""
+        piece = data[:self._raw_left]
+        self._raw_left -= len(piece)
+        self._body_bytes += len(piece)
+        self._body.append(piece)
+        if not self._raw_left:
+            self._enqueue()
+        return data[len(piece):]
 
     # ------------------------------------------------------------------ requests
 
@@ -368,11 +397,9 @@ class _Connection(asyncio.Protocol):
 
     def _enqueue(self) -> None:
         request = Request(
-            self.parser.get_method().decode("latin-1"),
-            b"".join(self._url).decode("latin-1"), CIMultiDict(self._headers),
-            self.parser.get_http_version(),
-            self.parser.should_keep_alive() and not self._too_large,
-            b"".join(self._body), self._too_large, self.server.max_body_bytes, self)
+            self._method, b"".join(self._url).decode("latin-1"), CIMultiDict(self._headers),
+            self._version, self._keep and not self._too_large, b"".join(self._body),
+            self._too_large, self.server.max_body_bytes, self)
         self._body = []
         self._queue.append(request)
         if len(self._queue) >= MAX_PIPELINED and self.transport is not None:

@@ -269,3 +269,23 @@ async def test_an_upgrade_request_is_answered_in_http_1_1(
                                 b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
                           + CLOSE)
     assert [s for s, _, _ in answers(data)] == [200, 200]
+    # With a body (curl --http2 -d ...): llhttp leaves it unread at the upgrade.
+    data = await exchange(port, b"POST /echo HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings"
+                                b"\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+                                b"Content-Length: 11\r\n\r\n{\"a\": true}" + CLOSE)
+    (s1, _, b1), (s2, _, _) = answers(data)
+    assert s1 == 200 and json.loads(b1)["bytes"] == 11 and s2 == 200
+
+
+async def test_an_upgrade_requests_body_may_arrive_later(
+        server: tuple[HttpServer, int]) -> None:
+    _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /echo HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                 b"Content-Length: 6\r\n\r\n{}")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.write(b"    " + CLOSE)
+    ((s1, _, b1), (s2, _, _)) = answers(await asyncio.wait_for(reader.read(), 5))
+    writer.close()
+    assert s1 == 200 and json.loads(b1)["bytes"] == 6 and s2 == 200

@@ -84,11 +84,17 @@ async def server() -> AsyncIterator[tuple[HttpServer, int]]:
     await server.stop(grace_s=1)
 
 
-async def exchange(port: int, raw: bytes, *, until_close: bool = True,
-                   wait_s: float = 5) -> bytes:
+async def send(port: int, raw: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection with `raw` written on it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(raw)
     await writer.drain()
+    return reader, writer
+
+
+async def exchange(port: int, raw: bytes, *, until_close: bool = True,
+                   wait_s: float = 5) -> bytes:
+    reader, writer = await send(port, raw)
     try:
         if until_close:
             return await asyncio.wait_for(reader.read(), wait_s)
@@ -179,9 +185,8 @@ async def test_a_body_past_the_limit_is_refused_unread_and_the_connection_closed
 async def test_expect_100_continue_is_answered_before_the_body(
         server: tuple[HttpServer, int]) -> None:
     _, port = server
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n"
-                 b"Connection: close\r\n\r\n")
+    reader, writer = await send(port, b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\n"
+                                      b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
     assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == \
         b"HTTP/1.1 100 Continue\r\n\r\n"
     writer.write(b"abc")
@@ -230,9 +235,7 @@ async def test_a_client_going_away_cancels_its_handler(
         server: tuple[HttpServer, int]) -> None:
     _, port = server
     cancelled.clear()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /hangs HTTP/1.1\r\n\r\n")
-    await writer.drain()
+    _, writer = await send(port, b"GET /hangs HTTP/1.1\r\n\r\n")
     await asyncio.sleep(0.1)
     writer.close()
     await asyncio.wait_for(cancelled.wait(), 5)
@@ -248,9 +251,7 @@ async def test_idle_and_stalled_connections_are_closed(
 
 async def test_stop_lets_a_request_under_way_finish(server: tuple[HttpServer, int]) -> None:
     srv, port = server
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
-    await writer.drain()
+    reader, writer = await send(port, b"GET /slow HTTP/1.1\r\n\r\n")
     await asyncio.sleep(0.1)
     await srv.stop(grace_s=5)
     data = await asyncio.wait_for(reader.read(), 5)
@@ -280,10 +281,8 @@ async def test_an_upgrade_request_is_answered_in_http_1_1(
 async def test_an_upgrade_requests_body_may_arrive_later(
         server: tuple[HttpServer, int]) -> None:
     _, port = server
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /echo HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
-                 b"Content-Length: 6\r\n\r\n{}")
-    await writer.drain()
+    reader, writer = await send(port, b"POST /echo HTTP/1.1\r\nConnection: Upgrade\r\n"
+                                      b"Upgrade: h2c\r\nContent-Length: 6\r\n\r\n{}")
     await asyncio.sleep(0.1)
     writer.write(b"    " + CLOSE)
     ((s1, _, b1), (s2, _, _)) = answers(await asyncio.wait_for(reader.read(), 5))

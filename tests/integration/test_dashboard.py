@@ -19,8 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.plane import ControlPlane, first_version_live
 
-pytestmark = pytest.mark.asyncio(loop_scope="session")
-
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/turnout.json"
 ARCH, STAGE = "DashArch", "chat"
@@ -63,6 +61,7 @@ def test_the_promql_reader_finds_names_not_functions_or_labels() -> None:
     assert metric_names("changes((max by (m) (g{m=~\"a|b\"}))[2m:15s]) > 0") == {"g"}
 
 
+@pytest.mark.asyncio(loop_scope="session")  # the plane fixture's loop
 async def test_every_metric_the_dashboard_queries_is_exported(plane: ControlPlane) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     queries = dashboard_queries(dashboard)

@@ -168,16 +168,12 @@ Middleware = Callable[[Request, Handler], Awaitable[AnyResponse]]
 ErrorFactory = Callable[[int, str, str], Response]
 
 
-def plain_error(status: int, message: str, code: str) -> Response:
-    return json_response({"error": {"message": message, "code": code}}, status)
-
-
 class Routes:
     """A handler per (method, path); an unknown path answers 404, a known one asked with
     another method 405 (with `Allow`), through `error`. HEAD is answered as GET, without
     the body."""
 
-    def __init__(self, error: ErrorFactory = plain_error) -> None:
+    def __init__(self, error: ErrorFactory) -> None:
         self.error = error
         self._paths: dict[str, dict[str, Handler]] = {}
 
@@ -250,8 +246,8 @@ class _Connection(asyncio.Protocol):
         self._raw_left = 0  # bytes of such a body still to come
         self._method, self._version, self._keep = "", "1.1", True  # of the message
         self._in_message = False
-        self._too_large = False  # the message being read passed the body limit
-        self._discarding = False  # a too-large message was handed on: its rest is dropped
+        # A too-large message was handed on (or a bad one refused): what follows is dropped.
+        self._discarding = False
         self._reading_paused = False
         self._writing_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -317,7 +313,7 @@ class _Connection(asyncio.Protocol):
         self._in_message = True
         self._url, self._headers, self._body = [], [], []
         self._body_bytes = self._head_bytes = 0
-        self._length, self._continue, self._too_large = None, False, False
+        self._length, self._continue = None, False
         self._upgrade = False
         self._active_at = self.loop.time()  # its head and body must come within keepalive_s
 
@@ -391,15 +387,15 @@ class _Connection(asyncio.Protocol):
     def _hand_on_too_large(self) -> None:
         """Queue the request now, its body unread past the limit: its handler answers
         (413, in the application's shape) and the connection then closes."""
-        self._too_large = self._discarding = True
+        self._discarding = True
         self.keep_alive = False
         self._enqueue()
 
     def _enqueue(self) -> None:
         request = Request(
             self._method, b"".join(self._url).decode("latin-1"), CIMultiDict(self._headers),
-            self._version, self._keep and not self._too_large, b"".join(self._body),
-            self._too_large, self.server.max_body_bytes, self)
+            self._version, self._keep and not self._discarding, b"".join(self._body),
+            self._discarding, self.server.max_body_bytes, self)
         self._body = []
         self._queue.append(request)
         if len(self._queue) >= MAX_PIPELINED and self.transport is not None:
@@ -518,7 +514,7 @@ class HttpServer:
     application's shape; `stop()` lets in-flight requests finish (up to `grace_s`)."""
 
     def __init__(self, handler: Handler, *, max_body_bytes: int,
-                 error: ErrorFactory = plain_error, keepalive_s: float = KEEPALIVE_S) -> None:
+                 error: ErrorFactory, keepalive_s: float = KEEPALIVE_S) -> None:
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.error = error

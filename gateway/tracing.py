@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from contextlib import contextmanager
-from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
@@ -33,23 +31,17 @@ def traced_requests(tracer: Tracer, sample: float) -> Middleware:
     async def middleware(request: Request, handler: Handler) -> AnyResponse:
         if "traceparent" not in request.headers and random.random() >= sample:
             return await handler(request)
-        with _span(tracer, request.method, request.path, request.headers) as span:
+        # The gateway's paths are fixed: each is its own route.
+        with tracer.start_as_current_span(
+                f"{request.method} {request.path}", context=tracing.extract(request.headers),
+                kind=SpanKind.SERVER, record_exception=True,
+                attributes={"http.request.method": request.method, "url.path": request.path,
+                            "http.route": request.path}) as span:
             response = await handler(request)
             _answered(span, response.status, response.headers, request.state.get(MODEL_KEY))
             return response
 
     return middleware
-
-
-@contextmanager
-def _span(tracer: Tracer, method: str, path: str, headers: Mapping[str, str]) -> Any:
-    # The gateway's paths are fixed: each is its own route.
-    with tracer.start_as_current_span(
-            f"{method} {path}", context=tracing.extract(headers),
-            kind=SpanKind.SERVER, record_exception=True,
-            attributes={"http.request.method": method, "url.path": path,
-                        "http.route": path}) as span:
-        yield span
 
 
 def _answered(span: Span, status: int, headers: Mapping[str, str],

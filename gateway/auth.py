@@ -14,10 +14,10 @@ an engine (see `proxy._FORWARDED_HEADERS`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
 from gateway.errors import error_response
-from gateway.http import AnyResponse, Handler, Request
+from gateway.http import AnyResponse, Handler, Middleware, Request
 from gateway.metrics import GatewayMetrics
 from turnout.config import MAX_KEY_CHARS
 
@@ -51,8 +51,7 @@ class ClientKeys:
         return _digest(token) in self._digests
 
 
-def client_key_auth(keys: ClientKeys, metrics: GatewayMetrics
-                    ) -> Callable[[Request, Handler], Awaitable[AnyResponse]]:
+def client_key_auth(keys: ClientKeys, metrics: GatewayMetrics) -> Middleware:
     """A middleware answering 401 in OpenAI's shape (what OpenAI SDKs raise as
     `AuthenticationError`) to requests without a valid key; counted in
     `turnout_gateway_rejected_total{reason="unauthorized"}`, never logged per request."""
